@@ -1,0 +1,7 @@
+"""tpfx compiler passes: placements, op rules, propagation, per-rank emission."""
+
+from .placements import Partial, Placement, Replicate, Shard, shard_tensor
+from .propagate import Propagation, propagate
+from .rules import REGISTRY
+
+__all__ = ["Partial", "Placement", "Replicate", "Shard", "shard_tensor", "Propagation", "propagate", "REGISTRY"]

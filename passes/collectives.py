@@ -1,0 +1,155 @@
+"""Collectives with Megatron's autograd, built on functional collectives.
+
+``torch.ops._c10d_functional`` ops are traced by torch.compile (inductor schedules them), but
+their registered backward of an all-reduce is another all-reduce, which makes gradients t times
+too large when every rank holds the same loss. The pairs here are the conjugates:
+
+    all_reduce       (g)  forward: sum over ranks      backward: identity
+    reduce_grad      (f)  forward: identity            backward: sum over ranks
+    all_gather            forward: gather chunks       backward: take this rank's chunk
+    scatter               forward: take own chunk      backward: zero-pad, sum over ranks
+
+Gradient conventions that make these exact: a ``Replicate`` value's gradient is the full one on
+every rank (``f`` sits where a replicated value enters sharded compute); a ``Shard`` value with
+``groups == t`` holds exactly its chunk; with ``groups < t`` it is *partial within its replica
+group* (backward is linear, so that stays true through any op), which is reduced only at the
+weight (``reduce_grad`` over the replica group) or where it meets an ``f``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .placements import Shard, shard_tensor
+
+c10d = torch.ops._c10d_functional
+
+
+def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
+
+
+def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], world: int, group: str) -> torch.Tensor:
+    full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group))
+    chunks = full.chunk(world, 0)
+    if len(segs) == 1:
+        return torch.cat(chunks, dim)
+    out, off = [], 0
+    for s in segs:
+        out.extend(c.narrow(dim, off, s) for c in chunks)
+        off += s
+    return torch.cat(out, dim)
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: str) -> torch.Tensor:  # type: ignore[override]
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g, None
+
+
+class _ReduceGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return _all_reduce(g, ctx.group), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, segs, rank, world, group):  # type: ignore[override]
+        ctx.args = (dim, segs, rank, world)
+        return _gather(x, dim, tuple(s // world for s in segs), world, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        dim, segs, rank, world = ctx.args
+        return shard_tensor(g, Shard(dim, world, tuple(segs)), rank, world).contiguous(), None, None, None, None, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, groups, segs, rank, world, group):  # type: ignore[override]
+        ctx.args = (x.shape, dim, groups, segs, rank, world, group)
+        return shard_tensor(x, Shard(dim, groups, tuple(segs)), rank, world).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        shape, dim, groups, segs, rank, world, group = ctx.args
+        full = g.new_zeros(shape)
+        j = rank * groups // world
+        off = loc = 0
+        for s in segs:
+            n = s // groups
+            full.narrow(dim, off + j * n, n).copy_(g.narrow(dim, loc, n))
+            off += s
+            loc += n
+        return _all_reduce(full, group), None, None, None, None, None, None
+
+
+class _ToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, keep):  # type: ignore[override]
+        return x.clone() if keep else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None
+
+
+def to_partial(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Replicate -> Partial: rank 0 keeps the value, the others contribute zeros (exact, no collective).
+    The sum over ranks is x itself, so the gradient is the (replicated) output gradient unchanged."""
+    return _ToPartial.apply(x, rank == 0)
+
+
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Partial -> Replicate (Megatron's g)."""
+    return _AllReduce.apply(x, group)
+
+
+def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Identity forward, sum of gradients over ``group`` backward (Megatron's f)."""
+    return _ReduceGrad.apply(x, group)
+
+
+def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str) -> torch.Tensor:
+    """Shard(dim, t, segs) -> Replicate."""
+    return _AllGather.apply(x, dim, tuple(segs), rank, world, group)
+
+
+def scatter(x: torch.Tensor, dim: int, groups: int, segs: list[int], rank: int, world: int,
+            group: str) -> torch.Tensor:
+    """Replicate -> Shard(dim, groups, segs): a local slice; gradients are summed back."""
+    return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group)
+
+
+def refine(x: torch.Tensor, dim: int, segs: list[int], src_groups: int, dst_groups: int, rank: int,
+           world: int) -> torch.Tensor:
+    """Shard(groups=src) -> Shard(groups=dst), dst a multiple of src: a local narrow, no communication."""
+    j1, j2 = rank * src_groups // world, rank * dst_groups // world
+    pieces, off = [], 0
+    for s in segs:
+        n1, n2 = s // src_groups, s // dst_groups
+        pieces.append(x.narrow(dim, off + j2 * n2 - j1 * n1, n2))
+        off += n1
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, n: int, padding_idx: int = -1) -> torch.Tensor:
+    """Lookup in this rank's rows [start, start + n) of a vocab-split table; other tokens give zeros."""
+    local = ids - start
+    outside = (local < 0) | (local >= n)
+    pad = padding_idx - start if 0 <= padding_idx - start < n else None
+    out = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight, padding_idx=pad)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+COLLECTIVES = {all_reduce: "all_reduce", all_gather: "all_gather", scatter: "scatter", reduce_grad: "reduce_grad"}

@@ -1,0 +1,159 @@
+"""Per-rank emission: one GraphModule per rank that holds only that rank's slices.
+
+For each node of the planned graph, in order: parameters are replaced by their local slices;
+operands whose placement differs from what the node's strategy wants are redistributed
+(``collectives.py``); a replicated floating-point operand entering sharded compute goes through
+``reduce_grad`` (Megatron's f) so its gradient is summed; the strategy's rewrite makes constant
+arguments local (``view(x, [B, S, 8, 16]) -> view(x, [B, S, 4, 16])``); a vocab-split embedding
+becomes a masked local lookup. Weights split into fewer chunks than ranks (GQA KV heads
+replicated within groups) get their gradients summed over their replica group.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from . import collectives as C
+from .placements import Partial, Placement, Replicate, Shard, shard_tensor
+from .propagate import Propagation, group_of
+
+aten = torch.ops.aten
+GroupNamer = Callable[[tuple[int, ...]], str]
+
+
+def _fetch(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
+    out = prop.placements.get(node)
+    outs = out if isinstance(out, tuple) else (out,)
+    if any(isinstance(o, (Shard, Partial)) for o in outs):
+        return True
+    strat = prop.strategies.get(node)
+    return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
+
+
+def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int) -> torch.nn.Parameter:
+    local = shard_tensor(full.detach(), placement, rank, world)
+    return torch.nn.Parameter(local.clone().contiguous(), requires_grad=full.requires_grad)
+
+
+def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupNamer,
+         store: dict[str, torch.nn.Parameter] | None = None) -> fx.GraphModule:
+    """Build ``rank``'s GraphModule. ``store`` (fqn -> local Parameter) is reused across captures."""
+    world = prop.world
+    wg = group_name(tuple(range(world)))
+    store = {} if store is None else store
+    new = fx.Graph()
+    new._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    root: dict[str, Any] = {}
+    cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+
+    def call(fn: Any, *args: Any) -> fx.Node:
+        return new.call_function(fn, tuple(args))
+
+    def redistribute(a: fx.Node, have: Placement, want: Placement) -> fx.Node:
+        key = (a, want)
+        if key in cache:
+            return cache[key]
+        x = env[a]
+        if isinstance(want, Partial) and isinstance(have, Replicate):
+            cache[key] = call(C.to_partial, x, rank)
+            return cache[key]
+        if isinstance(have, Partial):
+            x = call(C.all_reduce, x, wg)
+            have = Replicate()
+        if isinstance(have, Shard) and isinstance(want, Shard) and (have.dim, have.segs) == (want.dim, want.segs) \
+                and want.groups % have.groups == 0:
+            x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world)
+        elif isinstance(have, Shard):
+            if have.groups != world:
+                x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world)
+            x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg)
+            if isinstance(want, Shard):
+                x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg)
+        elif isinstance(want, Shard):
+            x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg)
+        cache[key] = x
+        return x
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj = _fetch(gm, node.target)
+            fqn = prop.param_nodes.get(node)
+            if fqn is None:
+                root[node.target] = obj
+                env[node] = new.node_copy(node, lambda a: env[a])
+                continue
+            _, pl = prop.decided.get(fqn, ("replicate", Replicate()))
+            if fqn not in store:
+                store[fqn] = local_param(obj, pl, rank, world)
+            root[node.target] = store[fqn]
+            x = new.node_copy(node, lambda a: env[a])
+            x.meta["tpfx_placement"] = pl
+            if isinstance(pl, Shard) and pl.groups < world:
+                x = call(C.reduce_grad, x, group_name(group_of(pl, rank, world)))
+            env[node] = x
+            continue
+        if node.op == "call_module":
+            root[node.target] = _fetch(gm, node.target)
+        sharded = node.op != "output" and _sharded_compute(prop, node)
+        f_cache: dict[fx.Node, fx.Node] = {}
+
+        def mapped(a: Any, node: fx.Node = node, sharded: bool = sharded) -> Any:
+            if not isinstance(a, fx.Node):
+                return a
+            want = prop.wants.get((node, a))
+            have = prop.placements.get(a, Replicate())
+            x = env[a] if want is None else redistribute(a, have, want)
+            if sharded and isinstance(want or have, Replicate) and _is_float(a):
+                key = (a, "f")  # Megatron's f: a replicated value entering sharded compute
+                if key not in cache:
+                    cache[key] = call(C.reduce_grad, x, wg)
+                return cache[key]
+            return x
+
+        if node.op == "output":
+            new.output(tree_map(mapped, node.args[0]))
+            continue
+        args, kwargs = tree_map(mapped, node.args), tree_map(mapped, dict(node.kwargs))
+        strat = prop.strategies.get(node)
+        target = node.meta.get("tpfx_retarget", node.target) if strat is not None and strat.rewrite else node.target
+        if strat is not None and strat.rewrite is not None:
+            args, kwargs = strat.rewrite(args, kwargs, rank, world)
+            if node.target is aten.embedding.default:
+                target = C.vocab_embedding
+        elif node.op == "placeholder":
+            env[node] = new.node_copy(node, lambda a: env[a])
+            continue
+        y = new.create_node(node.op, target, args, kwargs, name=node.name)
+        y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
+        y.meta["tpfx_placement"] = prop.placements.get(node)
+        if node in prop.reduced_after:
+            y = call(C.all_reduce, y, wg)
+        env[node] = y
+    out = fx.GraphModule(root, new, class_name=f"TPRank{rank}")
+    out.graph.lint()
+    return out
+
+
+def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
+    """(kind, node) for every collective in an emitted graph, forward ones and reduce_grad."""
+    return [(C.COLLECTIVES[n.target], n) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in C.COLLECTIVES]

@@ -1,0 +1,270 @@
+"""Sharding propagation: every value gets a placement, every weight a style.
+
+The idea (Megatron's plan, derived instead of written down):
+
+1. Walk the ATen graph in topological order. Inputs are ``Replicate``. A weight is *free* until
+   its first consumer's rule decides it: a matmul whose activation is replicated splits the weight
+   on its output letter (``colwise``, output ``Shard(-1)``); a matmul whose contracted dim arrives
+   sharded splits the weight on that dim (``rowwise``, output ``Partial``); an embedding splits on
+   vocab (``vocab``, output ``Partial``). Everything between (pointwise ops, head reshapes,
+   attention) carries the shard by its rule, so q/k/v -> attention -> o_proj and gate/up -> act ->
+   down need no communication, and ``Partial`` is reduced where it meets a non-linear op or the
+   replicated residual: 2 all-reduces per layer in the forward.
+2. A rule that cannot carry a shard (a reshape whose head count is not divisible, a norm over the
+   sharded dim, an op with no rule) raises a *demand* on the weights the shard came from
+   (``origins``): lower their group count to what works (GQA: KV heads replicated within groups),
+   refine their segments (fused q/k/v and gate/up projections), or replicate them.
+3. Re-run until no demand is left. Each round only ever lowers a weight's group count, refines
+   its segments or replicates it, so the fixpoint is reached in a few linear passes; pinned
+   weights (overrides, a saved plan) are never demoted: a gather is inserted instead.
+
+Collectives are where placements meet: ``P -> R`` all-reduce, ``S -> R`` all-gather (only at
+outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is Megatron's
+(see ``collectives.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .placements import P, Partial, Placement, R, Replicate, Shard
+from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
+from .shapes import shape_of
+
+ALL_STYLES = frozenset({"colwise", "rowwise", "vocab", "shard", "replicate"})
+
+
+@dataclass
+class Seed:
+    """What the planner allows a weight to become."""
+
+    styles: frozenset[str]
+    groups: int
+    segs: tuple[int, ...] | None = None
+    pinned: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Propagation:
+    world: int
+    placements: dict[fx.Node, Any]
+    wants: dict[tuple[fx.Node, fx.Node], Placement]  # (consumer, producer) -> placement wanted
+    strategies: dict[fx.Node, Strategy]
+    decided: dict[str, tuple[str, Placement]]  # fqn -> (style, placement)
+    param_nodes: dict[fx.Node, str]
+    fallbacks: list[tuple[str, str]]  # (node name, reason) of gathers kept
+    unknown_ops: set[str]
+    demands: list[tuple[frozenset[str], str, Any, str]]
+    rounds: int = 0
+    reduced_after: set[fx.Node] = field(default_factory=set)  # Partial outputs all-reduced at the producer
+
+
+def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """get_attr node -> canonical parameter FQN (tied weights map to the first name, as in the model)."""
+    canon: dict[int, str] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        canon.setdefault(id(p), name)
+    alias = {name: canon[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
+    return {n: alias[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in alias}  # type: ignore[index]
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    flat, _ = tree_flatten((node.args, node.kwargs))
+    seen: list[fx.Node] = []
+    for a in flat:
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a not in seen:
+            seen.append(a)
+    return seen
+
+
+def _out_shapes(node: fx.Node) -> Any:
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return [shape_of(v) for v in val]
+    return shape_of(val)
+
+
+def _multi(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return len(val) if isinstance(val, (list, tuple)) else None
+
+
+def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
+             reduce_now: frozenset[str] = frozenset()) -> Propagation:
+    params = param_fqns(gm)
+    prop = Propagation(world, {}, {}, {}, {}, params, [], set(), [])
+    origins: dict[fx.Node, frozenset[str]] = {}
+    tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
+    tainted_seeds: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            prop.placements[node] = R
+            continue
+        if node.op == "get_attr":
+            fqn = params.get(node)
+            prop.placements[node] = prop.decided[fqn][1] if fqn in prop.decided else R
+            if fqn in prop.decided:
+                origins[node] = frozenset({fqn})
+            continue
+        if node.op == "output":
+            for a in _tensor_inputs(node):
+                prop.wants[(node, a)] = R
+            continue
+        if any(a in tainted for a in node.all_input_nodes):
+            tainted.add(node)
+        if node.target is operator.getitem:
+            src, i = node.args
+            pl = prop.placements.get(src, R)
+            prop.placements[node] = pl[i] if isinstance(pl, tuple) else pl
+            origins[node] = origins.get(src, frozenset())
+            continue
+        inputs = _tensor_inputs(node)
+        operands = []
+        for a in inputs:
+            fqn = params.get(a)
+            free = None
+            if fqn is not None and fqn not in prop.decided:
+                s = seeds[fqn]
+                free = FreeParam(fqn, s.styles, s.groups, s.segs)
+            val = a.meta["val"]
+            operands.append(Operand(a, shape_of(val), val.dtype, prop.placements.get(a, R), free))  # type: ignore[arg-type]
+        n_out = _multi(node)
+        replicated_out: Any = tuple([R] * n_out) if n_out else R
+        rule = lookup(node.target) if node.op == "call_function" else None
+        busy = any(not isinstance(o.placement, Replicate) for o in operands)
+        has_free = any(o.free is not None for o in operands)
+        if not busy and (rule is None or not has_free):
+            result: Strategy | Fallback = Strategy({i: R for i in range(len(operands))}, replicated_out)
+        elif rule is None:
+            name = str(node.target)
+            prop.unknown_ops.add(name)
+            result = Fallback(f"no sharding rule for {name}")
+        else:
+            ctx = OpCtx(node, operands, world, _out_shapes(node))
+            result = rule(ctx)
+        if isinstance(result, Fallback):
+            culprits = [result.operand] if result.operand is not None else [
+                i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
+            src = frozenset().union(*[origins.get(operands[i].node, frozenset()) for i in culprits])
+            movable = frozenset(f for f in src if not seeds[f].pinned and f not in tainted_seeds)
+            if movable and (node not in tainted or result.groups or result.segs):
+                kind = "groups" if result.groups else "segs" if result.segs else "replicate"
+                prop.demands.append((movable, kind, result.groups or result.segs, f"{node.name}: {result.reason}"))
+            if any(isinstance(o.placement, Shard) for o in operands):
+                prop.fallbacks.append((node.name, result.reason))
+            result = Strategy({i: R for i in range(len(operands))}, replicated_out)
+            tainted.add(node)
+        prop.strategies[node] = result
+        out_origins: set[str] = set()
+        for i, o in enumerate(operands):
+            want = result.want.get(i, R)
+            if o.free is not None:
+                style, pl = result.decide.get(i, ("replicate", R))
+                if isinstance(pl, Replicate):
+                    style = "replicate"
+                prop.decided[o.free.fqn] = (style, pl)
+                if node in tainted:
+                    tainted_seeds.add(o.free.fqn)
+                prop.placements[o.node] = pl
+                o.placement = pl
+                if not isinstance(pl, Replicate):
+                    origins[o.node] = frozenset({o.free.fqn})
+            if want != o.placement:
+                prop.wants[(node, o.node)] = want
+            if not isinstance(want, Replicate) or not isinstance(o.placement, Replicate):
+                out_origins |= origins.get(o.node, frozenset())
+        prop.placements[node] = result.out
+        if node.name in reduce_now and isinstance(result.out, Partial):
+            prop.placements[node] = R  # reduced once, right after the producer, for every consumer
+            prop.reduced_after.add(node)
+        origins[node] = frozenset(out_origins)
+    return prop
+
+
+def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
+              max_rounds: int = 50) -> tuple[Propagation, dict[str, Seed]]:
+    """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None)."""
+    seeds: dict[str, Seed] = {}
+    for fqn in sorted(set(param_fqns(gm).values())):
+        seeds[fqn] = Seed(ALL_STYLES, world)
+    for fqn, (style, pl) in (pins or {}).items():
+        if fqn in seeds:
+            s = seeds[fqn]
+            s.styles, s.pinned = frozenset({style}), True
+            if isinstance(pl, Shard):
+                s.groups, s.segs = pl.groups, pl.segs
+    reduce_now: set[str] = set()
+    for rounds in range(1, max_rounds + 1):
+        prop = run_once(gm, world, seeds, frozenset(reduce_now))
+        prop.rounds = rounds
+        changed = False
+        refine = [d for d in prop.demands if d[1] != "replicate"]
+        for fqns, kind, value, reason in refine or prop.demands:
+            for f in sorted(fqns):
+                s = seeds[f]
+                if kind == "groups" and value < s.groups:
+                    s.groups = value
+                    s.reasons.append(f"groups {value}: {reason}")
+                    changed = True
+                elif kind == "segs" and value != s.segs and _fits(prop, f, value):
+                    s.segs = value
+                    s.reasons.append(f"segments {value}: {reason}")
+                    changed = True
+                elif s.styles != frozenset({"replicate"}) and kind != "groups" or (kind == "groups" and value >= s.groups):
+                    if s.styles != frozenset({"replicate"}):
+                        s.styles = frozenset({"replicate"})
+                        s.reasons.append(f"replicated: {reason}")
+                        changed = True
+        if not changed:
+            # a Partial value that one consumer reduces and another carries on as Partial would be
+            # reduced twice further down: reduce it once, at its producer, for everyone
+            reduced = {p.name for (c, p), w in prop.wants.items()
+                       if isinstance(prop.placements.get(p), Partial) and isinstance(w, Replicate)}
+            carried = {a.name for n, st in prop.strategies.items() for i, a in enumerate(_tensor_inputs(n))
+                       if isinstance(prop.placements.get(a), Partial) and isinstance(st.want.get(i), Partial)}
+            if (reduced & carried) - reduce_now:
+                reduce_now |= reduced & carried
+                continue
+            if prop.unknown_ops:
+                warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
+                              f"is replicated", stacklevel=3)
+            return prop, seeds
+    raise RuntimeError(f"tpfx: sharding propagation did not converge in {max_rounds} rounds")
+
+
+def _fits(prop: Propagation, fqn: str, segs: tuple[int, ...]) -> bool:
+    style, pl = prop.decided.get(fqn, ("", R))
+    if not isinstance(pl, Shard):
+        return False
+    node = next(n for n, f in prop.param_nodes.items() if f == fqn)
+    size = int(node.meta["val"].shape[pl.dim]) if "val" in node.meta else None
+    return size == sum(segs) and all(s % pl.groups == 0 for s in segs)
+
+
+def group_of(p: Shard, rank: int, world: int) -> tuple[int, ...]:
+    """The ranks holding the same chunk as ``rank`` (its replica group)."""
+    per = world // p.groups
+    j = p.chunk(rank, world)
+    return tuple(range(j * per, (j + 1) * per))
+
+
+def nbytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        n = 1
+        for s in val.shape:
+            n *= int(s) if not isinstance(s, torch.SymInt) else int(s.node.hint) if s.node.hint is not None else 1
+        return n * val.element_size()
+    return 0
+
+
+__all__ = ["propagate", "Propagation", "Seed", "group_of", "nbytes", "math", "P", "Partial"]

@@ -1,0 +1,766 @@
+"""Op sharding rules: one small pure function per op family, in one registry.
+
+A rule sees the op's operands (shape, current placement, and for an undecided parameter the
+styles it may take) and returns a ``Strategy``: the placement it wants for each operand, the
+placement of its output(s), placements it decides for free parameters, and how to rewrite the
+op's constant arguments for one rank (view sizes become local head counts). A rule that cannot
+carry the sharding returns ``Fallback(reason)``: the planner then replicates the region (it
+reverts the weights the shard came from) or, where weights are pinned, gathers the inputs.
+Rules need no process group; they are unit-tested on shapes alone.
+
+Matmuls are einsum specs (as in PyTorch's ``_ops/_matrix_ops.py``): a letter sharded in every
+operand that has it and kept in the output stays sharded; a sharded contracted letter makes the
+output ``Partial``; with no sharded input, a free weight is split on its first free output letter
+(``colwise``); with the contracted letter sharded it is split on that letter (``rowwise``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .placements import P, Partial, Placement, R, Replicate, Shard
+from .shapes import Expr, as_int, map_shard
+
+aten = torch.ops.aten
+Rewrite = Callable[[tuple, dict, int, int], tuple[tuple, dict]]
+
+
+@dataclass
+class FreeParam:
+    """An undecided parameter: the styles it may still take and the layout caps the planner set."""
+
+    fqn: str
+    styles: frozenset[str]
+    groups: int  # upper bound on the number of chunks (a divisor of t)
+    segs: tuple[int, ...] | None = None  # segments requested for its split dim
+
+
+@dataclass
+class Operand:
+    node: fx.Node
+    shape: tuple[Expr, ...]
+    dtype: torch.dtype
+    placement: Placement
+    free: FreeParam | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class Strategy:
+    want: dict[int, Placement]
+    out: Any  # Placement or tuple of Placements
+    decide: dict[int, tuple[str, Placement]] = field(default_factory=dict)
+    rewrite: Rewrite | None = None
+
+
+@dataclass
+class Fallback:
+    reason: str
+    operand: int | None = None  # the operand whose shard could not be carried
+    groups: int | None = None  # a group count that would work (GQA), for the planner to demote to
+    segs: tuple[int, ...] | None = None  # segment boundaries that would work (fused projections)
+
+
+@dataclass
+class OpCtx:
+    node: fx.Node
+    operands: list[Operand]
+    world: int
+    out_shapes: Any  # tuple of Expr, or list of such for multi-output ops
+
+    def idx(self, arg: Any) -> int | None:
+        for i, o in enumerate(self.operands):
+            if o.node is arg:
+                return i
+        return None
+
+    @property
+    def args(self) -> tuple:
+        return self.node.args
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.node.kwargs)
+
+
+Result = Strategy | Fallback
+Rule = Callable[[OpCtx], Result]
+REGISTRY: dict[Any, Rule] = {}
+
+
+def register(*targets: Any) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            REGISTRY[t] = fn
+        return fn
+
+    return deco
+
+
+def lookup(target: Any) -> Rule | None:
+    if target in REGISTRY:
+        return REGISTRY[target]
+    packet = getattr(target, "overloadpacket", None)
+    return REGISTRY.get(packet) if packet is not None else None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def sharded(ops: list[Operand]) -> list[int]:
+    return [i for i, o in enumerate(ops) if isinstance(o.placement, Shard)]
+
+
+def keep(ctx: OpCtx, **extra: Placement) -> dict[int, Placement]:
+    """Want every operand as it is (P operands are reduced by the planner unless a rule says so)."""
+    return {i: (R if isinstance(o.placement, Partial) else o.placement) for i, o in enumerate(ctx.operands)}
+
+
+def finest(shards: list[Shard]) -> Shard | None:
+    """The finest of compatible shards (same segs, nested group counts), or None."""
+    best = max(shards, key=lambda s: s.groups)
+    for s in shards:
+        if s.segs != best.segs or best.groups % s.groups:
+            return None
+    return best
+
+
+def resize_arg(shape_pos: int, dims: dict[int, int]) -> Rewrite:
+    """Rewrite a size list argument: entries at ``dims`` (out dim -> groups) become local."""
+
+    def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        sizes = list(args[shape_pos])
+        for d, g in dims.items():
+            v = sizes[d]
+            if isinstance(v, int) and v != -1:
+                sizes[d] = v // g
+        new = list(args)
+        new[shape_pos] = sizes
+        return tuple(new), kwargs
+
+    return rw
+
+
+def check_sizes_static(sizes: Any, dims: dict[int, int]) -> str | None:
+    for d in dims:
+        v = sizes[d] if d < len(sizes) else None
+        if isinstance(v, fx.Node):
+            return f"size argument {d} is computed at run time ({v.name})"
+    return None
+
+
+# ----------------------------------------------------------------------------- pointwise
+
+POINTWISE_LINEAR = {aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.alias, aten.clone, aten.contiguous}
+
+POINTWISE = [
+    aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.rsqrt, aten.sqrt, aten.exp, aten.log,
+    aten.tanh, aten.sigmoid, aten.silu, aten.gelu, aten.relu, aten.erf, aten.abs, aten.sin, aten.cos,
+    aten.where, aten.masked_fill, aten.clamp, aten.clamp_min, aten.clamp_max, aten.minimum, aten.maximum,
+    aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.logical_not, aten.logical_and,
+    aten.logical_or, aten.bitwise_not, aten.bitwise_and, aten.bitwise_or, aten.__and__, aten.__or__,
+    aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.detach,
+    aten.dropout, aten.native_dropout, aten.reciprocal, aten.square, aten.log1p, aten.expm1,
+    aten.floor_divide, aten.remainder, aten.fill, aten.zeros_like, aten.ones_like, aten.empty_like,
+    aten.full_like, aten.lift_fresh_copy, aten.leaky_relu, aten.hardtanh, aten.softplus, aten.mish,
+    aten.elu, aten.gelu_, aten.silu_, aten.relu_, aten.add_, aten.mul_, aten.copy, aten.rsub,
+    aten.nan_to_num, aten.sign, aten.triu, aten.tril, aten.lerp, aten.addcmul, aten.addcdiv,
+]
+
+
+def _out_dtype(ctx: OpCtx) -> torch.dtype | None:
+    val = ctx.node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+@register(*POINTWISE)
+def pointwise(ctx: OpCtx) -> Result:
+    out = ctx.out_shapes
+    if isinstance(out, list):  # native_dropout etc: (out, mask) with the same shape
+        out = out[0]
+    nd = len(out)
+    ops = ctx.operands
+    packet = getattr(ctx.node.target, "overloadpacket", None)
+    partial = [i for i, o in enumerate(ops) if isinstance(o.placement, Partial)]
+    if partial and not sharded(ops) and packet in POINTWISE_LINEAR:
+        if packet in (aten.add, aten.sub) and len(partial) == len(ops):
+            return Strategy(keep(ctx) | {i: P for i in partial}, P)
+        if packet in (aten.mul, aten.div) and len(partial) == 1 and (packet is aten.mul or partial[0] == 0):
+            return Strategy(keep(ctx) | {partial[0]: P}, P)
+        if packet in (aten.neg, aten.alias, aten.clone, aten.contiguous):
+            return Strategy({0: P}, P)
+    if partial == [0] and len(ops) == 1 and packet in (aten.to, aten._to_copy) and ops[0].dtype == _out_dtype(ctx):
+        return Strategy({0: P}, P)  # a device move or same-dtype cast is linear
+
+    def out_dim(o: Operand, d: int) -> int:
+        return d + nd - o.ndim
+
+    if partial and not sharded(ops) and packet in (aten.add, aten.sub):
+        # P + R stays Partial: the replicated operand is added on one rank only (exact, no collective)
+        return Strategy({i: P for i in range(len(ops))}, P)
+    shards = [(i, ops[i].placement) for i in sharded(ops)]
+    if not shards:
+        return Strategy(keep(ctx), R)
+    dims = {out_dim(ops[i], p.dim) for i, p in shards}  # type: ignore[union-attr]
+    if len(dims) > 1:
+        return Fallback("operands sharded on different dims", shards[1][0])
+    od = dims.pop()
+    if packet in (aten.triu, aten.tril) and od >= nd - 2:
+        return Fallback("triangular mask over a sharded dim", shards[0][0])
+    best = finest([p for _, p in shards])  # type: ignore[misc]
+    if best is None:
+        return Fallback("operands sharded with incompatible layouts", shards[0][0])
+    want: dict[int, Placement] = {}
+    decide: dict[int, tuple[str, Placement]] = {}
+    for i, o in enumerate(ops):
+        d = od - (nd - o.ndim)
+        if d < 0 or o.shape[d] == 1:
+            want[i] = R  # broadcast along the sharded dim
+            continue
+        target = Shard(d, best.groups, best.segs)
+        if o.free is not None:
+            if "shard" not in o.free.styles:
+                return Fallback(f"{o.free.fqn} is pinned replicated", i)
+            decide[i] = ("shard", target)
+        want[i] = target
+    return Strategy(want, Shard(od, best.groups, best.segs), decide)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _shard_of(ctx: OpCtx) -> tuple[int, Shard] | None:
+    s = sharded(ctx.operands)
+    return (s[0], ctx.operands[s[0]].placement) if s else None  # type: ignore[return-value]
+
+
+def _pass_partial(ctx: OpCtx) -> Strategy | None:
+    if isinstance(ctx.operands[0].placement, Partial):
+        return Strategy({0: P} | {i: R for i in range(1, len(ctx.operands))}, P)
+    return None
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view)
+def view(ctx: OpCtx) -> Result:
+    if (s := _pass_partial(ctx)) is not None:
+        return s
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy({0: R}, R)
+    out = map_shard(x.shape, ctx.out_shapes, x.placement)
+    if isinstance(out, int):
+        return Fallback(f"view {list(x.shape)} -> {list(ctx.out_shapes)} splits the sharded dim "
+                        f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}",
+                        0, groups=out if out > 1 else None)
+    dims = {out.dim: out.groups}
+    if (why := check_sizes_static(ctx.args[1], dims)) is not None:
+        return Fallback(why, 0)
+    return Strategy({0: x.placement}, out, rewrite=resize_arg(1, dims))
+
+
+@register(aten.expand)
+def expand(ctx: OpCtx) -> Result:
+    if (s := _pass_partial(ctx)) is not None:
+        return s
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy({0: R}, R)
+    od = x.placement.dim + len(ctx.out_shapes) - x.ndim
+    dims = {od: x.placement.groups}
+    if (why := check_sizes_static(ctx.args[1], dims)) is not None:
+        return Fallback(why, 0)
+    return Strategy({0: x.placement}, Shard(od, x.placement.groups, x.placement.segs), rewrite=resize_arg(1, dims))
+
+
+def _moved(ctx: OpCtx, f: Callable[[int], int | None], allow_partial: bool = True) -> Result:
+    if allow_partial and (s := _pass_partial(ctx)) is not None:
+        return s
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy(keep(ctx), R)
+    d = f(x.placement.dim)
+    if d is None:
+        return Fallback(f"{ctx.node.target} consumes the sharded dim {x.placement.dim}", 0)
+    return Strategy({0: x.placement}, Shard(d, x.placement.groups, x.placement.segs))
+
+
+@register(aten.transpose)
+def transpose(ctx: OpCtx) -> Result:
+    nd = ctx.operands[0].ndim
+    a, b = norm_dim(ctx.args[1], nd), norm_dim(ctx.args[2], nd)
+    return _moved(ctx, lambda d: b if d == a else a if d == b else d)
+
+
+@register(aten.t, aten.numpy_T)
+def t(ctx: OpCtx) -> Result:
+    nd = ctx.operands[0].ndim
+    return _moved(ctx, lambda d: nd - 1 - d)
+
+
+@register(aten.permute)
+def permute(ctx: OpCtx) -> Result:
+    nd = ctx.operands[0].ndim
+    perm = [norm_dim(p, nd) for p in ctx.args[1]]
+    return _moved(ctx, lambda d: perm.index(d))
+
+
+@register(aten.unsqueeze)
+def unsqueeze(ctx: OpCtx) -> Result:
+    u = norm_dim(ctx.args[1], ctx.operands[0].ndim + 1)
+    return _moved(ctx, lambda d: d + 1 if d >= u else d)
+
+
+@register(aten.squeeze)
+def squeeze(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    if len(ctx.args) > 1:
+        dims = ctx.args[1] if isinstance(ctx.args[1], (list, tuple)) else [ctx.args[1]]
+        dims = [norm_dim(d, x.ndim) for d in dims]
+    else:
+        dims = list(range(x.ndim))
+    gone = sorted(d for d in dims if x.shape[d] == 1)
+
+    def f(d: int) -> int | None:
+        if d in dims:
+            return None  # a sharded dim is never size 1 globally, but may be locally
+        return d - sum(1 for g in gone if g < d)
+
+    return _moved(ctx, f)
+
+
+@register(aten.select)
+def select(ctx: OpCtx) -> Result:
+    s = norm_dim(ctx.args[1], ctx.operands[0].ndim)
+    return _moved(ctx, lambda d: None if d == s else (d - 1 if d > s else d), allow_partial=False)
+
+
+def _cuts(p: Shard, bounds: list[int]) -> tuple[int, ...] | None:
+    """Segments refined so that every cut in ``bounds`` is a segment boundary (None if impossible)."""
+    edges = set(bounds)
+    off = 0
+    for s in p.segs:
+        edges.add(off)
+        off += s
+    edges.add(off)
+    pts = sorted(e for e in edges if 0 <= e <= off)
+    segs = tuple(b - a for a, b in zip(pts, pts[1:]) if b > a)
+    return segs
+
+
+def _select_segs(p: Shard, start: int, end: int) -> tuple[tuple[int, ...], int, int] | None:
+    """Segments covering [start, end) and the local [start, end) — None if not on boundaries."""
+    off = loc = 0
+    chosen: list[int] = []
+    lstart = lend = None
+    for s in p.segs:
+        if off == start:
+            lstart = loc
+        if start <= off and off + s <= end:
+            chosen.append(s)
+        off += s
+        loc += s // p.groups
+        if off == end:
+            lend = loc
+    if lstart is None or lend is None or not chosen:
+        return None
+    return tuple(chosen), lstart, lend
+
+
+def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Result:
+    x = ctx.operands[0]
+    p = x.placement
+    assert isinstance(p, Shard)
+    outs, local = [], []
+    for a, b in bounds:
+        sel = _select_segs(p, a, b)
+        if sel is None:
+            segs = _cuts(p, [c for ab in bounds for c in ab])
+            ok = segs is not None and all(s % p.groups == 0 for s in segs)
+            return Fallback(f"split of the sharded dim at {sorted({c for ab in bounds for c in ab})} does not "
+                            f"fall on shard boundaries", 0, segs=segs if ok else None)
+        outs.append(Shard(dim, p.groups, sel[0]))
+        local.append((sel[1], sel[2]))
+    return Strategy({0: p}, tuple(outs)), local  # type: ignore[return-value]
+
+
+@register(aten.slice)
+def slice_(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    nd = x.ndim
+    dim = norm_dim(ctx.args[1] if len(ctx.args) > 1 else 0, nd)
+    if not isinstance(x.placement, Shard) or x.placement.dim != dim:
+        return _moved(ctx, lambda d: d, allow_partial=False)
+    size = as_int(x.shape[dim])
+    start = ctx.args[2] if len(ctx.args) > 2 else 0
+    end = ctx.args[3] if len(ctx.args) > 3 else size
+    step = ctx.args[4] if len(ctx.args) > 4 else 1
+    if size is None or not isinstance(start, int) or not isinstance(end, int) or step != 1:
+        return Fallback("slice of the sharded dim with run-time bounds or a step", 0)
+    start, end = max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
+    res = _split_on_shard(ctx, [(start, end)], dim)
+    if isinstance(res, Fallback):
+        return res
+    strat, local = res  # type: ignore[misc]
+    (ls, le), = local
+
+    def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        return (args[0], args[1], ls, le), kwargs
+
+    return Strategy(strat.want, strat.out[0], rewrite=rw)
+
+
+@register(aten.split, aten.split_with_sizes)
+def split(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    dim = norm_dim(ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("dim", 0), x.ndim)
+    n = len(ctx.out_shapes)
+    if not isinstance(x.placement, Shard) or x.placement.dim != dim:
+        r = _moved(ctx, lambda d: d, allow_partial=False)
+        if isinstance(r, Strategy):
+            r.out = tuple([r.out] * n)
+        return r
+    sizes = [as_int(s[dim]) for s in ctx.out_shapes]
+    if None in sizes:
+        return Fallback("split of the sharded dim with run-time sizes", 0)
+    bounds, off = [], 0
+    for s in sizes:
+        bounds.append((off, off + s))  # type: ignore[operator]
+        off += s  # type: ignore[operator]
+    res = _split_on_shard(ctx, bounds, dim)
+    if isinstance(res, Fallback):
+        return res
+    strat, local = res  # type: ignore[misc]
+    lsizes = [b - a for a, b in local]
+
+    def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        return (args[0], lsizes, dim), {}
+
+    strat.rewrite = rw
+    if ctx.node.target is aten.split.Tensor:
+        ctx.node.meta["tpfx_retarget"] = aten.split_with_sizes.default
+    return strat
+
+
+@register(aten.cat)
+def cat(ctx: OpCtx) -> Result:
+    ops = ctx.operands
+    nd = len(ctx.out_shapes)
+    dim = norm_dim(ctx.args[1] if len(ctx.args) > 1 else 0, nd)
+    shards = [o.placement for o in ops if isinstance(o.placement, Shard)]
+    if not shards:
+        return Strategy(keep(ctx), R)
+    if all(isinstance(o.placement, Shard) and o.placement.dim == dim for o in ops):
+        g = {o.placement.groups for o in ops}  # type: ignore[union-attr]
+        if len(g) == 1:
+            segs = tuple(s for o in ops for s in o.placement.segs)  # type: ignore[union-attr]
+            return Strategy(keep(ctx), Shard(dim, g.pop(), segs))
+        return Fallback("concatenating shards of different group counts", 0)
+    if any(isinstance(s, Shard) and s.dim == dim for s in shards):
+        return Fallback("concatenating a sharded and a replicated tensor along the sharded dim", 0)
+    best = finest(shards)  # type: ignore[arg-type]
+    if best is None or len({s.dim for s in shards}) > 1:
+        return Fallback("operands sharded with incompatible layouts", 0)
+    return Strategy({i: best for i in range(len(ops))}, best)
+
+
+@register(aten.stack)
+def stack(ctx: OpCtx) -> Result:
+    ops = ctx.operands
+    nd = len(ctx.out_shapes)
+    dim = norm_dim(ctx.args[1] if len(ctx.args) > 1 else 0, nd)
+    shards = [o.placement for o in ops if isinstance(o.placement, Shard)]
+    if not shards:
+        return Strategy(keep(ctx), R)
+    best = finest(shards)  # type: ignore[arg-type]
+    if best is None or len({s.dim for s in shards}) > 1:
+        return Fallback("operands sharded with incompatible layouts", 0)
+    od = best.dim + 1 if best.dim >= dim else best.dim
+    return Strategy({i: best for i in range(len(ops))}, Shard(od, best.groups, best.segs))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _reduce(ctx: OpCtx, dims: list[int] | None, keepdim: bool, linear: bool) -> Result:
+    x = ctx.operands[0]
+    nd = x.ndim
+    red = list(range(nd)) if not dims else [norm_dim(d, nd) for d in dims]
+    if isinstance(x.placement, Partial):
+        if linear:
+            return Strategy({0: P}, P)
+        x = Operand(x.node, x.shape, x.dtype, R)
+    p = x.placement
+    if not isinstance(p, Shard):
+        return Strategy({0: R}, R)
+    if p.dim in red:
+        if linear and p.groups == ctx.world:
+            return Strategy({0: p}, P)
+        return Fallback(f"{ctx.node.target} reduces over the sharded dim {p.dim}", 0)
+    od = p.dim if keepdim else p.dim - sum(1 for d in red if d < p.dim)
+    return Strategy({0: p}, Shard(od, p.groups, p.segs))
+
+
+@register(aten.sum)
+def sum_(ctx: OpCtx) -> Result:
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    keepdim = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("keepdim", False)
+    return _reduce(ctx, dims, keepdim, linear=True)
+
+
+@register(aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.any, aten.all, aten.prod, aten.logsumexp)
+def reduce_(ctx: OpCtx) -> Result:
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    if isinstance(dims, int):
+        dims = [dims]
+    keepdim = ctx.args[2] if len(ctx.args) > 2 and isinstance(ctx.args[2], bool) else ctx.kwargs.get("keepdim", False)
+    return _reduce(ctx, dims, keepdim, linear=False)
+
+
+@register(aten.max, aten.min, aten.argmax, aten.argmin, aten.topk, aten.sort, aten.cumsum, aten.cumprod,
+          aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def along_dim(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    if len(ctx.args) < 2 and "dim" not in ctx.kwargs:
+        return _reduce(ctx, None, False, linear=False)
+    target = ctx.node.target
+    dim = norm_dim(ctx.args[2] if target in (aten.topk.default,) else (ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["dim"]), x.ndim)
+    keepdim = target in (aten.topk.default, aten.sort.default, aten.cumsum.default, aten.cumprod.default,
+                         aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+    if not keepdim and len(ctx.args) > 2 and isinstance(ctx.args[2], bool):
+        keepdim = ctx.args[2]
+    r = _reduce(ctx, [dim], keepdim, linear=False)
+    if isinstance(r, Strategy) and isinstance(ctx.out_shapes, list):
+        r.out = tuple([r.out] * len(ctx.out_shapes))
+    return r
+
+
+@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm)
+def norm(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    nd = x.ndim
+    if ctx.node.target in (aten.group_norm.default,):
+        red = list(range(1, nd))
+    else:
+        red = list(range(nd - len(ctx.args[1]), nd))
+    p = x.placement
+    multi = isinstance(ctx.out_shapes, list)
+    if not isinstance(p, Shard):
+        return Strategy(keep(ctx), (R, R, R) if multi else R)
+    if p.dim in red:
+        return Fallback(f"normalization over the sharded dim {p.dim}", 0)
+    want = {i: R for i in range(1, len(ctx.operands))} | {0: p}
+    return Strategy(want, (p, Shard(p.dim, p.groups, p.segs), Shard(p.dim, p.groups, p.segs)) if multi else p)
+
+
+# ----------------------------------------------------------------------------- matmuls
+
+
+def _letters(n: int, start: int = 0) -> str:
+    return "".join(chr(ord("A") + start + i) for i in range(n))
+
+
+def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Result:
+    """Sharding of ``out = einsum(specs..., operands idx...)``. Broadcast (size-1) dims omitted by caller."""
+    ops = [ctx.operands[i] for i in idx]
+    want: dict[int, Placement] = {i: R for i in range(len(ctx.operands))}
+    decide: dict[int, tuple[str, Placement]] = {}
+    shard_letters: dict[str, list[Shard]] = {}
+    for spec, o in zip(specs, ops):
+        if isinstance(o.placement, Shard):
+            L = spec[o.placement.dim] if o.placement.dim < len(spec) else None
+            if L is None or L == "_":
+                return Fallback("sharded along a broadcast dim", ctx.idx(o.node))
+            shard_letters.setdefault(L, []).append(o.placement)
+    if len(shard_letters) > 1:
+        return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
+    if not shard_letters:
+        for k, (spec, o) in enumerate(zip(specs, ops)):
+            if o.free is None or "colwise" not in o.free.styles:
+                continue
+            for d, L in enumerate(spec):
+                if L in out and all(L not in s for j, s in enumerate(specs) if j != k):
+                    size = as_int(o.shape[d])
+                    segs = o.free.segs or (size,)
+                    if size is None or sum(segs) != size:
+                        break
+                    g = math.gcd(o.free.groups, *segs)
+                    if g < 2:
+                        break
+                    sh = Shard(d, g, segs)
+                    decide[idx[k]] = ("colwise", sh)
+                    want[idx[k]] = sh
+                    return Strategy(want, Shard(out.index(L), g, segs), decide)
+        for k, o in enumerate(ops):
+            if o.free is not None:
+                decide[idx[k]] = ("replicate", R)
+        return Strategy(want, R, decide)
+    (L, shards), = shard_letters.items()
+    best = finest(shards)
+    if best is None:
+        return Fallback("operands sharded with incompatible layouts", idx[0])
+    contracted = L not in out
+    if contracted and best.groups != ctx.world:
+        best = Shard(best.dim, ctx.world, best.segs)
+        if any(s % ctx.world for s in best.segs):
+            return Fallback("contracted dim not divisible by the world size", idx[0])
+    for k, (spec, o) in enumerate(zip(specs, ops)):
+        if L in spec:
+            d = spec.index(L)
+            sh = Shard(d, best.groups, best.segs)
+            if o.free is not None:
+                style = "rowwise" if contracted else "shard"
+                if style not in o.free.styles:
+                    return Fallback(f"{o.free.fqn} is pinned to {sorted(o.free.styles)}", idx[k])
+                decide[idx[k]] = (style, sh)
+            want[idx[k]] = sh
+        elif o.free is not None:
+            decide[idx[k]] = ("replicate", R)
+    return Strategy(want, P if contracted else Shard(out.index(L), best.groups, best.segs), decide)
+
+
+@register(aten.linear)
+def linear(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    b = _letters(x.ndim - 1)
+    if len(ctx.operands) > 2:
+        return Fallback("linear with bias (decomposed by the planner)", 2)
+    return einsum_rule(ctx, [b + "k", "nk"], b + "n", [0, 1])
+
+
+@register(aten.mm)
+def mm(ctx: OpCtx) -> Result:
+    return einsum_rule(ctx, ["mk", "kn"], "mn", [0, 1])
+
+
+def _batch_spec(o: Operand, nb: int, tail: str) -> str:
+    lead = _letters(nb)
+    spec = lead[nb - (o.ndim - 2):] + tail
+    return "".join("_" if i < o.ndim - 2 and o.shape[i] == 1 else c for i, c in enumerate(spec))
+
+
+@register(aten.bmm, aten.matmul)
+def matmul(ctx: OpCtx) -> Result:
+    a, b = ctx.operands[0], ctx.operands[1]
+    if a.ndim < 2 or b.ndim < 1:
+        return Fallback("matmul of vectors", 0)
+    if b.ndim == 1:
+        return einsum_rule(ctx, [_letters(a.ndim - 1) + "k", "k"], _letters(a.ndim - 1), [0, 1])
+    if b.ndim == 2:
+        la = _letters(a.ndim - 1)
+        return einsum_rule(ctx, [la + "k", "kn"], la + "n", [0, 1])
+    nb = max(a.ndim, b.ndim) - 2
+    sa, sb = _batch_spec(a, nb, "mk"), _batch_spec(b, nb, "kn")
+    return einsum_rule(ctx, [sa, sb], _letters(nb) + "mn", [0, 1])
+
+
+@register(aten.einsum)
+def einsum(ctx: OpCtx) -> Result:
+    eq = ctx.args[0].replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return Fallback("einsum with ellipsis or implicit output", 0)
+    lhs, out = eq.split("->")
+    specs = lhs.split(",")
+    tensors = ctx.args[1]
+    idx = [ctx.idx(t) for t in tensors]
+    if None in idx:
+        return Fallback("einsum operand not a tensor", 0)
+    return einsum_rule(ctx, specs, out, idx)  # type: ignore[arg-type]
+
+
+@register(aten.scaled_dot_product_attention)
+def sdpa(ctx: OpCtx) -> Result:
+    q, k, v = ctx.operands[:3]
+    if ctx.kwargs.get("enable_gqa"):
+        return Fallback("sdpa with enable_gqa", 1)
+    nb = q.ndim - 2
+    specs = [_batch_spec(q, nb, "st"), _batch_spec(k, nb, "ud"), _batch_spec(v, nb, "ue")]
+    specs[0] = specs[0][:-1] + "d"
+    idx = [0, 1, 2]
+    mask = ctx.idx(ctx.args[3]) if len(ctx.args) > 3 else ctx.idx(ctx.kwargs.get("attn_mask"))
+    if mask is not None:
+        m = ctx.operands[mask]
+        pad = nb + 2 - m.ndim
+        lead = _letters(nb)
+        spec = "".join("_" if (i < nb and (i < pad or m.shape[i - pad] == 1)) else c
+                       for i, c in enumerate(lead + "su"))[pad:]
+        specs.append(spec)
+        idx.append(mask)
+    r = einsum_rule(ctx, specs, _letters(nb) + "se", idx)
+    if isinstance(r, Strategy) and isinstance(r.out, Partial):
+        return Fallback("attention over a sharded head dim or sequence", 0)
+    return r
+
+
+@register(aten.embedding)
+def embedding(ctx: OpCtx) -> Result:
+    w, ids = ctx.operands[0], ctx.operands[1]
+    if isinstance(ids.placement, Shard):
+        return Fallback("sharded token ids", 1)
+    nd = len(ctx.out_shapes)
+    if w.free is not None:
+        vocab = as_int(w.shape[0])
+        g = math.gcd(w.free.groups, vocab or 1)
+        if "vocab" in w.free.styles and g == ctx.world:
+            sh = Shard(0, g, (vocab,))  # type: ignore[arg-type]
+            return Strategy({0: sh, 1: R}, P, {0: ("vocab", sh)}, rewrite=_vocab_rewrite(sh))
+        return Strategy({0: R, 1: R}, R, {0: ("replicate", R)})
+    p = w.placement
+    if isinstance(p, Shard) and p.dim == 0 and p.groups == ctx.world and len(p.segs) == 1:
+        return Strategy({0: p, 1: R}, P, rewrite=_vocab_rewrite(p))
+    if isinstance(p, Shard) and p.dim == 1:
+        return Strategy({0: p, 1: R}, Shard(nd - 1, p.groups, p.segs))
+    return Strategy({0: R, 1: R}, R)
+
+
+def _vocab_rewrite(p: Shard) -> Rewrite:
+    def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        n = p.segs[0] // p.groups
+        padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+        return (args[0], args[1], rank * n, n, padding_idx), {}
+
+    return rw
+
+
+@register(aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_forward, aten.nll_loss2d_forward,
+          aten.nll_loss_nd, aten.binary_cross_entropy_with_logits, aten.mse_loss)
+def loss(ctx: OpCtx) -> Result:
+    if any(isinstance(o.placement, Shard) for o in ctx.operands):
+        return Fallback("the loss needs the full class dim", 0)
+    return Strategy(keep(ctx), R)
+
+
+# ----------------------------------------------------------------------------- shapes-as-values
+
+
+@register(aten.sym_size, aten.sym_stride, aten.sym_numel)
+def sym_size(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    if isinstance(x.placement, Shard) and (len(ctx.args) < 2 or norm_dim(ctx.args[1], x.ndim) == x.placement.dim):
+        return Fallback("the size of a sharded dim is read at run time", 0)
+    return Strategy({0: x.placement if not isinstance(x.placement, Partial) else P}, R)
+
+
+@register(aten._assert_tensor_metadata, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full,
+          aten._assert_scalar)
+def metadata_only(ctx: OpCtx) -> Result:
+    """Ops that read only dtype/device of their tensor input: any placement, replicated output."""
+    return Strategy({i: o.placement for i, o in enumerate(ctx.operands)}, R)
+
+
+@register(operator.getitem)
+def getitem(ctx: OpCtx) -> Result:  # handled by the planner (tuple outputs)
+    raise AssertionError("getitem is resolved by the planner")

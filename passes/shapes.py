@@ -1,0 +1,136 @@
+"""Symbolic shape reasoning for views (sympy).
+
+Exported graphs carry shapes whose batch and sequence dims are symbols (``s0``, ``s1``) while
+head counts are integer constants. A view ``[B, S, H] -> [B, S, n, d]`` is split into *groups*
+of input and output dims whose products are equal (``view_groups``); a shard inside a group is
+moved through the view by ``map_shard``, which works in the group's flattened index space:
+
+    flat segments of the input  = for each of the K outer blocks, each segment L_s * I
+    output dim e carries them iff  they are K' periodic copies of (L'_s * R_e)  with R_e = prod(after e)
+
+so ``[.., 3H] -> [.., 3, n, d]`` with ``segs=(H, H, H)`` lands on ``n`` (the 3 is the period),
+and ``[.., n, d] -> [.., n*d]`` lands on the merged dim with one segment. A shard can only land on
+a dim whose local size is an integer: otherwise ``map_shard`` reports the largest group count
+that would work (``gcd``), which the planner uses to replicate KV heads within groups (GQA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import sympy
+import torch
+
+from .placements import Shard
+
+Expr = sympy.Expr
+
+
+def sym(x: object) -> Expr:
+    """A sympy expression for an int or SymInt size."""
+    if isinstance(x, torch.SymInt):
+        return sympy.sympify(x.node.expr)
+    return sympy.Integer(int(x))  # type: ignore[call-overload]
+
+
+def shape_of(val: object) -> tuple[Expr, ...] | None:
+    if isinstance(val, torch.Tensor):
+        return tuple(sym(s) for s in val.shape)
+    return None
+
+
+def as_int(e: Expr) -> int | None:
+    return int(e) if e.is_Integer else None
+
+
+def _prod(xs: Sequence[Expr]) -> Expr:
+    out: Expr = sympy.Integer(1)
+    for x in xs:
+        out = out * x
+    return out
+
+
+def _eq(a: Expr, b: Expr) -> bool:
+    return sympy.expand(a - b) == 0
+
+
+def _needs_more(have: Expr, other: Expr) -> bool:
+    """True if ``have`` is a proper divisor of ``other`` (so the ``have`` side must grow)."""
+    ratio = sympy.cancel(other / have)
+    num, den = sympy.fraction(ratio)
+    return den == 1 and not _eq(num, 1)
+
+
+def view_groups(src: Sequence[Expr], dst: Sequence[Expr]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input and output dims with equal products. Size-1 dims form their own groups."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and _eq(src[i], 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and _eq(dst[j], 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            return None
+        gi, gj = [i], [j]
+        pi, pj = src[i], dst[j]
+        i += 1
+        j += 1
+        while not _eq(pi, pj):
+            if _needs_more(pi, pj) and i < len(src):
+                pi = pi * src[i]
+                gi.append(i)
+                i += 1
+            elif _needs_more(pj, pi) and j < len(dst):
+                pj = pj * dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int:
+    """Move ``p`` (on ``src``) through a view to ``dst``.
+
+    Returns the output Shard, or an int: the largest group count (< p.groups) that would map
+    (1 when none does), for the planner to demote to.
+    """
+    groups = view_groups(src, dst)
+    if groups is None:
+        return 1
+    for gi, gj in groups:
+        if p.dim not in gi:
+            continue
+        pos = gi.index(p.dim)
+        outer = [as_int(src[k]) for k in gi[:pos]]
+        inner = [as_int(src[k]) for k in gi[pos + 1 :]]
+        outs = [as_int(dst[k]) for k in gj]
+        if None in outer or None in inner or None in outs:
+            return 1  # a symbolic size shares the group: no static layout
+        K, In = math.prod(outer), math.prod(inner)  # type: ignore[arg-type]
+        flat = [seg * In for seg in p.segs] * K
+        best_g = 1
+        for e, size in enumerate(outs):
+            Q = math.prod(outs[:e])  # type: ignore[arg-type]
+            Rr = math.prod(outs[e + 1 :])  # type: ignore[arg-type]
+            if len(flat) % Q:
+                continue
+            period = flat[: len(flat) // Q]
+            if period * Q != flat or any(L % Rr for L in period):
+                continue
+            segs = tuple(L // Rr for L in period)
+            if sum(segs) != size:
+                continue
+            g = math.gcd(p.groups, *segs)
+            if g == p.groups:
+                return Shard(gj[e], p.groups, segs)
+            best_g = max(best_g, g)
+        return best_g
+    return 1

@@ -1,0 +1,13 @@
+"""tpfx: automatic tensor parallelism for any PyTorch model, as a compiler pass."""
+
+import sys as _sys
+
+from tpfx import passes as _passes  # noqa: F401  (tpfx.passes, installed from passes/)
+from tpfx.api import ShardedModule, auto_shard, plan, shard_tensor
+from tpfx.launch import launch
+from tpfx.plan import Collective, ParamPlacement, ShardingPlan
+
+__all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
+           "ShardedModule"]
+__version__ = "0.1.0"
+del _sys

@@ -1,0 +1,292 @@
+"""Public API: ``plan`` (no process group) and ``auto_shard`` (this rank's module)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.export import Dim
+from torch.utils._pytree import tree_flatten, tree_map
+
+from tpfx.passes.emit import emit
+from tpfx.passes.pipeline import PRE_PASSES, run_passes
+from tpfx.passes.propagate import propagate
+from tpfx.plan import ShardingPlan, build_plan
+
+LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
+               "`torchrun --nproc-per-node N script.py` and call `torch.distributed.init_process_group('gloo')`, "
+               "or run your function with `tpfx.launch(fn, world_size)`.")
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _prepare_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers models return a KV cache by default, which export cannot output."""
+    if _is_hf(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs = {"use_cache": False, **kwargs}
+    return kwargs
+
+
+def _synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+    if not _is_hf(model):
+        raise ValueError("tpfx: example_inputs are required for a module that is not a transformers model")
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
+    device = next(iter(model.parameters())).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=gen).to(device)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if getattr(cfg, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids.clone()
+    return (), kwargs
+
+
+def _dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    spec: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD or kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        spec[name] = tree_map(lambda v: {i: Dim.AUTO for i in range(v.ndim)} if isinstance(v, torch.Tensor)
+                              and v.ndim > 0 else None, value)
+    return spec
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+            timings: dict[str, float] | None = None) -> tuple[fx.GraphModule, bool]:
+    """torch.export (non-strict) with dynamic dims where the model allows; returns (graph, dynamic)."""
+    args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    t0 = time.perf_counter()
+    spec = _dynamic_spec(model, args, kwargs)
+    ep = None
+    if spec is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+        except Exception:  # noqa: BLE001 - fall back to a static capture per shape
+            ep = None
+    dynamic = ep is not None
+    if ep is None:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    gm = ep.module()
+    if timings is not None:
+        timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
+    gm = run_passes(gm, PRE_PASSES, timings)  # type: ignore[arg-type]
+    return gm, dynamic  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
+                timings: dict[str, float] | None = None) -> ShardingPlan:
+    t0 = time.perf_counter()
+    prop, seeds = propagate(gm, world_size, pins)
+    plan = build_plan(prop, seeds)
+    if timings is not None:
+        timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
+    return plan
+
+
+def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | None = None,
+         example_kwargs: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> ShardingPlan:
+    """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models."""
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    args, kwargs = _examples(model, example_inputs, example_kwargs)
+    gm, _ = capture(model, args, kwargs)
+    return _plan_graph(gm, world_size, _override_pins(gm, overrides))
+
+
+def _examples(model: torch.nn.Module, example_inputs: tuple | None,
+              example_kwargs: dict[str, Any] | None) -> tuple[tuple, dict[str, Any]]:
+    if example_inputs is None and example_kwargs is None:
+        args, kwargs = _synthesize(model)
+    else:
+        args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+    return args, _prepare_kwargs(model, kwargs)
+
+
+def _override_pins(gm: fx.GraphModule, overrides: dict[str, str] | None) -> dict | None:
+    if not overrides:
+        return None
+    import fnmatch
+
+    names = [n for n, _ in gm.named_parameters()]
+    pins: dict[str, tuple[str, Any]] = {}
+    for pattern, style in overrides.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".weight")]
+        if not hits:
+            raise ValueError(f"tpfx: override {pattern!r} matches no parameter")
+        for n in hits:
+            pins[n] = (style, None)
+    return pins
+
+
+# ----------------------------------------------------------------------------- sharded module
+
+
+def _group_namer(group: dist.ProcessGroup | None, world: int) -> Any:
+    """Map a tuple of (group-local) ranks to a process-group name, creating subgroups as needed.
+
+    Every rank creates every subgroup of the plan in the same order (``new_group`` is collective)."""
+    base = group or dist.group.WORLD
+    names: dict[tuple[int, ...], str] = {tuple(range(world)): base.group_name}  # type: ignore[union-attr]
+    globals_ = dist.get_process_group_ranks(base)
+
+    def name(ranks: tuple[int, ...]) -> str:
+        if ranks not in names:
+            raise KeyError(ranks)
+        return names[ranks]
+
+    def prepare(all_groups: list[tuple[int, ...]]) -> None:
+        for ranks in sorted(set(all_groups)):
+            if ranks not in names:
+                pg = dist.new_group([globals_[r] for r in ranks])
+                names[ranks] = pg.group_name if pg is not None else ""  # type: ignore[union-attr]
+
+    name.prepare = prepare  # type: ignore[attr-defined]
+    return name
+
+
+def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
+    t = plan.world_size
+    out = []
+    for p in plan.placements.values():
+        if p.dim is not None and p.groups < t:
+            per = t // p.groups
+            out += [tuple(range(j * per, (j + 1) * per)) for j in range(p.groups)]
+    return out
+
+
+def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> None:
+    *path, leaf = fqn.split(".")
+    m = module
+    for part in path:
+        if not hasattr(m, part):
+            m.add_module(part, torch.nn.Module())
+        m = getattr(m, part)
+    m.register_parameter(leaf, param)
+
+
+class ShardedModule(torch.nn.Module):
+    """This rank's piece of a model: original FQNs, local parameters, same call signature."""
+
+    def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
+                 compile: bool) -> None:
+        super().__init__()
+        self.__dict__["_model"] = model
+        self.__dict__["_graphs"] = {}
+        self.__dict__["_store"] = {}
+        self.__dict__["_plan"] = plan
+        self.rank, self.world_size, self._compile = rank, plan.world_size, compile
+        self.__dict__["_namer"] = _group_namer(group, plan.world_size)
+        self._namer.prepare(_replica_groups(plan))
+
+    @property
+    def plan(self) -> ShardingPlan:
+        return self._plan
+
+    def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True) -> Any:
+        flat, spec = tree_flatten((args, kwargs))
+        leaves = tuple((v.dtype, v.ndim) + (() if dynamic else tuple(v.shape)) if isinstance(v, torch.Tensor)
+                       else v for v in flat)
+        return (str(spec), leaves)
+
+    def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any) -> fx.GraphModule:
+        if plan.digest() != self._plan.digest():
+            raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
+        local = emit(gm, plan._prop, self.rank, self._namer, self._store)  # type: ignore[arg-type]
+        for fqn, p in self._store.items():
+            if not hasattr(self, fqn.split(".")[0]) or fqn not in dict(self.named_parameters()):
+                _install(self, fqn, p)
+        runner: Any = torch.compile(local, dynamic=None) if self._compile else local
+        self._graphs[key] = (local, runner)
+        return local
+
+    def graph_module(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
+        """The emitted per-rank GraphModule that serves these inputs (captured if needed)."""
+        kwargs = _prepare_kwargs(self._model, kwargs)
+        return self._entry(args, kwargs)[0]
+
+    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
+        for dynamic in (True, False):
+            key = self._key(args, kwargs, dynamic)
+            if key in self._graphs:
+                return self._graphs[key]
+        gm, dynamic = capture(self._model, args, kwargs)
+        plan = _plan_graph(gm, self.world_size, self._plan.pins())
+        key = self._key(args, kwargs, dynamic)
+        self.add_graph(gm, plan, key)
+        return self._graphs[key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = _prepare_kwargs(self._model, kwargs)
+        return self._entry(args, kwargs)[1](*args, **kwargs)
+
+
+def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example_inputs: tuple | None = None,
+               example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
+               group: dist.ProcessGroup | None = None, compile: bool = False,
+               plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None) -> ShardedModule:
+    """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(LAUNCH_HINT)
+    group_size = dist.get_world_size(group)
+    world_size = group_size if world_size is None else world_size
+    if world_size != group_size:
+        raise ValueError(f"tpfx: world_size={world_size} but the process group has {group_size} ranks")
+    rank = dist.get_rank(group) if rank is None else rank
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
+                         "(use tpfx.plan for meta models)")
+    lazy = example_inputs is None and example_kwargs is None and not _is_hf(model)
+    if lazy and plan is None:
+        raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
+    first = None
+    if plan is None or not lazy:
+        args, kwargs = _examples(model, example_inputs, example_kwargs)
+        gm, dynamic = capture(model, args, kwargs)
+        pins = plan.pins() if plan is not None else _override_pins(gm, overrides)
+        planned = _plan_graph(gm, world_size, pins)
+        first = (gm, planned, args, kwargs, dynamic)
+        plan = planned
+    _check_agreement(plan, group)
+    sharded = ShardedModule(model, plan, rank, group, compile)
+    if first is not None:
+        gm, planned, args, kwargs, dynamic = first
+        sharded.add_graph(gm, planned, sharded._key(args, kwargs, dynamic))
+    return sharded
+
+
+def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> None:
+    """Every rank must have derived the same plan; raise (on every rank) instead of hanging later."""
+    digests: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, plan.digest(), group=group)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"tpfx: ranks derived different sharding plans (digests by rank: {digests}); "
+                           "every rank must build the same model and call auto_shard with the same arguments")
+
+
+def shard_tensor(plan: ShardingPlan, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+    """``rank``'s slice of a full tensor laid out like parameter ``fqn`` (e.g. its gradient)."""
+    return plan.shard(fqn, full, rank)

@@ -1,0 +1,125 @@
+"""Run a function on ``world_size`` local CPU processes joined by a gloo process group.
+
+``launch(fn, world_size, *args)`` is the small harness used by the tests and examples: it spawns one process
+per rank, initialises ``torch.distributed`` with the gloo backend on 127.0.0.1, calls
+``fn(rank, world_size, *args)`` and returns the per-rank results to the caller. Under ``torchrun`` (a process
+group already exists) it simply calls ``fn`` in the current process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessContext, ProcessException
+
+__all__ = ["launch"]
+
+R = TypeVar("R")
+
+
+def _free_port() -> int:
+    """Ask the OS for a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _result_path(tmpdir: str, rank: int) -> str:
+    return os.path.join(tmpdir, f"rank{rank}.pt")
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    tmpdir: str,
+    args: tuple[Any, ...],
+    pg_timeout_s: float | None,
+) -> None:
+    """Body of one spawned rank: set up gloo, run ``fn``, save its result for the parent."""
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    kwargs: dict[str, Any] = {}
+    if pg_timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=pg_timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **kwargs)
+    # An exception propagates to torch.multiprocessing's wrapper, which records the traceback for the parent.
+    result = fn(rank, world_size, *args)
+    torch.save(result, _result_path(tmpdir, rank))
+    dist.destroy_process_group()
+
+
+def _kill_all(ctx: ProcessContext) -> None:
+    for p in ctx.processes:
+        if p.is_alive():
+            p.terminate()
+    for p in ctx.processes:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def launch(fn: Callable[..., R], world_size: int, *args: Any, timeout_s: float | None = None) -> list[R]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and return the results by rank.
+
+    ``fn`` (and ``args``) must be picklable, i.e. ``fn`` is defined at module level: processes are started
+    with the ``spawn`` method, which re-imports the main module, so scripts must call ``launch`` under
+    ``if __name__ == "__main__":``. Each rank uses one intra-op thread. Return values travel back through
+    ``torch.save``/``torch.load`` and may be tensors, dicts of tensors or any picklable object.
+
+    If a process group is already initialised (e.g. under ``torchrun``) with the same world size, ``fn`` is
+    called in-process as ``fn(dist.get_rank(), world_size, *args)`` and ``[result]`` is returned.
+
+    Raises ``RuntimeError`` naming the failing rank and carrying its traceback text if any rank raises or
+    dies; the other ranks are terminated. With ``timeout_s``, all ranks are killed and ``RuntimeError`` is
+    raised once that many seconds have passed (it also bounds each collective of the process group).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if dist.is_available() and dist.is_initialized():
+        current = dist.get_world_size()
+        if current != world_size:
+            raise RuntimeError(
+                f"tpfx.launch: a process group of world size {current} is already initialised, "
+                f"but world_size={world_size} was requested"
+            )
+        return [fn(dist.get_rank(), world_size, *args)]
+
+    port = _free_port()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(prefix="tpfx_launch_") as tmpdir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(fn, world_size, port, tmpdir, args, timeout_s),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        assert ctx is not None
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if ctx.join(timeout=remaining):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RuntimeError(f"tpfx.launch: ranks did not finish within {timeout_s} s")
+        except ProcessException as e:
+            detail = e.msg.strip()
+            raise RuntimeError(
+                f"tpfx.launch: rank {e.error_index} failed (pid {e.error_pid}):\n{detail}"
+            ) from None
+        finally:
+            _kill_all(ctx)  # no-op when every rank has exited
+        return [torch.load(_result_path(tmpdir, r), weights_only=False) for r in range(world_size)]

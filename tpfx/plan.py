@@ -1,0 +1,142 @@
+"""The sharding plan: plain data keyed by parameter FQNs and graph node names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tpfx.passes.placements import Partial, Placement, Replicate, Shard, shard_tensor
+from tpfx.passes.propagate import Propagation, Seed, nbytes
+
+
+@dataclass(frozen=True)
+class ParamPlacement:
+    style: str  # colwise | rowwise | vocab | shard | replicate
+    placement: str  # "R" or "S(dim/groups[segs])"
+    shape: tuple[int, ...]
+    dim: int | None = None
+    groups: int = 1
+    segs: tuple[int, ...] = ()
+
+    def as_placement(self) -> Placement:
+        return Shard(self.dim, self.groups, self.segs) if self.dim is not None else Replicate()
+
+    def local_shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.shape
+        s = list(self.shape)
+        s[self.dim] = sum(self.segs) // self.groups
+        return tuple(s)
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_reduce | all_gather | reduce_scatter | scatter; pass "backward" for gradient ones
+    after: str  # the graph node whose output it redistributes
+    before: str  # the consumer
+    bytes: int  # per call, for the example shapes (full tensor)
+    pass_: str = "forward"
+
+
+@dataclass
+class ShardingPlan:
+    world_size: int
+    placements: dict[str, ParamPlacement]
+    collectives: list[Collective]
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
+    unknown_ops: list[str] = field(default_factory=list)
+    _prop: Propagation | None = field(default=None, repr=False, compare=False)
+
+    # ---------------------------------------------------------------- views
+    def to_tp_plan(self) -> dict[str, str]:
+        """HF-style ``{"model.layers.*.self_attn.q_proj": "colwise", ...}`` (non-replicated modules)."""
+        per_module: dict[str, set[str]] = {}
+        for fqn, p in self.placements.items():
+            module, _, leaf = fqn.rpartition(".")
+            if leaf != "weight" or p.style == "replicate":
+                continue
+            # PyTorch/HF RowwiseParallel on an nn.Embedding splits the vocab rows
+            style = "rowwise" if p.style == "vocab" else p.style
+            per_module.setdefault(re.sub(r"\.\d+\.", ".*.", module + "."), set()).add(style)
+        return {k.rstrip("."): "/".join(sorted(v)) for k, v in sorted(per_module.items())}
+
+    def shard(self, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+        return shard_tensor(full, self.placements[fqn].as_placement(), rank, self.world_size)
+
+    def forward_collectives(self) -> list[Collective]:
+        return [c for c in self.collectives if c.pass_ == "forward"]
+
+    def count(self, kind: str, pass_: str = "forward") -> int:
+        return sum(1 for c in self.collectives if c.kind == kind and c.pass_ == pass_)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "placements": {k: asdict(v) for k, v in sorted(self.placements.items())},
+            "collectives": [asdict(c) for c in self.collectives],
+            "fallbacks": self.fallbacks,
+            "unknown_ops": sorted(self.unknown_ops),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardingPlan:
+        d = json.loads(text)
+        pls = {k: ParamPlacement(**{**v, "shape": tuple(v["shape"]), "segs": tuple(v["segs"])})
+               for k, v in d["placements"].items()}
+        cols = [Collective(**c) for c in d["collectives"]]
+        return cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"])
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps({k: asdict(v) for k, v in sorted(self.placements.items())},
+                                         sort_keys=True).encode()).hexdigest()[:16]
+
+    def pins(self) -> dict[str, tuple[str, Placement | None]]:
+        return {k: (v.style, v.as_placement()) for k, v in self.placements.items()}
+
+    def __str__(self) -> str:
+        from tpfx.report import render_text
+
+        return render_text(self)
+
+
+def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
+    placements: dict[str, ParamPlacement] = {}
+    for node, fqn in prop.param_nodes.items():
+        if fqn in placements:
+            continue
+        shape = tuple(int(s) for s in node.meta["val"].shape)
+        style, pl = prop.decided.get(fqn, ("replicate", Replicate()))
+        if isinstance(pl, Shard):
+            placements[fqn] = ParamPlacement(style, str(pl), shape, pl.dim, pl.groups, pl.segs)
+        else:
+            placements[fqn] = ParamPlacement("replicate", "R", shape)
+    collectives: list[Collective] = [Collective("all_reduce", n.name, "*", nbytes(n)) for n in prop.reduced_after]
+    done: set[tuple[str, str]] = set()
+    for (consumer, producer), want in prop.wants.items():
+        have = prop.placements.get(producer)
+        if isinstance(have, Partial):
+            kind = "all_reduce"
+        elif isinstance(have, Shard) and (not isinstance(want, Shard) or want.dim != have.dim
+                                          or want.segs != have.segs or want.groups % have.groups):
+            kind = "all_gather"
+        else:
+            continue
+        if (producer.name, str(want)) in done:
+            continue  # one collective per producer and target placement, shared by its consumers
+        done.add((producer.name, str(want)))
+        collectives.append(Collective(kind, producer.name, consumer.name, nbytes(producer)))
+    collectives.sort(key=lambda c: (c.after, c.before))
+    fallbacks = [{"node": n, "reason": r} for n, r in prop.fallbacks]
+    for fqn in sorted(seeds):
+        for r in seeds[fqn].reasons:
+            fallbacks.append({"param": fqn, "reason": r})
+    return ShardingPlan(prop.world, dict(sorted(placements.items())), collectives, fallbacks,
+                        sorted(prop.unknown_ops), prop)
