@@ -180,13 +180,14 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                     origins[o.node] = frozenset({o.free.fqn})
             if want != o.placement:
                 prop.wants[(node, o.node)] = want
-            if not isinstance(want, Replicate) or not isinstance(o.placement, Replicate):
+            if not isinstance(want, Replicate):  # a shard or partial sum flows into the output
                 out_origins |= origins.get(o.node, frozenset())
         prop.placements[node] = result.out
         if node.name in reduce_now and isinstance(result.out, Partial):
             prop.placements[node] = R  # reduced once, right after the producer, for every consumer
             prop.reduced_after.add(node)
-        origins[node] = frozenset(out_origins)
+        outs = prop.placements[node] if isinstance(prop.placements[node], tuple) else (prop.placements[node],)
+        origins[node] = frozenset(out_origins) if any(not isinstance(o, Replicate) for o in outs) else frozenset()
     return prop
 
 
@@ -210,20 +211,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
         refine = [d for d in prop.demands if d[1] != "replicate"]
         for fqns, kind, value, reason in refine or prop.demands:
             for f in sorted(fqns):
-                s = seeds[f]
-                if kind == "groups" and value < s.groups:
-                    s.groups = value
-                    s.reasons.append(f"groups {value}: {reason}")
-                    changed = True
-                elif kind == "segs" and value != s.segs and _fits(prop, f, value):
-                    s.segs = value
-                    s.reasons.append(f"segments {value}: {reason}")
-                    changed = True
-                elif s.styles != frozenset({"replicate"}) and kind != "groups" or (kind == "groups" and value >= s.groups):
-                    if s.styles != frozenset({"replicate"}):
-                        s.styles = frozenset({"replicate"})
-                        s.reasons.append(f"replicated: {reason}")
-                        changed = True
+                changed |= _apply(seeds[f], prop, f, kind, value, reason)
         if not changed:
             # a Partial value that one consumer reduces and another carries on as Partial would be
             # reduced twice further down: reduce it once, at its producer, for everyone
@@ -239,6 +227,27 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
                               f"is replicated", stacklevel=3)
             return prop, seeds
     raise RuntimeError(f"tpfx: sharding propagation did not converge in {max_rounds} rounds")
+
+
+def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: str) -> bool:
+    """Apply one demand to a weight's seed; True if it changed."""
+    if kind == "groups":
+        if value >= s.groups:
+            return False  # already satisfied by an earlier demand this round
+        s.groups = value
+        s.reasons.append(f"groups {value}: {reason}")
+        return True
+    if kind == "segs" and _fits(prop, fqn, value):
+        if value == s.segs:
+            return False
+        s.segs = value
+        s.reasons.append(f"segments {value}: {reason}")
+        return True
+    if s.styles == frozenset({"replicate"}):
+        return False
+    s.styles = frozenset({"replicate"})
+    s.reasons.append(f"replicated: {reason}")
+    return True
 
 
 def _fits(prop: Propagation, fqn: str, segs: tuple[int, ...]) -> bool:

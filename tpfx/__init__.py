@@ -3,11 +3,11 @@
 import sys as _sys
 
 from tpfx import passes as _passes  # noqa: F401  (tpfx.passes, installed from passes/)
-from tpfx.api import ShardedModule, auto_shard, plan, shard_tensor
+from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.launch import launch
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
-           "ShardedModule"]
+           "ShardedModule", "emit_rank"]
 __version__ = "0.1.0"
 del _sys

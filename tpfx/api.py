@@ -102,6 +102,7 @@ def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
     t0 = time.perf_counter()
     prop, seeds = propagate(gm, world_size, pins)
     plan = build_plan(prop, seeds)
+    plan._gm = gm
     if timings is not None:
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
     return plan
@@ -161,8 +162,9 @@ def _group_namer(group: dist.ProcessGroup | None, world: int) -> Any:
     def prepare(all_groups: list[tuple[int, ...]]) -> None:
         for ranks in sorted(set(all_groups)):
             if ranks not in names:
-                pg = dist.new_group([globals_[r] for r in ranks])
-                names[ranks] = pg.group_name if pg is not None else ""  # type: ignore[union-attr]
+                pg = dist.new_group([globals_[r] for r in ranks])  # collective: every rank calls it
+                if isinstance(pg, dist.ProcessGroup):  # non-members get a sentinel
+                    names[ranks] = pg.group_name
 
     name.prepare = prepare  # type: ignore[attr-defined]
     return name
@@ -285,6 +287,14 @@ def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> Non
     if len(set(digests)) != 1:
         raise RuntimeError(f"tpfx: ranks derived different sharding plans (digests by rank: {digests}); "
                            "every rank must build the same model and call auto_shard with the same arguments")
+
+
+def emit_rank(plan: ShardingPlan, rank: int) -> fx.GraphModule:
+    """``rank``'s GraphModule for a plan from ``tpfx.plan`` without a process group (for inspection and
+    tests: collectives name a placeholder group ``"fake:<ranks>"`` and cannot run)."""
+    if plan._prop is None or plan._gm is None:
+        raise ValueError("emit_rank needs a plan derived in this process (not one loaded from JSON)")
+    return emit(plan._gm, plan._prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)))
 
 
 def shard_tensor(plan: ShardingPlan, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:

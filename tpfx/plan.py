@@ -51,6 +51,7 @@ class ShardingPlan:
     fallbacks: list[dict[str, str]] = field(default_factory=list)
     unknown_ops: list[str] = field(default_factory=list)
     _prop: Propagation | None = field(default=None, repr=False, compare=False)
+    _gm: Any = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- views
     def to_tp_plan(self) -> dict[str, str]:
