@@ -65,8 +65,11 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
     root: dict[str, Any] = {}
     cache: dict[tuple[fx.Node, Any], fx.Node] = {}
 
-    def call(fn: Any, *args: Any) -> fx.Node:
-        return new.call_function(fn, tuple(args))
+    def call(fn: Any, *args: Any, src: fx.Node | None = None) -> fx.Node:
+        n = new.call_function(fn, tuple(args))
+        if src is not None and "nn_module_stack" in src.meta:  # attribute the collective to its layer
+            n.meta["nn_module_stack"] = src.meta["nn_module_stack"]
+        return n
 
     def redistribute(a: fx.Node, have: Placement, want: Placement) -> fx.Node:
         key = (a, want)
@@ -74,22 +77,22 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             return cache[key]
         x = env[a]
         if isinstance(want, Partial) and isinstance(have, Replicate):
-            cache[key] = call(C.to_partial, x, rank)
+            cache[key] = call(C.to_partial, x, rank, src=a)
             return cache[key]
         if isinstance(have, Partial):
-            x = call(C.all_reduce, x, wg)
+            x = call(C.all_reduce, x, wg, src=a)
             have = Replicate()
         if isinstance(have, Shard) and isinstance(want, Shard) and (have.dim, have.segs) == (want.dim, want.segs) \
                 and want.groups % have.groups == 0:
-            x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world)
+            x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world, src=a)
         elif isinstance(have, Shard):
             if have.groups != world:
-                x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world)
-            x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg)
+                x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world, src=a)
+            x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
             if isinstance(want, Shard):
-                x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg)
+                x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg, src=a)
         elif isinstance(want, Shard):
-            x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg)
+            x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg, src=a)
         cache[key] = x
         return x
 
@@ -114,7 +117,6 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         if node.op == "call_module":
             root[node.target] = _fetch(gm, node.target)
         sharded = node.op != "output" and _sharded_compute(prop, node)
-        f_cache: dict[fx.Node, fx.Node] = {}
 
         def mapped(a: Any, node: fx.Node = node, sharded: bool = sharded) -> Any:
             if not isinstance(a, fx.Node):
@@ -125,7 +127,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             if sharded and isinstance(want or have, Replicate) and _is_float(a):
                 key = (a, "f")  # Megatron's f: a replicated value entering sharded compute
                 if key not in cache:
-                    cache[key] = call(C.reduce_grad, x, wg)
+                    cache[key] = call(C.reduce_grad, x, wg, src=a)
                 return cache[key]
             return x
 
@@ -146,7 +148,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
         if node in prop.reduced_after:
-            y = call(C.all_reduce, y, wg)
+            y = call(C.all_reduce, y, wg, src=node)
         env[node] = y
     out = fx.GraphModule(root, new, class_name=f"TPRank{rank}")
     out.graph.lint()

@@ -204,8 +204,11 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             if isinstance(pl, Shard):
                 s.groups, s.segs = pl.groups, pl.segs
     reduce_now: set[str] = set()
+    unknown: set[str] = set()
     for rounds in range(1, max_rounds + 1):
         prop = run_once(gm, world, seeds, frozenset(reduce_now))
+        unknown |= prop.unknown_ops
+        prop.unknown_ops = set(unknown)
         prop.rounds = rounds
         changed = False
         refine = [d for d in prop.demands if d[1] != "replicate"]

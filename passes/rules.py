@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard
+from .placements import P, Partial, Placement, R, Shard
 from .shapes import Expr, as_int, map_shard
 
 aten = torch.ops.aten

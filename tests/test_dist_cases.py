@@ -1,0 +1,39 @@
+"""Tier 3 (real gloo ranks): compile, indivisible fallbacks, unknown ops and misuse errors."""
+
+from __future__ import annotations
+
+import dist_cases
+import pytest
+from numerics import TOL
+
+from tpfx.launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_compile_matches_unsharded_and_does_not_recompile() -> None:
+    for res in launch(dist_cases.lm_check, 2, "llama", True, timeout_s=500):
+        assert res["logits"] <= TOL and res["loss"] <= TOL and res["grad"] <= TOL, res
+        assert res["recompiles"] == 0, res
+
+
+def test_world_size_3_with_4_heads_replicates_attention_and_stays_exact() -> None:
+    for res in launch(dist_cases.lm_check, 3, "heads4", False, timeout_s=300):
+        assert res["fallbacks"] > 0
+        assert res["logits"] <= TOL and res["loss"] <= TOL and res["grad"] <= TOL, res
+
+
+def test_unknown_op_is_warned_and_still_correct() -> None:
+    for res in launch(dist_cases.unknown_op_check, 2, timeout_s=200):
+        assert res["warned"]
+        assert res["out"] <= TOL and res["grad"] <= TOL, res
+
+
+def test_ranks_that_disagree_raise_instead_of_hanging() -> None:
+    with pytest.raises(RuntimeError, match="different sharding plans"):
+        launch(dist_cases.disagreeing_ranks, 2, timeout_s=200)
+
+
+def test_world_size_must_match_the_process_group() -> None:
+    for msg in launch(dist_cases.wrong_world_size, 2, timeout_s=200):
+        assert "world_size=4" in msg and "2 ranks" in msg

@@ -1,0 +1,125 @@
+"""Tier 2: plans and emitted per-rank graphs at any world size, without a process group."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import models
+import pytest
+import torch
+from tpfx.passes.emit import collective_nodes
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tpfx
+
+
+def _layer_of(node) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        m = re.search(r"layers?\.(\d+)|\.h\.(\d+)", path)
+        if m:
+            return int(next(g for g in m.groups() if g is not None))
+    return None
+
+
+def _forward_collectives(gm) -> Counter:
+    return Counter(k for k, _ in collective_nodes(gm) if k != "reduce_grad")
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_llama_megatron_collectives(world: int) -> None:
+    model = models.llama(num_kv_heads=2, layers=2)
+    plan = tpfx.plan(model, world)
+    styles = {k: v.style for k, v in plan.placements.items()}
+    for i in range(2):
+        pre = f"model.layers.{i}."
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert styles[pre + n + ".weight"] == "colwise"
+        assert styles[pre + "self_attn.o_proj.weight"] == "rowwise"
+        assert styles[pre + "mlp.down_proj.weight"] == "rowwise"
+    # GQA: 2 KV heads -> KV projections split in min(t, 2) groups (replicated within groups beyond)
+    assert plan.placements["model.layers.0.self_attn.k_proj.weight"].groups == min(world, 2)
+    assert plan.placements["model.layers.0.self_attn.q_proj.weight"].groups == world
+    for rank in {0, world - 1}:
+        gm = tpfx.emit_rank(plan, rank)
+        fwd = _forward_collectives(gm)
+        # embedding (vocab-parallel) + 2 per layer; one gather of the logits the user asked for
+        assert fwd == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
+        per_layer = Counter(_layer_of(n) for k, n in collective_nodes(gm) if k == "all_reduce")
+        per_layer.pop(None, None)
+        assert per_layer == Counter({0: 2, 1: 2})
+        gathers = [n for k, n in collective_nodes(gm) if k == "all_gather"]
+        assert all(_layer_of(n) is None for n in gathers)  # no all-gather inside layers
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpt2_fused_qkv_and_conv1d(world: int) -> None:
+    plan = tpfx.plan(models.gpt2(layers=2), world)
+    attn = plan.placements["transformer.h.0.attn.c_attn.weight"]
+    assert attn.style == "colwise" and attn.dim == 1 and attn.segs == (64, 64, 64)  # q, k, v each split
+    assert plan.to_tp_plan()["transformer.h.*.mlp.c_fc"] == "colwise"  # HF meaning despite [in, out] weights
+    assert plan.to_tp_plan()["transformer.h.*.mlp.c_proj"] == "rowwise"
+    gm = tpfx.emit_rank(plan, 1)
+    assert _forward_collectives(gm) == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
+
+
+def test_parameters_per_rank_are_one_over_t_for_layers() -> None:
+    model = models.llama(num_kv_heads=8, layers=2)
+    for world in (2, 4):
+        plan = tpfx.plan(model, world)
+        full = local = 0
+        for fqn, p in plan.placements.items():
+            if ".layers." not in fqn or p.style == "replicate":
+                continue
+            full += torch.Size(p.shape).numel()
+            local += torch.Size(p.local_shape()).numel()
+        assert local * world == full
+
+
+def test_plan_is_deterministic_and_round_trips_json() -> None:
+    a, b = tpfx.plan(models.llama(), 4), tpfx.plan(models.llama(), 4)
+    assert a.to_json() == b.to_json() and a.digest() == b.digest()
+    back = tpfx.ShardingPlan.from_json(a.to_json())
+    assert back.to_json() == a.to_json() and back.placements == a.placements
+
+
+def test_plan_on_meta_device_full_size_shapes() -> None:
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=2, vocab_size=32000, use_cache=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    plan = tpfx.plan(model, 8)
+    q = plan.placements["model.layers.1.self_attn.q_proj.weight"]
+    assert q.style == "colwise" and q.local_shape() == (512, 4096)
+    assert plan.placements["model.layers.1.mlp.down_proj.weight"].local_shape() == (4096, 11008 // 8)
+    assert plan.count("all_reduce") == 1 + 2 * 2 and plan.count("all_gather") == 1
+    assert not plan.fallbacks
+
+
+def test_indivisible_heads_fall_back_to_replicated_attention_with_reasons() -> None:
+    # 4 heads, head_dim 24 (hidden 96): t=3 divides hidden but not the head count
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+    plan = tpfx.plan(LlamaForCausalLM(cfg), 3)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert plan.placements[f"model.layers.0.self_attn.{n}.weight"].style == "replicate"
+    reasons = " ".join(f["reason"] for f in plan.fallbacks if "self_attn.q_proj" in f.get("param", ""))
+    assert "not divisible by 3" in reasons
+    assert plan.placements["model.layers.0.mlp.gate_proj.weight"].style == "colwise"  # 192 % 3 == 0
+
+
+class FlipMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.flip(self.up(x), dims=[-1]))
+
+
+def test_unknown_op_is_warned_and_its_region_replicated() -> None:
+    with pytest.warns(UserWarning, match=r"aten\.flip"):
+        plan = tpfx.plan(FlipMLP(), 2, example_inputs=(torch.randn(4, 16),))
+    assert plan.placements["up.weight"].style == "replicate"
+    assert "aten.flip.default" in plan.unknown_ops
