@@ -196,7 +196,10 @@ def pointwise(ctx: OpCtx) -> Result:
     ops = ctx.operands
     packet = getattr(ctx.node.target, "overloadpacket", None)
     partial = [i for i, o in enumerate(ops) if isinstance(o.placement, Partial)]
+    scalars = [a for a in ctx.args if isinstance(a, (int, float, bool)) and not isinstance(a, bool)]
     if partial and not sharded(ops) and packet in POINTWISE_LINEAR:
+        if packet in (aten.add, aten.sub) and scalars and any(x != 0 for x in scalars[:1]):
+            return Strategy(keep(ctx), R)  # a constant added to every summand would count t times
         if packet in (aten.add, aten.sub) and len(partial) == len(ops):
             return Strategy(keep(ctx) | {i: P for i in partial}, P)
         if packet in (aten.mul, aten.div) and len(partial) == 1 and (packet is aten.mul or partial[0] == 0):
@@ -209,7 +212,7 @@ def pointwise(ctx: OpCtx) -> Result:
     def out_dim(o: Operand, d: int) -> int:
         return d + nd - o.ndim
 
-    if partial and not sharded(ops) and packet in (aten.add, aten.sub):
+    if partial and not sharded(ops) and packet in (aten.add, aten.sub) and not scalars:
         # P + R stays Partial: the replicated operand is added on one rank only (exact, no collective)
         return Strategy({i: P for i in range(len(ops))}, P)
     shards = [(i, ops[i].placement) for i in sharded(ops)]

@@ -167,3 +167,13 @@ def test_sdpa_head_sharded():
     st = lookup(aten.scaled_dot_product_attention.default)(
         _ctx(aten.scaled_dot_product_attention.default, [q, k, v], (s0, 4, s1, 16)))
     assert isinstance(st, Strategy) and st.out == Shard(1, 2, (4,))
+
+
+def test_partial_plus_constant_is_reduced_first():
+    # add(P, 1e-6): the constant would be added once per rank
+    a = _op((s0, 1), P)
+    st = lookup(aten.add.Tensor)(_ctx(aten.add.Tensor, [a], (s0, 1), args=[a.node, 1e-6]))
+    assert isinstance(st, Strategy) and st.out == R and st.want[0] == R
+    # a partial times a constant stays partial
+    st = lookup(aten.mul.Tensor)(_ctx(aten.mul.Tensor, [a], (s0, 1), args=[a.node, 0.5]))
+    assert isinstance(st, Strategy) and st.out == P

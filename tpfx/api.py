@@ -109,13 +109,17 @@ def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
 
 
 def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | None = None,
-         example_kwargs: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> ShardingPlan:
-    """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models."""
+         example_kwargs: dict[str, Any] | None = None, overrides: dict[str, str] | None = None,
+         timings: dict[str, float] | None = None) -> ShardingPlan:
+    """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models.
+
+    ``timings``, if given, is filled with seconds per stage: ``capture`` (torch.export), ``decompose_bias``,
+    ``propagate`` (placements, styles and collective placement)."""
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
     args, kwargs = _examples(model, example_inputs, example_kwargs)
-    gm, _ = capture(model, args, kwargs)
-    return _plan_graph(gm, world_size, _override_pins(gm, overrides))
+    gm, _ = capture(model, args, kwargs, timings)
+    return _plan_graph(gm, world_size, _override_pins(gm, overrides), timings)
 
 
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,
@@ -289,12 +293,17 @@ def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> Non
                            "every rank must build the same model and call auto_shard with the same arguments")
 
 
-def emit_rank(plan: ShardingPlan, rank: int) -> fx.GraphModule:
+def emit_rank(plan: ShardingPlan, rank: int, timings: dict[str, float] | None = None) -> fx.GraphModule:
     """``rank``'s GraphModule for a plan from ``tpfx.plan`` without a process group (for inspection and
-    tests: collectives name a placeholder group ``"fake:<ranks>"`` and cannot run)."""
+    tests: collectives name a placeholder group ``"fake:<ranks>"`` and cannot run). ``timings["emit"]``
+    gets the seconds spent."""
     if plan._prop is None or plan._gm is None:
         raise ValueError("emit_rank needs a plan derived in this process (not one loaded from JSON)")
-    return emit(plan._gm, plan._prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)))
+    t0 = time.perf_counter()
+    gm = emit(plan._gm, plan._prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)))
+    if timings is not None:
+        timings["emit"] = timings.get("emit", 0.0) + time.perf_counter() - t0
+    return gm
 
 
 def shard_tensor(plan: ShardingPlan, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
