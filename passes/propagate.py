@@ -39,6 +39,8 @@ from .placements import P, Partial, Placement, R, Replicate, Shard
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from .shapes import shape_of
 
+aten = torch.ops.aten
+
 ALL_STYLES = frozenset({"colwise", "rowwise", "vocab", "shard", "replicate"})
 
 
@@ -98,6 +100,30 @@ def _multi(node: fx.Node) -> int | None:
     return len(val) if isinstance(val, (list, tuple)) else None
 
 
+_IDENTITY_LAYOUT = {aten.to, aten._to_copy, aten.alias, aten.detach, aten.contiguous, aten.clone,
+                    aten.lift_fresh_copy}
+
+
+def _layout_map(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
+    """For a pure layout op on one tensor: output dim -> input dim (None if not such an op)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is aten.transpose:
+        a, b = (d + ndim if d < 0 else d for d in node.args[1:3])
+        m = list(range(ndim))
+        m[a], m[b] = m[b], m[a]
+        return tuple(m)
+    if packet in (aten.t, aten.numpy_T):
+        return tuple(reversed(range(ndim)))
+    if packet is aten.permute:
+        return tuple(d + ndim if d < 0 else d for d in node.args[1])
+    if packet in _IDENTITY_LAYOUT:
+        val, src = node.meta.get("val"), node.args[0]
+        if isinstance(val, torch.Tensor) and isinstance(src, fx.Node) and src.meta.get("val") is not None \
+                and tuple(val.shape) == tuple(src.meta["val"].shape):
+            return tuple(range(ndim))
+    return None
+
+
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
              reduce_now: frozenset[str] = frozenset()) -> Propagation:
     params = param_fqns(gm)
@@ -105,6 +131,24 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
     origins: dict[fx.Node, frozenset[str]] = {}
     tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
     tainted_seeds: set[str] = set()
+    # weights seen through layout ops (transpose, numpy_T, casts) stay free until a real consumer decides:
+    # node -> (fqn, output dim -> parameter dim, the get_attr node)
+    derived: dict[fx.Node, tuple[str, tuple[int, ...], fx.Node]] = {}
+    chains: dict[str, list[fx.Node]] = {}
+
+    def materialize(fqn: str) -> None:
+        """Placements of the layout ops between a just-decided weight and its consumers."""
+        pl = prop.decided[fqn][1]
+        for c in chains.pop(fqn, []):
+            _, m, root = derived[c]
+            src = c.args[0]
+            have = prop.placements.get(src, pl) if src is not root else pl
+            mine = Shard(m.index(pl.dim), pl.groups, pl.segs) if isinstance(pl, Shard) else R
+            prop.placements[c] = mine
+            prop.strategies[c] = Strategy({0: have}, mine)
+            if isinstance(pl, Shard):
+                origins[c] = frozenset({fqn})
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             prop.placements[node] = R
@@ -128,13 +172,26 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             origins[node] = origins.get(src, frozenset())
             continue
         inputs = _tensor_inputs(node)
+        if node.op == "call_function" and len(inputs) == 1 and len(node.all_input_nodes) == 1:
+            a = inputs[0]
+            base = (params[a], tuple(range(a.meta["val"].ndim)), a) if a in params else derived.get(a)
+            m = _layout_map(node, a.meta["val"].ndim)
+            if base is not None and base[0] not in prop.decided and m is not None:
+                derived[node] = (base[0], tuple(base[1][i] for i in m), base[2])
+                chains.setdefault(base[0], []).append(node)
+                continue
         operands = []
         for a in inputs:
             fqn = params.get(a)
+            dim_map = None
+            if fqn is None and a in derived:
+                fqn, dim_map, _ = derived[a]
             free = None
             if fqn is not None and fqn not in prop.decided:
                 s = seeds[fqn]
-                free = FreeParam(fqn, s.styles, s.groups, s.segs)
+                free = FreeParam(fqn, s.styles, s.groups, s.segs, dim_map)
+            elif fqn is not None and fqn in chains:
+                materialize(fqn)
             val = a.meta["val"]
             operands.append(Operand(a, shape_of(val), val.dtype, prop.placements.get(a, R), free))  # type: ignore[arg-type]
         n_out = _multi(node)
@@ -171,9 +228,18 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                 style, pl = result.decide.get(i, ("replicate", R))
                 if isinstance(pl, Replicate):
                     style = "replicate"
-                prop.decided[o.free.fqn] = (style, pl)
+                param_pl: Placement = pl
+                if o.free.dim_map is not None and isinstance(pl, Shard):
+                    param_pl = Shard(o.free.dim_map[pl.dim], pl.groups, pl.segs)
+                prop.decided[o.free.fqn] = (style, param_pl)
                 if node in tainted:
                     tainted_seeds.add(o.free.fqn)
+                if o.node in derived:
+                    root = derived[o.node][2]
+                    prop.placements[root] = param_pl
+                    if isinstance(param_pl, Shard):
+                        origins[root] = frozenset({o.free.fqn})
+                    materialize(o.free.fqn)
                 prop.placements[o.node] = pl
                 o.placement = pl
                 if not isinstance(pl, Replicate):
@@ -188,6 +254,9 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             prop.reduced_after.add(node)
         outs = prop.placements[node] if isinstance(prop.placements[node], tuple) else (prop.placements[node],)
         origins[node] = frozenset(out_origins) if any(not isinstance(o, Replicate) for o in outs) else frozenset()
+    for fqn in list(chains):  # layout ops of weights no rule consumed: replicated
+        prop.decided.setdefault(fqn, ("replicate", R))
+        materialize(fqn)
     return prop
 
 

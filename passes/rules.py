@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Shard
+from .placements import P, Partial, Placement, R, Replicate, Shard
 from .shapes import Expr, as_int, map_shard
 
 aten = torch.ops.aten
@@ -40,6 +40,7 @@ class FreeParam:
     styles: frozenset[str]
     groups: int  # upper bound on the number of chunks (a divisor of t)
     segs: tuple[int, ...] | None = None  # segments requested for its split dim
+    dim_map: tuple[int | None, ...] | None = None  # operand dim -> parameter dim (after transposes/casts)
 
 
 @dataclass
@@ -88,6 +89,19 @@ class OpCtx:
     def args(self) -> tuple:
         return self.node.args
 
+    def arg(self, name: str, default: Any = None) -> Any:
+        """An argument by its schema name, positional or keyword."""
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None:
+            for i, a in enumerate(schema.arguments):
+                if a.name == name:
+                    if i < len(self.node.args):
+                        return self.node.args[i]
+                    return a.default_value if a.has_default_value() and default is None else default
+        return default
+
     @property
     def kwargs(self) -> dict:
         return dict(self.node.kwargs)
@@ -107,11 +121,26 @@ def register(*targets: Any) -> Callable[[Rule], Rule]:
     return deco
 
 
+NAMED: dict[str, Rule] = {}  # custom ops registered by other libraries, keyed by "namespace::name"
+
+
+def register_name(*names: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            NAMED[n] = fn
+        return fn
+
+    return deco
+
+
 def lookup(target: Any) -> Rule | None:
     if target in REGISTRY:
         return REGISTRY[target]
     packet = getattr(target, "overloadpacket", None)
-    return REGISTRY.get(packet) if packet is not None else None
+    if packet is not None and packet in REGISTRY:
+        return REGISTRY[packet]
+    name = getattr(target, "name", None)
+    return NAMED.get(name()) if callable(name) else None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -426,7 +455,7 @@ def slice_(ctx: OpCtx) -> Result:
     return Strategy(strat.want, strat.out[0], rewrite=rw)
 
 
-@register(aten.split, aten.split_with_sizes)
+@register(aten.split, aten.split_with_sizes, aten.chunk)
 def split(ctx: OpCtx) -> Result:
     x = ctx.operands[0]
     dim = norm_dim(ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("dim", 0), x.ndim)
@@ -453,7 +482,7 @@ def split(ctx: OpCtx) -> Result:
         return (args[0], lsizes, dim), {}
 
     strat.rewrite = rw
-    if ctx.node.target is aten.split.Tensor:
+    if ctx.node.target is not aten.split_with_sizes.default:
         ctx.node.meta["tpfx_retarget"] = aten.split_with_sizes.default
     return strat
 
@@ -495,6 +524,105 @@ def stack(ctx: OpCtx) -> Result:
     return Strategy({i: best for i in range(len(ops))}, Shard(od, best.groups, best.segs))
 
 
+@register(aten.flatten, aten.unflatten)
+def flatten(ctx: OpCtx) -> Result:
+    """flatten/unflatten are views whose output shape is known: move the shard like a view."""
+    if (s := _pass_partial(ctx)) is not None:
+        return s
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy(keep(ctx), R)
+    out = map_shard(x.shape, ctx.out_shapes, x.placement)
+    if isinstance(out, int):
+        return Fallback(f"{ctx.node.target} splits the sharded dim into parts not divisible by "
+                        f"{x.placement.groups}", 0, groups=out if out > 1 else None)
+    if ctx.node.target.overloadpacket is aten.unflatten:  # type: ignore[union-attr]
+        start = norm_dim(ctx.args[1], x.ndim)
+        if not start <= out.dim < start + len(ctx.args[2]):
+            return Strategy({0: x.placement}, out)
+        return Strategy({0: x.placement}, out, rewrite=_resize_list(2, out.dim - start, out.groups))
+    return Strategy({0: x.placement}, out)
+
+
+def _resize_list(pos: int, i: int, g: int) -> Rewrite:
+    def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        sizes = list(args[pos])
+        if isinstance(sizes[i], int) and sizes[i] != -1:
+            sizes[i] //= g
+        return tuple(args[:pos]) + (sizes,) + tuple(args[pos + 1 :]), kwargs
+
+    return rw
+
+
+@register(aten.view_as, aten.expand_as, aten.reshape_as)
+def view_as(ctx: OpCtx) -> Result:
+    """Shape taken from another tensor: fine when that tensor has the output's placement."""
+    x, other = ctx.operands[0], ctx.operands[1] if len(ctx.operands) > 1 else ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        if isinstance(other.placement, Shard) and ctx.node.target.overloadpacket is aten.expand_as:  # type: ignore[union-attr]
+            return Strategy({0: R, 1: other.placement}, other.placement) if x.shape[other.placement.dim - (len(other.shape) - x.ndim)] == 1 \
+                else Fallback("expand_as a sharded tensor", 1)
+        return Strategy({0: R, 1: other.placement}, R) if not isinstance(other.placement, Shard) \
+            else Fallback("shape taken from a sharded tensor", 1)
+    if ctx.node.target.overloadpacket is aten.expand_as:  # type: ignore[union-attr]
+        out: Shard | int = Shard(x.placement.dim + len(ctx.out_shapes) - x.ndim, x.placement.groups, x.placement.segs)
+    else:
+        out = map_shard(x.shape, ctx.out_shapes, x.placement)
+    if isinstance(out, int) or other.placement != out:
+        return Fallback("shape taken from a tensor with another placement", 0)
+    return Strategy({0: x.placement, 1: out}, out)
+
+
+@register(aten.repeat)
+def repeat(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy(keep(ctx), R)
+    reps = ctx.args[1]
+    od = x.placement.dim + len(reps) - x.ndim
+    if reps[od] != 1:
+        return Fallback("repeat along the sharded dim", 0)
+    return Strategy({0: x.placement}, Shard(od, x.placement.groups, x.placement.segs))
+
+
+@register(aten.pad, aten.constant_pad_nd)
+def pad(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    if not isinstance(x.placement, Shard):
+        return Strategy(keep(ctx), R)
+    widths = ctx.args[1]
+    touched = {x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w != 0}
+    if x.placement.dim in touched:
+        return Fallback("padding the sharded dim", 0)
+    return Strategy({0: x.placement}, x.placement)
+
+
+@register(aten.index)
+def index(ctx: OpCtx) -> Result:
+    """Advanced indexing with replicated index tensors: a gather, linear in x, along unsharded dims."""
+    x = ctx.operands[0]
+    indices = ctx.args[1]
+    idx_ops = [ctx.idx(i) for i in indices if i is not None]
+    if any(i is not None and not isinstance(ctx.operands[i].placement, Replicate) for i in idx_ops):
+        return Fallback("sharded index tensors", 0)
+    want = {i: R for i in range(len(ctx.operands))}
+    if isinstance(x.placement, Partial):
+        return Strategy(want | {0: P}, P)
+    if not isinstance(x.placement, Shard):
+        return Strategy(want | {0: R}, R)
+    d = x.placement.dim
+    pos = [k for k, i in enumerate(indices) if i is not None]
+    if d in pos:
+        return Fallback("indexing along the sharded dim", 0)
+    m = max(len(ctx.operands[ctx.idx(indices[k])].shape) for k in pos)  # type: ignore[index]
+    contiguous = pos == list(range(pos[0], pos[-1] + 1))
+    if contiguous:
+        od = d if d < pos[0] else d - len(pos) + m
+    else:
+        od = m + sum(1 for k in range(d) if k not in pos)
+    return Strategy(want | {0: x.placement}, Shard(od, x.placement.groups, x.placement.segs))
+
+
 # ----------------------------------------------------------------------------- reductions
 
 
@@ -519,33 +647,36 @@ def _reduce(ctx: OpCtx, dims: list[int] | None, keepdim: bool, linear: bool) -> 
 
 @register(aten.sum)
 def sum_(ctx: OpCtx) -> Result:
-    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
-    keepdim = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("keepdim", False)
-    return _reduce(ctx, dims, keepdim, linear=True)
+    dims = ctx.arg("dim")
+    if isinstance(dims, int):
+        dims = [dims]
+    return _reduce(ctx, dims, bool(ctx.arg("keepdim", False)), linear=True)
 
 
 @register(aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.any, aten.all, aten.prod, aten.logsumexp)
 def reduce_(ctx: OpCtx) -> Result:
-    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    dims = ctx.arg("dim")
     if isinstance(dims, int):
         dims = [dims]
-    keepdim = ctx.args[2] if len(ctx.args) > 2 and isinstance(ctx.args[2], bool) else ctx.kwargs.get("keepdim", False)
-    return _reduce(ctx, dims, keepdim, linear=False)
+    return _reduce(ctx, dims, bool(ctx.arg("keepdim", False)), linear=False)
 
 
 @register(aten.max, aten.min, aten.argmax, aten.argmin, aten.topk, aten.sort, aten.cumsum, aten.cumprod,
-          aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+          aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.logcumsumexp, aten.cummax)
 def along_dim(ctx: OpCtx) -> Result:
+    """Ops along one dim (softmax, topk, cumsum, max.dim, ...): fine unless that dim is sharded."""
+    overload = ctx.node.target._overloadname  # type: ignore[union-attr]
+    if overload == "other":  # max(a, b) / min(a, b): elementwise
+        return pointwise(ctx)
     x = ctx.operands[0]
-    if len(ctx.args) < 2 and "dim" not in ctx.kwargs:
+    dim = ctx.arg("dim")
+    if not isinstance(dim, int):  # full reduction (max.default, argmax without dim)
         return _reduce(ctx, None, False, linear=False)
-    target = ctx.node.target
-    dim = norm_dim(ctx.args[2] if target in (aten.topk.default,) else (ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["dim"]), x.ndim)
-    keepdim = target in (aten.topk.default, aten.sort.default, aten.cumsum.default, aten.cumprod.default,
-                         aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
-    if not keepdim and len(ctx.args) > 2 and isinstance(ctx.args[2], bool):
-        keepdim = ctx.args[2]
-    r = _reduce(ctx, [dim], keepdim, linear=False)
+    dim = norm_dim(dim, x.ndim)
+    keepdim = ctx.arg("keepdim", None)
+    if keepdim is None:  # softmax, topk, sort, cumsum keep the dim
+        keepdim = ctx.node.target.overloadpacket not in (aten.max, aten.min, aten.argmax, aten.argmin)
+    r = _reduce(ctx, [dim], bool(keepdim), linear=False)
     if isinstance(r, Strategy) and isinstance(ctx.out_shapes, list):
         r.out = tuple([r.out] * len(ctx.out_shapes))
     return r
@@ -682,6 +813,16 @@ def einsum(ctx: OpCtx) -> Result:
     if None in idx:
         return Fallback("einsum operand not a tensor", 0)
     return einsum_rule(ctx, specs, out, idx)  # type: ignore[arg-type]
+
+
+@register(aten._grouped_mm)
+@register_name("transformers::grouped_mm_fallback")
+def grouped_mm(ctx: OpCtx) -> Result:
+    """Experts: rows of x grouped by ``offs`` times weight[e]: ``tk,ekn->tn`` (each expert split alike)."""
+    x, w = ctx.operands[0], ctx.operands[1]
+    if x.ndim != 2 or w.ndim != 3:
+        return Fallback("grouped_mm other than 2-D x 3-D", 0)
+    return einsum_rule(ctx, ["tk", "ekn"], "tn", [0, 1])
 
 
 @register(aten.scaled_dot_product_attention)
