@@ -1,0 +1,11 @@
+# `make bench` runs every benchmark and writes benchmarks/RESULTS.md and benchmarks/results.png;
+# `make bench QUICK=1` is the fast smoke run (results go to benchmarks/results/*_quick.json).
+PYTHON ?= python
+BENCH_ARGS ?= $(if $(QUICK),--quick,)
+
+.PHONY: bench
+bench:
+	$(PYTHON) benchmarks/plan_time.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/plan_quality.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/runtime.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)

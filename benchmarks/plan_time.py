@@ -1,0 +1,317 @@
+"""Compile-time benchmark: how long tpfx takes to plan full-size Llama shapes, stage by stage.
+
+For Llama 1B/7B/13B/70B shapes built on the meta device (no weight memory) and t = 2, 4, 8:
+
+* ``export``: ``torch.export.export`` alone (non-strict, dynamic batch/seq dims, as tpfx calls it), measured
+  interleaved with the plans (once before each t) and summarised by its median;
+* tpfx's stages from ``tpfx.plan(..., timings=...)``: ``capture`` (export + unlifting), ``decompose_bias``,
+  ``propagate``; and ``emit`` from ``tpfx.emit_rank`` (one rank's GraphModule, slicing meta tensors);
+* ratio = (capture + passes + one rank's emission) / export alone; graph nodes; numbered layers and how many
+  of them are structurally distinct ("unique layers").
+
+Then, on 2 ranks (NCCL on GPUs, gloo on CPU), the ``torch.compile`` cost for a small real Llama:
+``auto_shard(compile=True)`` and the first call of the sharded module (inductor compiles there), measured
+inside the rank, next to ``torch.compile`` of the unsharded model.
+
+Targets (issue): 70B at t=8 planned in <= 1.3x the time of torch.export alone; propagation + emission <= 1 s.
+
+    python benchmarks/plan_time.py [--quick] [--models 1B,7B,13B,70B] [--tp 2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import warnings
+from typing import Any
+
+import _common as C
+import torch
+from rich.table import Table
+from torch.export import Dim
+
+import tpfx
+
+TARGET_RATIO = 1.3
+TARGET_PROP_EMIT_S = 1.0
+COMPILE_MODEL = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
+
+
+def _example(model: torch.nn.Module) -> dict[str, Any]:
+    device = next(iter(model.parameters())).device
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids.to(device), "use_cache": False}
+
+
+def export_alone(model: torch.nn.Module) -> tuple[float, int]:
+    """Seconds of ``torch.export.export`` with the dynamic dims tpfx asks for, and the graph's node count."""
+    kwargs = _example(model)
+    spec = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with C.Timer() as t:
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec, strict=False)
+    nodes = len(ep.graph.nodes)
+    del ep
+    return t.s, nodes
+
+
+def plan_once(model: torch.nn.Module, world: int, emit_ranks: list[int]) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with C.Timer() as wall:
+            plan = tpfx.plan(model, world, timings=timings)
+        emits = []
+        for r in emit_ranks:
+            et: dict[str, float] = {}
+            gm = tpfx.emit_rank(plan, r, et)
+            emits.append(et["emit"])
+            del gm
+    gm = plan._gm
+    sigs = C.layer_signatures(gm)
+    passes = {k: v for k, v in timings.items() if k not in ("capture", "propagate")}
+    row = {
+        "capture": timings.get("capture"),
+        "passes": passes,
+        "propagate": timings.get("propagate"),
+        "emit": statistics.mean(emits),
+        "emit_ranks": dict(zip(emit_ranks, emits, strict=True)),
+        "plan_wall": wall.s,
+        "nodes": len(gm.graph.nodes),
+        "layers": len(sigs),
+        "unique_layers": len(set(sigs.values())),
+        "forward_collectives": len(plan.forward_collectives()),
+        "fallbacks": len(plan.fallbacks),
+    }
+    row["prop_emit"] = row["propagate"] + row["emit"]
+    row["total"] = row["capture"] + sum(passes.values()) + row["propagate"] + row["emit"]
+    del plan, gm
+    gc.collect()
+    return row
+
+
+def warm_up() -> None:
+    """The first export in a process pays ~1.5 s of one-time setup; pay it on a tiny model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**COMPILE_MODEL, "num_hidden_layers": 1, "use_cache": False})
+    with torch.device("meta"):
+        m = LlamaForCausalLM(cfg)
+    export_alone(m)
+    plan_once(m, 2, [0])
+
+
+def compile_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Inside one rank: sharding and torch.compile costs of a small real Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = C.device_for(rank, world)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMPILE_MODEL, **spec["model"], "use_cache": False})).to(dev)
+    ids = torch.randint(
+        0, model.config.vocab_size, tuple(spec["batch"]), generator=torch.Generator().manual_seed(1)
+    ).to(dev)
+
+    def timed(fn: Any, n: int = 1) -> tuple[list[float], Any]:
+        out, ts = None, []
+        for _ in range(n):
+            C.sync(dev)
+            with C.Timer() as t:
+                out = fn()
+                C.sync(dev)
+            ts.append(t.s)
+        return ts, out
+
+    res: dict[str, Any] = {"rank": rank}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+        (res["eager_shard_s"],), eager = timed(lambda: tpfx.auto_shard(model, world))
+        (res["eager_first_s"],), _ = timed(lambda: eager(input_ids=ids))
+        res["eager_steady_s"] = C.median(timed(lambda: eager(input_ids=ids), 3)[0])
+        (res["compiled_shard_s"],), compiled = timed(lambda: tpfx.auto_shard(model, world, compile=True))
+        (res["compiled_first_s"],), out = timed(lambda: compiled(input_ids=ids))
+        res["compiled_steady_s"] = C.median(timed(lambda: compiled(input_ids=ids), 3)[0])
+        res["compiled_rel_err"] = C.rel_err(out.logits, ref)
+        unsharded = torch.compile(model)
+        (res["unsharded_compile_first_s"],), _ = timed(lambda: unsharded(input_ids=ids))
+        res["unsharded_compiled_steady_s"] = C.median(timed(lambda: unsharded(input_ids=ids), 3)[0])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1B only, t = 2 and 8, 2-layer compile model")
+    ap.add_argument("--models", default=None, help="comma list of Llama sizes (1B,7B,13B,70B)")
+    ap.add_argument("--tp", default=None, help="comma list of world sizes (default 2,4,8)")
+    ap.add_argument(
+        "--emit-ranks",
+        default="first-last",
+        choices=["first-last", "all", "first"],
+        help="which ranks' emission to time (they differ only in slice offsets)",
+    )
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
+    args = ap.parse_args()
+    models = (args.models or ("1B" if args.quick else "1B,7B,13B,70B")).split(",")
+    tps = [int(x) for x in (args.tp or ("2,8" if args.quick else "2,4,8")).split(",")]
+    console = C.console()
+    console.print(f"[bold]tpfx plan time[/] models={models} t={tps}{' (quick)' if args.quick else ''}")
+
+    warm_up()
+    rows: list[dict[str, Any]] = []
+    for size in models:
+        model = C.meta_llama(size)
+        exports: list[float] = []
+        per_t: list[dict[str, Any]] = []
+        for t in tps:
+            secs, export_nodes = export_alone(model)
+            exports.append(secs)
+            ranks = {"first": [0], "first-last": sorted({0, t - 1}), "all": list(range(t))}[args.emit_ranks]
+            row = {
+                "model": size,
+                "t": t,
+                "params": C.llama_params(size),
+                "export_nodes": export_nodes,
+                **plan_once(model, t, ranks),
+            }
+            per_t.append(row)
+            console.print(
+                f"  {size} t={t}: export {secs:.2f}s capture {row['capture']:.2f}s "
+                f"propagate {row['propagate']:.3f}s emit {row['emit']:.3f}s"
+            )
+        export_med = C.median(exports)
+        for row in per_t:
+            row["export"] = export_med
+            row["export_samples"] = exports
+            row["ratio"] = row["total"] / export_med
+        rows += per_t
+        del model
+        gc.collect()
+
+    table = Table(title="tpfx plan time by stage (seconds; meta-device Llama shapes)")
+    for col in (
+        "model",
+        "t",
+        "nodes",
+        "layers",
+        "unique",
+        "export alone",
+        "capture",
+        "other passes",
+        "propagate",
+        "emit/rank",
+        "prop+emit",
+        "total",
+        "total/export",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            str(r["t"]),
+            str(r["nodes"]),
+            str(r["layers"]),
+            str(r["unique_layers"]),
+            C.fmt_s(r["export"]),
+            C.fmt_s(r["capture"]),
+            C.fmt_s(sum(r["passes"].values()), 3),
+            C.fmt_s(r["propagate"], 3),
+            C.fmt_s(r["emit"], 3),
+            C.fmt_s(r["prop_emit"], 3),
+            C.fmt_s(r["total"]),
+            f"{r['ratio']:.2f}x",
+        )
+    console.print(table)
+
+    targets: list[dict[str, Any]] = []
+    hit = [r for r in rows if r["model"] == "70B" and r["t"] == 8]
+    r70 = hit[0] if hit else None
+    targets.append(
+        {
+            "target": f"70B t=8: total plan time <= {TARGET_RATIO}x torch.export alone",
+            "value": None if r70 is None else round(r70["ratio"], 3),
+            "ok": None if r70 is None else r70["ratio"] <= TARGET_RATIO,
+        }
+    )
+    targets.append(
+        {
+            "target": f"70B t=8: propagation + emission <= {TARGET_PROP_EMIT_S} s",
+            "value": None if r70 is None else round(r70["prop_emit"], 3),
+            "ok": None if r70 is None else r70["prop_emit"] <= TARGET_PROP_EMIT_S,
+        }
+    )
+
+    compile_res: dict[str, Any] | None = None
+    if not args.no_compile:
+        spec = {"model": {"num_hidden_layers": 2} if args.quick else {}, "batch": [2, 32]}
+        console.print("  torch.compile of a small sharded Llama on 2 ranks ...")
+        try:
+            per_rank = C.launch(compile_rank, 2, spec)
+            keys = [k for k in per_rank[0] if k != "rank"]
+            compile_res = {
+                "model": {**COMPILE_MODEL, **spec["model"]},
+                "batch": spec["batch"],
+                "world": 2,
+                "per_rank": per_rank,
+                **{k: max(r[k] for r in per_rank) for k in keys},
+            }
+        except Exception as e:  # noqa: BLE001 - report, do not hide the rest of the results
+            compile_res = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        ct = Table(
+            title="torch.compile on 2 ranks (seconds, max over ranks; small Llama "
+            f"{'2' if args.quick else '4'} layers, hidden 256, batch 2x32)"
+        )
+        ct.add_column("what")
+        ct.add_column("tpfx eager", justify="right")
+        ct.add_column("tpfx compile=True", justify="right")
+        ct.add_column("unsharded torch.compile", justify="right")
+        if "error" in compile_res:
+            console.print(f"[red]compile benchmark failed:[/] {compile_res['error']}")
+        else:
+            c = compile_res
+            ct.add_row(
+                "auto_shard (capture+plan+emit)",
+                C.fmt_s(c["eager_shard_s"]),
+                C.fmt_s(c["compiled_shard_s"]),
+                "–",
+            )
+            ct.add_row(
+                "first call (compiles)",
+                C.fmt_s(c["eager_first_s"]),
+                C.fmt_s(c["compiled_first_s"]),
+                C.fmt_s(c["unsharded_compile_first_s"]),
+            )
+            ct.add_row(
+                "steady call",
+                C.fmt_s(c["eager_steady_s"], 4),
+                C.fmt_s(c["compiled_steady_s"], 4),
+                C.fmt_s(c["unsharded_compiled_steady_s"], 4),
+            )
+            console.print(ct)
+            console.print(
+                f"compiled sharded logits vs unsharded eager: max rel err {c['compiled_rel_err']:.2e}"
+            )
+
+    tt = Table(title="targets")
+    for col in ("target", "value", "verdict"):
+        tt.add_column(col)
+    for t in targets:
+        tt.add_row(t["target"], "not measured" if t["value"] is None else str(t["value"]), C.verdict(t["ok"]))
+    console.print(tt)
+    path = C.write_json("plan_time", {"rows": rows, "compile": compile_res, "targets": targets}, args.quick)
+    console.print(f"wrote {path.relative_to(C.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

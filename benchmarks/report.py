@@ -1,0 +1,413 @@
+"""Collect ``benchmarks/results/*.json`` into ``benchmarks/RESULTS.md`` and ``benchmarks/results.png``.
+
+For each benchmark the full run's JSON is used when present, else the ``--quick`` one (marked as such).
+RESULTS.md gets the tables, the targets with PASS/FAIL, the machine each result came from (``nproc``, CPU
+model, torch version, load average at the end), the date, and the exact commands; the plot shows plan time vs
+model size per t (with torch.export alone for reference) and step time by tool per runtime model.
+
+    python benchmarks/report.py [--quick]   # --quick: prefer the quick results even if full ones exist
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
+OUT_PNG = Path(__file__).resolve().parent / "results.png"
+NAMES = ("plan_time", "plan_quality", "runtime")
+
+
+def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
+    order = [f"{name}_quick.json", f"{name}.json"] if prefer_quick else [f"{name}.json", f"{name}_quick.json"]
+    for fn in order:
+        p = C.RESULTS / fn
+        if p.exists():
+            return json.loads(p.read_text())
+    return None
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_targets(targets: list[dict[str, Any]]) -> str:
+    return md_table(
+        ["target", "value", "verdict"],
+        [
+            [t["target"], "not measured" if t["value"] is None else t["value"], C.verdict(t["ok"])]
+            for t in targets
+        ],
+    )
+
+
+def machine_line(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    gpu = f", GPU {m['cuda']} x{m['gpus']}" if m.get("cuda") else ""
+    load = m.get("loadavg")
+    load_s = f", load avg {load[0]:.2f}" if load else ""
+    return (
+        f"{m['date']} on `{m['host']}`: nproc {m['nproc']}, {m['cpu']}{gpu}, Python {m['python']}, torch "
+        f"{m['torch']}, transformers {m['transformers']}, tpfx git {m['git']}{load_s}"
+    )
+
+
+def header(d: dict[str, Any]) -> str:
+    quick = " **(quick smoke run: small settings, noisy — not the benchmark)**" if d["quick"] else ""
+    return f"Run{quick}: {machine_line(d)}\n\nCommand: `{d['command']}`\n"
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def section_plan_time(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Plan time\n\nNot run (`python benchmarks/plan_time.py`).\n"
+    rows = [
+        [
+            r["model"],
+            f"{r['params'] / 1e9:.1f}B",
+            r["t"],
+            r["nodes"],
+            r["layers"],
+            r["unique_layers"],
+            f"{r['export']:.2f}",
+            f"{r['capture']:.2f}",
+            f"{sum(r['passes'].values()):.3f}",
+            f"{r['propagate']:.3f}",
+            f"{r['emit']:.3f}",
+            f"{r['prop_emit']:.3f}",
+            f"{r['total']:.2f}",
+            f"{r['ratio']:.2f}x",
+        ]
+        for r in d["rows"]
+    ]
+    out = [
+        "## Plan time (compile time of the planner)\n",
+        header(d),
+        "Llama shapes on the meta device; seconds. `export alone` = `torch.export.export` with the same "
+        "dynamic dims (median of the runs interleaved with the plans); `capture` = tpfx's export + "
+        "unlifting; `emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + "
+        "emit) / export alone.\n",
+        md_table(
+            [
+                "model",
+                "params",
+                "t",
+                "nodes",
+                "layers",
+                "unique layers",
+                "export alone",
+                "capture",
+                "other passes",
+                "propagate",
+                "emit/rank",
+                "prop+emit",
+                "total",
+                "total/export",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    c = d.get("compile")
+    if c and "error" not in c:
+        m = c["model"]
+        out += [
+            f"\n`torch.compile` on {c['world']} ranks (seconds, max over ranks; Llama hidden "
+            f"{m['hidden_size']}, {m['num_hidden_layers']} layers, vocab {m['vocab_size']}, batch "
+            f"{c['batch'][0]}x{c['batch'][1]}); "
+            f"compiled sharded logits vs unsharded: max rel err {c['compiled_rel_err']:.1e}\n",
+            md_table(
+                ["", "tpfx eager", "tpfx compile=True", "unsharded torch.compile"],
+                [
+                    [
+                        "auto_shard (capture + plan + emit)",
+                        f"{c['eager_shard_s']:.2f}",
+                        f"{c['compiled_shard_s']:.2f}",
+                        "–",
+                    ],
+                    [
+                        "first call (inductor compiles here)",
+                        f"{c['eager_first_s']:.2f}",
+                        f"{c['compiled_first_s']:.2f}",
+                        f"{c['unsharded_compile_first_s']:.2f}",
+                    ],
+                    [
+                        "steady call",
+                        f"{c['eager_steady_s']:.4f}",
+                        f"{c['compiled_steady_s']:.4f}",
+                        f"{c['unsharded_compiled_steady_s']:.4f}",
+                    ],
+                ],
+            ),
+            "",
+        ]
+    elif c:
+        out.append(f"\n`torch.compile` part failed: `{c['error']}`\n")
+    out += ["\n### Targets\n", fmt_targets(d["targets"]), ""]
+    return "\n".join(out)
+
+
+def section_plan_quality(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Plan quality\n\nNot run (`python benchmarks/plan_quality.py`).\n"
+    abbrev = {
+        "all_reduce": "AR",
+        "all_gather": "AG",
+        "all_gather_into_tensor": "AG",
+        "reduce_scatter": "RS",
+        "reduce_scatter_tensor": "RS",
+    }
+
+    def ran(r: dict[str, Any], part: str) -> str:
+        rt = r.get("runtime") or {}
+        if "error" in rt:
+            return "error"
+        if part not in rt:
+            return "–"
+        return " + ".join(f"{v} {abbrev.get(k, k)}" for k, v in sorted(rt[part]["counts"].items())) or "0"
+
+    rows, failed = [], []
+    for r in d["rows"] + ([d["llama_7b"]] if d.get("llama_7b") else []):
+        if r["status"] != "ok":
+            failed.append(r)
+            rows.append([r["family"], r["t"], "–", r["status"]] + ["–"] * 9)
+            continue
+        others = (
+            " + ".join(
+                f"{abbrev.get(g['kind'], g['kind'])} {C.fmt_bytes(g['bytes'])}"
+                for g in r["outside_layers"]
+                if g["kind"] != "all_reduce"
+            )
+            or "0"
+        )
+        per = f"{r['per_layer_count_mean']:.2g}"
+        if r["per_layer_count_min"] != r["per_layer_count_max"]:
+            per += f" ({r['per_layer_count_min']}–{r['per_layer_count_max']})"
+        rows.append(
+            [
+                r["family"],
+                r["t"],
+                r["layers"],
+                per,
+                f"{r['per_layer_bytes_ratio']:.2f}",
+                f"{r['step_fwd_all_reduce']} ({r['megatron']['fwd_all_reduce']})",
+                others,
+                f"{r['step_ar_bytes_ratio']:.2f}",
+                f"{r['step_bytes_ratio']:.2f}",
+                ran(r, "fwd"),
+                ran(r, "bwd"),
+                f"{r['param_bytes_ratio']:.3f}",
+                len(r["fallbacks"]),
+            ]
+        )
+    out = [
+        "## Plan quality (communication and memory vs Megatron-LM)\n",
+        header(d),
+        f"Tiny random-init models (hidden 256, 2 layers, 8 heads / 4 KV heads, vocab 1024), example "
+        f"batch {d['batch']}x{d['seq']}, fp32. Megatron: 2 all-reduces of b·s·h per layer, 2L + 1 per "
+        "step (vocab-parallel embedding; +1 per decoder layer and +1 for the decoder embedding in "
+        "encoder-decoders). `AR/layer`: forward all-reduces attributed to the numbered layer of the node "
+        "they follow. `other fwd colls`: non-all-reduce collectives outside the layers (the logits "
+        "gather; Megatron's parallel cross-entropy has none). `ran fwd/bwd`: collectives that actually "
+        "ran in one forward / backward of rank 0's module (fake process group of size t). Params: bytes "
+        "per rank ÷ (total / t).\n",
+        md_table(
+            [
+                "family",
+                "t",
+                "L",
+                "AR/layer",
+                "bytes/layer ÷ 2bsh",
+                "step AR (Megatron)",
+                "other fwd colls",
+                "AR bytes ÷ Megatron",
+                "all bytes ÷ Megatron",
+                "ran fwd",
+                "ran bwd",
+                "params/rank ÷ (total/t)",
+                "fallbacks",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if failed:
+        out.append("\nFamilies that failed:\n")
+        out += [f"- **{r['family']}** t={r['t']} ({r['status']}): `{r.get('error')}`" for r in failed]
+        out.append("")
+    notes = [r for r in d["rows"] if r.get("status") == "ok" and (r["fallbacks"] or r["unknown_ops"])]
+    if notes:
+        out.append("\nFallbacks and ops with no sharding rule (replicated regions):\n")
+        for r in notes:
+            reasons = sorted({f.get("reason", "") for f in r["fallbacks"]})
+            ops = ", ".join(r["unknown_ops"])
+            out.append(
+                f"- {r['family']} t={r['t']}: {len(r['fallbacks'])} fallbacks"
+                + (f" ({'; '.join(x[:120] for x in reasons[:3])})" if reasons else "")
+                + (f"; no-rule ops: {ops}" if ops else "")
+            )
+        out.append("")
+    out += ["\n### Targets\n", fmt_targets(d["targets"]), ""]
+    return "\n".join(out)
+
+
+def section_runtime(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Runtime\n\nNot run (`python benchmarks/runtime.py`).\n"
+    measures = {
+        "body_fwd": "body fwd",
+        "body_step": "body fwd+bwd",
+        "full_fwd": "full fwd (logits)",
+        "full_step": "full fwd+bwd (loss)",
+    }
+    out = [
+        "## Runtime vs peers\n",
+        header(d),
+        f"{d['world']} ranks, {d['backend']}, {d['threads_per_rank']} thread per rank, all tools in one run "
+        "(interleaved round-robin). ms, median over iterations, max over ranks; `x`: speedup vs the "
+        "unsharded model on 1 thread; `hf`: time ÷ HF tp_plan's time. Body = `model.model` (embeddings, "
+        "layers, final norm); full = the causal LM. Errors: max relative error of logits / loss / body "
+        "output vs the unsharded model.\n",
+    ]
+    for name, s in d["models"].items():
+        cfg = s["config"]
+        out.append(
+            f"\n### {name}: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
+            f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}, "
+            f"batch {s['batch'][0]}x{s['batch'][1]} ({s['iters']} iterations after {s['warmup']} warm-up)\n"
+        )
+        rows = []
+        for tool in ("unsharded", "tpfx", "tpfx-compiled", "hf-tp_plan", "dtensor"):
+            if tool in s["skipped"]:
+                rows.append([tool] + ["skipped"] * len(measures) + [s["skipped"][tool][:200]])
+                continue
+            if tool not in s["times"]:
+                continue
+            cells = []
+            for m in measures:
+                v = s["times"][tool].get(m, {})
+                if "median_s" not in v:
+                    cells.append("error" if "error" in v else "–")
+                    continue
+                r = s["ratios"][tool][m]
+                extra = [f"{r['speedup_vs_unsharded']:.2f}x"] if r.get("speedup_vs_unsharded") else []
+                if r.get("time_vs_hf") and tool != "hf-tp_plan":
+                    extra.append(f"hf {r['time_vs_hf']:.2f}")
+                cells.append(
+                    f"{v['median_s'] * 1e3:.1f} ({', '.join(extra)})"
+                    if extra
+                    else f"{v['median_s'] * 1e3:.1f}"
+                )
+            e = s["errors"].get(tool, {})
+            err = (
+                ("error: " + e["error"][:200])
+                if "error" in e
+                else " / ".join(f"{e[k]:.1e}" for k in ("logits", "loss", "body") if k in e)
+            )
+            rows.append([tool, *cells, err])
+        out.append(md_table(["tool", *measures.values(), "max rel err (logits / loss / body)"], rows))
+        for tool, why in s["skipped"].items():
+            out.append(f"\n- {tool} skipped: `{why}`")
+        out.append("")
+    out += ["\n### Targets\n", fmt_targets(d["targets"]), ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def plot(pt: dict[str, Any] | None, rt: dict[str, Any] | None) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    models = list(rt["models"].items()) if rt else []
+    fig, axes = plt.subplots(1, 1 + len(models), figsize=(6 * (1 + len(models)), 4.5), squeeze=False)
+    ax = axes[0][0]
+    if pt:
+        rows = pt["rows"]
+        for t in sorted({r["t"] for r in rows}):
+            rs = sorted((r for r in rows if r["t"] == t), key=lambda r: r["params"])
+            ax.plot(
+                [r["params"] / 1e9 for r in rs], [r["total"] for r in rs], "o-", label=f"tpfx plan, t={t}"
+            )
+        ex = sorted({(r["params"], r["export"]) for r in rows})
+        ax.plot([p / 1e9 for p, _ in ex], [e for _, e in ex], "ks--", label="torch.export alone")
+        ax.set_ylim(bottom=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("model parameters (billions, Llama shapes on meta)")
+        ax.set_ylabel("seconds")
+        ax.set_title("plan time" + (" (quick)" if pt["quick"] else ""))
+        ax.legend()
+    else:
+        ax.set_title("plan time: not run")
+    measures = [
+        ("body_fwd", "body fwd"),
+        ("body_step", "body fwd+bwd"),
+        ("full_fwd", "full fwd"),
+        ("full_step", "full fwd+bwd"),
+    ]
+    for i, (name, s) in enumerate(models, start=1):
+        ax = axes[0][i]
+        tools = [
+            t for t in ("unsharded", "tpfx", "tpfx-compiled", "hf-tp_plan", "dtensor") if t in s["times"]
+        ]
+        width = 0.8 / max(len(tools), 1)
+        for j, tool in enumerate(tools):
+            ys = [s["times"][tool].get(m, {}).get("median_s", float("nan")) * 1e3 for m, _ in measures]
+            ax.bar([k + j * width for k in range(len(measures))], ys, width, label=tool)
+        ax.set_xticks(
+            [k + width * (len(tools) - 1) / 2 for k in range(len(measures))], [m for _, m in measures]
+        )
+        ax.set_ylabel("ms per step (median, max over ranks)")
+        cfg = s["config"]
+        ax.set_title(
+            f"{name}: hidden {cfg['hidden_size']}, {rt['world'] if rt else '?'} ranks "  # type: ignore[index]
+            f"{rt['backend'] if rt else ''}" + (" (quick)" if rt and rt["quick"] else "")
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT_PNG, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="prefer the *_quick.json results")
+    args = ap.parse_args()
+    data = {n: load(n, args.quick) for n in NAMES}
+    commands = [d["command"] for d in data.values() if d]
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    parts = [
+        "# tpfx benchmark results\n",
+        f"Generated {now} by `{C.command_line()}` from `benchmarks/results/*.json`. "
+        "Each section names the machine and the date of its own run. Targets are reported as measured.\n",
+        "Commands:\n\n```bash\n" + "\n".join([*commands, C.command_line()]) + "\n```\n",
+        "![plan time and step time](results.png)\n",
+        section_plan_time(data["plan_time"]),
+        section_plan_quality(data["plan_quality"]),
+        section_runtime(data["runtime"]),
+    ]
+    OUT_MD.write_text("\n".join(parts))
+    plotted = plot(data["plan_time"], data["runtime"])
+    print(f"wrote {OUT_MD.relative_to(C.ROOT)}" + (f" and {OUT_PNG.relative_to(C.ROOT)}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()
