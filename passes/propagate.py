@@ -246,7 +246,11 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                     origins[o.node] = frozenset({o.free.fqn})
             if want != o.placement:
                 prop.wants[(node, o.node)] = want
-            if not isinstance(want, Replicate):  # a shard or partial sum flows into the output
+            # a shard or partial sum flows into the output; after a redistribution (reduce, gather) its
+            # history resets — only a local refinement of the same layout keeps it
+            kept = want == o.placement or (isinstance(want, Shard) and isinstance(o.placement, Shard)
+                                           and (want.dim, want.segs) == (o.placement.dim, o.placement.segs))
+            if not isinstance(want, Replicate) and kept:
                 out_origins |= origins.get(o.node, frozenset())
         prop.placements[node] = result.out
         if node.name in reduce_now and isinstance(result.out, Partial):

@@ -658,7 +658,31 @@ def reduce_(ctx: OpCtx) -> Result:
     dims = ctx.arg("dim")
     if isinstance(dims, int):
         dims = [dims]
-    return _reduce(ctx, dims, bool(ctx.arg("keepdim", False)), linear=False)
+    keepdim = bool(ctx.arg("keepdim", False))
+    x = ctx.operands[0]
+    p = x.placement
+    if (ctx.node.target is aten.mean.dim and isinstance(p, Shard) and p.groups == ctx.world
+            and dims and p.dim in [norm_dim(d, x.ndim) for d in dims]):
+        # mean over the sharded dim = sum of the local sums / N: a Partial, reduced where needed
+        # (an RMSNorm over a split projection costs one all-reduce of b*s values, not a gather)
+        n = 1
+        for d in dims:
+            size = as_int(x.shape[norm_dim(d, x.ndim)])
+            if size is None:
+                return Fallback("mean over a sharded dim with a run-time size", 0)
+            n *= size
+        ctx.node.meta["tpfx_retarget"] = partial_mean
+
+        def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+            return (args[0], list(dims), keepdim, n), {}
+
+        return Strategy({0: p}, P, rewrite=rw)
+    return _reduce(ctx, dims, keepdim, linear=False)
+
+
+def partial_mean(x: torch.Tensor, dims: list[int], keepdim: bool, n: int) -> torch.Tensor:
+    """This rank's summand of a mean over a sharded dim of global size ``n``."""
+    return x.sum(dims, keepdim=keepdim, dtype=x.dtype) / n
 
 
 @register(aten.max, aten.min, aten.argmax, aten.argmin, aten.topk, aten.sort, aten.cumsum, aten.cumprod,
