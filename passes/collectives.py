@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .placements import Shard, shard_tensor
+from .placements import Shard, chunk_range, shard_tensor
 
 c10d = torch.ops._c10d_functional
 
@@ -29,16 +29,22 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
-def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], world: int, group: str) -> torch.Tensor:
-    full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group))
+def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], rank: int, world: int, group: str) -> torch.Tensor:
+    """All-gather a Shard(dim, world, segs) (global segment lengths; uneven chunks are padded in transit)."""
+    sizes = [[chunk_range(s, world, j)[1] for s in segs] for j in range(world)]
+    width = max(sum(sz) for sz in sizes)
+    mine = sum(sizes[rank])
+    if mine < width:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = width - mine
+        x = torch.cat([x, x.new_zeros(pad_shape)], dim)
+    full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
     chunks = full.chunk(world, 0)
-    if len(segs) == 1:
-        return torch.cat(chunks, dim)
-    out, off = [], 0
-    for s in segs:
-        out.extend(c.narrow(dim, off, s) for c in chunks)
-        off += s
-    return torch.cat(out, dim)
+    out = []
+    for k in range(len(segs)):
+        for j, c in enumerate(chunks):
+            out.append(c.narrow(0, sum(sizes[j][:k]), sizes[j][k]))
+    return torch.cat(out, 0).movedim(0, dim)
 
 
 class _AllReduce(torch.autograd.Function):
@@ -66,7 +72,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, segs, rank, world, group):  # type: ignore[override]
         ctx.args = (dim, segs, rank, world)
-        return _gather(x, dim, tuple(s // world for s in segs), world, group)
+        return _gather(x, dim, tuple(segs), rank, world, group)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -87,8 +93,8 @@ class _Scatter(torch.autograd.Function):
         j = rank * groups // world
         off = loc = 0
         for s in segs:
-            n = s // groups
-            full.narrow(dim, off + j * n, n).copy_(g.narrow(dim, loc, n))
+            start, n = chunk_range(s, groups, j)
+            full.narrow(dim, off + start, n).copy_(g.narrow(dim, loc, n))
             off += s
             loc += n
         return _all_reduce(full, group), None, None, None, None, None, None
@@ -152,4 +158,48 @@ def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, n: int,
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-COLLECTIVES = {all_reduce: "all_reduce", all_gather: "all_gather", scatter: "scatter", reduce_grad: "reduce_grad"}
+class _ParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, start, reduction, ignore_index, group):  # type: ignore[override]
+        x = logits.float()
+        n = x.shape[1]
+        gmax = c10d.wait_tensor(c10d.all_reduce(x.detach().amax(1).contiguous(), "max", group))
+        z = x - gmax.unsqueeze(1)
+        e = z.exp()
+        sumexp = _all_reduce(e.sum(1), group)
+        valid = target != ignore_index
+        local = target - start
+        inside = valid & (local >= 0) & (local < n)
+        picked = z.gather(1, local.clamp(0, max(n - 1, 0)).unsqueeze(1)).squeeze(1)
+        target_logit = _all_reduce(torch.where(inside, picked, torch.zeros_like(picked)), group)
+        losses = torch.where(valid, sumexp.log() - target_logit, torch.zeros_like(sumexp))
+        count = valid.sum()
+        ctx.save_for_backward(e / sumexp.unsqueeze(1), local, inside, valid, count)
+        ctx.reduction, ctx.dtype = reduction, logits.dtype
+        if reduction == 0:
+            return losses.to(logits.dtype)
+        total = losses.sum()
+        return (total / count if reduction == 1 else total).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        softmax, local, inside, valid, count = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = inside.nonzero().squeeze(1)
+        grad[rows, local[rows]] -= 1.0
+        grad = grad * valid.unsqueeze(1)
+        if ctx.reduction == 0:
+            grad = grad * g.unsqueeze(1)
+        else:
+            grad = grad * (g / count if ctx.reduction == 1 else g)
+        return grad.to(ctx.dtype), None, None, None, None, None
+
+
+def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int, reduction: int,
+                           ignore_index: int, group: str) -> torch.Tensor:
+    """Cross-entropy of vocab-split logits [N, V/t] (this rank's columns start at ``start``): 3 all-reduces
+    of N values forward (max, sum of exp, target logit), none backward; the logits are never gathered."""
+    return _ParallelCrossEntropy.apply(logits, target, start, reduction, ignore_index, group)
+
+
+COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "all_reduce", all_gather: "all_gather", scatter: "scatter", reduce_grad: "reduce_grad"}

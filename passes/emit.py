@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 from . import collectives as C
 from .placements import Partial, Placement, Replicate, Shard, shard_tensor
 from .propagate import Propagation, group_of
+from .rules import WORLD
 
 aten = torch.ops.aten
 GroupNamer = Callable[[tuple[int, ...]], str]
@@ -83,7 +84,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             x = call(C.all_reduce, x, wg, src=a)
             have = Replicate()
         if isinstance(have, Shard) and isinstance(want, Shard) and (have.dim, have.segs) == (want.dim, want.segs) \
-                and want.groups % have.groups == 0:
+                and want.groups % have.groups == 0 and not have.uneven and not want.uneven:
             x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world, src=a)
         elif isinstance(have, Shard):
             if have.groups != world:
@@ -139,6 +140,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         target = node.meta.get("tpfx_retarget", node.target) if strat is not None and strat.rewrite else node.target
         if strat is not None and strat.rewrite is not None:
             args, kwargs = strat.rewrite(args, kwargs, rank, world)
+            args = tuple(wg if a == WORLD else a for a in args)
             if node.target is aten.embedding.default:
                 target = C.vocab_embedding
         elif node.op == "placeholder":

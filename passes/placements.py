@@ -45,11 +45,23 @@ class Shard:
         s = "" if len(self.segs) == 1 else f"[{'+'.join(map(str, self.segs))}]"
         return f"S({self.dim}{g}{s})"
 
-    def local_segs(self) -> tuple[int, ...]:
-        return tuple(s // self.groups for s in self.segs)
+    def local_segs(self, rank: int = 0, world: int | None = None) -> tuple[int, ...]:
+        j = self.chunk(rank, world) if world else 0
+        return tuple(chunk_range(s, self.groups, j)[1] for s in self.segs)
 
     def chunk(self, rank: int, world: int) -> int:
         return rank * self.groups // world
+
+    @property
+    def uneven(self) -> bool:
+        return any(s % self.groups for s in self.segs)
+
+
+def chunk_range(size: int, groups: int, j: int) -> tuple[int, int]:
+    """(start, length) of chunk ``j`` of ``size`` split ``groups`` ways, balanced like ``torch.tensor_split``:
+    the first ``size % groups`` chunks are one longer (uneven splits, e.g. a vocab of 50257 on 2 ranks)."""
+    base, extra = divmod(size, groups)
+    return j * base + min(j, extra), base + (1 if j < extra else 0)
 
 
 Placement = Replicate | Partial | Shard
@@ -68,14 +80,14 @@ def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.
     j = p.chunk(rank, world)
     pieces, off = [], 0
     for seg in p.segs:
-        n = seg // p.groups
-        pieces.append(x.narrow(p.dim, off + j * n, n))
+        start, n = chunk_range(seg, p.groups, j)
+        pieces.append(x.narrow(p.dim, off + start, n))
         off += seg
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, p.dim)
 
 
 def refine_local(x: torch.Tensor, src: Shard, dst: Shard, rank: int, world: int) -> torch.Tensor:
-    """Narrow a local ``src`` chunk to the finer ``dst`` chunk (``src.groups`` divides ``dst.groups``)."""
+    """Narrow a local ``src`` chunk to the finer ``dst`` chunk (``src.groups`` divides ``dst.groups``, even)."""
     j1, j2 = src.chunk(rank, world), dst.chunk(rank, world)
     pieces, off = [], 0
     for seg in src.segs:

@@ -124,10 +124,20 @@ def _layout_map(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
     return None
 
 
+def _trained(gm: fx.GraphModule, params: dict[fx.Node, str]) -> set[fx.Node]:
+    """Nodes whose value depends on a parameter (they carry gradients)."""
+    out: set[fx.Node] = set(params)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
              reduce_now: frozenset[str] = frozenset()) -> Propagation:
     params = param_fqns(gm)
     prop = Propagation(world, {}, {}, {}, {}, params, [], set(), [])
+    trained = _trained(gm, params)
     origins: dict[fx.Node, frozenset[str]] = {}
     tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
     tainted_seeds: set[str] = set()
@@ -193,7 +203,8 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             elif fqn is not None and fqn in chains:
                 materialize(fqn)
             val = a.meta["val"]
-            operands.append(Operand(a, shape_of(val), val.dtype, prop.placements.get(a, R), free))  # type: ignore[arg-type]
+            operands.append(Operand(a, shape_of(val), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
+                                    a in trained))
         n_out = _multi(node)
         replicated_out: Any = tuple([R] * n_out) if n_out else R
         rule = lookup(node.target) if node.op == "call_function" else None
@@ -298,11 +309,27 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             if (reduced & carried) - reduce_now:
                 reduce_now |= reduced & carried
                 continue
+            _check_pins(prop, seeds)
             if prop.unknown_ops:
                 warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
                               f"is replicated", stacklevel=3)
             return prop, seeds
     raise RuntimeError(f"tpfx: sharding propagation did not converge in {max_rounds} rounds")
+
+
+def _check_pins(prop: Propagation, seeds: dict[str, Seed]) -> None:
+    """A pinned style that the graph cannot honour correctly is an error, never a silent change."""
+    bad = []
+    for fqn, seed in seeds.items():
+        if not seed.pinned:
+            continue
+        want = next(iter(seed.styles))
+        got = prop.decided.get(fqn, ("replicate", R))[0]
+        if got != want:
+            why = [r for n, r in prop.fallbacks] or ["no consumer of this weight can use that split"]
+            bad.append(f"{fqn}: pinned {want!r} but the graph allows only {got!r} ({why[0]})")
+    if bad:
+        raise ValueError("tpfx: overrides cannot be honoured:\n  " + "\n  ".join(bad))
 
 
 def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: str) -> bool:

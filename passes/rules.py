@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard
+from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range
 from .shapes import Expr, as_int, map_shard
 
 aten = torch.ops.aten
@@ -41,6 +41,7 @@ class FreeParam:
     groups: int  # upper bound on the number of chunks (a divisor of t)
     segs: tuple[int, ...] | None = None  # segments requested for its split dim
     dim_map: tuple[int | None, ...] | None = None  # operand dim -> parameter dim (after transposes/casts)
+    uneven: bool = True  # may be split into unequal chunks
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Operand:
     dtype: torch.dtype
     placement: Placement
     free: FreeParam | None = None
+    trained: bool = False  # depends on a parameter (carries gradients): e.g. the residual stream
 
     @property
     def ndim(self) -> int:
@@ -160,12 +162,15 @@ def keep(ctx: OpCtx, **extra: Placement) -> dict[int, Placement]:
 
 
 def finest(shards: list[Shard]) -> Shard | None:
-    """The finest of compatible shards (same segs, nested group counts), or None."""
+    """The finest of compatible shards (same segs, nested group counts, uneven ones identical), or None."""
     best = max(shards, key=lambda s: s.groups)
     for s in shards:
-        if s.segs != best.segs or best.groups % s.groups:
+        if s.segs != best.segs or best.groups % s.groups or (s.uneven and s.groups != best.groups):
             return None
     return best
+
+
+WORLD = "<tpfx:world-group>"  # placeholder argument: emission substitutes the world group's name
 
 
 def resize_arg(shape_pos: int, dims: dict[int, int]) -> Rewrite:
@@ -176,7 +181,7 @@ def resize_arg(shape_pos: int, dims: dict[int, int]) -> Rewrite:
         for d, g in dims.items():
             v = sizes[d]
             if isinstance(v, int) and v != -1:
-                sizes[d] = v // g
+                sizes[d] = chunk_range(v, g, rank * g // world)[1]
         new = list(args)
         new[shape_pos] = sizes
         return tuple(new), kwargs
@@ -263,6 +268,11 @@ def pointwise(ctx: OpCtx) -> Result:
         if d < 0 or o.shape[d] == 1:
             want[i] = R  # broadcast along the sharded dim
             continue
+        if (packet in (aten.add, aten.sub) and isinstance(o.placement, Replicate) and o.free is None
+                and o.trained and o.dtype.is_floating_point and tuple(o.shape) == tuple(out)):
+            # a column-split region running into the replicated residual stream: Megatron closes such a
+            # region with a row-split matmul; splitting the stream instead is the worse plan
+            return Fallback("a column-split region reaches the replicated residual stream", shards[0][0])
         target = Shard(d, best.groups, best.segs)
         if o.free is not None:
             if "shard" not in o.free.styles:
@@ -395,6 +405,8 @@ def _cuts(p: Shard, bounds: list[int]) -> tuple[int, ...] | None:
 
 def _select_segs(p: Shard, start: int, end: int) -> tuple[tuple[int, ...], int, int] | None:
     """Segments covering [start, end) and the local [start, end) — None if not on boundaries."""
+    if p.uneven:
+        return None
     off = loc = 0
     chosen: list[int] = []
     lstart = lend = None
@@ -548,7 +560,7 @@ def _resize_list(pos: int, i: int, g: int) -> Rewrite:
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
         sizes = list(args[pos])
         if isinstance(sizes[i], int) and sizes[i] != -1:
-            sizes[i] //= g
+            sizes[i] = chunk_range(sizes[i], g, rank * g // world)[1]
         return tuple(args[:pos]) + (sizes,) + tuple(args[pos + 1 :]), kwargs
 
     return rw
@@ -743,6 +755,16 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             if L is None or L == "_":
                 return Fallback("sharded along a broadcast dim", ctx.idx(o.node))
             shard_letters.setdefault(L, []).append(o.placement)
+    for k, (spec, o) in enumerate(zip(specs, ops)):  # a pinned weight overrides what the inputs suggest
+        pin = next(iter(o.free.styles)) if o.free is not None and len(o.free.styles) == 1 else None
+        if pin == "colwise":
+            shard_letters = {}  # its inputs are gathered
+        elif pin == "rowwise":
+            L = next((c for c in spec if c not in out and c != "_"), None)
+            size = as_int(o.shape[spec.index(L)]) if L else None
+            if L is None or size is None or size < 2 * ctx.world:
+                return Fallback(f"{o.free.fqn} is pinned rowwise but has no contracted dim to split", idx[k])  # type: ignore[union-attr]
+            shard_letters = {L: [Shard(0, ctx.world, (size,))]}  # its inputs are split locally
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
     if not shard_letters:
@@ -756,6 +778,8 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
                     if size is None or sum(segs) != size:
                         break
                     g = math.gcd(o.free.groups, *segs)
+                    if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
+                        g = o.free.groups  # an uneven split (tensor_split bounds); head reshapes refuse it
                     if g < 2:
                         break
                     sh = Shard(d, g, segs)
@@ -881,8 +905,8 @@ def embedding(ctx: OpCtx) -> Result:
     nd = len(ctx.out_shapes)
     if w.free is not None:
         vocab = as_int(w.shape[0])
-        g = math.gcd(w.free.groups, vocab or 1)
-        if "vocab" in w.free.styles and g == ctx.world:
+        g = w.free.groups  # uneven vocab splits are fine (balanced chunks, masked lookup)
+        if "vocab" in w.free.styles and g == ctx.world and vocab is not None and vocab >= 2 * g:
             sh = Shard(0, g, (vocab,))  # type: ignore[arg-type]
             return Strategy({0: sh, 1: R}, P, {0: ("vocab", sh)}, rewrite=_vocab_rewrite(sh))
         return Strategy({0: R, 1: R}, R, {0: ("replicate", R)})
@@ -896,9 +920,9 @@ def embedding(ctx: OpCtx) -> Result:
 
 def _vocab_rewrite(p: Shard) -> Rewrite:
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
-        n = p.segs[0] // p.groups
+        start, n = chunk_range(p.segs[0], p.groups, p.chunk(rank, world))
         padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
-        return (args[0], args[1], rank * n, n, padding_idx), {}
+        return (args[0], args[1], start, n, padding_idx), {}
 
     return rw
 
@@ -906,9 +930,31 @@ def _vocab_rewrite(p: Shard) -> Rewrite:
 @register(aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_forward, aten.nll_loss2d_forward,
           aten.nll_loss_nd, aten.binary_cross_entropy_with_logits, aten.mse_loss)
 def loss(ctx: OpCtx) -> Result:
+    x = ctx.operands[0]
+    p = x.placement
+    if (ctx.node.target is aten.cross_entropy_loss.default and isinstance(p, Shard) and x.ndim == 2
+            and p.dim == 1 and p.groups == ctx.world and len(p.segs) == 1 and ctx.arg("weight") is None
+            and not ctx.arg("label_smoothing", 0.0) and len(ctx.operands) == 2
+            and not isinstance(ctx.operands[1].placement, Shard)):
+        # vocab-parallel cross-entropy: max, sum-exp and target logit reduced over ranks (3 all-reduces of
+        # N values), never the logits
+        ctx.node.meta["tpfx_retarget"] = _parallel_ce()
+        reduction, ignore = ctx.arg("reduction", 1), ctx.arg("ignore_index", -100)
+
+        def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+            start, _ = chunk_range(p.segs[0], p.groups, p.chunk(rank, world))
+            return (args[0], args[1], start, reduction, ignore, WORLD), {}
+
+        return Strategy({0: p, 1: R}, R, rewrite=rw)
     if any(isinstance(o.placement, Shard) for o in ctx.operands):
         return Fallback("the loss needs the full class dim", 0)
     return Strategy(keep(ctx), R)
+
+
+def _parallel_ce() -> Any:
+    from .collectives import parallel_cross_entropy
+
+    return parallel_cross_entropy
 
 
 # ----------------------------------------------------------------------------- shapes-as-values

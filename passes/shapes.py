@@ -115,6 +115,10 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
         if None in outer or None in inner or None in outs:
             return 1  # a symbolic size shares the group: no static layout
         K, In = math.prod(outer), math.prod(inner)  # type: ignore[arg-type]
+        if any(seg % p.groups for seg in p.segs):  # uneven chunks survive only a view that keeps the dim
+            if K == 1 and In == 1 and len(gj) == 1:
+                return Shard(gj[0], p.groups, p.segs)
+            return math.gcd(p.groups, *p.segs)
         flat = [seg * In for seg in p.segs] * K
         best_g = 1
         for e, size in enumerate(outs):

@@ -4,10 +4,12 @@ import sys as _sys
 
 from tpfx import passes as _passes  # noqa: F401  (tpfx.passes, installed from passes/)
 from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
+from tpfx.compare import Comparison, compare
+from tpfx.explain import Explanation
 from tpfx.launch import launch
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
-           "ShardedModule", "emit_rank"]
+           "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation"]
 __version__ = "0.1.0"
 del _sys

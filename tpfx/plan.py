@@ -30,7 +30,7 @@ class ParamPlacement:
         if self.dim is None:
             return self.shape
         s = list(self.shape)
-        s[self.dim] = sum(self.segs) // self.groups
+        s[self.dim] = sum(-(-seg // self.groups) for seg in self.segs)  # the largest chunk (uneven splits)
         return tuple(s)
 
 
@@ -76,13 +76,19 @@ class ShardingPlan:
         return sum(1 for c in self.collectives if c.kind == kind and c.pass_ == pass_)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        from tpfx.report import analyze
+
+        d: dict[str, Any] = {
             "world_size": self.world_size,
             "placements": {k: asdict(v) for k, v in sorted(self.placements.items())},
             "collectives": [asdict(c) for c in self.collectives],
             "fallbacks": self.fallbacks,
             "unknown_ops": sorted(self.unknown_ops),
         }
+        context = analyze(self)  # what the report needs from the graph (layers, attribution, b·s, h)
+        if context is not None:
+            d["context"] = context
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -93,7 +99,10 @@ class ShardingPlan:
         pls = {k: ParamPlacement(**{**v, "shape": tuple(v["shape"]), "segs": tuple(v["segs"])})
                for k, v in d["placements"].items()}
         cols = [Collective(**c) for c in d["collectives"]]
-        return cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"])
+        plan = cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"])
+        if "context" in d:
+            plan._context = d["context"]  # type: ignore[attr-defined]  # not a field: digest and == ignore it
+        return plan
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({k: asdict(v) for k, v in sorted(self.placements.items())},
@@ -102,10 +111,39 @@ class ShardingPlan:
     def pins(self) -> dict[str, tuple[str, Placement | None]]:
         return {k: (v.style, v.as_placement()) for k, v in self.placements.items()}
 
-    def __str__(self) -> str:
+    # ------------------------------------------------------- reports (tpfx/report, explain, draw)
+    def summary(self, width: int | None = 140, hidden: int | None = None) -> str:
+        """Parameter groups, collectives per layer and step, totals vs Megatron, fallbacks."""
         from tpfx.report import render_text
 
-        return render_text(self)
+        return render_text(self, width, hidden)
+
+    def explain(self, name: str) -> Any:
+        """Why a parameter (or module) got its placement: the chain of ops that forced it."""
+        from tpfx.explain import explain
+
+        return explain(self, name)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT of the matmul dataflow, repeated layers collapsed into one cluster."""
+        from tpfx.draw import to_dot
+
+        return to_dot(self)
+
+    def render(self, path: str) -> str:
+        """Draw the dataflow to ``path`` (format from the suffix) with Graphviz ``dot``."""
+        from tpfx.draw import render
+
+        return render(self, path)
+
+    def to_html(self, path: str | None = None) -> str:
+        """One self-contained HTML page (drawing, tables, explanations); written to ``path`` if given."""
+        from tpfx.draw import to_html
+
+        return to_html(self, path)
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
