@@ -55,8 +55,9 @@ def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int)
 
 
 def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupNamer,
-         store: dict[str, torch.nn.Parameter] | None = None) -> fx.GraphModule:
-    """Build ``rank``'s GraphModule. ``store`` (fqn -> local Parameter) is reused across captures."""
+         store: dict[str, torch.nn.Parameter] | None = None, gather_outputs: bool = True) -> fx.GraphModule:
+    """Build ``rank``'s GraphModule. ``store`` (fqn -> local Parameter) is reused across captures.
+    ``gather_outputs=False`` returns split outputs (e.g. vocab-split logits) as this rank's slice."""
     world = prop.world
     wg = group_name(tuple(range(world)))
     store = {} if store is None else store
@@ -133,7 +134,15 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             return x
 
         if node.op == "output":
-            new.output(tree_map(mapped, node.args[0]))
+            if not gather_outputs:
+                def local_out(a: Any) -> Any:
+                    if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard):
+                        return env[a]
+                    return mapped(a)
+
+                new.output(tree_map(local_out, node.args[0]))
+            else:
+                new.output(tree_map(mapped, node.args[0]))
             continue
         args, kwargs = tree_map(mapped, node.args), tree_map(mapped, dict(node.kwargs))
         strat = prop.strategies.get(node)

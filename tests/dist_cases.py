@@ -88,3 +88,37 @@ def wrong_world_size(rank: int, world: int) -> str:
     except ValueError as e:
         return str(e)
     return ""
+
+
+def gpt2_vocab(vocab: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="eager",
+                     bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(cfg)
+
+
+def parallel_loss_check(rank: int, world: int, build: str, gather_outputs: bool) -> dict[str, Any]:
+    """Loss via vocab-parallel cross-entropy (some labels ignored), optionally without gathering logits."""
+    from collections import Counter
+
+    from tpfx.passes.emit import collective_nodes
+
+    factory = {"llama": lambda: models.llama(num_kv_heads=2), "gpt2_50257": lambda: gpt2_vocab(50257)}[build]
+    model, ref = factory(), factory()
+    sharded = tpfx.auto_shard(model, world, gather_outputs=gather_outputs)
+    vocab = ref.config.vocab_size
+    ids = models.token_inputs(vocab, 3, 7, seed=8)
+    labels = models.token_inputs(vocab, 3, 7, seed=9)
+    labels[0, :3] = -100
+    out, ref_out = sharded(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref_out.loss.backward()
+    kinds = Counter(k for k, _ in collective_nodes(sharded.graph_module(input_ids=ids, labels=labels)))
+    wte = next(p for n, p in sharded.named_parameters() if n.endswith(("wte.weight", "embed_tokens.weight")))
+    return {"loss": rel_err(out.loss, ref_out.loss), "grad": _grad_err(sharded, ref, rank),
+            "logits_local": tuple(out.logits.shape), "logits_full": tuple(ref_out.logits.shape),
+            "logits": rel_err(out.logits, ref_out.logits) if gather_outputs else None,
+            "kinds": dict(kinds), "embed_rows": wte.shape[0]}

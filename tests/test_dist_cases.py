@@ -37,3 +37,19 @@ def test_ranks_that_disagree_raise_instead_of_hanging() -> None:
 def test_world_size_must_match_the_process_group() -> None:
     for msg in launch(dist_cases.wrong_world_size, 2, timeout_s=200):
         assert "world_size=4" in msg and "2 ranks" in msg
+
+
+def test_parallel_cross_entropy_without_gathering_logits() -> None:
+    for rank, res in enumerate(launch(dist_cases.parallel_loss_check, 2, "llama", False, timeout_s=300)):
+        assert res["loss"] <= TOL and res["grad"] <= TOL, res
+        assert res["kinds"].get("all_gather", 0) == 0 and res["kinds"]["parallel_cross_entropy"] == 1, res
+        full = res["logits_full"]
+        assert res["logits_local"] == full[:-1] + (full[-1] // 2,)  # this rank's vocab slice
+
+
+def test_gpt2_real_vocab_uneven_split_tied_and_exact() -> None:
+    res = launch(dist_cases.parallel_loss_check, 2, "gpt2_50257", True, timeout_s=300)
+    assert [r["embed_rows"] for r in res] == [25129, 25128]  # 50257 rows split unevenly, tied with lm_head
+    for r in res:
+        assert r["loss"] <= TOL and r["grad"] <= TOL and r["logits"] <= TOL, r
+        assert r["kinds"]["all_gather"] == 1 and r["kinds"]["parallel_cross_entropy"] == 1, r

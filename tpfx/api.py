@@ -198,13 +198,14 @@ class ShardedModule(torch.nn.Module):
     """This rank's piece of a model: original FQNs, local parameters, same call signature."""
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
-                 compile: bool) -> None:
+                 compile: bool, gather_outputs: bool = True) -> None:
         super().__init__()
         self.__dict__["_model"] = model
         self.__dict__["_graphs"] = {}
         self.__dict__["_store"] = {}
         self.__dict__["_plan"] = plan
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
+        self._gather_outputs = gather_outputs
         self.__dict__["_namer"] = _group_namer(group, plan.world_size)
         self._namer.prepare(_replica_groups(plan))
 
@@ -221,7 +222,8 @@ class ShardedModule(torch.nn.Module):
     def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any) -> fx.GraphModule:
         if plan.digest() != self._plan.digest():
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
-        local = emit(gm, plan._prop, self.rank, self._namer, self._store)  # type: ignore[arg-type]
+        local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
+                     gather_outputs=self._gather_outputs)
         for fqn, p in self._store.items():
             if not hasattr(self, fqn.split(".")[0]) or fqn not in dict(self.named_parameters()):
                 _install(self, fqn, p)
@@ -253,8 +255,13 @@ class ShardedModule(torch.nn.Module):
 def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example_inputs: tuple | None = None,
                example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
                group: dist.ProcessGroup | None = None, compile: bool = False,
-               plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None) -> ShardedModule:
-    """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module."""
+               plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
+               gather_outputs: bool = True) -> ShardedModule:
+    """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
+
+    Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
+    slice (e.g. vocab-split logits when only ``.loss`` is used: the loss is computed with a parallel
+    cross-entropy either way, so training then never gathers the logits)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
     group_size = dist.get_world_size(group)
@@ -277,7 +284,7 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
         first = (gm, planned, args, kwargs, dynamic)
         plan = planned
     _check_agreement(plan, group)
-    sharded = ShardedModule(model, plan, rank, group, compile)
+    sharded = ShardedModule(model, plan, rank, group, compile, gather_outputs)
     if first is not None:
         gm, planned, args, kwargs, dynamic = first
         sharded.add_graph(gm, planned, sharded._key(args, kwargs, dynamic))

@@ -18,6 +18,7 @@ SHRINK: dict[str, Any] = {
     "num_attention_heads": 8, "n_head": 8, "num_heads": 8, "n_heads": 8, "decoder_attention_heads": 8,
     "num_key_value_heads": 4, "num_kv_heads": 4, "multi_query_group_num": 4,
     "head_dim": 8, "d_kv": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "rotary_dim": 4, "word_embed_proj_dim": 64, "kv_lora_rank": 16, "q_lora_rank": 16,
     "vocab_size": 128, "max_position_embeddings": 128, "n_positions": 128,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
 }
@@ -42,13 +43,19 @@ def causal_lm_families() -> list[str]:
     return out
 
 
-def tiny_config(model_type: str, **overrides: Any) -> Any:
+# attributes whose relations differ between attention variants (MLA, MQA, ...): the second attempt leaves them
+HEAD_GEOMETRY = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "head_dim", "d_kv",
+                 "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "q_lora_rank")
+
+
+def tiny_config(model_type: str, keep: tuple[str, ...] = (), **overrides: Any) -> Any:
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    shrink = {k: v for k, v in SHRINK.items() if k not in keep}
     for target in {id(cfg): cfg, id(text): text}.values():
-        for k, v in SHRINK.items():
+        for k, v in shrink.items():
             if hasattr(target, k) and getattr(target, k) is not None:
                 try:
                     setattr(target, k, v)
@@ -73,11 +80,25 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0, device: str | None = None, **overrides: Any) -> torch.nn.Module:
+    """A tiny random-init causal LM: the first of the generic shrinks whose unsharded forward runs."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(model_type, **overrides)
-    torch.manual_seed(seed)
-    if device is not None:
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(cfg)
-    return AutoModelForCausalLM.from_config(cfg)
+    error: Exception | None = None
+    for keep in ((), HEAD_GEOMETRY):
+        cfg = tiny_config(model_type, keep, **overrides)
+        torch.manual_seed(seed)
+        try:
+            with torch.device(device or "cpu"):
+                model = AutoModelForCausalLM.from_config(cfg)
+            if device in (None, "cpu"):
+                with torch.no_grad():
+                    model(input_ids=torch.ones(1, 4, dtype=torch.long), use_cache=False)
+            if keep:  # rebuild so the weights do not depend on how many attempts ran
+                torch.manual_seed(seed)
+                with torch.device(device or "cpu"):
+                    model = AutoModelForCausalLM.from_config(cfg)
+            return model
+        except Exception as e:  # noqa: BLE001 - try the next, gentler shrink
+            error = e
+    assert error is not None
+    raise error
