@@ -156,7 +156,8 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             env[node] = new.node_copy(node, lambda a: env[a])
             continue
         y = new.create_node(node.op, target, args, kwargs, name=node.name)
-        y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
+        y.meta = {k: v for k, v in node.meta.items()
+                  if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
         if node in prop.reduced_after:
             y = call(C.all_reduce, y, wg, src=node)

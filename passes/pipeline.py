@@ -14,14 +14,55 @@ aten = torch.ops.aten
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
+_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d, aten.conv_transpose2d,
+          aten.conv_transpose3d}
+
+
+def _conv_bias(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``conv(x, W, b, ...)`` -> ``transpose(transpose(conv(x, W, None, ...), c, -1) + b, c, -1)``.
+
+    The bias is added with the channel dim moved last, so it broadcasts as a plain 1-D ``[C]`` operand
+    and the pointwise rule decides it directly (a ``b.view(1, C, 1, 1)`` would be decided
+    ``replicate`` by the view before the add could shard it). The add's output keeps the permuted
+    strides, so the transposed-back result is contiguous NCHW again."""
+    if getattr(node.target, "overloadpacket", None) not in _CONVS:
+        return False
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    val, wval = node.meta.get("val"), node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    if not isinstance(bias, fx.Node) or not isinstance(val, torch.Tensor) or not isinstance(wval, torch.Tensor):
+        return False
+    c = val.ndim - (wval.ndim - 2) - 1  # channel dim: 1 batched, 0 unbatched
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) > 2:
+        args[2] = None
+    else:
+        kwargs.pop("bias")
+    with gm.graph.inserting_before(node):
+        conv = gm.graph.call_function(node.target, tuple(args), kwargs)  # type: ignore[arg-type]
+        conv.meta = dict(node.meta)
+        moved = gm.graph.call_function(aten.transpose.int, (conv, c, -1))
+        moved.meta = dict(node.meta) | {"val": val.transpose(c, -1)}
+        add = gm.graph.call_function(aten.add.Tensor, (moved, bias))
+        add.meta = dict(moved.meta)
+        back = gm.graph.call_function(aten.transpose.int, (add, c, -1))
+        back.meta = dict(node.meta)
+    node.replace_all_uses_with(back)
+    gm.graph.erase_node(node)
+    return True
+
+
 def decompose_bias(gm: fx.GraphModule) -> fx.GraphModule:
-    """``linear(x, W, b)`` -> ``linear(x, W) + b`` and ``addmm(b, x, W)`` -> ``mm(x, W) + b``.
+    """``linear(x, W, b)`` -> ``linear(x, W) + b``, ``addmm(b, x, W)`` -> ``mm(x, W) + b`` and a biased
+    convolution -> convolution + channel bias (``_conv_bias``).
 
     A row-split matmul yields partial sums; its bias must be added once, after the all-reduce.
     Splitting the bias off lets the pointwise rule place it (sharded with a column split,
     after the reduction with a row split)."""
+    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
+            continue
+        if _conv_bias(gm, node):
             continue
         if node.target is aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
             x, w, b = node.args[:3]
@@ -39,7 +80,9 @@ def decompose_bias(gm: fx.GraphModule) -> fx.GraphModule:
             add.meta = dict(node.meta)
         node.replace_all_uses_with(add)
         gm.graph.erase_node(node)
-    gm.recompile()
+        changed = True
+    if changed:
+        gm.recompile()
     return gm
 
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
 
 from .placements import P, Partial, Placement, R, Replicate, Shard
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
@@ -80,19 +79,27 @@ def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    flat, _ = tree_flatten((node.args, node.kwargs))
-    seen: list[fx.Node] = []
-    for a in flat:
-        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a not in seen:
-            seen.append(a)
-    return seen
+    """The node's tensor-valued inputs, in argument order (``all_input_nodes`` is in that order)."""
+    cached = node.meta.get("tpfx_inputs")
+    if cached is not None and len(cached) <= len(node.all_input_nodes):
+        return cached
+    out = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    node.meta["tpfx_inputs"] = out
+    return out
+
+
+def _shape(node: fx.Node) -> Any:
+    """Sympy shape of a node's value, computed once."""
+    if "tpfx_shape" not in node.meta:
+        node.meta["tpfx_shape"] = shape_of(node.meta.get("val"))
+    return node.meta["tpfx_shape"]
 
 
 def _out_shapes(node: fx.Node) -> Any:
     val = node.meta.get("val")
     if isinstance(val, (list, tuple)):
         return [shape_of(v) for v in val]
-    return shape_of(val)
+    return _shape(node)
 
 
 def _multi(node: fx.Node) -> int | None:
@@ -133,8 +140,38 @@ def _trained(gm: fx.GraphModule, params: dict[fx.Node, str]) -> set[fx.Node]:
     return out
 
 
+def _freeze(v: Any, operands: dict[fx.Node, int]) -> Any:
+    """A hashable form of an argument: operands by position, other nodes as markers."""
+    if isinstance(v, fx.Node):
+        return ("<operand>", operands[v]) if v in operands else ("<node>",)
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x, operands) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x, operands)) for k, x in v.items()))
+    if isinstance(v, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                      torch.memory_format)):
+        return v
+    return ("<obj>", id(v))
+
+
+def _rule_key(node: fx.Node, operands: list[Operand], out_shapes: Any) -> Any:
+    """Everything a rule may look at. Identical keys (the same op in every repeated layer) share one
+    solution: a repeated decoder block is solved once, not once per layer."""
+    index = {o.node: i for i, o in enumerate(operands)}
+    ops = tuple((o.shape, o.dtype, o.placement, o.trained,
+                 None if o.free is None else (o.free.styles, o.free.groups, o.free.segs, o.free.dim_map,
+                                              o.free.uneven)) for o in operands)
+    val = node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else None
+    outs = tuple(out_shapes) if isinstance(out_shapes, list) else out_shapes
+    return (node.target, ops, _freeze(node.args, index), _freeze(dict(node.kwargs), index), outs, dtype)
+
+
+RuleCache = dict[Any, tuple[Any, Any]]
+
+
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
-             reduce_now: frozenset[str] = frozenset()) -> Propagation:
+             reduce_now: frozenset[str] = frozenset(), cache: RuleCache | None = None) -> Propagation:
     params = param_fqns(gm)
     prop = Propagation(world, {}, {}, {}, {}, params, [], set(), [])
     trained = _trained(gm, params)
@@ -203,7 +240,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             elif fqn is not None and fqn in chains:
                 materialize(fqn)
             val = a.meta["val"]
-            operands.append(Operand(a, shape_of(val), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
+            operands.append(Operand(a, _shape(a), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
                                     a in trained))
         n_out = _multi(node)
         replicated_out: Any = tuple([R] * n_out) if n_out else R
@@ -217,8 +254,17 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             prop.unknown_ops.add(name)
             result = Fallback(f"no sharding rule for {name}")
         else:
-            ctx = OpCtx(node, operands, world, _out_shapes(node))
-            result = rule(ctx)
+            out_shapes = _out_shapes(node)
+            key = _rule_key(node, operands, out_shapes) if cache is not None else None
+            node.meta.pop("tpfx_retarget", None)  # set again by the rule (or the cache) when it applies
+            if key is not None and key in cache:
+                result, retarget = cache[key]
+                if retarget is not None:
+                    node.meta["tpfx_retarget"] = retarget
+            else:
+                result = rule(OpCtx(node, operands, world, out_shapes))
+                if key is not None:
+                    cache[key] = (result, node.meta.get("tpfx_retarget"))
         if isinstance(result, Fallback):
             culprits = [result.operand] if result.operand is not None else [
                 i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
@@ -289,8 +335,9 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
                 s.groups, s.segs = pl.groups, pl.segs
     reduce_now: set[str] = set()
     unknown: set[str] = set()
+    cache: RuleCache = {}
     for rounds in range(1, max_rounds + 1):
-        prop = run_once(gm, world, seeds, frozenset(reduce_now))
+        prop = run_once(gm, world, seeds, frozenset(reduce_now), cache)
         unknown |= prop.unknown_ops
         prop.unknown_ops = set(unknown)
         prop.rounds = rounds

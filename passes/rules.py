@@ -276,7 +276,7 @@ def pointwise(ctx: OpCtx) -> Result:
         target = Shard(d, best.groups, best.segs)
         if o.free is not None:
             if "shard" not in o.free.styles:
-                return Fallback(f"{o.free.fqn} is pinned replicated", i)
+                return Fallback("a weight here is pinned replicated", i)
             decide[i] = ("shard", target)
         want[i] = target
     return Strategy(want, Shard(od, best.groups, best.segs), decide)
@@ -763,7 +763,7 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             L = next((c for c in spec if c not in out and c != "_"), None)
             size = as_int(o.shape[spec.index(L)]) if L else None
             if L is None or size is None or size < 2 * ctx.world:
-                return Fallback(f"{o.free.fqn} is pinned rowwise but has no contracted dim to split", idx[k])  # type: ignore[union-attr]
+                return Fallback("a weight pinned rowwise has no contracted dim to split", idx[k])
             shard_letters = {L: [Shard(0, ctx.world, (size,))]}  # its inputs are split locally
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
@@ -806,7 +806,7 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             if o.free is not None:
                 style = "rowwise" if contracted else "shard"
                 if style not in o.free.styles:
-                    return Fallback(f"{o.free.fqn} is pinned to {sorted(o.free.styles)}", idx[k])
+                    return Fallback(f"a weight here is pinned to {sorted(o.free.styles)}", idx[k])
                 decide[idx[k]] = (style, sh)
             want[idx[k]] = sh
         elif o.free is not None:
