@@ -9,3 +9,7 @@ bench:
 	$(PYTHON) benchmarks/plan_quality.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/runtime.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)
+
+.PHONY: coverage
+coverage:  # every transformers causal-LM family on 2 gloo ranks (tens of minutes on 2 cores)
+	TPFX_FAMILIES=all $(PYTHON) -m pytest -q -s -m slow tests/test_families.py

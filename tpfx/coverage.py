@@ -70,6 +70,7 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
                  tpfx.shard_tensor(plan, name, fg, rank), floor=max(1e-7, 1e-2 * scale))
         if e > grad_err:
             grad_err, worst = e, name
+    hf = hf_agreement(plan, ref)
     local = sum(p.numel() for p in sharded.parameters())
     total = sum(p.numel() for p in ref.parameters())
     res.update(
@@ -83,10 +84,33 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         fallbacks=[f for f in plan.fallbacks if not f["reason"].startswith("segments")],
         unknown_ops=plan.unknown_ops,
         param_ratio=local / total,
+        hf_agree=hf["agree"],
+        hf_differ=hf["differ"],
         layers=getattr(ref.config.get_text_config(), "num_hidden_layers", None),
         seconds=time.perf_counter() - t0,
     )
     return res
+
+
+def hf_agreement(plan: Any, model: torch.nn.Module) -> dict[str, list[str]]:
+    """Entries where HF's ``base_model_tp_plan`` says plain colwise/rowwise, and whether ours agrees."""
+    import fnmatch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    theirs = dict(getattr(cfg, "base_model_tp_plan", None) or {})
+    ours = plan.to_tp_plan()
+    agree: list[str] = []
+    differ: list[str] = []
+    for key, style in theirs.items():
+        if style not in ("colwise", "rowwise"):
+            continue
+        hits = [v for k, v in ours.items() if fnmatch.fnmatchcase(k, "*" + key) and k.endswith(key.split(".")[-1])]
+        mods = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, "*" + key.replace("*", "[0-9]*"))]
+        if not mods:
+            continue  # this config has no such module (e.g. optional shared experts)
+        (agree if hits and all(h == style for h in hits) else differ).append(f"{key}: HF {style}, tpfx "
+                                                                            f"{'/'.join(hits) or 'replicate'}")
+    return {"agree": agree, "differ": differ}
 
 
 def run_families(rank: int, world: int, families: list[str]) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ def causal_lm_families() -> list[str]:
     return out
 
 
+MAX_PARAMS = 20_000_000
 # attributes whose relations differ between attention variants (MLA, MQA, ...): the second attempt leaves them
 HEAD_GEOMETRY = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "head_dim", "d_kv",
                  "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "q_lora_rank")
@@ -51,10 +52,17 @@ HEAD_GEOMETRY = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num",
 def tiny_config(model_type: str, keep: tuple[str, ...] = (), **overrides: Any) -> Any:
     from transformers import AutoConfig
 
+    from transformers import PretrainedConfig
+
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     shrink = {k: v for k, v in SHRINK.items() if k not in keep}
-    for target in {id(cfg): cfg, id(text): text}.values():
+    targets = {id(cfg): cfg, id(text): text}
+    for c in (cfg, text):  # nested sub-configs too (vision/audio towers of multimodal families)
+        for v in vars(c).values():
+            if isinstance(v, PretrainedConfig):
+                targets.setdefault(id(v), v)
+    for target in targets.values():
         for k, v in shrink.items():
             if hasattr(target, k) and getattr(target, k) is not None:
                 try:
@@ -88,6 +96,11 @@ def tiny_causal_lm(model_type: str, seed: int = 0, device: str | None = None, **
         cfg = tiny_config(model_type, keep, **overrides)
         torch.manual_seed(seed)
         try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+            if n > MAX_PARAMS:
+                raise ValueError(f"the generically shrunk config still has {n / 1e6:.0f}M parameters "
+                                 f"(limit {MAX_PARAMS / 1e6:.0f}M for a tiny test model)")
             with torch.device(device or "cpu"):
                 model = AutoModelForCausalLM.from_config(cfg)
             if device in (None, "cpu"):

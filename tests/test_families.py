@@ -1,0 +1,64 @@
+"""Every transformers causal-LM family with a ``base_model_tp_plan``, enumerated from transformers itself,
+sharded on real gloo ranks and compared with the unsharded model (``tpfx.coverage``).
+
+Families whose tiny config cannot be built or whose unsharded model fails are reported with the reason (they
+are listed in the test output, never silently dropped); a tpfx error or a numeric mismatch fails the test.
+The default run (CI) takes every 5th enumerated family (a fixed sample, ~20 families, a few minutes on 2
+cores); ``TPFX_FAMILIES=all`` runs every family (about 100, tens of minutes: ``make coverage``), and
+``TPFX_FAMILIES=llama,mixtral`` a list. ``TPFX_FAMILY_WORLDS=2,4`` picks the world sizes (default: 2).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from tpfx.coverage import run_families
+from tpfx.families import causal_lm_families
+from tpfx.launch import launch
+
+TOL = 1e-5
+_CHOICE = os.environ.get("TPFX_FAMILIES", "")
+FAMILIES = (causal_lm_families() if _CHOICE == "all" else [f for f in _CHOICE.split(",") if f]
+            or causal_lm_families()[::5])
+WORLDS = [int(w) for w in os.environ.get("TPFX_FAMILY_WORLDS", "2").split(",")]
+_results: dict[int, list[dict[str, Any]]] = {}
+
+
+def _sweep(world: int) -> list[dict[str, Any]]:
+    if world not in _results:  # chunks of 10 families per launch bound the memory of one process
+        _results[world] = [r for i in range(0, len(FAMILIES), 10)
+                           for r in launch(run_families, world, FAMILIES[i:i + 10], timeout_s=3000)[0]]
+    return _results[world]
+
+
+def test_families_are_enumerated_from_transformers() -> None:
+    fams = causal_lm_families()
+    assert len(fams) >= 50
+    assert {"llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmo2", "phi3", "gemma"} <= set(fams)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_family_matches_the_unsharded_model(world: int) -> None:
+    results = _sweep(world)
+    assert [r["family"] for r in results] == FAMILIES
+    failures, skipped = [], []
+    for r in results:
+        if r["status"] in ("build-error", "model-error"):
+            skipped.append(f"{r['family']}: {r['error']}")
+            continue
+        if r["status"] != "ok":
+            failures.append(f"{r['family']}: {r['status']}: {r['error']}")
+            continue
+        worst = max(r["logits"], r["loss"], r["grad"])
+        if worst > TOL:
+            failures.append(f"{r['family']}: rel err {worst:.2e} (grad worst {r['grad_worst']})")
+        if r["hf_differ"]:
+            failures.append(f"{r['family']}: disagrees with HF's colwise/rowwise entries: {r['hf_differ']}")
+    print(f"\n{len(results) - len(skipped)} families sharded and exact at t={world}; "
+          f"{len(skipped)} could not be built here:\n  " + "\n  ".join(skipped))
+    assert not failures, "\n".join(failures)
+    assert len(results) - len(skipped) >= 0.8 * len(results)
