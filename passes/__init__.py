@@ -5,3 +5,4 @@ from .propagate import Propagation, propagate
 from .rules import REGISTRY
 
 __all__ = ["Partial", "Placement", "Replicate", "Shard", "shard_tensor", "Propagation", "propagate", "REGISTRY"]
+from . import rules_nn  # noqa: E402,F401  (registers the nn-module rules)

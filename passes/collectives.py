@@ -184,9 +184,10 @@ class _ParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         softmax, local, inside, valid, count = ctx.saved_tensors
-        grad = softmax.clone()
-        rows = inside.nonzero().squeeze(1)
-        grad[rows, local[rows]] -= 1.0
+        # subtract 1 at this rank's target column; a masked scatter rather than ``nonzero`` indexing, whose
+        # data-dependent shape would break the graph under torch.compile (x - 0.0 == x exactly elsewhere)
+        col = local.clamp(0, max(softmax.shape[1] - 1, 0)).unsqueeze(1)
+        grad = softmax.scatter_add(1, col, -inside.to(softmax.dtype).unsqueeze(1))
         grad = grad * valid.unsqueeze(1)
         if ctx.reduction == 0:
             grad = grad * g.unsqueeze(1)

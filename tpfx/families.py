@@ -50,9 +50,7 @@ HEAD_GEOMETRY = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num",
 
 
 def tiny_config(model_type: str, keep: tuple[str, ...] = (), **overrides: Any) -> Any:
-    from transformers import AutoConfig
-
-    from transformers import PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
