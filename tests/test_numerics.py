@@ -16,7 +16,7 @@ from tpfx.launch import launch
 pytestmark = pytest.mark.slow
 
 WORLD_SIZES = [2, 4]
-LAUNCH_TIMEOUT_S = 300.0
+LAUNCH_TIMEOUT_S = 900.0
 
 _results: dict[tuple[str, int], list[dict[str, Any]] | str] = {}
 
