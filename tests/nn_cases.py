@@ -1,0 +1,225 @@
+"""Non-transformer models and the rank function for ``tests/test_nn_modules.py`` (module level so spawned
+ranks can import them).
+
+``nn_check(rank, world, names)`` shards each named model with ``tpfx.auto_shard`` and compares it with an
+unsharded copy built from the same seed: forward on an input shape different from the example, gradients of
+every parameter (``tpfx.shard_tensor`` of the reference gradient), one SGD step and a second forward, and the
+batch-norm running statistics this rank owns. It returns plain numbers for the pytest side to assert on.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from numerics import rel_err
+from torch import nn
+
+import tpfx
+
+
+class CNN(nn.Module):
+    """Conv2d(3,16,3) -> ReLU -> Conv2d(16,32,3) -> ReLU -> AdaptiveAvgPool2d(1) -> Flatten -> Linear(32,10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class Depthwise(nn.Module):
+    """Pointwise Conv1d(8,16) -> depthwise Conv1d(16,16,3,groups=16) -> ReLU -> pointwise Conv1d(16,8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv1d(8, 16, 1)
+        self.dw = nn.Conv1d(16, 16, 3, padding=1, groups=16)
+        self.out = nn.Conv1d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.dw(self.pw(x))))
+
+
+class ConvNorm(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> MaxPool -> GroupNorm -> grouped Conv -> AvgPool -> Conv (no bias) -> mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)  # a bias before BatchNorm is a no-op
+        self.bn = nn.BatchNorm2d(16)
+        self.gn = nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c2 = nn.Conv2d(16, 8, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.c1(x))), 2)
+        x = nn.functional.avg_pool2d(self.grouped(self.gn(x)), 2)
+        return self.c2(x).mean((2, 3))
+
+
+class Upsampler(nn.Module):
+    """Conv -> InstanceNorm (affine) -> ReLU -> nearest upsampling -> reflection pad -> ConvTranspose2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # a bias before InstanceNorm is a no-op
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.inorm(self.c1(x)))
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.up(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+
+class MHAEncoder(nn.Module):
+    """Pre-norm block: nn.MultiheadAttention (embed 32, 4 heads, batch_first) + LayerNorm + GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(32), nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+def _conv_norm_eval() -> nn.Module:
+    m = ConvNorm()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode reads them
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _encoder_layer() -> nn.Module:
+    return nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+
+@dataclass(frozen=True)
+class NNCase:
+    build: Callable[[], nn.Module]
+    example: tuple[int, ...]  # input shape handed to auto_shard
+    check: tuple[int, ...]  # another shape for the checked calls (dynamic batch / spatial dims)
+    static: bool = False  # capture without dynamic dims (MHA's batch*heads view then has static sizes)
+
+
+CASES: dict[str, NNCase] = {
+    "cnn": NNCase(CNN, (2, 3, 12, 12), (3, 3, 10, 10)),
+    "depthwise": NNCase(Depthwise, (2, 8, 10), (3, 8, 7)),
+    "conv_norm": NNCase(ConvNorm, (2, 3, 12, 12), (3, 3, 8, 8)),
+    "conv_norm_eval": NNCase(_conv_norm_eval, (2, 3, 12, 12), (3, 3, 8, 8)),
+    "upsampler": NNCase(Upsampler, (2, 3, 6, 6), (3, 3, 5, 7)),
+    "mha_encoder": NNCase(MHAEncoder, (2, 6, 32), (3, 5, 32)),
+    "encoder_layer": NNCase(_encoder_layer, (2, 6, 32), (3, 5, 32)),
+    "mha_encoder_static": NNCase(MHAEncoder, (2, 6, 32), (2, 6, 32), static=True),
+}
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return CASES[name].build()
+
+
+def inputs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def static_capture(on: bool) -> Any:
+    """Make ``tpfx`` capture without dynamic dims (its capture tries dynamic dims first)."""
+    import tpfx.api
+
+    if not hasattr(tpfx.api, "_dynamic_spec"):
+        raise RuntimeError("tpfx.api._dynamic_spec is gone: update nn_cases.static_capture")
+    saved = tpfx.api._dynamic_spec
+    if on:
+        tpfx.api._dynamic_spec = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tpfx.api._dynamic_spec = saved  # type: ignore[assignment]
+
+
+def _objective(y: torch.Tensor, seed: int = 1234) -> torch.Tensor:
+    proj = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    return (y * proj).sum() / y.numel()
+
+
+def _grad_errors(sharded: nn.Module, ref: nn.Module, rank: int) -> dict[str, float]:
+    full = dict(ref.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
+    floor = max(1e-7, 1e-2 * scale)  # as numerics.compare_parameters: exact zeros are compared absolutely
+    out = {}
+    for n, p in sharded.named_parameters():
+        expected = tpfx.shard_tensor(sharded.plan, n, full[n].grad, rank)
+        out[n] = rel_err(p.grad, expected, floor)
+    return out
+
+
+def _buffer_errors(sharded: nn.Module, ref: nn.Module, x: torch.Tensor, rank: int) -> dict[str, float]:
+    """This rank's chunk of each running statistic vs the reference (other chunks belong to other ranks)."""
+    gm = sharded.graph_module(x)
+    plan = sharded.plan
+    out = {}
+    for name, buf in ref.named_buffers():
+        if not name.endswith(("running_mean", "running_var")):
+            continue
+        owner = name.rsplit(".", 1)[0] + ".weight"  # the statistics are split like the norm's weight
+        local = gm.get_buffer(name)
+        out[name] = rel_err(plan.shard(owner, local, rank), plan.shard(owner, buf, rank))
+    return out
+
+
+def check_one(rank: int, world: int, name: str) -> dict[str, Any]:
+    case = CASES[name]
+    ref, model = build(name), build(name)
+    with static_capture(case.static):
+        sharded = tpfx.auto_shard(model, world, example_inputs=(inputs(case.example, 1),))
+        x = inputs(case.check, 2)
+        y, ref_y = sharded(x), ref(x)
+        res: dict[str, Any] = {"forward": rel_err(y, ref_y)}
+        _objective(y).backward()
+        _objective(ref_y).backward()
+        grads = _grad_errors(sharded, ref, rank)
+        res["grad"] = max(grads.values())
+        res["grad_worst"] = max(grads, key=lambda k: grads[k])
+        res["buffers"] = _buffer_errors(sharded, ref, x, rank)
+        for m in (sharded, ref):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+        x2 = inputs(case.check, 3)
+        res["after_step"] = rel_err(sharded(x2), ref(x2))
+    plan = sharded.plan
+    res["styles"] = {k: v.style for k, v in plan.placements.items()}
+    res["local_numel"] = sum(p.numel() for p in sharded.parameters())
+    res["full_numel"] = sum(p.numel() for p in ref.parameters())
+    return res
+
+
+def nn_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
+    """``check_one`` for each model; an exception is reported for its model (plans agree across ranks, so
+    every rank fails the same model and the others still run)."""
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            out[name] = check_one(rank, world, name)
+        except Exception:  # noqa: BLE001 - reported to the pytest side
+            out[name] = traceback.format_exc()
+    return out
+
+
+__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "MHAEncoder", "Upsampler", "build", "inputs", "nn_check"]
