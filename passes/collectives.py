@@ -70,14 +70,25 @@ class _ReduceGrad(torch.autograd.Function):
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, segs, rank, world, group):  # type: ignore[override]
-        ctx.args = (dim, segs, rank, world)
-        return _gather(x, dim, tuple(segs), rank, world, group)
+    def forward(ctx, x, dim, segs, rank, world, group, groups):  # type: ignore[override]
+        ctx.args = (dim, segs, rank, world, groups)
+        if groups == world:
+            return _gather(x, dim, tuple(segs), rank, world, group)
+        # chunks replicated within groups of world/groups ranks: gather all, keep one copy of each chunk
+        per = world // groups
+        full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
+        chunks = full.chunk(world, 0)[::per]
+        local = [s // groups for s in segs]
+        out = [c.narrow(0, sum(local[:k]), local[k]) for k in range(len(segs)) for c in chunks]
+        return torch.cat(out, 0).movedim(0, dim)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        dim, segs, rank, world = ctx.args
-        return shard_tensor(g, Shard(dim, world, tuple(segs)), rank, world).contiguous(), None, None, None, None, None
+        dim, segs, rank, world, groups = ctx.args
+        grad = shard_tensor(g, Shard(dim, groups, tuple(segs)), rank, world).contiguous()
+        if groups != world:  # partial within the replica group: its members' gradients sum to the chunk's
+            grad = grad * (groups / world)
+        return grad, None, None, None, None, None, None
 
 
 class _Scatter(torch.autograd.Function):
@@ -126,9 +137,10 @@ def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
     return _ReduceGrad.apply(x, group)
 
 
-def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str) -> torch.Tensor:
-    """Shard(dim, t, segs) -> Replicate."""
-    return _AllGather.apply(x, dim, tuple(segs), rank, world, group)
+def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str,
+               groups: int | None = None) -> torch.Tensor:
+    """Shard(dim, groups, segs) -> Replicate (groups defaults to the world size)."""
+    return _AllGather.apply(x, dim, tuple(segs), rank, world, group, groups or world)
 
 
 def scatter(x: torch.Tensor, dim: int, groups: int, segs: list[int], rank: int, world: int,

@@ -88,9 +88,13 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
                 and want.groups % have.groups == 0 and not have.uneven and not want.uneven:
             x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world, src=a)
         elif isinstance(have, Shard):
-            if have.groups != world:
+            if have.groups == world or have.uneven:
+                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
+            elif all(s % world == 0 for s in have.segs):  # refine locally first: less data to move
                 x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world, src=a)
-            x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
+                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
+            else:  # e.g. 10 columns in 2 chunks on 4 ranks: gather the chunks as they are
+                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, have.groups, src=a)
             if isinstance(want, Shard):
                 x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg, src=a)
         elif isinstance(want, Shard):

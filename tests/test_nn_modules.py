@@ -362,7 +362,7 @@ def test_multihead_attention_static_capture_is_head_parallel(world: int) -> None
 
 # The CNN runs at t=2 only: at t=4 its Linear(32, 10) head is split into 2 chunks (10 % 4 != 0) and emitting
 # the gather of such a Shard(groups=2) of 10 columns on 4 ranks narrows unequal chunks (passes/emit.py, refine).
-WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["conv_norm", "mha_encoder"]}  # t=4 plans: tier 2
+WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder"]}  # t=4 plans: tier 2
 _results: dict[int, list[dict[str, Any]] | str] = {}
 
 
