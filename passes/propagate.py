@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -335,7 +336,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
                 s.groups, s.segs = pl.groups, pl.segs
     reduce_now: set[str] = set()
     unknown: set[str] = set()
-    cache: RuleCache = {}
+    cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     for rounds in range(1, max_rounds + 1):
         prop = run_once(gm, world, seeds, frozenset(reduce_now), cache)
         unknown |= prop.unknown_ops

@@ -760,7 +760,8 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
         if pin == "colwise":
             shard_letters = {}  # its inputs are gathered
         elif pin == "rowwise":
-            L = next((c for c in spec if c not in out and c != "_"), None)
+            L = next((c for c in spec if c not in out and c != "_"
+                      and any(c in other for j, other in enumerate(specs) if j != k)), None)  # contracted
             size = as_int(o.shape[spec.index(L)]) if L else None
             if L is None or size is None or size < 2 * ctx.world:
                 return Fallback("a weight pinned rowwise has no contracted dim to split", idx[k])
@@ -875,13 +876,16 @@ def grouped_mm(ctx: OpCtx) -> Result:
 
 @register(aten.scaled_dot_product_attention)
 def sdpa(ctx: OpCtx) -> Result:
-    q, k, v = ctx.operands[:3]
+    qi, ki, vi = (ctx.idx(a) for a in ctx.args[:3])  # key and value may be the same tensor
+    if None in (qi, ki, vi):
+        return Fallback("sdpa operands that are not tensors", 0)
+    q, k, v = ctx.operands[qi], ctx.operands[ki], ctx.operands[vi]  # type: ignore[index]
     if ctx.kwargs.get("enable_gqa"):
-        return Fallback("sdpa with enable_gqa", 1)
+        return Fallback("sdpa with enable_gqa", ki)
     nb = q.ndim - 2
     specs = [_batch_spec(q, nb, "st"), _batch_spec(k, nb, "ud"), _batch_spec(v, nb, "ue")]
     specs[0] = specs[0][:-1] + "d"
-    idx = [0, 1, 2]
+    idx = [qi, ki, vi]
     mask = ctx.idx(ctx.args[3]) if len(ctx.args) > 3 else ctx.idx(ctx.kwargs.get("attn_mask"))
     if mask is not None:
         m = ctx.operands[mask]

@@ -177,3 +177,14 @@ def test_partial_plus_constant_is_reduced_first():
     # a partial times a constant stays partial
     st = lookup(aten.mul.Tensor)(_ctx(aten.mul.Tensor, [a], (s0, 1), args=[a.node, 0.5]))
     assert isinstance(st, Strategy) and st.out == P
+
+
+def test_pinned_rowwise_expert_weight_splits_the_contracted_dim_not_the_expert_dim():
+    # grouped_mm "tk,ekn->tn": a rowwise pin must split k (contracted), never e (the experts)
+    from tpfx.passes.rules import grouped_mm
+
+    x = _op((s0, 128))
+    w = _op((4, 128, 64), free=FreeParam("w", frozenset({"rowwise"}), 2))
+    st = grouped_mm(_ctx(aten.mm.default, [x, w], (s0, 64)))
+    assert isinstance(st, Strategy) and st.out == P
+    assert st.decide[1] == ("rowwise", Shard(1, 2, (128,))) and st.want[0] == Shard(1, 2, (128,))

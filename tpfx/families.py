@@ -73,8 +73,8 @@ def tiny_config(model_type: str, keep: tuple[str, ...] = (), **overrides: Any) -
                 target.layer_types = list(types)[: SHRINK["num_hidden_layers"]]
             except (AttributeError, TypeError, ValueError):
                 pass
-        for k in DROPOUTS:
-            if isinstance(getattr(target, k, None), float):
+        for k, v in list(vars(target).items()):  # every dropout probability (names vary by family)
+            if ("drop" in k or k in DROPOUTS) and isinstance(v, float):
                 setattr(target, k, 0.0)
         for k, v in overrides.items():
             setattr(target, k, v)
