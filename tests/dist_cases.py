@@ -122,3 +122,28 @@ def parallel_loss_check(rank: int, world: int, build: str, gather_outputs: bool)
             "logits_local": tuple(out.logits.shape), "logits_full": tuple(ref_out.logits.shape),
             "logits": rel_err(out.logits, ref_out.logits) if gather_outputs else None,
             "kinds": dict(kinds), "embed_rows": wte.shape[0]}
+
+
+def t5() -> torch.nn.Module:
+    from transformers import T5ForConditionalGeneration
+
+    from tpfx.families import tiny_config
+
+    cfg = tiny_config("t5")
+    cfg.decoder_start_token_id = cfg.pad_token_id = 0
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(cfg)
+
+
+def t5_check(rank: int, world: int) -> dict[str, Any]:
+    """Encoder-decoder with cross-attention: loss, logits and gradients vs unsharded."""
+    model, ref = t5(), t5()
+    sharded = tpfx.auto_shard(model, world)
+    ids, labels = models.token_inputs(128, 3, 7, seed=2), models.token_inputs(128, 3, 5, seed=3)
+    out, ref_out = sharded(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref_out.loss.backward()
+    return {"logits": rel_err(out.logits, ref_out.logits), "loss": rel_err(out.loss, ref_out.loss),
+            "grad": _grad_err(sharded, ref, rank), "all_reduce": sharded.plan.count("all_reduce"),
+            "fallbacks": len(sharded.plan.fallbacks),
+            "ratio": sum(p.numel() for p in sharded.parameters()) / sum(p.numel() for p in ref.parameters())}
