@@ -8,6 +8,7 @@ from collections import Counter
 import models
 import pytest
 import torch
+from dist_cases import FlipMLP
 from tpfx.passes.emit import collective_nodes
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -108,14 +109,6 @@ def test_indivisible_heads_fall_back_to_replicated_attention_with_reasons() -> N
     assert "not divisible by 3" in reasons
     assert plan.placements["model.layers.0.mlp.gate_proj.weight"].style == "colwise"  # 192 % 3 == 0
 
-
-class FlipMLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.flip(self.up(x), dims=[-1]))
 
 
 def test_unknown_op_is_warned_and_its_region_replicated() -> None:

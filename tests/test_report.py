@@ -12,6 +12,7 @@ import models
 import plan_cases
 import pytest
 import torch
+from dist_cases import FlipMLP
 from numerics import TOL
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,15 +110,6 @@ def test_groups_whose_layers_differ_are_labelled_by_layer() -> None:
     assert labels == {"model.layers.{0,2}.mlp.up_proj.weight": 2, "model.layers.1.mlp.up_proj.weight": 1}
     assert dict(build_report(odd).replicated)["model.layers.1.mlp.up_proj.weight"].startswith("replicated")
 
-
-class FlipMLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.flip(self.up(x), dims=[-1]))
 
 
 def test_summary_lists_unknown_ops() -> None:
