@@ -29,8 +29,9 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
     t0 = time.perf_counter()
     res: dict[str, Any] = {"family": model_type, "world": world}
     try:
-        ref = tiny_causal_lm(model_type)
-        model = tiny_causal_lm(model_type)
+        # eval mode: no dropout, no sampled routing (e.g. PhiMoE's sparsemixer); gradients still flow
+        ref = tiny_causal_lm(model_type).eval()
+        model = tiny_causal_lm(model_type).eval()
     except Exception as e:  # noqa: BLE001
         res["status"] = "build-error"
         res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
