@@ -4,7 +4,7 @@ ranks by ``tpfx.coverage`` and compared with the unsharded model.
     python benchmarks/coverage.py [--world 2] [--families a,b]      # run the sweep (~15-20 min on 2 cores)
     python benchmarks/coverage.py --from-json results/coverage_t2.json   # only render the table
 
-Writes ``benchmarks/results/coverage_t{world}.json`` and ``benchmarks/COVERAGE.md``. Columns: errors vs
+Writes ``benchmarks/results/coverage_t{world}.json`` and ``benchmarks/COVERAGE.md`` (every world size run). Columns: errors vs
 unsharded (logits, loss, gradients; fp32 relative), forward all-reduces per layer vs Megatron's 2 (the step
 count minus the vocab-parallel embedding's 1, over the layer count), all-gathers, parameter bytes per rank over
 total/t, HF ``base_model_tp_plan`` colwise/rowwise entries agreeing, and the fallbacks' reasons.
@@ -71,9 +71,13 @@ def main() -> None:
         print(f"{time.time() - t0:.0f} s")
     out = HERE / "results" / f"coverage_t{args.world}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
-    (HERE / "COVERAGE.md").write_text(render(results, args.world))
-    print((HERE / "COVERAGE.md").read_text())
+    if not args.from_json:
+        out.write_text(json.dumps(results, indent=1, default=str))
+    # COVERAGE.md holds every world size that has results, smallest first
+    runs = sorted(HERE.glob("results/coverage_t*.json"), key=lambda p: int(p.stem.split("_t")[1]))
+    (HERE / "COVERAGE.md").write_text("\n".join(
+        render(json.loads(p.read_text()), int(p.stem.split("_t")[1])) for p in runs))
+    print(render(results, args.world))
 
 
 if __name__ == "__main__":

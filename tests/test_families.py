@@ -34,6 +34,19 @@ def _sweep(world: int) -> list[dict[str, Any]]:
     return _results[world]
 
 
+def test_generic_shrink_keeps_each_layer_kind_and_head_relations() -> None:
+    from tpfx.families import tiny_causal_lm
+
+    hybrid = tiny_causal_lm("olmo_hybrid").config  # linear-attention layers with a full-attention one every 4th
+    assert set(hybrid.layer_types) == {"linear_attention", "full_attention"}
+    assert hybrid.num_hidden_layers == len(hybrid.layer_types) <= 4
+    mla = tiny_causal_lm("deepseek_v3").config  # multi-head latent attention: as many KV heads as heads
+    assert mla.num_key_value_heads == mla.num_attention_heads == 8 and mla.hidden_size == 64
+    assert mla.first_k_dense_replace == 1  # one dense layer, one MoE layer
+    gqa = tiny_causal_lm("ministral").config  # head_dim None in the default config: derived by the config
+    assert (gqa.num_attention_heads, gqa.num_key_value_heads) == (8, 4)
+
+
 def test_families_are_enumerated_from_transformers() -> None:
     fams = causal_lm_families()
     assert len(fams) >= 50
@@ -48,15 +61,18 @@ def test_every_family_matches_the_unsharded_model(world: int) -> None:
     failures, skipped, differ = [], [], []
     agree = 0
     for r in results:
-        if r["status"] in ("build-error", "model-error"):
+        if r["status"] in ("build-error", "default-config-error", "model-error"):
             skipped.append(f"{r['family']}: {r['error']}")
             continue
         if r["status"] != "ok":
             failures.append(f"{r['family']}: {r['status']}: {r['error']}")
             continue
         worst = max(r["logits"], r["loss"], r["grad"])
-        if worst > TOL:
-            failures.append(f"{r['family']}: rel err {worst:.2e} (grad worst {r['grad_worst']})")
+        # TOL, or twice the family's own fp32 rounding (unsharded fp32 vs fp64) where that is larger: e.g.
+        # Gemma 4's unsharded fp32 gradients are 1e-5 away from fp64 before any sharding
+        if worst > max(TOL, 2 * r.get("fp32_floor", 0.0)):
+            failures.append(f"{r['family']}: rel err {worst:.2e} (grad worst {r['grad_worst']}; fp32 floor "
+                            f"{r.get('fp32_floor', 0.0):.1e})")
         agree += len(r["hf_agree"])
         differ += [f"{r['family']}: {d}" for d in r["hf_differ"]]
     print(f"\n{len(results) - len(skipped)} families sharded and exact at t={world}; "

@@ -24,7 +24,7 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-7) ->
 
 def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: int = 3) -> dict[str, Any]:
     import tpfx
-    from tpfx.families import tiny_causal_lm
+    from tpfx.families import default_config_error, tiny_causal_lm
 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"family": model_type, "world": world}
@@ -33,8 +33,13 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         ref = tiny_causal_lm(model_type).eval()
         model = tiny_causal_lm(model_type).eval()
     except Exception as e:  # noqa: BLE001
-        res["status"] = "build-error"
-        res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        default = default_config_error(model_type)
+        if default is not None:  # transformers' own default config fails: nothing tpfx could shrink
+            res["status"] = "default-config-error"
+            res["error"] = f"transformers' default config does not build the model either: {default}"
+        else:
+            res["status"] = "build-error"
+            res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return res
     try:
         vocab = ref.config.get_text_config().vocab_size
@@ -59,18 +64,8 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         res["trace"] = traceback.format_exc()[-2000:]
         return res
     plan = sharded.plan
-    full = dict(ref.named_parameters())
-    scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
-    grad_err, worst = 0.0, ""
-    for name, p in sharded.named_parameters():
-        fg = full[name].grad
-        if fg is None and p.grad is None:
-            continue
-        fg = fg if fg is not None else torch.zeros_like(full[name])
-        e = _rel(p.grad if p.grad is not None else torch.zeros_like(p),
-                 tpfx.shard_tensor(plan, name, fg, rank), floor=max(1e-7, 1e-2 * scale))
-        if e > grad_err:
-            grad_err, worst = e, name
+    grad_err, worst = _grad_err(dict(sharded.named_parameters()), ref,
+                                lambda name, g: tpfx.shard_tensor(plan, name, g, rank))
     hf = hf_agreement(plan, ref)
     local = sum(p.numel() for p in sharded.parameters())
     total = sum(p.numel() for p in ref.parameters())
@@ -88,9 +83,44 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         hf_agree=hf["agree"],
         hf_differ=hf["differ"],
         layers=getattr(ref.config.get_text_config(), "num_hidden_layers", None),
+        fp32_floor=_fp32_floor(model_type, ref, ref_out.logits, ids, labels),
         seconds=time.perf_counter() - t0,
     )
     return res
+
+
+def _grad_err(params: dict[str, torch.Tensor], ref: torch.nn.Module, local: Any) -> tuple[float, str]:
+    """Largest gradient error of ``params`` against ``ref``'s (``local(name, grad)``: this rank's part), each
+    relative to its tensor's largest gradient, floored at 1% of the model's largest gradient."""
+    full = dict(ref.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
+    err, worst = 0.0, ""
+    for name, p in params.items():
+        fg = full[name].grad
+        if fg is None and p.grad is None:
+            continue
+        fg = fg if fg is not None else torch.zeros_like(full[name])
+        e = _rel(p.grad if p.grad is not None else torch.zeros_like(p), local(name, fg),
+                 floor=max(1e-7, 1e-2 * scale))
+        if e > err:
+            err, worst = e, name
+    return err, worst
+
+
+def _fp32_floor(model_type: str, ref: torch.nn.Module, logits: torch.Tensor, ids: torch.Tensor,
+                labels: torch.Tensor) -> float:
+    """How far the unsharded fp32 model itself is from its fp64 twin (same metric as the sharded check):
+    the rounding noise fp32 adds for this family. Ill-conditioned families (e.g. Gemma 4) exceed 1e-5."""
+    from tpfx.families import tiny_causal_lm
+
+    try:
+        twin = tiny_causal_lm(model_type).eval().double()
+        out = twin(input_ids=ids, labels=labels, use_cache=False)
+        out.loss.backward()
+    except Exception:  # noqa: BLE001 - a family that cannot run in fp64 has no floor estimate
+        return 0.0
+    err, _ = _grad_err(dict(ref.named_parameters()), twin, lambda name, g: g)
+    return max(err, _rel(logits, out.logits))
 
 
 def hf_agreement(plan: Any, model: torch.nn.Module) -> dict[str, list[str]]:
