@@ -44,7 +44,7 @@ def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], rank: int, world: 
     for k in range(len(segs)):
         for j, c in enumerate(chunks):
             out.append(c.narrow(0, sum(sizes[j][:k]), sizes[j][k]))
-    return torch.cat(out, 0).movedim(0, dim)
+    return torch.cat(out, 0).movedim(0, dim).contiguous()  # the unsharded value was contiguous
 
 
 class _AllReduce(torch.autograd.Function):
@@ -80,7 +80,7 @@ class _AllGather(torch.autograd.Function):
         chunks = full.chunk(world, 0)[::per]
         local = [s // groups for s in segs]
         out = [c.narrow(0, sum(local[:k]), local[k]) for k in range(len(segs)) for c in chunks]
-        return torch.cat(out, 0).movedim(0, dim)
+        return torch.cat(out, 0).movedim(0, dim).contiguous()  # the unsharded value was contiguous
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]

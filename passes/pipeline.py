@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from .shapes import shape_of
+
 log = logging.getLogger("tpfx.passes")
 aten = torch.ops.aten
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
@@ -86,6 +88,33 @@ def decompose_bias(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def copy_to_values(gm: fx.GraphModule) -> fx.GraphModule:
+    """``aten.copy(dst, src)`` with ``src`` already of ``dst``'s shape -> ``src`` (cast to ``dst``'s dtype).
+
+    Functionalizing ``x[..., :d].copy_(y)`` leaves ``copy(slice, y)`` feeding a ``slice_scatter``; only
+    ``y``'s values matter, and eager autograd has no derivative for the functional ``copy``."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default or len(node.args) < 2:
+            continue
+        dst, src = node.args[:2]
+        dv = dst.meta.get("val") if isinstance(dst, fx.Node) else None
+        sv = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) \
+                or shape_of(dv) != shape_of(sv) or dv.device != sv.device:
+            continue
+        if dv.dtype != sv.dtype:
+            with gm.graph.inserting_before(node):
+                src = gm.graph.call_function(aten._to_copy.default, (src,), {"dtype": dv.dtype})
+                src.meta = dict(node.meta)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()
@@ -98,4 +127,4 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [decompose_bias]
+PRE_PASSES: list[Pass] = [copy_to_values, decompose_bias]

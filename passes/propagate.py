@@ -16,7 +16,15 @@ The idea (Megatron's plan, derived instead of written down):
    refine their segments (fused q/k/v and gate/up projections), or replicate them.
 3. Re-run until no demand is left. Each round only ever lowers a weight's group count, refines
    its segments or replicates it, so the fixpoint is reached in a few linear passes; pinned
-   weights (overrides, a saved plan) are never demoted: a gather is inserted instead.
+   weights (overrides, a saved plan) are never demoted: a gather is inserted instead. A fallback
+   downstream of another one in the same round may be transient, so its demand is held back,
+   and applied only if it is still there when nothing else changes.
+4. Greedy step 1 pairs every column split with the next row split. In a low-rank chain
+   (``x -> A (h x r) -> norm -> B (r x n*d) -> heads``, multi-head latent attention) that pairs A
+   with B, and B's partial sum is all-reduced only to be split into heads again. For such a
+   *reduce-then-split*, A is tried replicated (then B splits by columns straight into the heads)
+   and the trial is kept if it moves fewer collective bytes, for at most 10% more parameter bytes
+   per rank:  accept  iff  comm' < comm  and  params' <= 1.1 * params  (the low-rank A is small).
 
 Collectives are where placements meet: ``P -> R`` all-reduce, ``S -> R`` all-gather (only at
 outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is Megatron's
@@ -29,7 +37,7 @@ import math
 import operator
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -67,7 +75,10 @@ class Propagation:
     unknown_ops: set[str]
     demands: list[tuple[frozenset[str], str, Any, str]]
     rounds: int = 0
+    # demands held back because the fallback sits downstream of another one this round (maybe transient)
+    held: list[tuple[frozenset[str], str, Any, str]] = field(default_factory=list)
     reduced_after: set[fx.Node] = field(default_factory=set)  # Partial outputs all-reduced at the producer
+    origins: dict[fx.Node, frozenset[str]] = field(default_factory=dict)  # shard/partial value -> its weights
 
 
 def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:
@@ -270,10 +281,12 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             culprits = [result.operand] if result.operand is not None else [
                 i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
             src = frozenset().union(*[origins.get(operands[i].node, frozenset()) for i in culprits])
+            kind = "groups" if result.groups else "segs" if result.segs else "replicate"
             movable = frozenset(f for f in src if not seeds[f].pinned and f not in tainted_seeds)
             if movable and (node not in tainted or result.groups or result.segs):
-                kind = "groups" if result.groups else "segs" if result.segs else "replicate"
                 prop.demands.append((movable, kind, result.groups or result.segs, f"{node.name}: {result.reason}"))
+            elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
+                prop.held.append((unpinned, kind, result.groups or result.segs, f"{node.name}: {result.reason}"))
             if any(isinstance(o.placement, Shard) for o in operands):
                 prop.fallbacks.append((node.name, result.reason))
             result = Strategy({i: R for i in range(len(operands))}, replicated_out)
@@ -319,6 +332,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
     for fqn in list(chains):  # layout ops of weights no rule consumed: replicated
         prop.decided.setdefault(fqn, ("replicate", R))
         materialize(fqn)
+    prop.origins = origins
     return prop
 
 
@@ -334,9 +348,30 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s.styles, s.pinned = frozenset({style}), True
             if isinstance(pl, Shard):
                 s.groups, s.segs = pl.groups, pl.segs
+    cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
+    prop = _fixpoint(gm, world, seeds, cache, max_rounds)
+    split_again = _reduced_then_split(prop, seeds)
+    if split_again:  # step 4 of the module docstring
+        trial_seeds = {f: replace(s, reasons=list(s.reasons)) for f, s in seeds.items()}
+        for f in split_again:
+            trial_seeds[f].styles = frozenset({"replicate"})
+            trial_seeds[f].reasons.append("replicated: its row-split partner's sum was all-reduced and split "
+                                          "again (low-rank chain); replicated, the chain splits by columns")
+        trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds)
+        (comm, params), (comm2, params2) = _cost(prop), _cost(trial)
+        if comm2 < comm and params2 <= 1.10 * params:
+            prop, seeds = trial, trial_seeds
+    _check_pins(prop, seeds)
+    if prop.unknown_ops:
+        warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
+                      f"is replicated", stacklevel=3)
+    return prop, seeds
+
+
+def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: RuleCache | None,
+              max_rounds: int) -> Propagation:
     reduce_now: set[str] = set()
     unknown: set[str] = set()
-    cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     for rounds in range(1, max_rounds + 1):
         prop = run_once(gm, world, seeds, frozenset(reduce_now), cache)
         unknown |= prop.unknown_ops
@@ -357,12 +392,56 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             if (reduced & carried) - reduce_now:
                 reduce_now |= reduced & carried
                 continue
-            _check_pins(prop, seeds)
-            if prop.unknown_ops:
-                warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
-                              f"is replicated", stacklevel=3)
-            return prop, seeds
+            # at the fixpoint a held-back demand is no longer transient: apply it rather than keep a gather
+            held = False
+            for fqns, kind, value, reason in prop.held:
+                for f in sorted(fqns):
+                    held |= _apply(seeds[f], prop, f, kind, value, reason)
+            if held:
+                continue
+            return prop
     raise RuntimeError(f"tpfx: sharding propagation did not converge in {max_rounds} rounds")
+
+
+def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 12) -> set[str]:
+    """Column-split weights whose row-split partner's partial sum is all-reduced and then split again
+    (a replicated value refined to a shard, reached from the reduction through replicated ops only)."""
+    out: set[str] = set()
+    for (_, producer), want in prop.wants.items():
+        if not isinstance(want, Shard) or not _replicated(prop.placements.get(producer)):
+            continue
+        frontier, seen = [producer], {producer}
+        for _ in range(depth):
+            nxt = []
+            for x in frontier:
+                reduced = x in prop.reduced_after
+                for y in x.all_input_nodes:
+                    if reduced or (isinstance(prop.placements.get(y), Partial)
+                                   and isinstance(prop.wants.get((x, y)), Replicate)):
+                        src = x if reduced else y
+                        out |= {f for f in prop.origins.get(src, frozenset())
+                                if prop.decided.get(f, ("",))[0] == "colwise" and not seeds[f].pinned}
+                    elif y not in seen and y.op == "call_function" and _replicated(prop.placements.get(y)):
+                        seen.add(y)
+                        nxt.append(y)
+            frontier = nxt
+    return out
+
+
+def _replicated(pl: Any) -> bool:
+    return isinstance(pl, Replicate) or (isinstance(pl, tuple) and all(isinstance(q, Replicate) for q in pl))
+
+
+def _cost(prop: Propagation) -> tuple[int, int]:
+    """(bytes of forward all-reduces and gathers, parameter bytes per rank) of a propagation."""
+    comm = sum(nbytes(p) for (c, p), w in prop.wants.items()
+               if isinstance(w, Replicate) and isinstance(prop.placements.get(p), (Partial, Shard)))
+    comm += sum(nbytes(n) for n in prop.reduced_after)
+    params = 0
+    for node, fqn in prop.param_nodes.items():
+        pl = prop.decided.get(fqn, ("replicate", R))[1]
+        params += nbytes(node) // (pl.groups if isinstance(pl, Shard) else 1)
+    return comm, params
 
 
 def _check_pins(prop: Propagation, seeds: dict[str, Seed]) -> None:

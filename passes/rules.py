@@ -347,6 +347,15 @@ def transpose(ctx: OpCtx) -> Result:
     return _moved(ctx, lambda d: b if d == a else a if d == b else d)
 
 
+@register(aten.view_as_complex, aten.view_as_real)
+def complex_view(ctx: OpCtx) -> Result:
+    """``[..., 2]`` real pairs <-> ``[...]`` complex (RoPE as a complex product): leading dims keep their shard;
+    the pair dim cannot be split."""
+    last = ctx.operands[0].ndim - 1
+    pairs = ctx.node.target is aten.view_as_complex.default
+    return _moved(ctx, lambda d: None if pairs and d == last else d)
+
+
 @register(aten.t, aten.numpy_T)
 def t(ctx: OpCtx) -> Result:
     nd = ctx.operands[0].ndim
@@ -499,11 +508,19 @@ def split(ctx: OpCtx) -> Result:
     return strat
 
 
+def _common_shard(ops: list[Operand]) -> Shard | Fallback:
+    """The one shard every operand can take (the finest of compatible shards on one dim), or why not."""
+    shards = [o.placement for o in ops if isinstance(o.placement, Shard)]
+    best = finest(shards)
+    if best is None or len({s.dim for s in shards}) > 1:
+        return Fallback("operands sharded with incompatible layouts")
+    return best
+
+
 @register(aten.cat)
 def cat(ctx: OpCtx) -> Result:
     ops = ctx.operands
-    nd = len(ctx.out_shapes)
-    dim = norm_dim(ctx.args[1] if len(ctx.args) > 1 else 0, nd)
+    dim = norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes))
     shards = [o.placement for o in ops if isinstance(o.placement, Shard)]
     if not shards:
         return Strategy(keep(ctx), R)
@@ -515,25 +532,39 @@ def cat(ctx: OpCtx) -> Result:
         return Fallback("concatenating shards of different group counts", 0)
     if any(isinstance(s, Shard) and s.dim == dim for s in shards):
         return Fallback("concatenating a sharded and a replicated tensor along the sharded dim", 0)
-    best = finest(shards)  # type: ignore[arg-type]
-    if best is None or len({s.dim for s in shards}) > 1:
-        return Fallback("operands sharded with incompatible layouts", 0)
+    best = _common_shard(ops)
+    if isinstance(best, Fallback):
+        return best
     return Strategy({i: best for i in range(len(ops))}, best)
 
 
 @register(aten.stack)
 def stack(ctx: OpCtx) -> Result:
     ops = ctx.operands
-    nd = len(ctx.out_shapes)
-    dim = norm_dim(ctx.args[1] if len(ctx.args) > 1 else 0, nd)
-    shards = [o.placement for o in ops if isinstance(o.placement, Shard)]
-    if not shards:
+    dim = norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes))
+    if not sharded(ops):
         return Strategy(keep(ctx), R)
-    best = finest(shards)  # type: ignore[arg-type]
-    if best is None or len({s.dim for s in shards}) > 1:
-        return Fallback("operands sharded with incompatible layouts", 0)
+    best = _common_shard(ops)
+    if isinstance(best, Fallback):
+        return best
     od = best.dim + 1 if best.dim >= dim else best.dim
     return Strategy({i: best for i in range(len(ops))}, Shard(od, best.groups, best.segs))
+
+
+@register(aten.slice_scatter)
+def slice_scatter(ctx: OpCtx) -> Result:
+    """``out = input`` with ``out[dim][start:end] = src`` (functionalized ``x[..., a:b].copy_(y)``): both
+    operands split alike on another dim; writing into the split dim replicates."""
+    ops = ctx.operands
+    dim = norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes))
+    if not sharded(ops):
+        return Strategy(keep(ctx), R)
+    best = _common_shard(ops)
+    if isinstance(best, Fallback):
+        return best
+    if best.dim == dim:
+        return Fallback("slice_scatter into the sharded dim")  # culprits: every sharded operand
+    return Strategy({i: best for i in range(len(ops))}, best)
 
 
 @register(aten.flatten, aten.unflatten)

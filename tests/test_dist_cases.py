@@ -62,3 +62,15 @@ def test_t5_encoder_decoder_with_cross_attention() -> None:
         # lookups (token and relative-position embeddings, in encoder and decoder)
         assert res["all_reduce"] == 2 * 2 + 3 * 2 + 4 and res["fallbacks"] == 0, res
         assert res["ratio"] < 0.51
+
+
+def test_multi_head_latent_attention_at_4_ranks() -> None:
+    # DeepSeek-V3's MLA (functionalized key assembly, low-rank q/kv chains) and its MoE layer on 4 gloo ranks
+    from tpfx.coverage import run_families
+
+    for res in launch(run_families, 4, ["deepseek_v3"], timeout_s=600):
+        (r,) = res
+        assert r["status"] == "ok", r.get("error")
+        assert max(r["logits"], r["loss"], r["grad"]) <= TOL, r
+        assert r["all_reduce"] == 1 + 2 * r["layers"]  # embedding + 2 per layer: Megatron's count
+        assert not r["hf_differ"], r["hf_differ"]

@@ -116,3 +116,36 @@ def test_unknown_op_is_warned_and_its_region_replicated() -> None:
         plan = tpfx.plan(FlipMLP(), 2, example_inputs=(torch.randn(4, 16),))
     assert plan.placements["up.weight"].style == "replicate"
     assert "aten.flip.default" in plan.unknown_ops
+
+
+def test_in_place_writes_into_intermediates_are_functionalized() -> None:
+    # MLA builds its keys with `key[..., :d].copy_(k_nope)`: sharding that graph as it is would write into a
+    # redistributed copy; tpfx captures it functionally (slice_scatter) instead
+    from tpfx.api import _examples, capture
+    from tpfx.families import tiny_causal_lm
+
+    model = tiny_causal_lm("deepseek_v3")
+    gm, _ = capture(model, *_examples(model, None, None))
+    targets = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert targets["aten.slice_scatter.default"] >= 2 and targets["aten.copy_.default"] == 0
+    assert targets["aten.copy.default"] == 0  # copy(dst, src) of equal shapes is src (no eager derivative)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_multi_head_latent_attention_is_megatron_exact(world: int) -> None:
+    # q: x -> q_a (h x r) -> norm -> q_b (r x n*d): pairing q_a/q_b column/row would all-reduce q and split it
+    # again; tpfx keeps q_a (and kv_a) replicated, splits q_b/kv_b by heads and o_proj by rows
+    from tpfx.families import tiny_causal_lm
+
+    model = tiny_causal_lm("deepseek_v3")
+    plan = tpfx.plan(model, world)
+    styles = {k: v.style for k, v in plan.placements.items()}
+    for i in range(2):
+        a = f"model.layers.{i}.self_attn."
+        assert styles[a + "q_a_proj.weight"] == styles[a + "kv_a_proj_with_mqa.weight"] == "replicate"
+        assert styles[a + "q_b_proj.weight"] == styles[a + "kv_b_proj.weight"] == "colwise"
+        assert styles[a + "o_proj.weight"] == "rowwise"
+    fwd = _forward_collectives(tpfx.emit_rank(plan, 0))
+    # the shared rope key (and the fresh key buffer) enter the heads by a local slice ("scatter": no
+    # communication forward; its backward sums the heads' gradients, Megatron's f)
+    assert fwd == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1, "scatter": 2 * 2})

@@ -188,3 +188,28 @@ def test_pinned_rowwise_expert_weight_splits_the_contracted_dim_not_the_expert_d
     st = grouped_mm(_ctx(aten.mm.default, [x, w], (s0, 64)))
     assert isinstance(st, Strategy) and st.out == P
     assert st.decide[1] == ("rowwise", Shard(1, 2, (128,))) and st.want[0] == Shard(1, 2, (128,))
+
+
+def test_slice_scatter_keeps_a_shard_off_the_written_dim():
+    # key[..., :16] = k_nope (functionalized copy_ into a slice): heads split, the written dim whole
+    base, src = _op((s0, 4, s1, 24)), _op((s0, 4, s1, 16), Shard(1, 2, (4,)))
+    st = lookup(aten.slice_scatter.default)(
+        _ctx(aten.slice_scatter.default, [base, src], (s0, 4, s1, 24), args=[base.node, src.node, 3, 0, 16]))
+    assert isinstance(st, Strategy) and st.out == Shard(1, 2, (4,)) and st.want == {0: st.out, 1: st.out}
+    # writing into the split dim itself cannot stay split
+    src = _op((s0, 4, s1, 16), Shard(3, 2, (16,)))
+    bad = lookup(aten.slice_scatter.default)(
+        _ctx(aten.slice_scatter.default, [base, src], (s0, 4, s1, 24), args=[base.node, src.node, 3, 0, 16]))
+    assert isinstance(bad, Fallback) and bad.operand is None
+
+
+def test_view_as_complex_carries_leading_shards_but_not_the_pair_dim():
+    x = _op((s0, 4, s1, 4, 2), Shard(1, 2, (4,)))
+    st = lookup(aten.view_as_complex.default)(_ctx(aten.view_as_complex.default, [x], (s0, 4, s1, 4)))
+    assert isinstance(st, Strategy) and st.out == Shard(1, 2, (4,))
+    y = _op((s0, 4, s1, 4, 2), Shard(4, 2, (2,)))
+    assert isinstance(lookup(aten.view_as_complex.default)(
+        _ctx(aten.view_as_complex.default, [y], (s0, 4, s1, 4))), Fallback)
+    z = _op((s0, 4, s1, 4), Shard(1, 2, (4,)), dtype=torch.complex64)
+    st = lookup(aten.view_as_real.default)(_ctx(aten.view_as_real.default, [z], (s0, 4, s1, 4, 2)))
+    assert isinstance(st, Strategy) and st.out == Shard(1, 2, (4,))

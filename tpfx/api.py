@@ -70,6 +70,23 @@ def _dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -
     return spec
 
 
+def _mutates_intermediates(graph: fx.Graph) -> bool:
+    """True if an op writes into a value computed inside the graph (``x[..., :d].copy_(y)``, ``h.add_(r)``).
+
+    Sharding such a graph as it is would be unsafe: a redistributed operand is a new tensor, and the write
+    would miss the value that later nodes read. Such graphs are functionalized first. Writes into inputs and
+    buffers (BatchNorm running statistics) are kept: export records them as buffer mutations."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, node.args, strict=False):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node) \
+                    and value.op != "placeholder":
+                return True
+    return False
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
             timings: dict[str, float] | None = None) -> tuple[fx.GraphModule, bool]:
     """torch.export (non-strict) with dynamic dims where the model allows; returns (graph, dynamic)."""
@@ -87,6 +104,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
     dynamic = ep is not None
     if ep is None:
         ep = torch.export.export(model, args, kwargs, strict=False)
+    if _mutates_intermediates(ep.graph):
+        ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
     gm = ep.module()
     if timings is not None:
         timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
