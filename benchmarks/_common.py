@@ -139,6 +139,20 @@ def write_json(name: str, data: dict[str, Any], quick: bool) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------- plan-time rows
+
+PLAN_TIME_COLUMNS = ["model", "params", "t", "nodes", "layers", "unique layers", "export alone", "capture",
+                     "other passes", "propagate", "emit/rank", "prop+emit", "total", "total/export"]
+
+
+def plan_time_cells(r: dict[str, Any]) -> list[str]:
+    """One plan-time result row as strings, in ``PLAN_TIME_COLUMNS`` order (console table and RESULTS.md)."""
+    return [r["model"], f"{r['params'] / 1e9:.1f}B", str(r["t"]), str(r["nodes"]), str(r["layers"]),
+            str(r["unique_layers"]), f"{r['export']:.2f}", f"{r['capture']:.2f}",
+            f"{sum(r['passes'].values()):.3f}", f"{r['propagate']:.3f}", f"{r['emit']:.3f}",
+            f"{r['prop_emit']:.3f}", f"{r['total']:.2f}", f"{r['ratio']:.2f}x"]
+
+
 # --------------------------------------------------------------------------------------------- models
 
 # Shapes of the released checkpoints (Llama-3.2-1B, Llama-2-7B/13B/70B).

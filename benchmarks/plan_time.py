@@ -56,6 +56,7 @@ def export_alone(model: torch.nn.Module) -> tuple[float, int]:
     """Seconds of ``torch.export.export`` with the dynamic dims tpfx asks for, and the graph's node count."""
     kwargs = _example(model)
     spec = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None}
+    gc.collect()  # both timed sides start from a collected heap (a pending collection costs seconds at 70B)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with C.Timer() as t:
@@ -67,6 +68,7 @@ def export_alone(model: torch.nn.Module) -> tuple[float, int]:
 
 def plan_once(model: torch.nn.Module, world: int, emit_ranks: list[int]) -> dict[str, Any]:
     timings: dict[str, float] = {}
+    gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with C.Timer() as wall:
@@ -200,38 +202,10 @@ def main() -> None:
         gc.collect()
 
     table = Table(title="tpfx plan time by stage (seconds; meta-device Llama shapes)")
-    for col in (
-        "model",
-        "t",
-        "nodes",
-        "layers",
-        "unique",
-        "export alone",
-        "capture",
-        "other passes",
-        "propagate",
-        "emit/rank",
-        "prop+emit",
-        "total",
-        "total/export",
-    ):
+    for col in C.PLAN_TIME_COLUMNS:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(
-            r["model"],
-            str(r["t"]),
-            str(r["nodes"]),
-            str(r["layers"]),
-            str(r["unique_layers"]),
-            C.fmt_s(r["export"]),
-            C.fmt_s(r["capture"]),
-            C.fmt_s(sum(r["passes"].values()), 3),
-            C.fmt_s(r["propagate"], 3),
-            C.fmt_s(r["emit"], 3),
-            C.fmt_s(r["prop_emit"], 3),
-            C.fmt_s(r["total"]),
-            f"{r['ratio']:.2f}x",
-        )
+        table.add_row(*C.plan_time_cells(r))
     console.print(table)
 
     targets: list[dict[str, Any]] = []

@@ -73,25 +73,7 @@ def header(d: dict[str, Any]) -> str:
 def section_plan_time(d: dict[str, Any] | None) -> str:
     if d is None:
         return "## Plan time\n\nNot run (`python benchmarks/plan_time.py`).\n"
-    rows = [
-        [
-            r["model"],
-            f"{r['params'] / 1e9:.1f}B",
-            r["t"],
-            r["nodes"],
-            r["layers"],
-            r["unique_layers"],
-            f"{r['export']:.2f}",
-            f"{r['capture']:.2f}",
-            f"{sum(r['passes'].values()):.3f}",
-            f"{r['propagate']:.3f}",
-            f"{r['emit']:.3f}",
-            f"{r['prop_emit']:.3f}",
-            f"{r['total']:.2f}",
-            f"{r['ratio']:.2f}x",
-        ]
-        for r in d["rows"]
-    ]
+    rows = [C.plan_time_cells(r) for r in d["rows"]]
     out = [
         "## Plan time (compile time of the planner)\n",
         header(d),
@@ -100,22 +82,7 @@ def section_plan_time(d: dict[str, Any] | None) -> str:
         "unlifting; `emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + "
         "emit) / export alone.\n",
         md_table(
-            [
-                "model",
-                "params",
-                "t",
-                "nodes",
-                "layers",
-                "unique layers",
-                "export alone",
-                "capture",
-                "other passes",
-                "propagate",
-                "emit/rank",
-                "prop+emit",
-                "total",
-                "total/export",
-            ],
+            C.PLAN_TIME_COLUMNS,
             rows,
         ),
         "",
