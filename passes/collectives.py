@@ -43,8 +43,8 @@ def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], rank: int, world: 
     out = []
     for k in range(len(segs)):
         for j, c in enumerate(chunks):
-            out.append(c.narrow(0, sum(sizes[j][:k]), sizes[j][k]))
-    return torch.cat(out, 0).movedim(0, dim).contiguous()  # the unsharded value was contiguous
+            out.append(c.narrow(0, sum(sizes[j][:k]), sizes[j][k]).movedim(0, dim))
+    return torch.cat(out, dim)  # one copy, contiguous like the unsharded value
 
 
 class _AllReduce(torch.autograd.Function):
@@ -79,8 +79,8 @@ class _AllGather(torch.autograd.Function):
         full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
         chunks = full.chunk(world, 0)[::per]
         local = [s // groups for s in segs]
-        out = [c.narrow(0, sum(local[:k]), local[k]) for k in range(len(segs)) for c in chunks]
-        return torch.cat(out, 0).movedim(0, dim).contiguous()  # the unsharded value was contiguous
+        out = [c.narrow(0, sum(local[:k]), local[k]).movedim(0, dim) for k in range(len(segs)) for c in chunks]
+        return torch.cat(out, dim)  # one copy, contiguous like the unsharded value
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
