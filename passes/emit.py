@@ -122,6 +122,8 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             continue
         if node.op == "call_module":
             root[node.target] = _fetch(gm, node.target)
+        if node.op == "call_function" and node.target is torch.set_grad_enabled:
+            cache.clear()  # a redistribution made under no_grad carries no gradient: redo it after a switch
         sharded = node.op != "output" and _sharded_compute(prop, node)
 
         def mapped(a: Any, node: fx.Node = node, sharded: bool = sharded) -> Any:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -115,6 +117,64 @@ def copy_to_values(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Inline export's ``wrap_with_set_grad_enabled`` regions between grad-mode switches.
+
+    ``torch.no_grad()`` blocks (HF's rotary embedding, HRM's gradient-free reasoning cycles) export as a
+    higher-order op whose body is a submodule: an op no rule could see into, so every weight used in it
+    would stay replicated. Inlined, the body's ops are planned like any others and still run with the
+    region's grad mode (``prev = is_grad_enabled(); set_grad_enabled(mode); ...; set_grad_enabled(prev)``)."""
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    g = gm.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not hop:
+            continue
+        enabled, body, *operands = node.args
+        sub = getattr(gm, body.target)
+        env: dict[fx.Node, Any] = {}
+        with g.inserting_before(node):
+            prev = g.call_function(torch.is_grad_enabled)
+            g.call_function(torch.set_grad_enabled, (enabled,))
+            params = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            env.update(zip(params, operands, strict=True))
+            result: object = None
+            for n in sub.graph.nodes:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "output":
+                    result = fx.map_arg(n.args[0], env.__getitem__)
+                    break
+                if n.op in ("get_attr", "call_module"):
+                    name = f"{body.target}_{n.target.replace('.', '_')}"
+                    obj = sub
+                    for part in n.target.split("."):
+                        obj = getattr(obj, part)
+                    setattr(gm, name, obj)
+                    new = g.node_copy(n, env.__getitem__)
+                    new.target = name
+                else:
+                    new = g.node_copy(n, env.__getitem__)
+                env[n] = new
+            g.call_function(torch.set_grad_enabled, (prev,))
+        outs = result if isinstance(result, (tuple, list)) else (result,)
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])  # type: ignore[arg-type]
+                g.erase_node(user)
+        if node.users:
+            node.replace_all_uses_with(result)  # type: ignore[arg-type]
+        g.erase_node(node)
+        if not body.users:
+            g.erase_node(body)
+            delattr(gm, body.target)
+        changed = True
+    if changed:
+        gm.recompile()
+        return inline_grad_regions(gm)  # regions nested in regions
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()
@@ -127,4 +187,4 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [copy_to_values, decompose_bias]
+PRE_PASSES: list[Pass] = [inline_grad_regions, copy_to_values, decompose_bias]

@@ -95,6 +95,24 @@ class MHAEncoder(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class NoGradCycles(nn.Module):
+    """HRM-style one-step gradient: two refinement cycles under ``torch.no_grad()``, then one with gradients,
+    all through the same MLP (its weights are used inside and outside the no-grad region)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def step(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z + self.down(torch.relu(self.up(z + x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(x)
+        with torch.no_grad():
+            z = self.step(self.step(z, x), x)
+        return self.step(z, x)
+
+
 def _conv_norm_eval() -> nn.Module:
     m = ConvNorm()
     with torch.no_grad():  # non-trivial running statistics, so eval mode reads them
@@ -124,6 +142,7 @@ CASES: dict[str, NNCase] = {
     "mha_encoder": NNCase(MHAEncoder, (2, 6, 32), (3, 5, 32)),
     "encoder_layer": NNCase(_encoder_layer, (2, 6, 32), (3, 5, 32)),
     "mha_encoder_static": NNCase(MHAEncoder, (2, 6, 32), (2, 6, 32), static=True),
+    "no_grad_cycles": NNCase(NoGradCycles, (2, 6, 16), (3, 5, 16)),
 }
 
 

@@ -362,7 +362,18 @@ def test_multihead_attention_static_capture_is_head_parallel(world: int) -> None
 
 # The CNN runs at t=2 only: at t=4 its Linear(32, 10) head is split into 2 chunks (10 % 4 != 0) and emitting
 # the gather of such a Shard(groups=2) of 10 columns on 4 ranks narrows unequal chunks (passes/emit.py, refine).
-WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder"]}  # t=4 plans: tier 2
+def test_no_grad_region_is_inlined_and_split_like_the_rest() -> None:
+    # export wraps `with torch.no_grad()` in a higher-order op; inlined, the weights used inside it split
+    plan = tpfx.plan(nn_cases.build("no_grad_cycles"), 2, example_inputs=(nn_cases.inputs((2, 6, 16), 0),))
+    assert plan.placements["up.weight"].style == "colwise" and plan.placements["down.weight"].style == "rowwise"
+    assert not plan.fallbacks and not plan.unknown_ops
+    gm = tpfx.emit_rank(plan, 0)
+    assert not [n for n in gm.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
+    # one all-reduce per cycle (3), after each row-split down projection
+    assert Counter(k for k, _ in collective_nodes(gm) if k == "all_reduce") == Counter({"all_reduce": 3})
+
+
+WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder", "no_grad_cycles"]}  # t=4 plans: tier 2
 _results: dict[int, list[dict[str, Any]] | str] = {}
 
 
