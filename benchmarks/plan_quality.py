@@ -61,6 +61,9 @@ FAMILIES = [
     "stablelm",
     "granite",
     "cohere",
+    "deepseek_v3",
+    "minicpm3",
+    "hrm_text",
 ]
 QUICK_FAMILIES = ["llama", "gpt2", "bert", "qwen2"]
 TINY = dict(
@@ -81,6 +84,11 @@ TINY = dict(
     num_kv_heads=4,
     head_dim=32,
     d_kv=32,
+    qk_rope_head_dim=32,  # multi-head latent attention: rope dims = head_dim, as in the default configs
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    kv_lora_rank=64,
+    q_lora_rank=64,
     vocab_size=1024,
     max_position_embeddings=512,
     word_embed_proj_dim=256,
@@ -103,21 +111,12 @@ ABBREV = {
 
 
 def tiny_model(family: str) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    """The family's default config shrunk to ``TINY`` sizes through its constructor (``tpfx.families``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    cfg = AutoConfig.for_model(family)
-    for key, value in TINY.items():
-        if hasattr(cfg, key):
-            try:
-                setattr(cfg, key, value)
-            except AttributeError:  # a derived property (falcon's head_dim)
-                pass
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v >= cfg.vocab_size:
-            setattr(cfg, key, cfg.vocab_size - 1)
-    if hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
+    from tpfx.families import tiny_config
+
+    cfg = tiny_config(family, sizes=TINY)
     kwargs: dict[str, Any] = {}
     if family == "gpt2":
         kwargs["attn_implementation"] = "eager"  # sdpa does not export (see shared NOTES)

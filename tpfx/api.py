@@ -104,9 +104,18 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
     dynamic = ep is not None
     if ep is None:
         ep = torch.export.export(model, args, kwargs, strict=False)
-    if _mutates_intermediates(ep.graph):
+    functionalized = _mutates_intermediates(ep.graph)
+    if functionalized:
         ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
     gm = ep.module()
+    if functionalized:
+        # decomposition turned reshapes into views where the traced strides allowed it; a rank's local
+        # tensors may be laid out otherwise, and with no writes left a view may as well be a reshape
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
+                                                               torch.ops.aten._unsafe_view.default):
+                node.target = torch.ops.aten.reshape.default
+        gm.recompile()
     if timings is not None:
         timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
     gm = run_passes(gm, PRE_PASSES, timings)  # type: ignore[arg-type]

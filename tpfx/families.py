@@ -67,7 +67,7 @@ HEAD_GEOMETRY = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num",
 
 
 def _shrink_kwargs(raw: dict[str, Any], keep: tuple[str, ...], fill_none: bool,
-                   kinds_first: bool = True) -> dict[str, Any]:
+                   kinds_first: bool = True, sizes: dict[str, Any] = SHRINK) -> dict[str, Any]:
     """Constructor kwargs that shrink one config (given as its ``__dict__``), sub-configs as nested dicts.
 
     Sizes go through the constructor, not ``setattr``, so values a config derives in ``__init__`` (head_dim,
@@ -77,29 +77,29 @@ def _shrink_kwargs(raw: dict[str, Any], keep: tuple[str, ...], fill_none: bool,
     from transformers import PretrainedConfig
 
     kw: dict[str, Any] = {}
-    for k, v in SHRINK.items():
+    for k, v in sizes.items():
         if k in raw and k not in keep and (raw[k] is not None or fill_none):
             kw[k] = v
     for kv, q in KV_HEADS.items():
-        if kv in kw and q in raw:
+        if kv in kw and q in raw and q in sizes:
             if raw[kv] is None or raw[kv] == raw[q]:
-                kw[kv] = SHRINK[q]
+                kw[kv] = sizes[q]
             elif raw[kv] == 1:
                 kw[kv] = 1
-    _pick_layers(raw, kw, kinds_first)
+    _pick_layers(raw, kw, kinds_first, sizes["num_hidden_layers"])
     for k, v in raw.items():
         if ("drop" in k or k in DROPOUTS) and isinstance(v, float):  # every dropout (names vary by family)
             kw[k] = 0.0
         elif k in ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id"):
-            if isinstance(v, int) and v >= SHRINK["vocab_size"]:
+            if isinstance(v, int) and v >= sizes["vocab_size"]:
                 kw[k] = 1
         elif isinstance(v, PretrainedConfig):
-            kw[k] = {**_shrink_kwargs(vars(v), keep, fill_none, kinds_first), "model_type": v.model_type}
+            kw[k] = {**_shrink_kwargs(vars(v), keep, fill_none, kinds_first, sizes), "model_type": v.model_type}
     kw["use_cache"] = False
     return kw
 
 
-def _pick_layers(raw: dict[str, Any], kw: dict[str, Any], kinds_first: bool = True) -> None:
+def _pick_layers(raw: dict[str, Any], kw: dict[str, Any], kinds_first: bool = True, least: int = 2) -> None:
     """Shrink per-layer lists (``layer_types``, ``mlp_layer_types``, ...: lists as long as the default layer
     count) to the first layer of each distinct kind, so a hybrid keeps one layer of every kind it has
     (``kinds_first``), or else to the first layers."""
@@ -112,7 +112,7 @@ def _pick_layers(raw: dict[str, Any], kw: dict[str, Any], kinds_first: bool = Tr
         return
     kinds = [tuple(str(v[i]) for v in lists.values()) for i in range(n)]
     idx = sorted({kinds.index(k) for k in kinds})[:MAX_TINY_LAYERS] if kinds_first else []
-    idx += [i for i in range(n) if i not in idx][: max(0, SHRINK["num_hidden_layers"] - len(idx))]
+    idx += [i for i in range(n) if i not in idx][: max(0, least - len(idx))]
     idx.sort()
     for k in LAYER_COUNTS:
         if k in kw:
@@ -122,12 +122,13 @@ def _pick_layers(raw: dict[str, Any], kw: dict[str, Any], kinds_first: bool = Tr
 
 
 def tiny_config(model_type: str, keep: tuple[str, ...] = (), fill_none: bool = False, kinds_first: bool = True,
-                **overrides: Any) -> Any:
-    """The family's default config with every known size attribute shrunk (see ``_shrink_kwargs``)."""
+                sizes: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """The family's default config with every known size attribute shrunk (see ``_shrink_kwargs``);
+    ``sizes`` replaces entries of ``SHRINK`` (e.g. a wider model for the plan-quality benchmark)."""
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    kw = _shrink_kwargs(vars(default), keep, fill_none, kinds_first)
+    kw = _shrink_kwargs(vars(default), keep, fill_none, kinds_first, {**SHRINK, **(sizes or {})})
     for k, v in kw.items():  # sub-configs: rebuilt from their class defaults plus the shrunk sizes
         if isinstance(v, dict):
             sub = getattr(default, k)
