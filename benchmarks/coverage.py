@@ -3,6 +3,7 @@ ranks by ``tpfx.coverage`` and compared with the unsharded model.
 
     python benchmarks/coverage.py [--world 2] [--families a,b]      # run the sweep (~15-20 min on 2 cores)
     python benchmarks/coverage.py --from-json results/coverage_t2.json   # only render the table
+    python benchmarks/coverage.py --families a,b --merge   # re-run some families, keep the other rows
 
 Writes ``benchmarks/results/coverage_t{world}.json`` and ``benchmarks/COVERAGE.md`` (every world size run). Columns: errors vs
 unsharded (logits, loss, gradients; fp32 relative), forward all-reduces per layer vs Megatron's 2 (the step
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--families", default=None)
     ap.add_argument("--from-json", default=None)
+    ap.add_argument("--merge", action="store_true", help="re-run --families and replace their rows in the JSON")
     args = ap.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
@@ -82,6 +84,10 @@ def main() -> None:
         t0 = time.time()
         results = run(args.world, fams)
         print(f"{time.time() - t0:.0f} s")
+        if args.merge:
+            fresh = {r["family"]: r for r in results}
+            old = json.loads((HERE / "results" / f"coverage_t{args.world}.json").read_text())
+            results = [fresh.get(r["family"], r) for r in old]
     out = HERE / "results" / f"coverage_t{args.world}.json"
     out.parent.mkdir(exist_ok=True)
     if not args.from_json:

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
-from .shapes import shape_of
+from .shapes import sym
 
 log = logging.getLogger("tpfx.passes")
 aten = torch.ops.aten
@@ -90,6 +91,17 @@ def decompose_bias(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    """Equal sizes: symbolically, or (forms sympy cannot simplify, e.g. chunked-sequence padding) by the
+    traced sizes; ops after a wrongly equated size would fail on the shape, never compute silently."""
+    ea, eb = sym(a), sym(b)
+    if sympy.simplify(ea - eb) == 0:
+        return True
+    ha = a.node.hint if isinstance(a, torch.SymInt) else a
+    hb = b.node.hint if isinstance(b, torch.SymInt) else b
+    return ha is not None and hb is not None and int(ha) == int(hb) and int(ha) != 1
+
+
 def copy_to_values(gm: fx.GraphModule) -> fx.GraphModule:
     """``aten.copy(dst, src)`` with ``src`` already of ``dst``'s shape -> ``src`` (cast to ``dst``'s dtype).
 
@@ -102,8 +114,8 @@ def copy_to_values(gm: fx.GraphModule) -> fx.GraphModule:
         dst, src = node.args[:2]
         dv = dst.meta.get("val") if isinstance(dst, fx.Node) else None
         sv = src.meta.get("val") if isinstance(src, fx.Node) else None
-        if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) \
-                or shape_of(dv) != shape_of(sv) or dv.device != sv.device:
+        if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) or dv.device != sv.device \
+                or dv.ndim != sv.ndim or not all(map(_same_size, dv.shape, sv.shape)):
             continue
         if dv.dtype != sv.dtype:
             with gm.graph.inserting_before(node):
@@ -175,6 +187,28 @@ def inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def type_as_to_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``x.type_as(other)`` -> ``x.to(other.dtype)``: ``other`` is read for its (static) dtype only, so it should
+    not tie x's layout to its own (a rule would otherwise treat it as a pointwise operand)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.type_as.default:
+            continue
+        x, other = node.args[:2]
+        ov = other.meta.get("val") if isinstance(other, fx.Node) else None
+        if not isinstance(ov, torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(aten._to_copy.default, (x,), {"dtype": ov.dtype})
+            cast.meta = dict(node.meta)
+        node.replace_all_uses_with(cast)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()
@@ -187,4 +221,4 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, copy_to_values, decompose_bias]
+PRE_PASSES: list[Pass] = [inline_grad_regions, copy_to_values, type_as_to_copy, decompose_bias]

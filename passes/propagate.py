@@ -362,6 +362,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
         if comm2 < comm and params2 <= 1.10 * params:
             prop, seeds = trial, trial_seeds
     _check_pins(prop, seeds)
+    _check_layouts(gm, prop)
     if prop.unknown_ops:
         warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
                       f"is replicated", stacklevel=3)
@@ -442,6 +443,19 @@ def _cost(prop: Propagation) -> tuple[int, int]:
         pl = prop.decided.get(fqn, ("replicate", R))[1]
         params += nbytes(node) // (pl.groups if isinstance(pl, Shard) else 1)
     return comm, params
+
+
+def _check_layouts(gm: fx.GraphModule, prop: Propagation) -> None:
+    """Every split must fit its value's static size: a rule that got one wrong fails here, at plan time,
+    never mid-forward on some rank."""
+    for node in gm.graph.nodes:
+        pl, val = prop.placements.get(node), node.meta.get("val")
+        for q, v in zip(pl if isinstance(pl, tuple) else (pl,), val if isinstance(val, (tuple, list)) else (val,),
+                        strict=False):
+            if isinstance(q, Shard) and isinstance(v, torch.Tensor) and q.dim < v.ndim \
+                    and isinstance(v.shape[q.dim], int) and v.shape[q.dim] != sum(q.segs):
+                raise RuntimeError(f"tpfx internal error: {node.name} ({node.target}) was given {q} for shape "
+                                   f"{tuple(v.shape)}; please report it with the model")
 
 
 def _check_pins(prop: Propagation, seeds: dict[str, Seed]) -> None:
