@@ -538,33 +538,34 @@ def cat(ctx: OpCtx) -> Result:
     return Strategy({i: best for i in range(len(ops))}, best)
 
 
+def _aligned(ctx: OpCtx) -> tuple[int, Shard] | Result:
+    """For ops whose operands must share one layout: (the op's dim, that shard), or the rule's answer when
+    nothing is split (replicated) or no common shard exists (fallback)."""
+    if not sharded(ctx.operands):
+        return Strategy(keep(ctx), R)
+    best = _common_shard(ctx.operands)
+    return best if isinstance(best, Fallback) else (norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes)), best)
+
+
 @register(aten.stack)
 def stack(ctx: OpCtx) -> Result:
-    ops = ctx.operands
-    dim = norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes))
-    if not sharded(ops):
-        return Strategy(keep(ctx), R)
-    best = _common_shard(ops)
-    if isinstance(best, Fallback):
-        return best
+    if not isinstance(r := _aligned(ctx), tuple):
+        return r
+    dim, best = r
     od = best.dim + 1 if best.dim >= dim else best.dim
-    return Strategy({i: best for i in range(len(ops))}, Shard(od, best.groups, best.segs))
+    return Strategy({i: best for i in range(len(ctx.operands))}, Shard(od, best.groups, best.segs))
 
 
 @register(aten.slice_scatter)
 def slice_scatter(ctx: OpCtx) -> Result:
     """``out = input`` with ``out[dim][start:end] = src`` (functionalized ``x[..., a:b].copy_(y)``): both
     operands split alike on another dim; writing into the split dim replicates."""
-    ops = ctx.operands
-    dim = norm_dim(ctx.arg("dim", 0), len(ctx.out_shapes))
-    if not sharded(ops):
-        return Strategy(keep(ctx), R)
-    best = _common_shard(ops)
-    if isinstance(best, Fallback):
-        return best
+    if not isinstance(r := _aligned(ctx), tuple):
+        return r
+    dim, best = r
     if best.dim == dim:
         return Fallback("slice_scatter into the sharded dim")  # culprits: every sharded operand
-    return Strategy({i: best for i in range(len(ops))}, best)
+    return Strategy({i: best for i in range(len(ctx.operands))}, best)
 
 
 @register(aten.flatten, aten.unflatten)
