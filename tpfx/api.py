@@ -255,60 +255,8 @@ class ShardedModule(torch.nn.Module):
         for fqn, p in self._store.items():
             if not hasattr(self, fqn.split(".")[0]) or fqn not in dict(self.named_parameters()):
                 _install(self, fqn, p)
-        runner: Any = local
-        if self._compile:
-            import copy
-            import operator
-
-            # Export wraps grad-mode regions (HF's rotary embedding runs under no_grad) in the
-            # ``wrap_with_set_grad_enabled`` higher-order op; dynamo graph-breaks on it once its body sees a
-            # dynamic size. The compiled copy inlines such regions between grad-mode switches, so the whole
-            # rank (collectives included) is one graph; ``local`` itself is left as emitted.
-            hop = torch.ops.higher_order.wrap_with_set_grad_enabled
-            flat = fx.Graph()
-            flat._codegen = copy.deepcopy(local.graph._codegen)
-            root: dict[str, Any] = {}
-
-            def inline(owner: torch.nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], prefix: str) -> Any:
-                def arg(a: Any) -> Any:
-                    return env[a] if isinstance(a, fx.Node) else a
-
-                for n in graph.nodes:
-                    if n.op == "placeholder" and prefix:
-                        continue  # bound by the caller
-                    if n.op == "output":
-                        return tree_map(arg, n.args[0])
-                    if n.op == "call_function" and n.target is hop:
-                        enabled, body, *operands = n.args
-                        sub = getattr(owner, body.target)
-                        params = [p for p in sub.graph.nodes if p.op == "placeholder"]
-                        prev = flat.call_function(torch.is_grad_enabled)
-                        flat.call_function(torch.set_grad_enabled, (enabled,))
-                        inner = {p: arg(a) for p, a in zip(params, operands)}
-                        env[n] = inline(sub, sub.graph, inner, f"{prefix}{body.target}_")
-                        flat.call_function(torch.set_grad_enabled, (prev,))
-                        continue
-                    if n.op == "call_function" and n.target is operator.getitem \
-                            and isinstance(env.get(n.args[0]), (tuple, list)):
-                        env[n] = env[n.args[0]][n.args[1]]
-                        continue
-                    if n.op == "get_attr" and n.users and all(u.target is hop and u.args[1] is n for u in n.users):
-                        continue  # a region body, inlined at its call
-                    if n.op in ("get_attr", "call_module"):
-                        name = prefix + n.target.replace(".", "_") if prefix else n.target
-                        obj: Any = owner
-                        for part in n.target.split("."):
-                            obj = getattr(obj, part)
-                        root[name] = obj
-                        env[n] = flat.node_copy(n, arg)
-                        env[n].target = name
-                        continue
-                    env[n] = flat.node_copy(n, arg)
-                return None
-
-            flat.output(inline(local, local.graph, {}, ""))
-            compiled = fx.GraphModule(root, flat, class_name=type(local).__name__)
-            runner = torch.compile(compiled, dynamic=True)
+        # no-grad regions were inlined at capture (``inline_grad_regions``), so each rank compiles as one graph
+        runner: Any = torch.compile(local, dynamic=True) if self._compile else local
         self._graphs[key] = (local, runner)
         return local
 
