@@ -102,33 +102,6 @@ def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
     return ha is not None and hb is not None and int(ha) == int(hb) and int(ha) != 1
 
 
-def copy_to_values(gm: fx.GraphModule) -> fx.GraphModule:
-    """``aten.copy(dst, src)`` with ``src`` already of ``dst``'s shape -> ``src`` (cast to ``dst``'s dtype).
-
-    Functionalizing ``x[..., :d].copy_(y)`` leaves ``copy(slice, y)`` feeding a ``slice_scatter``; only
-    ``y``'s values matter, and eager autograd has no derivative for the functional ``copy``."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.copy.default or len(node.args) < 2:
-            continue
-        dst, src = node.args[:2]
-        dv = dst.meta.get("val") if isinstance(dst, fx.Node) else None
-        sv = src.meta.get("val") if isinstance(src, fx.Node) else None
-        if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) or dv.device != sv.device \
-                or dv.ndim != sv.ndim or not all(map(_same_size, dv.shape, sv.shape)):
-            continue
-        if dv.dtype != sv.dtype:
-            with gm.graph.inserting_before(node):
-                src = gm.graph.call_function(aten._to_copy.default, (src,), {"dtype": dv.dtype})
-                src.meta = dict(node.meta)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.recompile()
-    return gm
-
-
 def inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
     """Inline export's ``wrap_with_set_grad_enabled`` regions between grad-mode switches.
 
@@ -187,21 +160,51 @@ def inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def type_as_to_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """``x.type_as(other)`` -> ``x.to(other.dtype)``: ``other`` is read for its (static) dtype only, so it should
-    not tie x's layout to its own (a rule would otherwise treat it as a pointwise operand)."""
+def _copy_value(node: fx.Node) -> tuple[fx.Node, torch.dtype | None] | None:
+    """``aten.copy(dst, src)`` with ``src`` already of ``dst``'s shape: its value is ``src`` (in ``dst``'s dtype).
+
+    Functionalizing ``x[..., :d].copy_(y)`` leaves ``copy(slice, y)`` feeding a ``slice_scatter``; only
+    ``y``'s values matter, and eager autograd has no derivative for the functional ``copy``."""
+    if len(node.args) < 2:
+        return None
+    dst, src = node.args[:2]
+    dv = dst.meta.get("val") if isinstance(dst, fx.Node) else None
+    sv = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) or dv.device != sv.device \
+            or dv.ndim != sv.ndim or not all(map(_same_size, dv.shape, sv.shape)):
+        return None
+    return src, (dv.dtype if dv.dtype != sv.dtype else None)  # type: ignore[return-value]
+
+
+def _type_as_value(node: fx.Node) -> tuple[fx.Node, torch.dtype | None] | None:
+    """``x.type_as(other)``: its value is x in other's dtype. ``other`` is read for its (static) dtype only, so it
+    should not tie x's layout to its own (a rule would otherwise treat it as a pointwise operand)."""
+    x, other = node.args[:2]
+    ov = other.meta.get("val") if isinstance(other, fx.Node) else None
+    return (x, ov.dtype) if isinstance(ov, torch.Tensor) else None  # type: ignore[return-value]
+
+
+# op -> (node -> the value it stands for and the dtype to cast it to, or None to keep the node)
+_VALUE_OPS: dict[Any, Callable[[fx.Node], tuple[fx.Node, torch.dtype | None] | None]] = {
+    aten.copy.default: _copy_value,
+    aten.type_as.default: _type_as_value,
+}
+
+
+def simplify_value_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace ops that only forward one operand's values (``_VALUE_OPS``) by that operand, cast if needed."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.type_as.default:
+        rewrite = _VALUE_OPS.get(node.target) if node.op == "call_function" else None
+        found = rewrite(node) if rewrite is not None else None
+        if found is None:
             continue
-        x, other = node.args[:2]
-        ov = other.meta.get("val") if isinstance(other, fx.Node) else None
-        if not isinstance(ov, torch.Tensor):
-            continue
-        with gm.graph.inserting_before(node):
-            cast = gm.graph.call_function(aten._to_copy.default, (x,), {"dtype": ov.dtype})
-            cast.meta = dict(node.meta)
-        node.replace_all_uses_with(cast)
+        value, dtype = found
+        if dtype is not None:
+            with gm.graph.inserting_before(node):
+                value = gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
+                value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
         gm.graph.erase_node(node)
         changed = True
     if changed:
@@ -221,4 +224,4 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, copy_to_values, type_as_to_copy, decompose_bias]
+PRE_PASSES: list[Pass] = [inline_grad_regions, simplify_value_ops, decompose_bias]
