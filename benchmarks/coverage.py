@@ -33,14 +33,11 @@ def run(world: int, families: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _tol(r: dict[str, Any]) -> float:
-    """1e-5, or twice the family's own fp32 rounding (unsharded fp32 vs fp64) where that is larger."""
-    return max(1e-5, 2 * r.get("fp32_floor", 0.0))
-
-
 def render(results: list[dict[str, Any]], world: int) -> str:
+    from tpfx.coverage import tolerance
+
     ok = [r for r in results if r["status"] == "ok"]
-    exact = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= _tol(r)]
+    exact = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= tolerance(r)]
     strict = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= 1e-5]
     megatron = [r for r in ok if r.get("layers") and r["all_reduce"] == 1 + 2 * r["layers"]]
     agree = sum(len(r["hf_agree"]) for r in ok)

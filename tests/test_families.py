@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from tpfx.coverage import run_families
+from tpfx.coverage import run_families, tolerance
 from tpfx.families import causal_lm_families
 from tpfx.launch import launch
 
-TOL = 1e-5
 _CHOICE = os.environ.get("TPFX_FAMILIES", "")
 FAMILIES = (causal_lm_families() if _CHOICE == "all" else [f for f in _CHOICE.split(",") if f]
             or causal_lm_families()[::10])
@@ -68,9 +67,7 @@ def test_every_family_matches_the_unsharded_model(world: int) -> None:
             failures.append(f"{r['family']}: {r['status']}: {r['error']}")
             continue
         worst = max(r["logits"], r["loss"], r["grad"])
-        # TOL, or twice the family's own fp32 rounding (unsharded fp32 vs fp64) where that is larger: e.g.
-        # Gemma 4's unsharded fp32 gradients are 1e-5 away from fp64 before any sharding
-        if worst > max(TOL, 2 * r.get("fp32_floor", 0.0)):
+        if worst > tolerance(r):  # 1e-5, or twice the family's own fp32 rounding where larger
             failures.append(f"{r['family']}: rel err {worst:.2e} (grad worst {r['grad_worst']}; fp32 floor "
                             f"{r.get('fp32_floor', 0.0):.1e})")
         agree += len(r["hf_agree"])

@@ -89,6 +89,15 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
     return res
 
 
+TOL = 1e-5  # fp32 relative error of logits, loss and every gradient against the unsharded model
+
+
+def tolerance(result: dict[str, Any]) -> float:
+    """A family's bar: ``TOL``, or twice its own fp32 rounding (unsharded fp32 vs fp64, ``fp32_floor``) where
+    that is larger (e.g. Gemma 4, whose unsharded fp32 gradients are 1e-5 away from fp64)."""
+    return max(TOL, 2 * result.get("fp32_floor", 0.0))
+
+
 def _grad_err(params: dict[str, torch.Tensor], ref: torch.nn.Module, local: Any) -> tuple[float, str]:
     """Largest gradient error of ``params`` against ``ref``'s (``local(name, grad)``: this rank's part), each
     relative to its tensor's largest gradient, floored at 1% of the model's largest gradient."""
