@@ -3,9 +3,11 @@
 For each transformers family (built tiny from its default config: hidden 256, 2 layers, 8 heads / 4 KV heads,
 vocab 1024, random weights) and t = 2, 4:
 
-* forward collectives from the plan (``plan.collectives``), attributed to the numbered layer of the node they
-  follow: count and bytes per layer, against Megatron's 2 all-reduces of b*s*h per layer (b*s = the example
-  batch*seq, h = ``config.hidden_size``, fp32);
+* forward collectives from the plan (``plan.collectives``), attributed to the numbered layer whose weights'
+  shard or partial sum they resolve (``tpfx.report``'s scope; a partial sum may travel through casts into the
+  next layer's norm before it is reduced): count and bytes per layer, against Megatron's 2 all-reduces of
+  b*s*h per layer, 3 in a decoder layer with cross-attention (b*s = the example batch*seq,
+  h = ``config.hidden_size``, fp32);
 * per step: forward all-reduces against Megatron's 2L + 1 (the +1 is the vocab-parallel embedding; an
   encoder-decoder adds one per decoder layer for cross-attention and one for the decoder embedding), and the
   bytes of every forward collective, gathers included;
@@ -146,14 +148,16 @@ def megatron(model: torch.nn.Module, layer_keys: list[str], bsh_bytes: int) -> d
     """Megatron-LM's forward all-reduces per step for this model (TP only, vocab-parallel embedding)."""
     n = len(layer_keys)
     count = 2 * n + 1
+    dec = 0
     if getattr(model.config, "is_encoder_decoder", False):
         dec = sum(1 for k in layer_keys if k.startswith("decoder.") or ".decoder." in k)
         count += dec + 1
+    per_layer = (2 * n + dec) / max(n, 1)  # a decoder layer's cross-attention adds one
     return {
         "fwd_all_reduce": count,
         "fwd_bytes": count * bsh_bytes,
-        "per_layer_all_reduce": 2,
-        "per_layer_bytes": 2 * bsh_bytes,
+        "per_layer_all_reduce": per_layer,
+        "per_layer_bytes": per_layer * bsh_bytes,
     }
 
 
@@ -168,9 +172,13 @@ def analyse_plan(plan: Any, model: torch.nn.Module, t: int, bs: int) -> dict[str
     }
     outside: list[dict[str, Any]] = []
     fwd = plan.forward_collectives()
+    # a collective belongs to the layer of the weights whose shard / partial sum it resolves (the report's
+    # scope), not to the node it follows: a partial sum may flow through casts into the next layer's norm
+    scope = {i["after"]: (f"{i['scope']}.{i['index']}" if i["index"] is not None else None)
+             for i in (tpfx.report.analyze(plan) or {}).get("collectives", []) if i["pass"] == "forward"}
     for c in fwd:
         node = by_name.get(c.after)
-        key = C.layer_of(node) if node is not None else None
+        key = scope[c.after] if c.after in scope else (C.layer_of(node) if node is not None else None)
         if key in per_layer:
             per_layer[key]["count"] += 1
             per_layer[key]["bytes"] += c.bytes

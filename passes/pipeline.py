@@ -212,6 +212,161 @@ def simplify_value_ops(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+_BMM = {aten.bmm.default, aten.baddbmm.default}
+_UNARY = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+          aten.alias.default, aten.dropout.default}
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same_sizes(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(sympy.simplify(sym(x) - sym(y)) == 0 for x, y in zip(a, b, strict=True))
+
+
+def _unmerged(node: Any, lead: tuple | None) -> tuple[list[Any], tuple] | None:
+    """How to rebuild ``node`` (``[M, a, b]``, ``M`` a product of batch dims) with its batch dims unmerged:
+    ``(ops, lead)`` where ``ops`` applied innermost-first to a source node give ``[*lead, a, b]`` (or a shape
+    broadcasting to it). ``lead`` must equal the other operands' when given. None if ``node`` is not such a
+    merge."""
+    v = _val(node)
+    if v is None or v.ndim != 3:
+        return None
+    if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        src = _val(node.args[0])
+        if src is None or src.ndim < 4 or not _same_sizes(src.shape[-2:], v.shape[1:]):
+            return None
+        k = tuple(src.shape[:-2])
+        if sympy.simplify(sympy.Mul(*map(sym, k)) - sym(v.shape[0])) != 0 or (lead and not _same_sizes(k, lead)):
+            return None
+        return [("src", node.args[0])], k
+    if node.target is aten.transpose.int and {node.args[1] % 3, node.args[2] % 3} == {1, 2}:
+        inner = _unmerged(node.args[0], lead)
+        return (inner[0] + [("transpose", None)], inner[1]) if inner else None
+    if node.target is aten.repeat.default and lead is not None and len(lead) == 2:
+        # repeat(x [n, a, b], [B, 1, 1]) tiles x B times: [B*n, ...] is [B, n, ...] with x broadcast over B
+        src, reps = _val(node.args[0]), node.args[1]
+        if src is None or src.ndim != 3 or list(reps[1:]) != [1, 1] or not _same_sizes(src.shape[:1], lead[1:]):
+            return None
+        return [("src", node.args[0]), ("unsqueeze", None)], lead
+    if node.target in _UNARY:
+        inner = _unmerged(node.args[0], lead)
+        return (inner[0] + [("unary", node)], inner[1]) if inner else None
+    return None
+
+
+def _build(gm: fx.GraphModule, ops: list[Any], fake: Any) -> fx.Node:
+    g = gm.graph
+    cur: fx.Node = ops[0][1]
+    for kind, ref in ops[1:]:
+        if kind == "transpose":
+            new = g.call_function(aten.transpose.int, (cur, -2, -1))
+        elif kind == "unsqueeze":
+            new = g.call_function(aten.unsqueeze.default, (cur, 0))
+        else:
+            new = g.call_function(ref.target, (cur, *ref.args[1:]), dict(ref.kwargs))
+            new.meta = {k: v for k, v in ref.meta.items() if k != "val"}
+        with fake:
+            new.meta["val"] = new.target(cur.meta["val"], *new.args[1:], **new.kwargs)  # type: ignore[operator]
+        cur = new
+    return cur
+
+
+def unflatten_batched_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
+    """``bmm`` / ``baddbmm`` over batch dims merged into one (``[B*n, S, d]``, BLOOM's heads folded into the
+    batch) -> ``matmul`` over the unmerged dims (``[B, n, S, d]``).
+
+    With a run-time batch size the merged dim ``B*n`` has no static layout in which the head factor ``n`` could
+    stay split, so every weight feeding it would be replicated. Unmerged, the heads are an ordinary dim.
+    An operand qualifies if it is a reshape of a ``[*lead, a, b]`` value (through transposes of its last two
+    dims and dtype casts), or ``x [n, a, b]`` repeated over the batch (tiled, BLOOM's alibi); every operand must
+    unmerge to the same ``lead``. The result replaces reshapes of the output back to ``[*lead, m, p]``; other
+    users get the merged shape."""
+    from torch._guards import detect_fake_mode
+
+    g = gm.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in _BMM or node.kwargs.get("out") is not None:
+            continue
+        batched = node.target is aten.baddbmm.default
+        a_i = 1 if batched else 0
+        first = _unmerged(node.args[a_i], None)
+        if first is None:
+            continue
+        lead = first[1]
+        plans = [_unmerged(x, lead) for x in node.args[: a_i + 2]]
+        if any(p is None for p in plans):
+            continue
+        beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+        alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+        fake = detect_fake_mode([_val(x) for x in node.args[: a_i + 2]])
+        if fake is None:
+            continue
+        with g.inserting_before(node):
+            ops = [_build(gm, p[0], fake) for p in plans]  # type: ignore[index]
+            mm = g.call_function(aten.matmul.default, (ops[a_i], ops[a_i + 1]))
+            out = mm
+            steps: list[tuple[Any, tuple]] = []
+            if batched:
+                if alpha != 1:
+                    steps.append((aten.mul.Tensor, (alpha,)))
+                steps.append(("add", ()))
+            with fake:
+                mm.meta["val"] = torch.matmul(ops[a_i].meta["val"], ops[a_i + 1].meta["val"])
+            for target, extra in steps:
+                if target == "add":
+                    c = ops[0]
+                    if beta != 1:
+                        c = g.call_function(aten.mul.Tensor, (c, beta))
+                        with fake:
+                            c.meta["val"] = ops[0].meta["val"] * beta
+                    new = g.call_function(aten.add.Tensor, (c, out))
+                else:
+                    new = g.call_function(target, (out, *extra))
+                with fake:
+                    new.meta["val"] = new.target(*[a.meta["val"] if isinstance(a, fx.Node) else a  # type: ignore[operator]
+                                                   for a in new.args])
+                out = new
+            for n in [mm, *(x for x in ops if "nn_module_stack" not in x.meta), out]:
+                n.meta.setdefault("nn_module_stack", node.meta.get("nn_module_stack", {}))
+                n.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+            full = tuple(out.meta["val"].shape)
+            merged = None
+            for user in list(node.users):
+                uv = _val(user)
+                if user.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default) \
+                        and uv is not None and _same_sizes(uv.shape, full):
+                    user.replace_all_uses_with(out)
+                    g.erase_node(user)
+                    continue
+                if merged is None:
+                    with g.inserting_after(out):
+                        merged = g.call_function(aten.flatten.using_ints, (out, 0, len(lead) - 1))
+                    merged.meta = dict(node.meta)
+                user.replace_input_with(node, merged)
+        olds = list(node.args)
+        g.erase_node(node)
+        _erase_unused(g, olds)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _erase_unused(g: fx.Graph, nodes: list[Any]) -> None:
+    """Erase the merged operands' reshape chains that nothing uses any more."""
+    while nodes:
+        n = nodes.pop()
+        if isinstance(n, fx.Node) and n.op == "call_function" and not n.users and (
+                n.target in _UNARY or n.target in (aten.reshape.default, aten.view.default,
+                                                   aten._unsafe_view.default, aten.transpose.int)):
+            nodes.extend(n.all_input_nodes)
+            g.erase_node(n)
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()
@@ -224,4 +379,4 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, simplify_value_ops, decompose_bias]
+PRE_PASSES: list[Pass] = [inline_grad_regions, simplify_value_ops, decompose_bias, unflatten_batched_matmuls]

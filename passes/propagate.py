@@ -25,6 +25,8 @@ The idea (Megatron's plan, derived instead of written down):
    *reduce-then-split*, A is tried replicated (then B splits by columns straight into the heads)
    and the trial is kept if it moves fewer collective bytes, for at most 10% more parameter bytes
    per rank:  accept  iff  comm' < comm  and  params' <= 1.1 * params  (the low-rank A is small).
+   The same holds for an embedding whose vocab-split partial sum is reduced and split again (T5's
+   relative position bias, one column per head): the trial splits it on its columns instead.
 
 Collectives are where placements meet: ``P -> R`` all-reduce, ``S -> R`` all-gather (only at
 outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is Megatron's
@@ -353,10 +355,16 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
     split_again = _reduced_then_split(prop, seeds)
     if split_again:  # step 4 of the module docstring
         trial_seeds = {f: replace(s, reasons=list(s.reasons)) for f, s in seeds.items()}
-        for f in split_again:
-            trial_seeds[f].styles = frozenset({"replicate"})
-            trial_seeds[f].reasons.append("replicated: its row-split partner's sum was all-reduced and split "
-                                          "again (low-rank chain); replicated, the chain splits by columns")
+        for f, style in split_again.items():
+            s = trial_seeds[f]
+            if style == "vocab":
+                s.styles = s.styles - {"vocab"}
+                s.reasons.append("not vocab-split: its partial sum was all-reduced and split again; split on "
+                                 "the embedding dim instead")
+            else:
+                s.styles = frozenset({"replicate"})
+                s.reasons.append("replicated: its row-split partner's sum was all-reduced and split again "
+                                 "(low-rank chain); replicated, the chain splits by columns")
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds)
         (comm, params), (comm2, params2) = _cost(prop), _cost(trial)
         if comm2 < comm and params2 <= 1.10 * params:
@@ -404,10 +412,11 @@ def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: Rul
     raise RuntimeError(f"tpfx: sharding propagation did not converge in {max_rounds} rounds")
 
 
-def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 12) -> set[str]:
-    """Column-split weights whose row-split partner's partial sum is all-reduced and then split again
-    (a replicated value refined to a shard, reached from the reduction through replicated ops only)."""
-    out: set[str] = set()
+def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 12) -> dict[str, str]:
+    """Weights behind a partial sum that is all-reduced and then split again (a replicated value refined to
+    a shard, reached from the reduction through replicated ops only): the column-split partner of the row
+    split that made it, or the vocab-split embedding that made it. fqn -> its style."""
+    out: dict[str, str] = {}
     for (_, producer), want in prop.wants.items():
         if not isinstance(want, Shard) or not _replicated(prop.placements.get(producer)):
             continue
@@ -420,8 +429,9 @@ def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 
                     if reduced or (isinstance(prop.placements.get(y), Partial)
                                    and isinstance(prop.wants.get((x, y)), Replicate)):
                         src = x if reduced else y
-                        out |= {f for f in prop.origins.get(src, frozenset())
-                                if prop.decided.get(f, ("",))[0] == "colwise" and not seeds[f].pinned}
+                        out |= {f: style for f in prop.origins.get(src, frozenset())
+                                if (style := prop.decided.get(f, ("",))[0]) in ("colwise", "vocab")
+                                and not seeds[f].pinned}
                     elif y not in seen and y.op == "call_function" and _replicated(prop.placements.get(y)):
                         seen.add(y)
                         nxt.append(y)

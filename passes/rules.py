@@ -945,6 +945,12 @@ def embedding(ctx: OpCtx) -> Result:
         if "vocab" in w.free.styles and g == ctx.world and vocab is not None and vocab >= 2 * g:
             sh = Shard(0, g, (vocab,))  # type: ignore[arg-type]
             return Strategy({0: sh, 1: R}, P, {0: ("vocab", sh)}, rewrite=_vocab_rewrite(sh))
+        cols = as_int(w.shape[1])
+        if "vocab" not in w.free.styles and "shard" in w.free.styles and cols is not None and cols % g == 0:
+            # split on the embedding dim (T5's relative position bias: one column per head, looked up straight
+            # into the head-sharded attention scores); chosen by propagation's reduce-then-split trial
+            sh = Shard(1, g, (cols,))  # type: ignore[arg-type]
+            return Strategy({0: sh, 1: R}, Shard(nd - 1, g, (cols,)), {0: ("shard", sh)})  # type: ignore[arg-type]
         return Strategy({0: R, 1: R}, R, {0: ("replicate", R)})
     p = w.placement
     if isinstance(p, Shard) and p.dim == 0 and p.groups == ctx.world and len(p.segs) == 1:

@@ -113,6 +113,29 @@ class NoGradCycles(nn.Module):
         return self.step(z, x)
 
 
+class FoldedHeadsAttention(nn.Module):
+    """BLOOM-style attention: fused qkv, heads folded into the batch (``[B*n, S, d]``) for ``baddbmm`` with a
+    per-head bias tiled over the batch (``repeat``, like BLOOM's alibi) and ``bmm``, then unfolded; an MLP."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.n, self.d = heads, hidden // heads
+        self.qkv, self.dense = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.up, self.down = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+        self.register_buffer("slopes", torch.linspace(0.5, 0.05, heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.n, 3, self.d)  # (B, S, n, 3, d), per-head interleaved
+        q, k, v = (qkv[..., i, :].transpose(1, 2).reshape(b * self.n, s, self.d) for i in range(3))  # (B*n, S, d)
+        bias = (self.slopes[:, None, None] * torch.arange(s, dtype=x.dtype)).repeat(b, 1, 1)  # (B*n, 1, S)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=self.d ** -0.5)  # (B*n, S, S)
+        probs = scores.view(b, self.n, s, s).softmax(-1)  # (B, n, S, S)
+        ctx = torch.bmm(probs.view(b * self.n, s, s), v).view(b, self.n, s, self.d)  # (B, n, S, d)
+        x = x + self.dense(ctx.permute(0, 2, 1, 3).reshape(b, s, -1))
+        return x + self.down(torch.relu(self.up(x)))
+
+
 def _conv_norm_eval() -> nn.Module:
     m = ConvNorm()
     with torch.no_grad():  # non-trivial running statistics, so eval mode reads them
@@ -143,6 +166,7 @@ CASES: dict[str, NNCase] = {
     "encoder_layer": NNCase(_encoder_layer, (2, 6, 32), (3, 5, 32)),
     "mha_encoder_static": NNCase(MHAEncoder, (2, 6, 32), (2, 6, 32), static=True),
     "no_grad_cycles": NNCase(NoGradCycles, (2, 6, 16), (3, 5, 16)),
+    "folded_heads": NNCase(FoldedHeadsAttention, (2, 6, 32), (3, 5, 32)),
 }
 
 
@@ -241,4 +265,5 @@ def nn_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "MHAEncoder", "Upsampler", "build", "inputs", "nn_check"]
+__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "FoldedHeadsAttention", "MHAEncoder", "Upsampler", "build",
+           "inputs", "nn_check"]

@@ -373,7 +373,27 @@ def test_no_grad_region_is_inlined_and_split_like_the_rest() -> None:
     assert Counter(k for k, _ in collective_nodes(gm) if k == "all_reduce") == Counter({"all_reduce": 3})
 
 
-WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder", "no_grad_cycles"]}  # t=4 plans: tier 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_heads_folded_into_the_batch_are_unfolded_and_head_parallel(world: int) -> None:
+    # [B*n, S, d] with a run-time B has no static layout for a split of n; capture rewrites the bmm/baddbmm into
+    # a matmul over [B, n, S, d] (the repeated per-head bias broadcast over B), so attention splits by heads
+    from tpfx.api import _examples, capture
+
+    model = nn_cases.build("folded_heads")
+    gm, dynamic = capture(model, *_examples(model, (nn_cases.inputs((2, 6, 32), 0),), None))
+    targets = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert dynamic and targets["aten.bmm.default"] == targets["aten.baddbmm.default"] == 0
+    assert targets["aten.matmul.default"] == 2
+    plan = _plan("folded_heads", world)
+    assert _styles(plan) == {"qkv.weight": "colwise", "qkv.bias": "shard", "dense.weight": "rowwise",
+                             "dense.bias": "replicate", "up.weight": "colwise", "up.bias": "shard",
+                             "down.weight": "rowwise", "down.bias": "replicate"}
+    assert not plan.fallbacks
+    # Megatron's 2 per block; the bias (no gradient) enters the heads by a local slice
+    assert _forward_collectives(plan, world - 1) == Counter({"all_reduce": 2, "scatter": 1})
+
+
+WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder", "no_grad_cycles", "folded_heads"]}  # t=4 plans: tier 2
 _results: dict[int, list[dict[str, Any]] | str] = {}
 
 

@@ -149,3 +149,36 @@ def test_multi_head_latent_attention_is_megatron_exact(world: int) -> None:
     # the shared rope key (and the fresh key buffer) enter the heads by a local slice ("scatter": no
     # communication forward; its backward sums the heads' gradients, Megatron's f)
     assert fwd == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1, "scatter": 2 * 2})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_t5_relative_position_bias_is_split_by_heads(world: int) -> None:
+    # the bias table (buckets x heads) vocab-split would be all-reduced and then split into the head-sharded
+    # scores again; tpfx splits it on its head columns instead: Megatron's count, 2 per encoder layer, 3 per
+    # decoder layer, 1 per vocab-parallel token lookup
+    from dist_cases import t5
+
+    plan = tpfx.plan(t5(), world)
+    for stack in ("encoder", "decoder"):
+        bias = plan.placements[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        assert bias.style == "shard" and bias.dim == 1 and bias.groups == world
+    assert plan.placements["shared.weight"].style == "vocab"
+    fwd = _forward_collectives(tpfx.emit_rank(plan, world - 1))
+    # (cross-attention's zero bias + mask, built with all heads, enters the heads by a local slice)
+    assert fwd == Counter({"all_reduce": 2 * 2 + 3 * 2 + 2, "all_gather": 1, "scatter": 2})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bloom_heads_folded_into_the_batch_are_head_parallel(world: int) -> None:
+    # BLOOM folds heads into the batch ([B*n, S, d]) for baddbmm with alibi and bmm; capture unfolds them, so
+    # the fused qkv is split by heads and dense by rows: Megatron's 2 all-reduces per layer
+    from tpfx.families import tiny_causal_lm
+
+    plan = tpfx.plan(tiny_causal_lm("bloom"), world)
+    for i in range(2):
+        a = f"transformer.h.{i}.self_attention."
+        assert plan.placements[a + "query_key_value.weight"].style == "colwise"
+        assert plan.placements[a + "dense.weight"].style == "rowwise"
+    assert not plan.fallbacks
+    fwd = _forward_collectives(tpfx.emit_rank(plan, world - 1))
+    assert fwd["all_reduce"] == 1 + 2 * 2 and fwd["all_gather"] == 1
