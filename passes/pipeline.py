@@ -160,6 +160,36 @@ def inline_grad_regions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+# ATen aliases (``torch.multiply`` is ``torch.mul``): same schema per overload name; rules are written once,
+# for the canonical op
+_ALIASES = {"multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div", "greater": "gt",
+            "greater_equal": "ge", "less": "lt", "less_equal": "le", "not_equal": "ne", "absolute": "abs",
+            "negative": "neg", "clip": "clamp", "concat": "cat", "concatenate": "cat", "arctan2": "atan2",
+            "fix": "trunc", "moveaxis": "movedim", "swapaxes": "transpose", "swapdims": "transpose"}
+
+
+def _canonical(target: Any) -> Any:
+    packet = getattr(target, "overloadpacket", None)
+    canon = _ALIASES.get(getattr(packet, "__name__", ""))
+    if canon is None:
+        return None
+    overload = "int" if canon == "transpose" else target._overloadname
+    return getattr(getattr(aten, canon), overload, None)
+
+
+def canonicalize_aliases(gm: fx.GraphModule) -> fx.GraphModule:
+    """Retarget aliased ATen ops to their canonical op (``aten.multiply.Tensor`` -> ``aten.mul.Tensor``), so the
+    sharding rules (registered for the canonical ops) see them instead of an unknown op."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (canon := _canonical(node.target)) is not None:
+            node.target = canon
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 def _copy_value(node: fx.Node) -> tuple[fx.Node, torch.dtype | None] | None:
     """``aten.copy(dst, src)`` with ``src`` already of ``dst``'s shape: its value is ``src`` (in ``dst``'s dtype).
 
@@ -367,6 +397,76 @@ def _erase_unused(g: fx.Graph, nodes: list[Any]) -> None:
             g.erase_node(n)
 
 
+_VARIANCE = {aten.var.default, aten.var.dim, aten.var.correction, aten.std.default, aten.std.dim,
+             aten.std.correction}
+
+
+def _call(g: fx.Graph, like: fx.Node, fake: Any, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    """A new node computing ``target(*args, **kwargs)``, its ``val`` from the fake tensors, its module path
+    from ``like``."""
+    node = g.call_function(target, args, kwargs)
+    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    with fake:
+        node.meta["val"] = target(*fx.map_arg(args, lambda a: a.meta["val"]),
+                                  **fx.map_arg(kwargs, lambda a: a.meta["val"]))
+    return node
+
+
+def decompose_variance(gm: fx.GraphModule) -> fx.GraphModule:
+    """``var`` / ``std`` -> two passes of means: ``sum((x - mean(x))**2) / (N - correction)`` (``sqrt`` for std).
+
+    A mean over a sharded dim is a partial sum (one all-reduce of the reduced values); a fused ``var`` over it
+    has no such form and would replicate everything feeding it (Gemma 3n's top-k activation sparsity takes
+    the std over the MLP's intermediate dim). Reduced sizes must be static; the two-pass form is as accurate
+    as the fused kernel."""
+    from torch._guards import detect_fake_mode
+
+    g = gm.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in _VARIANCE:
+            continue
+        x = node.args[0]
+        xv = _val(x)
+        fake = detect_fake_mode([xv]) if xv is not None else None
+        if fake is None:
+            continue
+        overload = node.target._overloadname  # type: ignore[union-attr]
+        if overload == "default":
+            dims, corr, keepdim = None, 1 if (node.args[1] if len(node.args) > 1 else node.kwargs.get("unbiased", True)) else 0, False
+        elif overload == "dim":
+            a = list(node.args) + [None] * 4
+            dims = a[1]
+            unbiased = a[2] if a[2] is not None else node.kwargs.get("unbiased", True)
+            keepdim = a[3] if a[3] is not None else node.kwargs.get("keepdim", False)
+            corr = 1 if unbiased else 0
+        else:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            c = node.kwargs.get("correction")
+            corr, keepdim = (1 if c is None else c), bool(node.kwargs.get("keepdim", False))
+        dims = list(range(xv.ndim)) if dims is None else [d % xv.ndim for d in dims]  # type: ignore[union-attr]
+        sizes = [xv.shape[d] for d in dims]  # type: ignore[union-attr]
+        if any(isinstance(s_, torch.SymInt) for s_ in sizes):
+            continue
+        n = 1
+        for s_ in sizes:
+            n *= int(s_)
+        with g.inserting_before(node):
+            mean = _call(g, node, fake, aten.mean.dim, x, dims, True)
+            dev = _call(g, node, fake, aten.sub.Tensor, x, mean)
+            sq = _call(g, node, fake, aten.mul.Tensor, dev, dev)
+            total = _call(g, node, fake, aten.sum.dim_IntList, sq, dims, bool(keepdim))
+            out = _call(g, node, fake, aten.div.Tensor, total, max(n - corr, 0))
+            if node.target.overloadpacket is aten.std:  # type: ignore[union-attr]
+                out = _call(g, node, fake, aten.sqrt.default, out)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()
@@ -379,4 +479,5 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, simplify_value_ops, decompose_bias, unflatten_batched_matmuls]
+PRE_PASSES: list[Pass] = [inline_grad_regions, canonicalize_aliases, simplify_value_ops, decompose_bias, decompose_variance,
+                          unflatten_batched_matmuls]

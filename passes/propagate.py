@@ -19,14 +19,21 @@ The idea (Megatron's plan, derived instead of written down):
    weights (overrides, a saved plan) are never demoted: a gather is inserted instead. A fallback
    downstream of another one in the same round may be transient, so its demand is held back,
    and applied only if it is still there when nothing else changes.
-4. Greedy step 1 pairs every column split with the next row split. In a low-rank chain
+4. Megatron undoes each column split with exactly one row split. A column split whose shard reaches
+   two or more row-split weights has split a residual stream (Gemma 3n's AltUp projections before the
+   first layer), and every layer below is planned inverted (q/k/v rowwise, o_proj colwise). The first
+   such weights (in graph order) are tried replicated, and the trial is kept if it moves fewer
+   collective bytes, paying for them with at most the same fraction of parameter bytes per rank:
+       accept  iff  comm' < comm  and  params' / params - 1  <=  1 - comm' / comm
+5. Greedy step 1 pairs every column split with the next row split. In a low-rank chain
    (``x -> A (h x r) -> norm -> B (r x n*d) -> heads``, multi-head latent attention) that pairs A
    with B, and B's partial sum is all-reduced only to be split into heads again. For such a
-   *reduce-then-split*, A is tried replicated (then B splits by columns straight into the heads)
-   and the trial is kept if it moves fewer collective bytes, for at most 10% more parameter bytes
-   per rank:  accept  iff  comm' < comm  and  params' <= 1.1 * params  (the low-rank A is small).
-   The same holds for an embedding whose vocab-split partial sum is reduced and split again (T5's
-   relative position bias, one column per head): the trial splits it on its columns instead.
+   *reduce-then-split*, A is tried replicated (then B splits by columns straight into the heads),
+   accepted by the rule of step 4 (the low-rank A is small). The same holds for an embedding whose
+   vocab-split partial sum is reduced and split again (T5's relative position bias, one column per
+   head): the trial splits it on its columns instead. A trial that would replicate a full-width
+   projection to save a sliver of communication (Doge's per-head dt all-reduce of b*s*n values) is
+   refused: the memory and compute are not worth it.
 
 Collectives are where placements meet: ``P -> R`` all-reduce, ``S -> R`` all-gather (only at
 outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is Megatron's
@@ -352,22 +359,17 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
                 s.groups, s.segs = pl.groups, pl.segs
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     prop = _fixpoint(gm, world, seeds, cache, max_rounds)
-    split_again = _reduced_then_split(prop, seeds)
-    if split_again:  # step 4 of the module docstring
+    for step in (_stream_splits, _reduced_then_split):  # steps 4 and 5 of the module docstring
+        found = step(prop, seeds)
+        if not found:
+            continue
         trial_seeds = {f: replace(s, reasons=list(s.reasons)) for f, s in seeds.items()}
-        for f, style in split_again.items():
+        for f, why in found.items():
             s = trial_seeds[f]
-            if style == "vocab":
-                s.styles = s.styles - {"vocab"}
-                s.reasons.append("not vocab-split: its partial sum was all-reduced and split again; split on "
-                                 "the embedding dim instead")
-            else:
-                s.styles = frozenset({"replicate"})
-                s.reasons.append("replicated: its row-split partner's sum was all-reduced and split again "
-                                 "(low-rank chain); replicated, the chain splits by columns")
+            s.styles = s.styles - {"vocab"} if why == "vocab" else frozenset({"replicate"})
+            s.reasons.append(_TRIAL_REASONS[why])
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds)
-        (comm, params), (comm2, params2) = _cost(prop), _cost(trial)
-        if comm2 < comm and params2 <= 1.10 * params:
+        if _better(_cost(prop), _cost(trial)):
             prop, seeds = trial, trial_seeds
     _check_pins(prop, seeds)
     _check_layouts(gm, prop)
@@ -437,6 +439,73 @@ def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 
                         nxt.append(y)
             frontier = nxt
     return out
+
+
+_TRIAL_REASONS = {
+    "stream": "replicated: its column split reached several row-split weights (a split residual stream); "
+              "replicated, each layer pairs its own splits",
+    "colwise": "replicated: its row-split partner's sum was all-reduced and split again (low-rank chain); "
+               "replicated, the chain splits by columns",
+    "vocab": "not vocab-split: its partial sum was all-reduced and split again; split on the embedding dim "
+             "instead",
+}
+
+
+def _better(base: tuple[int, int], trial: tuple[int, int]) -> bool:
+    """Keep a trial plan: fewer collective bytes, and parameter bytes per rank grown by no larger a fraction than
+    the fraction of collective bytes saved (steps 4 and 5 of the module docstring)."""
+    (comm, params), (comm2, params2) = base, trial
+    return comm2 < comm and params2 / params - 1 <= max(0.0, 1 - comm2 / comm)
+
+
+_VIEWISH = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def _matmul_of(w: fx.Node) -> list[fx.Node]:
+    """The ops that consume weight ``w``, through a transpose (``t``, ``numpy_T``, ...)."""
+    out, frontier = [], [w]
+    for _ in range(3):
+        nxt = []
+        for x in frontier:
+            for u in x.users:
+                (nxt if u.target in _VIEWISH else out).append(u)
+        frontier = nxt
+    return out
+
+
+def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
+    """The first column-split weights (in graph order) whose shard reaches the contracted dim of two or more
+    row-split weights.
+
+    In Megatron's plan each column split is undone by exactly one row split (q/k/v -> o_proj, gate/up ->
+    down_proj). A column split feeding several row splits has split a residual stream (Gemma 3n's AltUp
+    projections, applied once before the first layer), and every layer below it is then planned inverted;
+    only the splits before the first such row split are the cause."""
+    nodes = next(iter(prop.param_nodes)).graph.nodes if prop.param_nodes else []
+    pos = {n: i for i, n in enumerate(nodes)}
+    fed: dict[str, set[str]] = {}
+    first_op: dict[str, int] = {}
+    row_op: dict[str, int] = {}
+    for w, fqn in prop.param_nodes.items():
+        style = prop.decided.get(fqn, ("",))[0]
+        ops = _matmul_of(w)
+        if not ops:
+            continue
+        if style == "colwise":
+            first_op[fqn] = min(first_op.get(fqn, len(pos)), *(pos[u] for u in ops))
+        if style != "rowwise":
+            continue
+        row_op[fqn] = min(row_op.get(fqn, len(pos)), *(pos[u] for u in ops))
+        for u in ops:
+            for a in _tensor_inputs(u):
+                for c in prop.origins.get(a, frozenset()):
+                    if prop.decided.get(c, ("",))[0] == "colwise" and not seeds[c].pinned:
+                        fed.setdefault(c, set()).add(fqn)
+    many = {c: rows for c, rows in fed.items() if len(rows) >= 2}
+    if not many:
+        return {}
+    first_row = min(row_op[r] for rows in many.values() for r in rows)
+    return {c: "stream" for c in many if first_op.get(c, len(pos)) < first_row}
 
 
 def _replicated(pl: Any) -> bool:

@@ -136,6 +136,21 @@ class FoldedHeadsAttention(nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
+class SparseMLP(nn.Module):
+    """Gemma-3n-style activation sparsity: keep the gate activations above mean + 1.65 std of the intermediate
+    dim (``torch.std`` over the dim a column split shards), written with ``torch.multiply`` (an ATen alias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)  # (B, S, I/t)
+        cut = g.mean(-1, keepdim=True) + 1.65 * torch.std(g, dim=-1, keepdim=True, unbiased=False)  # (B, S, 1)
+        g = torch.relu(g - cut)
+        return x + self.down(torch.multiply(torch.nn.functional.gelu(g), self.up(x)))
+
+
 def _conv_norm_eval() -> nn.Module:
     m = ConvNorm()
     with torch.no_grad():  # non-trivial running statistics, so eval mode reads them
@@ -167,6 +182,7 @@ CASES: dict[str, NNCase] = {
     "mha_encoder_static": NNCase(MHAEncoder, (2, 6, 32), (2, 6, 32), static=True),
     "no_grad_cycles": NNCase(NoGradCycles, (2, 6, 16), (3, 5, 16)),
     "folded_heads": NNCase(FoldedHeadsAttention, (2, 6, 32), (3, 5, 32)),
+    "sparse_mlp": NNCase(SparseMLP, (2, 6, 16), (3, 5, 16)),
 }
 
 
@@ -265,5 +281,5 @@ def nn_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "FoldedHeadsAttention", "MHAEncoder", "Upsampler", "build",
+__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "FoldedHeadsAttention", "MHAEncoder", "SparseMLP", "Upsampler", "build",
            "inputs", "nn_check"]

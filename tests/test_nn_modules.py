@@ -258,6 +258,23 @@ def test_decompose_bias_splits_conv_bias_into_a_channel_add() -> None:
         torch.testing.assert_close(gm(x), conv(x))
 
 
+class _Stats(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.std(x, dim=-1, keepdim=True) + torch.var(x, dim=(0, 2), unbiased=False).sum()
+                + torch.var(x, correction=0) + torch.multiply(x, 2.0) - torch.subtract(x, 1.0))
+
+
+def test_variance_is_two_means_and_aliases_are_canonical() -> None:
+    from tpfx.passes.pipeline import canonicalize_aliases, decompose_variance
+
+    x = torch.randn(3, 5, 7) * 4 + 10  # a large mean: a one-pass E[x^2] - E[x]^2 would lose digits
+    gm = torch.export.export(_Stats(), (x,), strict=False).module()
+    gm = decompose_variance(canonicalize_aliases(gm))
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not {t for t in targets if "var" in t or "std" in t or "multiply" in t or "subtract" in t}, targets
+    torch.testing.assert_close(gm(x), _Stats()(x), rtol=1e-6, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- tier 2: plans
 
 
@@ -393,7 +410,20 @@ def test_heads_folded_into_the_batch_are_unfolded_and_head_parallel(world: int) 
     assert _forward_collectives(plan, world - 1) == Counter({"all_reduce": 2, "scatter": 1})
 
 
-WORLD_MODELS = {2: list(nn_cases.CASES), 4: ["cnn", "conv_norm", "mha_encoder", "no_grad_cycles", "folded_heads"]}  # t=4 plans: tier 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_std_over_the_split_dim_and_op_aliases_keep_the_mlp_split(world: int) -> None:
+    # std over the column-split intermediate dim is two means (each a partial sum: one all-reduce of b*s values),
+    # and torch.multiply is aten.mul's alias, not an unknown op: gate/up stay colwise, down rowwise
+    plan = _plan("sparse_mlp", world)
+    assert not plan.unknown_ops and not plan.fallbacks
+    styles = _styles(plan)
+    assert styles["gate.weight"] == styles["up.weight"] == "colwise" and styles["down.weight"] == "rowwise"
+    # the cut's mean, the std's mean and sum of squares (b*s values each), the down projection
+    assert _forward_collectives(plan, world - 1) == Counter({"all_reduce": 4})
+
+
+WORLD_MODELS = {2: list(nn_cases.CASES),
+                4: ["cnn", "conv_norm", "mha_encoder", "no_grad_cycles", "folded_heads", "sparse_mlp"]}  # t=4 plans: tier 2
 _results: dict[int, list[dict[str, Any]] | str] = {}
 
 

@@ -182,3 +182,19 @@ def test_bloom_heads_folded_into_the_batch_are_head_parallel(world: int) -> None
     assert not plan.fallbacks
     fwd = _forward_collectives(tpfx.emit_rank(plan, world - 1))
     assert fwd["all_reduce"] == 1 + 2 * 2 and fwd["all_gather"] == 1
+
+
+@pytest.mark.parametrize(("family", "world"), [("gemma3n_text", 2), ("gemma3n_text", 4), ("doge", 4)])
+def test_plans_agree_with_hf_where_a_trial_could_mislead(family: str, world: int) -> None:
+    # Gemma 3n: the AltUp projections before the first layer would split the residual stream and invert every
+    # layer (q/k/v rowwise); replicated, each layer pairs its own splits as HF plans them. Doge: replicating
+    # v_proj would save only the per-head dt all-reduce (b*s*n values), not worth a full projection per rank
+    from tpfx.coverage import hf_agreement
+    from tpfx.families import tiny_causal_lm
+
+    model = tiny_causal_lm(family).eval()
+    plan = tpfx.plan(model, world)
+    hf = hf_agreement(plan, model)
+    assert hf["differ"] == [] and len(hf["agree"]) >= 7, hf
+    if family == "gemma3n_text":
+        assert all(plan.placements[f"model.altup_projections.{i}.weight"].style == "replicate" for i in range(3))
