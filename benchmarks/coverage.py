@@ -22,14 +22,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def run(world: int, families: list[str]) -> list[dict[str, Any]]:
+def run(world: int, families: list[str], save: Any = None, chunk: int = 10) -> list[dict[str, Any]]:
+    """Every family on ``world`` gloo ranks, ``chunk`` per launch (bounds one process's memory); ``save(rows)``
+    after each chunk with the families not reached yet marked ``not-run``, so a stopped sweep keeps its rows."""
     import tpfx
-    from tpfx.coverage import run_families
+    from tpfx.coverage import combine_ranks, run_families
 
     out: list[dict[str, Any]] = []
-    for i in range(0, len(families), 10):  # chunks bound one process's memory
-        out += tpfx.launch(run_families, world, families[i:i + 10], timeout_s=3000)[0]
+    for i in range(0, len(families), chunk):
+        out += combine_ranks(tpfx.launch(run_families, world, families[i:i + chunk], timeout_s=3000))
         print(f"{len(out)}/{len(families)} families", flush=True)
+        if save is not None:
+            save(out + [{"family": f, "world": world, "status": "not-run",
+                         "error": "the sweep was stopped before this family"} for f in families[len(out):]])
     return out
 
 
@@ -37,6 +42,7 @@ def render(results: list[dict[str, Any]], world: int) -> str:
     from tpfx.coverage import tolerance
 
     ok = [r for r in results if r["status"] == "ok"]
+    stopped = [r for r in results if r["status"] == "not-run"]
     exact = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= tolerance(r)]
     strict = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= 1e-5]
     megatron = [r for r in ok if r.get("layers") and r["all_reduce"] == 1 + 2 * r["layers"]]
@@ -47,8 +53,9 @@ def render(results: list[dict[str, Any]], world: int) -> str:
              f"to the unsharded model (forward, loss and every gradient within fp32 relative error 1e-5, or within "
              f"twice the family's own fp32-vs-fp64 rounding where that is larger: {len(strict)} within 1e-5 "
              f"itself); {len(megatron)} with exactly Megatron's 1 + 2L forward all-reduces; "
-             f"{len(results) - len(ok)} not run (reason below). HF `base_model_tp_plan` colwise/rowwise entries: "
-             f"{agree} agree, {differ} differ.", "",
+             f"{len(results) - len(ok) - len(stopped)} not run (reason below)"
+             + (f"; {len(stopped)} not reached (the sweep was stopped)" if stopped else "")
+             + f". HF `base_model_tp_plan` colwise/rowwise entries: {agree} agree, {differ} differ.", "",
              "| family | logits | loss | grad | fp32 floor | all-reduce / layer (Megatron 2) | all-gather "
              "| params / (total/t) | HF colwise/rowwise agree | fallbacks |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -71,6 +78,7 @@ def main() -> None:
     ap.add_argument("--families", default=None)
     ap.add_argument("--from-json", default=None)
     ap.add_argument("--merge", action="store_true", help="re-run --families and replace their rows in the JSON")
+    ap.add_argument("--chunk", type=int, default=10, help="families per launch of the ranks")
     args = ap.parse_args()
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
@@ -78,17 +86,20 @@ def main() -> None:
         from tpfx.families import causal_lm_families
 
         fams = args.families.split(",") if args.families else causal_lm_families()
+        out = HERE / "results" / f"coverage_t{args.world}.json"
+        out.parent.mkdir(exist_ok=True)
+        old = json.loads(out.read_text()) if args.merge else []
+
+        def save(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if args.merge:  # replace the re-run families' rows, keep the others (new families appended)
+                fresh = {r["family"]: r for r in rows if r["status"] != "not-run"}
+                rows = [fresh.pop(r["family"], r) for r in old] + list(fresh.values())
+            out.write_text(json.dumps(rows, indent=1, default=str))
+            return rows
+
         t0 = time.time()
-        results = run(args.world, fams)
+        results = save(run(args.world, fams, save, args.chunk))
         print(f"{time.time() - t0:.0f} s")
-        if args.merge:
-            fresh = {r["family"]: r for r in results}
-            old = json.loads((HERE / "results" / f"coverage_t{args.world}.json").read_text())
-            results = [fresh.get(r["family"], r) for r in old]
-    out = HERE / "results" / f"coverage_t{args.world}.json"
-    out.parent.mkdir(exist_ok=True)
-    if not args.from_json:
-        out.write_text(json.dumps(results, indent=1, default=str))
     # COVERAGE.md holds every world size that has results, smallest first
     runs = sorted(HERE.glob("results/coverage_t*.json"), key=lambda p: int(p.stem.split("_t")[1]))
     (HERE / "COVERAGE.md").write_text("\n".join(

@@ -83,7 +83,8 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         hf_agree=hf["agree"],
         hf_differ=hf["differ"],
         layers=getattr(ref.config.get_text_config(), "num_hidden_layers", None),
-        fp32_floor=_fp32_floor(model_type, ref, ref_out.logits, ids, labels),
+        # the same on every rank (same seeds): measured once, on rank 0
+        fp32_floor=_fp32_floor(model_type, ref, ref_out.logits, ids, labels) if rank == 0 else 0.0,
         seconds=time.perf_counter() - t0,
     )
     return res
@@ -156,3 +157,19 @@ def hf_agreement(plan: Any, model: torch.nn.Module) -> dict[str, list[str]]:
 def run_families(rank: int, world: int, families: list[str]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     return [check_family(f, rank, world) for f in families]
+
+
+def combine_ranks(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per family from every rank's rows: rank 0's, with the worst error over ranks (each rank checks
+    its own shards' gradients) and the first failure any rank saw."""
+    out = []
+    for rows in zip(*per_rank, strict=True):
+        failed = next((r for r in rows if r.get("status") != "ok"), None)
+        row = dict(failed if failed is not None else rows[0])
+        if failed is None:
+            for key in ("logits", "loss", "grad"):
+                row[key] = max(r[key] for r in rows)
+            worst = max(range(len(rows)), key=lambda i: rows[i]["grad"])
+            row["grad_worst"] = f"{rows[worst]['grad_worst']} (rank {worst})"
+        out.append(row)
+    return out
