@@ -183,10 +183,10 @@ def section_plan_quality(d: dict[str, Any] | None) -> str:
         "## Plan quality (communication and memory vs Megatron-LM)\n",
         header(d),
         f"Tiny random-init models (hidden 256, 2 layers, 8 heads / 4 KV heads, vocab 1024), example "
-        f"batch {d['batch']}x{d['seq']}, fp32. Megatron: 2 all-reduces of b·s·h per layer, 2L + 1 per "
-        "step (vocab-parallel embedding; +1 per decoder layer and +1 for the decoder embedding in "
-        "encoder-decoders). `AR/layer`: forward all-reduces attributed to the numbered layer of the node "
-        "they follow. `other fwd colls`: non-all-reduce collectives outside the layers (the logits "
+        f"batch {d['batch']}x{d['seq']}, fp32. Megatron: 2 all-reduces of b·s·h per layer (3 in a decoder "
+        "layer with cross-attention), 2L + 1 per step (vocab-parallel embedding; +1 per decoder layer and +1 "
+        "for the decoder embedding in encoder-decoders). `AR/layer`: forward all-reduces attributed to the "
+        "numbered layer whose weights' shard or partial sum they resolve. `other fwd colls`: non-all-reduce collectives outside the layers (the logits "
         "gather; Megatron's parallel cross-entropy has none). `ran fwd/bwd`: collectives that actually "
         "ran in one forward / backward of rank 0's module (fake process group of size t). Params: bytes "
         "per rank ÷ (total / t).\n",
@@ -196,7 +196,7 @@ def section_plan_quality(d: dict[str, Any] | None) -> str:
                 "t",
                 "L",
                 "AR/layer",
-                "bytes/layer ÷ 2bsh",
+                "bytes/layer ÷ Megatron's",
                 "step AR (Megatron)",
                 "other fwd colls",
                 "AR bytes ÷ Megatron",
