@@ -60,7 +60,9 @@ def test_t5_encoder_decoder_with_cross_attention() -> None:
         assert res["logits"] <= TOL and res["loss"] <= TOL and res["grad"] <= TOL, res
         # 2 layers each: 2 all-reduces per encoder layer, 3 per decoder layer (self, cross, MLP), and the 2
         # vocab-split token lookups (encoder and decoder); the relative position bias is split by heads
-        assert res["all_reduce"] == 2 * 2 + 3 * 2 + 2 and res["fallbacks"] == 0, res
+        assert res["all_reduce"] == 2 * 2 + 3 * 2 + 2, res
+        # the only recorded reasons: the bias tables (encoder, decoder) split on heads instead of buckets
+        assert len(res["fallbacks"]) == 2 and all("not vocab-split" in f for f in res["fallbacks"]), res
         assert res["ratio"] < 0.51
 
 
