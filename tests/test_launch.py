@@ -47,12 +47,15 @@ def test_results_per_rank(world_size: int) -> None:
 def test_exception_in_rank1_surfaces() -> None:
     start = time.monotonic()
     with pytest.raises(RuntimeError) as info:
-        launch(_fail_on_rank1, 2, timeout_s=120)
+        launch(_fail_on_rank1, 2, timeout_s=600)
     msg = str(info.value)
-    assert "rank 1" in msg
+    # the root cause first, even when rank 0's collective failed on its crashed peer and was seen first
+    assert msg.startswith("tpfx.launch: rank 1 failed")
     assert "boom from the second rank" in msg
     assert "ValueError" in msg and "Traceback" in msg
-    assert time.monotonic() - start < 60
+    # surfaced when rank 1 died, not when the timeout killed the blocked rank 0 (a liveness bound, not a speed
+    # target: on a loaded 2-core box spawning and importing can take tens of seconds)
+    assert "did not finish within" not in msg and time.monotonic() - start < 300
 
 
 def test_timeout_kills_ranks() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -58,6 +59,31 @@ def _worker(
     result = fn(rank, world_size, *args)
     torch.save(result, _result_path(tmpdir, rank))
     dist.destroy_process_group()
+
+
+_PEER_ERROR = ("remote worker", "Connection closed by peer", "Connection reset by peer")
+
+
+def _failure_report(ctx: ProcessContext, first: ProcessException, grace_s: float = 10.0) -> str:
+    """Every failed rank's traceback, the root cause first.
+
+    When one rank raises, a peer blocked in a collective may fail too (gloo: "remote worker crashing"), and
+    either can be seen first. The others get ``grace_s`` to exit; ranks whose error is only a peer's crash are
+    listed after the rest."""
+    end = time.monotonic() + grace_s
+    for p in ctx.processes:
+        p.join(max(0.0, end - time.monotonic()))
+    failures: list[tuple[int, str]] = []
+    for rank, p in enumerate(ctx.processes):
+        text = first.msg.strip() if rank == first.error_index else ""
+        path = ctx.error_files[rank]
+        if not text and p.exitcode not in (None, 0) and os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                text = str(pickle.load(f)).strip()
+        if text or rank == first.error_index:
+            failures.append((rank, text))
+    failures.sort(key=lambda f: any(m in f[1] for m in _PEER_ERROR))
+    return "\n".join(f"tpfx.launch: rank {r} failed (pid {ctx.processes[r].pid}):\n{t}" for r, t in failures)
 
 
 def _kill_all(ctx: ProcessContext) -> None:
@@ -116,10 +142,7 @@ def launch(fn: Callable[..., R], world_size: int, *args: Any, timeout_s: float |
                 if deadline is not None and time.monotonic() >= deadline:
                     raise RuntimeError(f"tpfx.launch: ranks did not finish within {timeout_s} s")
         except ProcessException as e:
-            detail = e.msg.strip()
-            raise RuntimeError(
-                f"tpfx.launch: rank {e.error_index} failed (pid {e.error_pid}):\n{detail}"
-            ) from None
+            raise RuntimeError(_failure_report(ctx, e)) from None
         finally:
             _kill_all(ctx)  # no-op when every rank has exited
         return [torch.load(_result_path(tmpdir, r), weights_only=False) for r in range(world_size)]
