@@ -242,7 +242,19 @@ def simplify_value_ops(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _call(g: fx.Graph, like: fx.Node, fake: Any, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    """A new node computing ``target(*args, **kwargs)``, its ``val`` from the fake tensors, its module path
+    from ``like``."""
+    node = g.call_function(target, args, kwargs)
+    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    with fake:
+        node.meta["val"] = target(*fx.map_arg(args, lambda a: a.meta["val"]),
+                                  **fx.map_arg(kwargs, lambda a: a.meta["val"]))
+    return node
+
+
 _BMM = {aten.bmm.default, aten.baddbmm.default}
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _UNARY = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
           aten.alias.default, aten.dropout.default}
 
@@ -264,7 +276,7 @@ def _unmerged(node: Any, lead: tuple | None) -> tuple[list[Any], tuple] | None:
     v = _val(node)
     if v is None or v.ndim != 3:
         return None
-    if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+    if node.target in _RESHAPES:
         src = _val(node.args[0])
         if src is None or src.ndim < 4 or not _same_sizes(src.shape[-2:], v.shape[1:]):
             return None
@@ -287,20 +299,16 @@ def _unmerged(node: Any, lead: tuple | None) -> tuple[list[Any], tuple] | None:
     return None
 
 
-def _build(gm: fx.GraphModule, ops: list[Any], fake: Any) -> fx.Node:
-    g = gm.graph
+def _build(g: fx.Graph, like: fx.Node, ops: list[Any], fake: Any) -> fx.Node:
+    """Apply ``_unmerged``'s ops to its source node."""
     cur: fx.Node = ops[0][1]
     for kind, ref in ops[1:]:
         if kind == "transpose":
-            new = g.call_function(aten.transpose.int, (cur, -2, -1))
+            cur = _call(g, like, fake, aten.transpose.int, cur, -2, -1)
         elif kind == "unsqueeze":
-            new = g.call_function(aten.unsqueeze.default, (cur, 0))
+            cur = _call(g, like, fake, aten.unsqueeze.default, cur, 0)
         else:
-            new = g.call_function(ref.target, (cur, *ref.args[1:]), dict(ref.kwargs))
-            new.meta = {k: v for k, v in ref.meta.items() if k != "val"}
-        with fake:
-            new.meta["val"] = new.target(cur.meta["val"], *new.args[1:], **new.kwargs)  # type: ignore[operator]
-        cur = new
+            cur = _call(g, ref, fake, ref.target, cur, *ref.args[1:], **ref.kwargs)
     return cur
 
 
@@ -336,39 +344,18 @@ def unflatten_batched_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
         if fake is None:
             continue
         with g.inserting_before(node):
-            ops = [_build(gm, p[0], fake) for p in plans]  # type: ignore[index]
-            mm = g.call_function(aten.matmul.default, (ops[a_i], ops[a_i + 1]))
-            out = mm
-            steps: list[tuple[Any, tuple]] = []
-            if batched:
+            ops = [_build(g, node, p[0], fake) for p in plans]  # type: ignore[index]
+            out = _call(g, node, fake, aten.matmul.default, ops[a_i], ops[a_i + 1])
+            if batched:  # baddbmm: beta * input + alpha * (b1 @ b2)
                 if alpha != 1:
-                    steps.append((aten.mul.Tensor, (alpha,)))
-                steps.append(("add", ()))
-            with fake:
-                mm.meta["val"] = torch.matmul(ops[a_i].meta["val"], ops[a_i + 1].meta["val"])
-            for target, extra in steps:
-                if target == "add":
-                    c = ops[0]
-                    if beta != 1:
-                        c = g.call_function(aten.mul.Tensor, (c, beta))
-                        with fake:
-                            c.meta["val"] = ops[0].meta["val"] * beta
-                    new = g.call_function(aten.add.Tensor, (c, out))
-                else:
-                    new = g.call_function(target, (out, *extra))
-                with fake:
-                    new.meta["val"] = new.target(*[a.meta["val"] if isinstance(a, fx.Node) else a  # type: ignore[operator]
-                                                   for a in new.args])
-                out = new
-            for n in [mm, *(x for x in ops if "nn_module_stack" not in x.meta), out]:
-                n.meta.setdefault("nn_module_stack", node.meta.get("nn_module_stack", {}))
-                n.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+                    out = _call(g, node, fake, aten.mul.Tensor, out, alpha)
+                c = ops[0] if beta == 1 else _call(g, node, fake, aten.mul.Tensor, ops[0], beta)
+                out = _call(g, node, fake, aten.add.Tensor, c, out)
             full = tuple(out.meta["val"].shape)
             merged = None
             for user in list(node.users):
                 uv = _val(user)
-                if user.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default) \
-                        and uv is not None and _same_sizes(uv.shape, full):
+                if user.target in _RESHAPES and uv is not None and _same_sizes(uv.shape, full):
                     user.replace_all_uses_with(out)
                     g.erase_node(user)
                     continue
@@ -390,26 +377,14 @@ def _erase_unused(g: fx.Graph, nodes: list[Any]) -> None:
     """Erase the merged operands' reshape chains that nothing uses any more."""
     while nodes:
         n = nodes.pop()
-        if isinstance(n, fx.Node) and n.op == "call_function" and not n.users and (
-                n.target in _UNARY or n.target in (aten.reshape.default, aten.view.default,
-                                                   aten._unsafe_view.default, aten.transpose.int)):
+        if isinstance(n, fx.Node) and n.op == "call_function" and not n.users \
+                and (n.target in _UNARY or n.target in _RESHAPES or n.target is aten.transpose.int):
             nodes.extend(n.all_input_nodes)
             g.erase_node(n)
 
 
 _VARIANCE = {aten.var.default, aten.var.dim, aten.var.correction, aten.std.default, aten.std.dim,
              aten.std.correction}
-
-
-def _call(g: fx.Graph, like: fx.Node, fake: Any, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
-    """A new node computing ``target(*args, **kwargs)``, its ``val`` from the fake tensors, its module path
-    from ``like``."""
-    node = g.call_function(target, args, kwargs)
-    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-    with fake:
-        node.meta["val"] = target(*fx.map_arg(args, lambda a: a.meta["val"]),
-                                  **fx.map_arg(kwargs, lambda a: a.meta["val"]))
-    return node
 
 
 def decompose_variance(gm: fx.GraphModule) -> fx.GraphModule:
