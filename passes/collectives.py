@@ -68,47 +68,96 @@ class _ReduceGrad(torch.autograd.Function):
         return _all_reduce(g, ctx.group), None
 
 
+def _per_seg(groups: int | list[int] | tuple[int, ...], segs: tuple[int, ...]) -> tuple[int, ...]:
+    """A group count per segment (an int applies to every segment)."""
+    return tuple(groups) if isinstance(groups, (list, tuple)) else (groups,) * len(segs)
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, segs, rank, world, group, groups):  # type: ignore[override]
-        ctx.args = (dim, segs, rank, world, groups)
-        if groups == world:
-            return _gather(x, dim, tuple(segs), rank, world, group)
-        # chunks replicated within groups of world/groups ranks: gather all, keep one copy of each chunk
-        per = world // groups
+        segs = tuple(segs)
+        gs = _per_seg(groups, segs)
+        ctx.args = (dim, segs, rank, world, gs)
+        if all(g == world for g in gs):
+            return _gather(x, dim, segs, rank, world, group)
+        if all(g == 1 for g in gs):  # every rank holds the whole value: nothing to move
+            return x.clone()
+        # some chunks replicated on several ranks: gather every rank's piece, keep one copy of each chunk
+        sizes = [[chunk_range(s, g, r * g // world)[1] for s, g in zip(segs, gs)] for r in range(world)]
+        width = max(sum(sz) for sz in sizes)
+        mine = sum(sizes[rank])
+        if mine < width:
+            pad_shape = list(x.shape)
+            pad_shape[dim] = width - mine
+            x = torch.cat([x, x.new_zeros(pad_shape)], dim)
         full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
-        chunks = full.chunk(world, 0)[::per]
-        local = [s // groups for s in segs]
-        out = [c.narrow(0, sum(local[:k]), local[k]).movedim(0, dim) for k in range(len(segs)) for c in chunks]
+        chunks = full.chunk(world, 0)
+        out = []
+        for k, g in enumerate(gs):
+            for j in range(g):
+                r = j * world // g  # the first rank holding chunk j of segment k
+                out.append(chunks[r].narrow(0, sum(sizes[r][:k]), sizes[r][k]).movedim(0, dim))
         return torch.cat(out, dim)  # one copy, contiguous like the unsharded value
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        dim, segs, rank, world, groups = ctx.args
-        grad = shard_tensor(g, Shard(dim, groups, tuple(segs)), rank, world).contiguous()
-        if groups != world:  # partial within the replica group: its members' gradients sum to the chunk's
-            grad = grad * (groups / world)
-        return grad, None, None, None, None, None, None
+        dim, segs, rank, world, gs = ctx.args
+        pieces, off = [], 0
+        for s, k in zip(segs, gs):
+            start, n = chunk_range(s, k, rank * k // world)
+            piece = g.narrow(dim, off + start, n)
+            # a chunk held by world/k ranks: its gradient is partial within that replica group
+            pieces.append(piece if k == world else piece * (k / world))
+            off += s
+        return torch.cat(pieces, dim).contiguous(), None, None, None, None, None, None
 
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, groups, segs, rank, world, group):  # type: ignore[override]
-        ctx.args = (x.shape, dim, groups, segs, rank, world, group)
-        return shard_tensor(x, Shard(dim, groups, tuple(segs)), rank, world).contiguous()
+        segs = tuple(segs)
+        gs = _per_seg(groups, segs)
+        ctx.args = (x.shape, dim, gs, segs, rank, world, group)
+        return shard_tensor(x, Shard(dim, max(gs), segs, gs), rank, world).contiguous()
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        shape, dim, groups, segs, rank, world, group = ctx.args
+        shape, dim, gs, segs, rank, world, group = ctx.args
         full = g.new_zeros(shape)
-        j = rank * groups // world
         off = loc = 0
-        for s in segs:
-            start, n = chunk_range(s, groups, j)
+        for s, k in zip(segs, gs):
+            start, n = chunk_range(s, k, rank * k // world)
             full.narrow(dim, off + start, n).copy_(g.narrow(dim, loc, n))
             off += s
             loc += n
         return _all_reduce(full, group), None, None, None, None, None, None
+
+
+class _Unwhole(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, world):  # type: ignore[override]
+        ctx.world = world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g * (1.0 / ctx.world), None
+
+
+class _ReduceGradSpans(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, spans):  # type: ignore[override]
+        ctx.args = (dim, spans)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        dim, spans = ctx.args
+        g = g.clone()
+        for start, n, group in spans:
+            g.narrow(dim, start, n).copy_(_all_reduce(g.narrow(dim, start, n), group))
+        return g, None, None
 
 
 class _ToPartial(torch.autograd.Function):
@@ -138,24 +187,37 @@ def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
 
 
 def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str,
-               groups: int | None = None) -> torch.Tensor:
-    """Shard(dim, groups, segs) -> Replicate (groups defaults to the world size)."""
+               groups: int | list[int] | None = None) -> torch.Tensor:
+    """Shard(dim, groups, segs) -> Replicate (groups: one count, or one per segment; default the world size)."""
     return _AllGather.apply(x, dim, tuple(segs), rank, world, group, groups or world)
 
 
-def scatter(x: torch.Tensor, dim: int, groups: int, segs: list[int], rank: int, world: int,
+def scatter(x: torch.Tensor, dim: int, groups: int | list[int], segs: list[int], rank: int, world: int,
             group: str) -> torch.Tensor:
     """Replicate -> Shard(dim, groups, segs): a local slice; gradients are summed back."""
     return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group)
 
 
-def refine(x: torch.Tensor, dim: int, segs: list[int], src_groups: int, dst_groups: int, rank: int,
-           world: int) -> torch.Tensor:
-    """Shard(groups=src) -> Shard(groups=dst), dst a multiple of src: a local narrow, no communication."""
-    j1, j2 = rank * src_groups // world, rank * dst_groups // world
+def unwhole(x: torch.Tensor, world: int) -> torch.Tensor:
+    """A value held whole on every rank (its gradient partial over the ranks) -> Replicate (its gradient the full
+    one on every rank): no data moves; backward gives each rank its 1/world share."""
+    return _Unwhole.apply(x, world)
+
+
+def reduce_grad_spans(x: torch.Tensor, dim: int, spans: list[tuple[int, int, str]]) -> torch.Tensor:
+    """Identity forward; backward sums the gradient of each local span ``(start, length, group)`` along ``dim``
+    over its group: a fused weight whose segments are held by different replica groups (Falcon's whole
+    key/value heads beside split query heads)."""
+    return _ReduceGradSpans.apply(x, dim, spans)
+
+
+def refine(x: torch.Tensor, dim: int, segs: list[int], src_groups: int | list[int], dst_groups: int | list[int],
+           rank: int, world: int) -> torch.Tensor:
+    """Shard(groups=src) -> Shard(groups=dst), dst a multiple of src (per segment): a local narrow."""
     pieces, off = [], 0
-    for s in segs:
-        n1, n2 = s // src_groups, s // dst_groups
+    for s, g1, g2 in zip(segs, _per_seg(src_groups, tuple(segs)), _per_seg(dst_groups, tuple(segs))):
+        j1, j2 = rank * g1 // world, rank * g2 // world
+        n1, n2 = s // g1, s // g2
         pieces.append(x.narrow(dim, off + j2 * n2 - j1 * n1, n2))
         off += n1
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
@@ -215,4 +277,5 @@ def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: in
     return _ParallelCrossEntropy.apply(logits, target, start, reduction, ignore_index, group)
 
 
-COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "all_reduce", all_gather: "all_gather", scatter: "scatter", reduce_grad: "reduce_grad"}
+COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "all_reduce", all_gather: "all_gather",
+               scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad"}

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from . import collectives as C
-from .placements import Partial, Placement, Replicate, Shard, shard_tensor
+from .placements import Partial, Placement, Replicate, Shard, is_whole, shard_tensor
 from .propagate import Propagation, group_of
 from .rules import WORLD
 
@@ -47,6 +47,11 @@ def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
         return True
     strat = prop.strategies.get(node)
     return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
+
+
+def _groups_arg(p: Shard) -> int | list[int]:
+    """The group count(s) a collective takes: one, or one per segment where they differ."""
+    return p.groups if p.sgroups is None else list(p.sgroups)
 
 
 def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int) -> torch.nn.Parameter:
@@ -85,20 +90,25 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             x = call(C.all_reduce, x, wg, src=a)
             have = Replicate()
         if isinstance(have, Shard) and isinstance(want, Shard) and (have.dim, have.segs) == (want.dim, want.segs) \
-                and want.groups % have.groups == 0 and not have.uneven and not want.uneven:
-            x = call(C.refine, x, have.dim, list(have.segs), have.groups, want.groups, rank, world, src=a)
+                and all(w % h == 0 for h, w in zip(have.seg_groups, want.seg_groups)) \
+                and not have.uneven and not want.uneven:
+            x = call(C.refine, x, have.dim, list(have.segs), _groups_arg(have), _groups_arg(want), rank, world, src=a)
+        elif is_whole(have):  # every rank holds it all: nothing moves, its gradient is shared out
+            x = call(C.unwhole, x, world, src=a)
+            if isinstance(want, Shard):
+                x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
         elif isinstance(have, Shard):
-            if have.groups == world or have.uneven:
-                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
+            if have.groups == world or have.uneven or have.sgroups is not None:
+                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, _groups_arg(have), src=a)
             elif all(s % world == 0 for s in have.segs):  # refine locally first: less data to move
                 x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world, src=a)
                 x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
             else:  # e.g. 10 columns in 2 chunks on 4 ranks: gather the chunks as they are
                 x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, have.groups, src=a)
             if isinstance(want, Shard):
-                x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg, src=a)
+                x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
         elif isinstance(want, Shard):
-            x = call(C.scatter, x, want.dim, want.groups, list(want.segs), rank, world, wg, src=a)
+            x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
         cache[key] = x
         return x
 
@@ -116,7 +126,13 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             root[node.target] = store[fqn]
             x = new.node_copy(node, lambda a: env[a])
             x.meta["tpfx_placement"] = pl
-            if isinstance(pl, Shard) and pl.groups < world:
+            if isinstance(pl, Shard) and pl.sgroups is not None:  # segments in different replica groups
+                local, spans = pl.local_segs(rank, world), []
+                for k, (g, ranks) in enumerate(zip(pl.seg_groups, pl.replica_groups(rank, world))):
+                    if g < world:
+                        spans.append((sum(local[:k]), local[k], group_name(ranks)))
+                x = call(C.reduce_grad_spans, x, pl.dim, spans)
+            elif isinstance(pl, Shard) and pl.groups < world:
                 x = call(C.reduce_grad, x, group_name(group_of(pl, rank, world)))
             env[node] = x
             continue

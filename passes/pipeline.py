@@ -242,6 +242,59 @@ def simplify_value_ops(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+_CONST_COPIES = {aten.clone.default, aten.lift_fresh_copy.default, aten._to_copy.default, aten.alias.default}
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The value of a constant tensor in the graph (a lifted constant, possibly copied), else None."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONST_COPIES:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or not isinstance(node.target, str):
+        return None
+    obj: Any = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return None if isinstance(obj, torch.nn.Parameter) or not isinstance(obj, torch.Tensor) else obj
+
+
+def index_to_slice(gm: fx.GraphModule) -> fx.GraphModule:
+    """``x[..., [a, a+1, ..], :]`` (advanced indexing of one dim by a constant run of positions) is the slice
+    ``x[..., a:a+n, :]``. Falcon's multi-query attention picks its key and value heads out of the fused
+    projection so (``[-2]``, ``[-1]``); as a slice, the shard rules see which segment of a split dim it takes."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.index.Tensor:
+            continue
+        x, indices = node.args[:2]
+        pos = [k for k, i in enumerate(indices) if i is not None]
+        xv = _val(x)
+        if len(pos) != 1 or xv is None or pos[0] >= xv.ndim:
+            continue
+        d = pos[0]
+        c = _constant(gm, indices[d])
+        size = xv.shape[d]
+        if c is None or c.ndim != 1 or c.numel() == 0 or c.dtype not in (torch.int64, torch.int32):
+            continue
+        idx = c.tolist()
+        if any(v < 0 for v in idx):  # negative positions count from a size that must then be static
+            if not isinstance(size, int):
+                continue
+            idx = [v + size if v < 0 else v for v in idx]
+        if any(v < 0 or (isinstance(size, int) and v >= size) for v in idx) \
+                or idx != list(range(idx[0], idx[0] + len(idx))):
+            continue
+        with gm.graph.inserting_before(node):
+            sl = gm.graph.call_function(aten.slice.Tensor, (x, d, idx[0], idx[0] + len(idx)))
+        sl.meta = dict(node.meta)
+        node.replace_all_uses_with(sl)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
+
+
 def _call(g: fx.Graph, like: fx.Node, fake: Any, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
     """A new node computing ``target(*args, **kwargs)``, its ``val`` from the fake tensors, its module path
     from ``like``."""
@@ -454,5 +507,5 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, canonicalize_aliases, simplify_value_ops, decompose_bias, decompose_variance,
-                          unflatten_batched_matmuls]
+PRE_PASSES: list[Pass] = [inline_grad_regions, canonicalize_aliases, simplify_value_ops, index_to_slice, decompose_bias,
+                          decompose_variance, unflatten_batched_matmuls]

@@ -13,11 +13,15 @@
   ``r * groups // t``; with ``groups < t`` each chunk is replicated on ``t / groups`` consecutive
   ranks (GQA with fewer KV heads than ranks). Gradients of such values are *partial within the
   replica group* (see ``passes/collectives.py``).
+* ``sgroups``: a group count per segment, where segments differ. Falcon-7B's fused
+  ``query_key_value`` is ``[n*d | d | d]`` (multi-query: one key and one value head): the query
+  segment is split ``t`` ways and the key/value segments are held whole (1 group) on every rank,
+  ``S(0/2[256+32/1+32/1])``. ``groups`` is then the largest of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,22 +43,84 @@ class Shard:
     dim: int
     groups: int
     segs: tuple[int, ...]
+    sgroups: tuple[int, ...] | None = None  # per segment, only where they differ (None: all ``groups``)
+
+    def __post_init__(self) -> None:
+        if self.sgroups is not None:
+            if len(self.sgroups) != len(self.segs) or max(self.sgroups) != self.groups:
+                raise ValueError(f"per-segment groups {self.sgroups} do not fit {self.segs} in {self.groups}")
+            if len(set(self.sgroups)) == 1:
+                object.__setattr__(self, "sgroups", None)  # one canonical form: uniform is None
 
     def __str__(self) -> str:
         g = f"/{self.groups}"
-        s = "" if len(self.segs) == 1 else f"[{'+'.join(map(str, self.segs))}]"
+        if len(self.segs) == 1:
+            s = ""
+        elif self.sgroups is None:
+            s = f"[{'+'.join(map(str, self.segs))}]"
+        else:
+            s = "[" + "+".join(f"{n}" if k == self.groups else f"{n}/{k}"
+                               for n, k in zip(self.segs, self.sgroups)) + "]"
         return f"S({self.dim}{g}{s})"
 
+    @property
+    def seg_groups(self) -> tuple[int, ...]:
+        """The group count of every segment."""
+        return self.sgroups or (self.groups,) * len(self.segs)
+
+    def moved(self, dim: int) -> Shard:
+        """The same layout on another dim (transposes, views that keep the split)."""
+        return replace(self, dim=dim)
+
     def local_segs(self, rank: int = 0, world: int | None = None) -> tuple[int, ...]:
-        j = self.chunk(rank, world) if world else 0
-        return tuple(chunk_range(s, self.groups, j)[1] for s in self.segs)
+        return tuple(chunk_range(s, g, rank * g // world if world else 0)[1]
+                     for s, g in zip(self.segs, self.seg_groups))
+
+    def local_size(self, rank: int = 0, world: int | None = None) -> int:
+        return sum(self.local_segs(rank, world))
+
+    def split_by(self, world: int) -> bool:
+        """Every segment split into ``world`` disjoint chunks (each rank holds a distinct part of everything)."""
+        return self.sgroups is None and self.groups == world
 
     def chunk(self, rank: int, world: int) -> int:
         return rank * self.groups // world
 
+    def replica_groups(self, rank: int, world: int) -> list[tuple[int, ...]]:
+        """Per segment, the ranks holding the same chunk of it as ``rank``."""
+        out = []
+        for g in self.seg_groups:
+            per, j = world // g, rank * g // world
+            out.append(tuple(range(j * per, (j + 1) * per)))
+        return out
+
     @property
     def uneven(self) -> bool:
-        return any(s % self.groups for s in self.segs)
+        return any(s % g for s, g in zip(self.segs, self.seg_groups))
+
+
+def is_whole(p: object) -> bool:
+    """A ``Shard`` whose every segment is in 1 group: every rank holds all of it (the single key/value head of
+    multi-query attention); unlike ``Replicate`` its gradient is partial over the ranks."""
+    return isinstance(p, Shard) and all(g == 1 for g in p.seg_groups)
+
+
+def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:
+    """The canonical whole placement of a value of ``shape``: on ``prefer`` or the first dim of static size."""
+    order = [prefer] + [d for d in range(len(shape)) if d != prefer]
+    for d in order:
+        if 0 <= d < len(shape) and isinstance(shape[d], int):
+            return Shard(d, 1, (shape[d],))
+    return None
+
+
+def needs_gather(have: object, want: object) -> bool:
+    """Whether redistributing a ``Shard`` ``have`` to ``want`` gathers (a refinement to a finer shard of the same
+    layout is a local narrow; a value held whole on every rank moves nothing)."""
+    if not isinstance(have, Shard) or all(g == 1 for g in have.seg_groups):
+        return False
+    return not isinstance(want, Shard) or (want.dim, want.segs) != (have.dim, have.segs) \
+        or any(w % h for h, w in zip(have.seg_groups, want.seg_groups))
 
 
 def chunk_range(size: int, groups: int, j: int) -> tuple[int, int]:
@@ -77,21 +143,21 @@ def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.
     """This rank's local piece of the full tensor ``x`` under placement ``p``."""
     if not isinstance(p, Shard):
         return x
-    j = p.chunk(rank, world)
     pieces, off = [], 0
-    for seg in p.segs:
-        start, n = chunk_range(seg, p.groups, j)
+    for seg, g in zip(p.segs, p.seg_groups):
+        start, n = chunk_range(seg, g, rank * g // world)
         pieces.append(x.narrow(p.dim, off + start, n))
         off += seg
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, p.dim)
 
 
 def refine_local(x: torch.Tensor, src: Shard, dst: Shard, rank: int, world: int) -> torch.Tensor:
-    """Narrow a local ``src`` chunk to the finer ``dst`` chunk (``src.groups`` divides ``dst.groups``, even)."""
-    j1, j2 = src.chunk(rank, world), dst.chunk(rank, world)
+    """Narrow a local ``src`` chunk to the finer ``dst`` chunk (per segment, the source group count divides the
+    destination's; even chunks)."""
     pieces, off = [], 0
-    for seg in src.segs:
-        n1, n2 = seg // src.groups, seg // dst.groups
+    for seg, g1, g2 in zip(src.segs, src.seg_groups, dst.seg_groups):
+        j1, j2 = rank * g1 // world, rank * g2 // world
+        n1, n2 = seg // g1, seg // g2
         start = j2 * n2 - j1 * n1
         pieces.append(x.narrow(src.dim, off + start, n2))
         off += n1

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard
+from .placements import P, Partial, Placement, R, Replicate, Shard, is_whole, needs_gather, whole_mark
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from .shapes import shape_of
 
@@ -68,6 +68,7 @@ class Seed:
     styles: frozenset[str]
     groups: int
     segs: tuple[int, ...] | None = None
+    sgroups: tuple[int, ...] | None = None  # per segment (with segs), where a part is held whole
     pinned: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -180,8 +181,8 @@ def _rule_key(node: fx.Node, operands: list[Operand], out_shapes: Any) -> Any:
     solution: a repeated decoder block is solved once, not once per layer."""
     index = {o.node: i for i, o in enumerate(operands)}
     ops = tuple((o.shape, o.dtype, o.placement, o.trained,
-                 None if o.free is None else (o.free.styles, o.free.groups, o.free.segs, o.free.dim_map,
-                                              o.free.uneven)) for o in operands)
+                 None if o.free is None else (o.free.styles, o.free.groups, o.free.segs, o.free.sgroups,
+                                              o.free.dim_map, o.free.uneven)) for o in operands)
     val = node.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else None
     outs = tuple(out_shapes) if isinstance(out_shapes, list) else out_shapes
@@ -211,7 +212,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             _, m, root = derived[c]
             src = c.args[0]
             have = prop.placements.get(src, pl) if src is not root else pl
-            mine = Shard(m.index(pl.dim), pl.groups, pl.segs) if isinstance(pl, Shard) else R
+            mine = pl.moved(m.index(pl.dim)) if isinstance(pl, Shard) else R
             prop.placements[c] = mine
             prop.strategies[c] = Strategy({0: have}, mine)
             if isinstance(pl, Shard):
@@ -257,7 +258,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             free = None
             if fqn is not None and fqn not in prop.decided:
                 s = seeds[fqn]
-                free = FreeParam(fqn, s.styles, s.groups, s.segs, dim_map)
+                free = FreeParam(fqn, s.styles, s.groups, s.segs, s.sgroups, dim_map)
             elif fqn is not None and fqn in chains:
                 materialize(fqn)
             val = a.meta["val"]
@@ -270,6 +271,9 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
         has_free = any(o.free is not None for o in operands)
         if not busy and (rule is None or not has_free):
             result: Strategy | Fallback = Strategy({i: R for i in range(len(operands))}, replicated_out)
+        elif busy and not has_free and all(isinstance(o.placement, Replicate) or is_whole(o.placement)
+                                           for o in operands):
+            result = _on_whole(node, operands)
         elif rule is None:
             name = str(node.target)
             prop.unknown_ops.add(name)
@@ -291,11 +295,12 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                 i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
             src = frozenset().union(*[origins.get(operands[i].node, frozenset()) for i in culprits])
             kind = "groups" if result.groups else "segs" if result.segs else "replicate"
+            value = result.groups or ((result.segs, result.sgroups) if result.segs else None)
             movable = frozenset(f for f in src if not seeds[f].pinned and f not in tainted_seeds)
             if movable and (node not in tainted or result.groups or result.segs):
-                prop.demands.append((movable, kind, result.groups or result.segs, f"{node.name}: {result.reason}"))
+                prop.demands.append((movable, kind, value, f"{node.name}: {result.reason}"))
             elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
-                prop.held.append((unpinned, kind, result.groups or result.segs, f"{node.name}: {result.reason}"))
+                prop.held.append((unpinned, kind, value, f"{node.name}: {result.reason}"))
             if any(isinstance(o.placement, Shard) for o in operands):
                 prop.fallbacks.append((node.name, result.reason))
             result = Strategy({i: R for i in range(len(operands))}, replicated_out)
@@ -310,7 +315,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                     style = "replicate"
                 param_pl: Placement = pl
                 if o.free.dim_map is not None and isinstance(pl, Shard):
-                    param_pl = Shard(o.free.dim_map[pl.dim], pl.groups, pl.segs)
+                    param_pl = pl.moved(o.free.dim_map[pl.dim])
                 prop.decided[o.free.fqn] = (style, param_pl)
                 if node in tainted:
                     tainted_seeds.add(o.free.fqn)
@@ -345,6 +350,21 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
     return prop
 
 
+def _on_whole(node: fx.Node, operands: list[Operand]) -> Strategy:
+    """Any op whose split operands are all held whole (every rank has all of it) runs locally on them as they
+    are; its outputs are held whole too (their gradients partial over the ranks, like the inputs'), or, with no
+    static dim to carry the mark, replicated after the inputs are made ``Replicate``."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    prefer = next(o.placement.dim for o in operands if is_whole(o.placement))
+    outs = [whole_mark(tuple(int(s) if isinstance(s, int) else None for s in v.shape), prefer)
+            if isinstance(v, torch.Tensor) else R for v in vals]
+    if any(m is None for m in outs):
+        return Strategy({i: R for i in range(len(operands))}, tuple([R] * len(vals)) if len(vals) > 1 else R)
+    out: Any = tuple(outs) if isinstance(val, (list, tuple)) else outs[0]
+    return Strategy({i: o.placement for i, o in enumerate(operands)}, out)
+
+
 def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
               max_rounds: int = 50) -> tuple[Propagation, dict[str, Seed]]:
     """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None)."""
@@ -356,7 +376,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s = seeds[fqn]
             s.styles, s.pinned = frozenset({style}), True
             if isinstance(pl, Shard):
-                s.groups, s.segs = pl.groups, pl.segs
+                s.groups, s.segs, s.sgroups = pl.groups, pl.segs, pl.sgroups
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     prop = _fixpoint(gm, world, seeds, cache, max_rounds)
     for step in (_stream_splits, _reduced_then_split):  # steps 4 and 5 of the module docstring
@@ -515,12 +535,16 @@ def _replicated(pl: Any) -> bool:
 def _cost(prop: Propagation) -> tuple[int, int]:
     """(bytes of forward all-reduces and gathers, parameter bytes per rank) of a propagation."""
     comm = sum(nbytes(p) for (c, p), w in prop.wants.items()
-               if isinstance(w, Replicate) and isinstance(prop.placements.get(p), (Partial, Shard)))
+               if isinstance(w, Replicate) and (isinstance(have := prop.placements.get(p), Partial)
+                                                or needs_gather(have, w)))
     comm += sum(nbytes(n) for n in prop.reduced_after)
     params = 0
     for node, fqn in prop.param_nodes.items():
         pl = prop.decided.get(fqn, ("replicate", R))[1]
-        params += nbytes(node) // (pl.groups if isinstance(pl, Shard) else 1)
+        if isinstance(pl, Shard):
+            params += nbytes(node) * sum(s // g for s, g in zip(pl.segs, pl.seg_groups)) // sum(pl.segs)
+        else:
+            params += nbytes(node)
     return comm, params
 
 
@@ -560,11 +584,13 @@ def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: 
         s.groups = value
         s.reasons.append(f"groups {value}: {reason}")
         return True
-    if kind == "segs" and _fits(prop, fqn, value):
-        if value == s.segs:
+    if kind == "segs" and (fit := _merged(prop, fqn, s, *value)) is not None:
+        segs, gs = fit
+        groups, sgroups = (min(s.groups, gs[0]), None) if len(set(gs)) == 1 else (s.groups, gs)
+        if (segs, groups, sgroups) == (s.segs, s.groups, s.sgroups):
             return False
-        s.segs = value
-        s.reasons.append(f"segments {value}: {reason}")
+        s.segs, s.groups, s.sgroups = segs, groups, sgroups
+        s.reasons.append(f"segments {segs}" + (f" in {sgroups} groups" if sgroups else "") + f": {reason}")
         return True
     if s.styles == frozenset({"replicate"}):
         return False
@@ -573,13 +599,41 @@ def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: 
     return True
 
 
-def _fits(prop: Propagation, fqn: str, segs: tuple[int, ...]) -> bool:
+def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgroups: tuple[int, ...] | None
+            ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The segments and per-segment group counts of weight ``fqn`` once a demand's are merged in (every cut of
+    both; each part split no finer than either allows), on the weight's split dim; None if they do not fit it.
+
+    A demand is in the units of the op that raised it: counted in heads when it came from after a
+    ``[.., n*d] -> [.., n, d]`` view, so it is scaled to the weight's rows. Merging, not replacing: the
+    slices that take q, k and v out of one fused projection each raise their own cuts in the same round."""
     style, pl = prop.decided.get(fqn, ("", R))
     if not isinstance(pl, Shard):
-        return False
+        return None
     node = next(n for n, f in prop.param_nodes.items() if f == fqn)
     size = int(node.meta["val"].shape[pl.dim]) if "val" in node.meta else None
-    return size == sum(segs) and all(s % pl.groups == 0 for s in segs)
+    if size is None or size % sum(segs):
+        return None
+    k = size // sum(segs)
+    new = [(s * k, g) for s, g in zip(segs, sgroups or (pl.groups,) * len(segs))]
+    old = list(zip(seed.segs or (size,), seed.sgroups or (seed.groups,) * len(seed.segs or (size,))))
+
+    def ends(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out, off = [], 0
+        for s, g in parts:
+            off += s
+            out.append((off, g))
+        return out
+
+    cuts = sorted({e for e, _ in ends(new)} | {e for e, _ in ends(old)})
+    merged, start = [], 0
+    for e in cuts:
+        g = math.gcd(next(g for x, g in ends(new) if start < x), next(g for x, g in ends(old) if start < x))
+        if (e - start) % g or pl.groups % g:
+            return None
+        merged.append((e - start, g))
+        start = e
+    return tuple(s for s, _ in merged), tuple(g for _, g in merged)
 
 
 def group_of(p: Shard, rank: int, world: int) -> tuple[int, ...]:

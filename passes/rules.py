@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range
+from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range, is_whole
 from .shapes import Expr, as_int, map_shard
 
 aten = torch.ops.aten
@@ -40,6 +40,7 @@ class FreeParam:
     styles: frozenset[str]
     groups: int  # upper bound on the number of chunks (a divisor of t)
     segs: tuple[int, ...] | None = None  # segments requested for its split dim
+    sgroups: tuple[int, ...] | None = None  # caps per segment where they differ (whole key/value heads)
     dim_map: tuple[int | None, ...] | None = None  # operand dim -> parameter dim (after transposes/casts)
     uneven: bool = True  # may be split into unequal chunks
 
@@ -72,6 +73,7 @@ class Fallback:
     operand: int | None = None  # the operand whose shard could not be carried
     groups: int | None = None  # a group count that would work (GQA), for the planner to demote to
     segs: tuple[int, ...] | None = None  # segment boundaries that would work (fused projections)
+    sgroups: tuple[int, ...] | None = None  # with segs: a group count per segment (a whole key/value head)
 
 
 @dataclass
@@ -135,6 +137,21 @@ def register_name(*names: str) -> Callable[[Rule], Rule]:
     return deco
 
 
+def uniform_only(fn: Rule) -> Rule:
+    """For rules whose arithmetic assumes one group count for every segment: an operand whose segments are
+    split into different counts (``Shard.sgroups``) is refused with a reason instead of mis-sliced."""
+
+    def wrapped(ctx: OpCtx) -> Result:
+        for i, o in enumerate(ctx.operands):
+            if isinstance(o.placement, Shard) and o.placement.sgroups is not None:
+                return Fallback(f"{ctx.node.target} on segments split into different group counts "
+                                f"{o.placement}", i)
+        return fn(ctx)
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
 def lookup(target: Any) -> Rule | None:
     if target in REGISTRY:
         return REGISTRY[target]
@@ -162,10 +179,12 @@ def keep(ctx: OpCtx, **extra: Placement) -> dict[int, Placement]:
 
 
 def finest(shards: list[Shard]) -> Shard | None:
-    """The finest of compatible shards (same segs, nested group counts, uneven ones identical), or None."""
-    best = max(shards, key=lambda s: s.groups)
+    """The finest of compatible shards (same segs, nested group counts per segment, uneven ones identical),
+    or None."""
+    best = max(shards, key=lambda s: s.seg_groups)
     for s in shards:
-        if s.segs != best.segs or best.groups % s.groups or (s.uneven and s.groups != best.groups):
+        if s.segs != best.segs or any(b % g for g, b in zip(s.seg_groups, best.seg_groups)) \
+                or (s.uneven and s.seg_groups != best.seg_groups):
             return None
     return best
 
@@ -173,15 +192,22 @@ def finest(shards: list[Shard]) -> Shard | None:
 WORLD = "<tpfx:world-group>"  # placeholder argument: emission substitutes the world group's name
 
 
-def resize_arg(shape_pos: int, dims: dict[int, int]) -> Rewrite:
-    """Rewrite a size list argument: entries at ``dims`` (out dim -> groups) become local."""
+def local_len(size: int, p: Shard | int, rank: int, world: int) -> int:
+    """This rank's length of a dim of global ``size`` split as ``p`` (a Shard on that dim, or a group count)."""
+    if isinstance(p, Shard):
+        return p.local_size(rank, world) if sum(p.segs) == size else chunk_range(size, p.groups, p.chunk(rank, world))[1]
+    return chunk_range(size, p, rank * p // world)[1]
+
+
+def resize_arg(shape_pos: int, dims: dict[int, Shard | int]) -> Rewrite:
+    """Rewrite a size list argument: entries at ``dims`` (out dim -> its Shard, or a group count) become local."""
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
         sizes = list(args[shape_pos])
         for d, g in dims.items():
             v = sizes[d]
             if isinstance(v, int) and v != -1:
-                sizes[d] = chunk_range(v, g, rank * g // world)[1]
+                sizes[d] = local_len(v, g, rank, world)
         new = list(args)
         new[shape_pos] = sizes
         return tuple(new), kwargs
@@ -189,7 +215,7 @@ def resize_arg(shape_pos: int, dims: dict[int, int]) -> Rewrite:
     return rw
 
 
-def check_sizes_static(sizes: Any, dims: dict[int, int]) -> str | None:
+def check_sizes_static(sizes: Any, dims: dict[int, Any]) -> str | None:
     for d in dims:
         v = sizes[d] if d < len(sizes) else None
         if isinstance(v, fx.Node):
@@ -252,6 +278,7 @@ def pointwise(ctx: OpCtx) -> Result:
     shards = [(i, ops[i].placement) for i in sharded(ops)]
     if not shards:
         return Strategy(keep(ctx), R)
+    shards = [(i, p) for i, p in shards if not is_whole(p)] or shards  # a whole operand takes the split's layout
     dims = {out_dim(ops[i], p.dim) for i, p in shards}  # type: ignore[union-attr]
     if len(dims) > 1:
         return Fallback("operands sharded on different dims", shards[1][0])
@@ -265,21 +292,21 @@ def pointwise(ctx: OpCtx) -> Result:
     decide: dict[int, tuple[str, Placement]] = {}
     for i, o in enumerate(ops):
         d = od - (nd - o.ndim)
-        if d < 0 or o.shape[d] == 1:
-            want[i] = R  # broadcast along the sharded dim
+        if d < 0 or o.shape[d] == 1:  # broadcast along the sharded dim: replicated, or held whole as it is
+            want[i] = o.placement if is_whole(o.placement) else R
             continue
         if (packet in (aten.add, aten.sub) and isinstance(o.placement, Replicate) and o.free is None
                 and o.trained and o.dtype.is_floating_point and tuple(o.shape) == tuple(out)):
             # a column-split region running into the replicated residual stream: Megatron closes such a
             # region with a row-split matmul; splitting the stream instead is the worse plan
             return Fallback("a column-split region reaches the replicated residual stream", shards[0][0])
-        target = Shard(d, best.groups, best.segs)
+        target = best.moved(d)
         if o.free is not None:
             if "shard" not in o.free.styles:
                 return Fallback("a weight here is pinned replicated", i)
             decide[i] = ("shard", target)
         want[i] = target
-    return Strategy(want, Shard(od, best.groups, best.segs), decide)
+    return Strategy(want, best.moved(od), decide)
 
 
 # ----------------------------------------------------------------------------- views
@@ -308,7 +335,7 @@ def view(ctx: OpCtx) -> Result:
         return Fallback(f"view {list(x.shape)} -> {list(ctx.out_shapes)} splits the sharded dim "
                         f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}",
                         0, groups=out if out > 1 else None)
-    dims = {out.dim: out.groups}
+    dims: dict[int, Shard | int] = {out.dim: out}
     if (why := check_sizes_static(ctx.args[1], dims)) is not None:
         return Fallback(why, 0)
     return Strategy({0: x.placement}, out, rewrite=resize_arg(1, dims))
@@ -322,10 +349,10 @@ def expand(ctx: OpCtx) -> Result:
     if not isinstance(x.placement, Shard):
         return Strategy({0: R}, R)
     od = x.placement.dim + len(ctx.out_shapes) - x.ndim
-    dims = {od: x.placement.groups}
+    dims: dict[int, Shard | int] = {od: x.placement.moved(od)}
     if (why := check_sizes_static(ctx.args[1], dims)) is not None:
         return Fallback(why, 0)
-    return Strategy({0: x.placement}, Shard(od, x.placement.groups, x.placement.segs), rewrite=resize_arg(1, dims))
+    return Strategy({0: x.placement}, x.placement.moved(od), rewrite=resize_arg(1, dims))
 
 
 def _moved(ctx: OpCtx, f: Callable[[int], int | None], allow_partial: bool = True) -> Result:
@@ -337,7 +364,7 @@ def _moved(ctx: OpCtx, f: Callable[[int], int | None], allow_partial: bool = Tru
     d = f(x.placement.dim)
     if d is None:
         return Fallback(f"{ctx.node.target} consumes the sharded dim {x.placement.dim}", 0)
-    return Strategy({0: x.placement}, Shard(d, x.placement.groups, x.placement.segs))
+    return Strategy({0: x.placement}, x.placement.moved(d))
 
 
 @register(aten.transpose)
@@ -412,40 +439,58 @@ def _cuts(p: Shard, bounds: list[int]) -> tuple[int, ...] | None:
     return segs
 
 
-def _select_segs(p: Shard, start: int, end: int) -> tuple[tuple[int, ...], int, int] | None:
-    """Segments covering [start, end) and the local [start, end) — None if not on boundaries."""
+def _select_segs(p: Shard, start: int, end: int) -> tuple[Shard, int, int] | None:
+    """The segments covering [start, end) (as a Shard of them) and the local [start, end) — None if not on
+    segment boundaries."""
     if p.uneven:
         return None
     off = loc = 0
-    chosen: list[int] = []
+    chosen: list[tuple[int, int]] = []
     lstart = lend = None
-    for s in p.segs:
+    for s, g in zip(p.segs, p.seg_groups):
         if off == start:
             lstart = loc
         if start <= off and off + s <= end:
-            chosen.append(s)
+            chosen.append((s, g))
         off += s
-        loc += s // p.groups
+        loc += s // g
         if off == end:
             lend = loc
     if lstart is None or lend is None or not chosen:
         return None
-    return tuple(chosen), lstart, lend
+    gs = tuple(g for _, g in chosen)
+    return Shard(p.dim, max(gs), tuple(s for s, _ in chosen), gs), lstart, lend
 
 
 def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Result:
     x = ctx.operands[0]
     p = x.placement
     assert isinstance(p, Shard)
+    if all(g == 1 for g in p.seg_groups):  # held whole on every rank: any part is local, as it is
+        return Strategy({0: p}, tuple(Shard(dim, 1, (b - a,)) for a, b in bounds)), list(bounds)  # type: ignore
     outs, local = [], []
     for a, b in bounds:
         sel = _select_segs(p, a, b)
         if sel is None:
             segs = _cuts(p, [c for ab in bounds for c in ab])
-            ok = segs is not None and all(s % p.groups == 0 for s in segs)
-            return Fallback(f"split of the sharded dim at {sorted({c for ab in bounds for c in ab})} does not "
-                            f"fall on shard boundaries", 0, segs=segs if ok else None)
-        outs.append(Shard(dim, p.groups, sel[0]))
+            why = f"split of the sharded dim at {sorted({c for ab in bounds for c in ab})} does not fall on shard " \
+                  f"boundaries"
+            if segs is None or p.uneven:
+                return Fallback(why, 0)
+            # each segment split as finely as it allows: a part smaller than the group count (a single key or
+            # value head beside the query heads) is held whole on every rank
+            ends, off = [], 0
+            for s0, g0 in zip(p.segs, p.seg_groups):
+                off += s0
+                ends.append((off, g0))
+            gs, off = [], 0
+            for s in segs:
+                g0 = next(g0 for e, g0 in ends if off < e)  # the group count of the segment it refines
+                taken = any(a <= off and off + s <= b for a, b in bounds)
+                gs.append(math.gcd(g0, s) if taken else g0)  # a part not taken here keeps its count
+                off += s
+            return Fallback(why, 0, segs=segs, sgroups=tuple(gs))
+        outs.append(sel[0].moved(dim))
         local.append((sel[1], sel[2]))
     return Strategy({0: p}, tuple(outs)), local  # type: ignore[return-value]
 
@@ -525,11 +570,9 @@ def cat(ctx: OpCtx) -> Result:
     if not shards:
         return Strategy(keep(ctx), R)
     if all(isinstance(o.placement, Shard) and o.placement.dim == dim for o in ops):
-        g = {o.placement.groups for o in ops}  # type: ignore[union-attr]
-        if len(g) == 1:
-            segs = tuple(s for o in ops for s in o.placement.segs)  # type: ignore[union-attr]
-            return Strategy(keep(ctx), Shard(dim, g.pop(), segs))
-        return Fallback("concatenating shards of different group counts", 0)
+        segs = tuple(s for o in ops for s in o.placement.segs)  # type: ignore[union-attr]
+        gs = tuple(g for o in ops for g in o.placement.seg_groups)  # type: ignore[union-attr]
+        return Strategy(keep(ctx), Shard(dim, max(gs), segs, gs))
     if any(isinstance(s, Shard) and s.dim == dim for s in shards):
         return Fallback("concatenating a sharded and a replicated tensor along the sharded dim", 0)
     best = _common_shard(ops)
@@ -553,7 +596,7 @@ def stack(ctx: OpCtx) -> Result:
         return r
     dim, best = r
     od = best.dim + 1 if best.dim >= dim else best.dim
-    return Strategy({i: best for i in range(len(ctx.operands))}, Shard(od, best.groups, best.segs))
+    return Strategy({i: best for i in range(len(ctx.operands))}, best.moved(od))
 
 
 @register(aten.slice_scatter)
@@ -584,15 +627,15 @@ def flatten(ctx: OpCtx) -> Result:
         start = norm_dim(ctx.args[1], x.ndim)
         if not start <= out.dim < start + len(ctx.args[2]):
             return Strategy({0: x.placement}, out)
-        return Strategy({0: x.placement}, out, rewrite=_resize_list(2, out.dim - start, out.groups))
+        return Strategy({0: x.placement}, out, rewrite=_resize_list(2, out.dim - start, out))
     return Strategy({0: x.placement}, out)
 
 
-def _resize_list(pos: int, i: int, g: int) -> Rewrite:
+def _resize_list(pos: int, i: int, g: Shard | int) -> Rewrite:
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
         sizes = list(args[pos])
         if isinstance(sizes[i], int) and sizes[i] != -1:
-            sizes[i] = chunk_range(sizes[i], g, rank * g // world)[1]
+            sizes[i] = local_len(sizes[i], g, rank, world)
         return tuple(args[:pos]) + (sizes,) + tuple(args[pos + 1 :]), kwargs
 
     return rw
@@ -609,7 +652,7 @@ def view_as(ctx: OpCtx) -> Result:
         return Strategy({0: R, 1: other.placement}, R) if not isinstance(other.placement, Shard) \
             else Fallback("shape taken from a sharded tensor", 1)
     if ctx.node.target.overloadpacket is aten.expand_as:  # type: ignore[union-attr]
-        out: Shard | int = Shard(x.placement.dim + len(ctx.out_shapes) - x.ndim, x.placement.groups, x.placement.segs)
+        out: Shard | int = x.placement.moved(x.placement.dim + len(ctx.out_shapes) - x.ndim)
     else:
         out = map_shard(x.shape, ctx.out_shapes, x.placement)
     if isinstance(out, int) or other.placement != out:
@@ -626,7 +669,7 @@ def repeat(ctx: OpCtx) -> Result:
     od = x.placement.dim + len(reps) - x.ndim
     if reps[od] != 1:
         return Fallback("repeat along the sharded dim", 0)
-    return Strategy({0: x.placement}, Shard(od, x.placement.groups, x.placement.segs))
+    return Strategy({0: x.placement}, x.placement.moved(od))
 
 
 @register(aten.pad, aten.constant_pad_nd)
@@ -664,7 +707,7 @@ def index(ctx: OpCtx) -> Result:
         od = d if d < pos[0] else d - len(pos) + m
     else:
         od = m + sum(1 for k in range(d) if k not in pos)
-    return Strategy(want | {0: x.placement}, Shard(od, x.placement.groups, x.placement.segs))
+    return Strategy(want | {0: x.placement}, x.placement.moved(od))
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -682,11 +725,11 @@ def _reduce(ctx: OpCtx, dims: list[int] | None, keepdim: bool, linear: bool) -> 
     if not isinstance(p, Shard):
         return Strategy({0: R}, R)
     if p.dim in red:
-        if linear and p.groups == ctx.world:
+        if linear and p.split_by(ctx.world):
             return Strategy({0: p}, P)
         return Fallback(f"{ctx.node.target} reduces over the sharded dim {p.dim}", 0)
     od = p.dim if keepdim else p.dim - sum(1 for d in red if d < p.dim)
-    return Strategy({0: p}, Shard(od, p.groups, p.segs))
+    return Strategy({0: p}, p.moved(od))
 
 
 @register(aten.sum)
@@ -705,7 +748,7 @@ def reduce_(ctx: OpCtx) -> Result:
     keepdim = bool(ctx.arg("keepdim", False))
     x = ctx.operands[0]
     p = x.placement
-    if (ctx.node.target is aten.mean.dim and isinstance(p, Shard) and p.groups == ctx.world
+    if (ctx.node.target is aten.mean.dim and isinstance(p, Shard) and p.split_by(ctx.world)
             and dims and p.dim in [norm_dim(d, x.ndim) for d in dims]):
         # mean over the sharded dim = sum of the local sums / N: a Partial, reduced where needed
         # (an RMSNorm over a split projection costs one all-reduce of b*s values, not a gather)
@@ -765,7 +808,7 @@ def norm(ctx: OpCtx) -> Result:
     if p.dim in red:
         return Fallback(f"normalization over the sharded dim {p.dim}", 0)
     want = {i: R for i in range(1, len(ctx.operands))} | {0: p}
-    return Strategy(want, (p, Shard(p.dim, p.groups, p.segs), Shard(p.dim, p.groups, p.segs)) if multi else p)
+    return Strategy(want, (p, p.moved(p.dim), p.moved(p.dim)) if multi else p)
 
 
 # ----------------------------------------------------------------------------- matmuls
@@ -781,9 +824,13 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
     want: dict[int, Placement] = {i: R for i in range(len(ctx.operands))}
     decide: dict[int, tuple[str, Placement]] = {}
     shard_letters: dict[str, list[Shard]] = {}
-    for spec, o in zip(specs, ops):
+    whole: list[int] = []
+    for k, (spec, o) in enumerate(zip(specs, ops)):
         if isinstance(o.placement, Shard):
             L = spec[o.placement.dim] if o.placement.dim < len(spec) else None
+            if all(g == 1 for g in o.placement.seg_groups):
+                whole.append(k)
+                continue
             if L is None or L == "_":
                 return Fallback("sharded along a broadcast dim", ctx.idx(o.node))
             shard_letters.setdefault(L, []).append(o.placement)
@@ -810,32 +857,39 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
                     segs = o.free.segs or (size,)
                     if size is None or sum(segs) != size:
                         break
-                    g = math.gcd(o.free.groups, *segs)
+                    caps = o.free.sgroups or (o.free.groups,) * len(segs)
+                    gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
+                    g = max(gs)
                     if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
-                        g = o.free.groups  # an uneven split (tensor_split bounds); head reshapes refuse it
+                        g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds)
                     if g < 2:
                         break
-                    sh = Shard(d, g, segs)
+                    sh = Shard(d, g, segs, gs)
                     decide[idx[k]] = ("colwise", sh)
                     want[idx[k]] = sh
-                    return Strategy(want, Shard(out.index(L), g, segs), decide)
+                    return Strategy(want, sh.moved(out.index(L)), decide)
         for k, o in enumerate(ops):
             if o.free is not None:
                 decide[idx[k]] = ("replicate", R)
         return Strategy(want, R, decide)
     (L, shards), = shard_letters.items()
+    # held whole on every rank beside operands split on L (one key/value head against the query heads): it stays
+    # as it is, its gradient partial over the ranks like any value several ranks hold (cut to L's shard if it
+    # has that letter)
+    for k in whole:
+        want[idx[k]] = ops[k].placement
     best = finest(shards)
     if best is None:
         return Fallback("operands sharded with incompatible layouts", idx[0])
     contracted = L not in out
-    if contracted and best.groups != ctx.world:
+    if contracted and not best.split_by(ctx.world):
         best = Shard(best.dim, ctx.world, best.segs)
         if any(s % ctx.world for s in best.segs):
             return Fallback("contracted dim not divisible by the world size", idx[0])
     for k, (spec, o) in enumerate(zip(specs, ops)):
         if L in spec:
             d = spec.index(L)
-            sh = Shard(d, best.groups, best.segs)
+            sh = best.moved(d)
             if o.free is not None:
                 style = "rowwise" if contracted else "shard"
                 if style not in o.free.styles:
@@ -844,7 +898,7 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             want[idx[k]] = sh
         elif o.free is not None:
             decide[idx[k]] = ("replicate", R)
-    return Strategy(want, P if contracted else Shard(out.index(L), best.groups, best.segs), decide)
+    return Strategy(want, P if contracted else best.moved(out.index(L)), decide)
 
 
 @register(aten.linear)
@@ -956,7 +1010,7 @@ def embedding(ctx: OpCtx) -> Result:
     if isinstance(p, Shard) and p.dim == 0 and p.groups == ctx.world and len(p.segs) == 1:
         return Strategy({0: p, 1: R}, P, rewrite=_vocab_rewrite(p))
     if isinstance(p, Shard) and p.dim == 1:
-        return Strategy({0: p, 1: R}, Shard(nd - 1, p.groups, p.segs))
+        return Strategy({0: p, 1: R}, p.moved(nd - 1))
     return Strategy({0: R, 1: R}, R)
 
 

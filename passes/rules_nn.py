@@ -47,6 +47,7 @@ from .rules import (
     einsum_rule,
     norm_dim,
     register,
+    uniform_only,
 )
 from .shapes import as_int, view_groups
 
@@ -76,6 +77,7 @@ def _divisor_fitting(g: int, ok: Any) -> int:
 
 
 @register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *TRANSPOSED_CONVS)
+@uniform_only
 def conv(ctx: OpCtx) -> Result:
     """Convolutions (plain, ``.padding`` overloads, transposed): a matmul over channels."""
     xi, wi = ctx.idx(ctx.arg("input")), ctx.idx(ctx.arg("weight"))
@@ -137,7 +139,7 @@ def _grouped_conv(ctx: OpCtx, xi: int, wi: int, G: int, transposed: bool, cdim: 
         return strategy(p.groups, p.segs, "shard")
     rep: dict[int, tuple[str, Placement]] = {wi: ("replicate", R)} if w.free is not None else {}
     if isinstance(p, Shard):  # split on the batch dim: every rank convolves its samples with the full W
-        return Strategy(want | {xi: p}, Shard(p.dim, p.groups, p.segs), rep)
+        return Strategy(want | {xi: p}, p.moved(p.dim), rep)
     if w.free is not None and "colwise" in w.free.styles:
         # a replicated input is sliced locally to the channels of this rank's groups; segments the planner
         # asked for (on W's dim 0) are honoured when they fall on group boundaries
@@ -180,6 +182,7 @@ SPATIAL = _spatial_ops()
 
 
 @register(*SPATIAL)
+@uniform_only
 def spatial(ctx: OpCtx) -> Result:
     """Pooling, upsampling and reflection/replication padding act on the trailing spatial dims of each
     channel independently: any other sharded dim (channels, batch) is kept; linear ones carry Partial."""
@@ -194,7 +197,7 @@ def spatial(ctx: OpCtx) -> Result:
         return Strategy(rest | {0: R}, (R,) * n_out if n_out else R)
     if p.dim >= x.ndim - nsp:
         return Fallback(f"{ctx.node.target} over the sharded spatial dim {p.dim}", 0)
-    out = Shard(p.dim, p.groups, p.segs)
+    out = p.moved(p.dim)
     return Strategy(rest | {0: p}, (out,) * n_out if n_out else out)
 
 
@@ -250,6 +253,7 @@ def _param_want(ctx: OpCtx, i: int | None, sh: Shard, want: dict[int, Placement]
 
 
 @register(aten.batch_norm, aten.instance_norm)
+@uniform_only
 def batch_norm(ctx: OpCtx) -> Result:
     """Statistics per channel: a channel shard stays local (weight/bias ``Shard(0)``, running stats
     narrowed at run time). Training statistics reduce over batch and spatial dims, which must be whole."""
@@ -266,7 +270,7 @@ def batch_norm(ctx: OpCtx) -> Result:
         if reduced:
             return Fallback(f"{ctx.node.target} computes statistics over the sharded dim {p.dim}", 0)
         return Strategy(want | {0: p}, p)
-    sh = Shard(0, p.groups, p.segs)
+    sh = p.moved(0)
     decide: dict[int, tuple[str, Placement]] = {}
     for name in ("weight", "bias"):
         if (err := _param_want(ctx, idx[name], sh, want, decide)) is not None:
@@ -282,13 +286,14 @@ def batch_norm(ctx: OpCtx) -> Result:
                 for k, n in enumerate(names)]
         return tuple(full) + (list(p.segs), p.groups, rank, world), {}
 
-    return Strategy(want, Shard(1, p.groups, p.segs), decide, rewrite=rw)
+    return Strategy(want, p.moved(1), decide, rewrite=rw)
 
 
 _base_norm = REGISTRY[aten.group_norm]
 
 
 @register(aten.group_norm)
+@uniform_only
 def group_norm(ctx: OpCtx) -> Result:
     """Group norm over a channel shard made of whole groups: ``num_groups`` becomes local."""
     x = ctx.operands[0]
@@ -311,11 +316,11 @@ def group_norm(ctx: OpCtx) -> Result:
     want: dict[int, Placement] = {i: R for i in range(len(ctx.operands))}
     want[0] = p
     decide: dict[int, tuple[str, Placement]] = {}
-    sh = Shard(0, p.groups, p.segs)
+    sh = p.moved(0)
     for name in ("weight", "bias"):
         if (err := _param_want(ctx, ctx.idx(ctx.arg(name)), sh, want, decide)) is not None:
             return Fallback(err, 0)
-    return Strategy(want, Shard(1, p.groups, p.segs), decide, rewrite=_set_arg(ctx, "num_groups", G // p.groups))
+    return Strategy(want, p.moved(1), decide, rewrite=_set_arg(ctx, "num_groups", G // p.groups))
 
 
 # ----------------------------------------------------------------------------- batched matmul with an addend
@@ -340,7 +345,7 @@ def baddbmm(ctx: OpCtx) -> Result:
     elif isinstance(out, Shard):
         d = out.dim - (3 - a.ndim)
         if d >= 0 and a.shape[d] != 1:
-            sh = Shard(d, out.groups, out.segs)
+            sh = out.moved(d)
             if a.free is not None:
                 if "shard" not in a.free.styles:
                     return Fallback(f"the baddbmm addend is pinned to {sorted(a.free.styles)}", i1)

@@ -96,6 +96,22 @@ def view_groups(src: Sequence[Expr], dst: Sequence[Expr]) -> list[tuple[list[int
     return groups
 
 
+def _whole(src: Sequence[Expr], dst: Sequence[Expr], p: Shard, groups: list[tuple[list[int], list[int]]]
+           ) -> Shard | int:
+    """A value held whole on every rank (every segment in 1 group: a single key/value head beside split query
+    heads) through a view: any static dim may carry the mark; the one its dim becomes, if the view keeps it."""
+    ones = [k for k in range(len(src)) if _eq(src[k], 1)]
+    ones_dst = [k for k in range(len(dst)) if _eq(dst[k], 1)]
+    if p.dim in ones and ones.index(p.dim) < len(ones_dst):
+        return p.moved(ones_dst[ones.index(p.dim)])
+    for gi, gj in groups:
+        if p.dim in gi:
+            same = [k for k in gj if as_int(dst[k]) == sum(p.segs)]
+            if same:
+                return p.moved(same[0])
+    return next((Shard(k, 1, (n,)) for k in range(len(dst)) if (n := as_int(dst[k])) is not None), 1)
+
+
 def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int:
     """Move ``p`` (on ``src``) through a view to ``dst``.
 
@@ -105,6 +121,8 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
     groups = view_groups(src, dst)
     if groups is None:
         return 1
+    if all(g == 1 for g in p.seg_groups):
+        return _whole(src, dst, p, groups)
     for gi, gj in groups:
         if p.dim not in gi:
             continue
@@ -115,11 +133,12 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
         if None in outer or None in inner or None in outs:
             return 1  # a symbolic size shares the group: no static layout
         K, In = math.prod(outer), math.prod(inner)  # type: ignore[arg-type]
-        if any(seg % p.groups for seg in p.segs):  # uneven chunks survive only a view that keeps the dim
+        if p.uneven:  # uneven chunks survive only a view that keeps the dim
             if K == 1 and In == 1 and len(gj) == 1:
-                return Shard(gj[0], p.groups, p.segs)
+                return p.moved(gj[0])
             return math.gcd(p.groups, *p.segs)
         flat = [seg * In for seg in p.segs] * K
+        gflat = list(p.seg_groups) * K
         best_g = 1
         for e, size in enumerate(outs):
             Q = math.prod(outs[:e])  # type: ignore[arg-type]
@@ -130,11 +149,11 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
             if period * Q != flat or any(L % Rr for L in period):
                 continue
             segs = tuple(L // Rr for L in period)
-            if sum(segs) != size:
+            gs = tuple(gflat[: len(period)])
+            if sum(segs) != size or list(gs) * Q != gflat:
                 continue
-            g = math.gcd(p.groups, *segs)
-            if g == p.groups:
-                return Shard(gj[e], p.groups, segs)
-            best_g = max(best_g, g)
+            if all(s % g == 0 for s, g in zip(segs, gs)):
+                return Shard(gj[e], p.groups, segs, gs)
+            best_g = max(best_g, math.gcd(p.groups, *segs))
         return best_g
     return 1

@@ -136,6 +136,26 @@ class FoldedHeadsAttention(nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
+class MultiQueryAttention(nn.Module):
+    """Falcon-7B-style multi-query attention: one fused projection ``[n*d | d | d]`` (n query heads, one key and
+    one value head), viewed as ``n + 2`` heads and taken apart by a slice and two list indexes (``[-2]``,
+    ``[-1]``); the single key/value head broadcasts against the query heads; an MLP."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.n, self.d = heads, hidden // heads
+        self.qkv, self.dense = nn.Linear(hidden, hidden + 2 * self.d), nn.Linear(hidden, hidden)
+        self.up, self.down = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.n + 2, self.d)  # (B, S, n+2, d): n/t query heads + k + v per rank
+        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :-2], qkv[:, :, [-2]], qkv[:, :, [-1]]))  # k, v: (B, 1, S, d)
+        ctx = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n/t, S, d)
+        x = x + self.dense(ctx.transpose(1, 2).reshape(b, s, -1))
+        return x + self.down(torch.relu(self.up(x)))
+
+
 class SparseMLP(nn.Module):
     """Gemma-3n-style activation sparsity: keep the gate activations above mean + 1.65 std of the intermediate
     dim (``torch.std`` over the dim a column split shards), written with ``torch.multiply`` (an ATen alias)."""
@@ -183,6 +203,7 @@ CASES: dict[str, NNCase] = {
     "no_grad_cycles": NNCase(NoGradCycles, (2, 6, 16), (3, 5, 16)),
     "folded_heads": NNCase(FoldedHeadsAttention, (2, 6, 32), (3, 5, 32)),
     "sparse_mlp": NNCase(SparseMLP, (2, 6, 16), (3, 5, 16)),
+    "multi_query": NNCase(MultiQueryAttention, (2, 6, 32), (3, 5, 32)),
 }
 
 
@@ -281,5 +302,5 @@ def nn_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "FoldedHeadsAttention", "MHAEncoder", "SparseMLP", "Upsampler", "build",
+__all__ = ["CASES", "CNN", "ConvNorm", "Depthwise", "FoldedHeadsAttention", "MHAEncoder", "MultiQueryAttention", "SparseMLP", "Upsampler", "build",
            "inputs", "nn_check"]

@@ -184,6 +184,28 @@ def test_bloom_heads_folded_into_the_batch_are_head_parallel(world: int) -> None
     assert fwd["all_reduce"] == 1 + 2 * 2 and fwd["all_gather"] == 1
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_falcon_multi_query_attention_is_head_parallel(world: int) -> None:
+    # Falcon-7B's layout: query_key_value is [n*d | d | d] (one key and one value head), viewed as n+2 heads and
+    # cut by a slice and two list indexes. The query rows split, the key/value rows are held whole on every rank;
+    # the parallel block sums attention and MLP before one all-reduce per layer
+    from tpfx.families import tiny_causal_lm
+
+    model = tiny_causal_lm("falcon")
+    assert model.config.multi_query and not model.config.new_decoder_architecture
+    plan = tpfx.plan(model, world)
+    for i in range(2):
+        a = f"transformer.h.{i}."
+        qkv = plan.placements[a + "self_attention.query_key_value.weight"]
+        # n+2 = 10 heads viewed together split at most 2 ways, so at t=4 the query heads are split in pairs
+        assert (qkv.style, qkv.segs, qkv.sgroups) == ("colwise", (64, 8, 8), (2, 1, 1))
+        assert plan.placements[a + "self_attention.dense.weight"].style == "rowwise"
+        assert plan.placements[a + "mlp.dense_h_to_4h.weight"].style == "colwise"
+    assert not [f for f in plan.fallbacks if "node" in f]
+    fwd = _forward_collectives(tpfx.emit_rank(plan, world - 1))
+    assert fwd == Counter({"all_reduce": 1 + 2, "all_gather": 1})  # embedding + 1 per parallel block; logits
+
+
 @pytest.mark.parametrize(("family", "world"), [("gemma3n_text", 2), ("gemma3n_text", 4), ("doge", 4)])
 def test_plans_agree_with_hf_where_a_trial_could_mislead(family: str, world: int) -> None:
     # Gemma 3n: the AltUp projections before the first layer would split the residual stream and invert every

@@ -66,6 +66,49 @@ def test_shard_tensor_segments_and_refine():
         assert torch.equal(refine_local(shard_tensor(x, q, r, 4), q, fine, r, 4), shard_tensor(x, fine, r, 4))
 
 
+def test_segments_with_their_own_group_counts():
+    # Falcon-7B's fused [q | k | v] with one key and one value head: q split 2 ways, k and v held whole
+    p = Shard(0, 2, (4, 1, 1), (2, 1, 1))
+    x = torch.arange(6.0)
+    assert shard_tensor(x, p, 0, 2).tolist() == [0, 1, 4, 5] and shard_tensor(x, p, 1, 2).tolist() == [2, 3, 4, 5]
+    assert p.local_segs(1, 2) == (2, 1, 1) and str(p) == "S(0/2[4+1/1+1/1])"
+    assert Shard(0, 2, (4, 2), (2, 2)).sgroups is None  # uniform counts have one form
+    assert p.replica_groups(1, 4) == [(0, 1), (0, 1, 2, 3), (0, 1, 2, 3)]
+    # a slice that takes the key head out of the viewed heads: held whole, no communication and no rewrite
+    heads = _op((s0, 6, 8), Shard(1, 2, (4, 1, 1), (2, 1, 1)))
+    st = lookup(aten.slice.Tensor)(_ctx(aten.slice.Tensor, [heads], (s0, 1, 8), args=[heads.node, 1, 4, 5]))
+    assert isinstance(st, Strategy) and st.out == Shard(1, 1, (1,))
+    # before the cuts are known, the slice asks for them: the key head alone in 1 group
+    heads = _op((s0, 6, 8), Shard(1, 2, (6,)))
+    fb = lookup(aten.slice.Tensor)(_ctx(aten.slice.Tensor, [heads], (s0, 1, 8), args=[heads.node, 1, 4, 5]))
+    assert isinstance(fb, Fallback) and (fb.segs, fb.sgroups) == ((4, 1, 1), (2, 1, 2))
+    # the whole head broadcasts against the split query heads in attention: kept as it is
+    q, k = _op((s0, 4, 5, 8), Shard(1, 2, (4,))), _op((s0, 1, 5, 8), Shard(1, 1, (1,)))
+    st = lookup(aten.scaled_dot_product_attention.default)(
+        _ctx(aten.scaled_dot_product_attention.default, [q, k, k], (s0, 4, 5, 8), args=[q.node, k.node, k.node]))
+    assert isinstance(st, Strategy) and st.out == Shard(1, 2, (4,)) and st.want[1] == Shard(1, 1, (1,))
+    # through the [.., (n+2)*d] -> [.., n+2, d] view the segments are counted in heads
+    assert map_shard((s0, I(48)), (s0, I(6), I(8)), Shard(1, 2, (32, 8, 8), (2, 1, 1))) == Shard(1, 2, (4, 1, 1), (2, 1, 1))
+
+
+def test_constant_list_index_becomes_a_slice():
+    from tpfx.api import _examples, capture
+
+    class Pick(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, [1]] * 2 + x[:, :, [0, 1]].sum(2, keepdim=True) + x[:, :, [3, 1]].sum(2, keepdim=True) \
+                + x[:, :, [-2]]
+
+    m = Pick()
+    x = torch.randn(2, 3, 4)
+    gm, _ = capture(m, *_examples(m, (x,), None))
+    slices = {tuple(n.args[1:]) for n in gm.graph.nodes if n.target is aten.slice.Tensor and n.args[1] == 2}
+    assert slices == {(2, 1, 2), (2, 0, 2)}
+    # [3, 1] is not a run; [-2] counts from a run-time size (the dims are dynamic here): both kept
+    assert sum(n.target is aten.index.Tensor for n in gm.graph.nodes) == 2
+    assert torch.equal(gm(x)[0] if isinstance(gm(x), tuple) else gm(x), m(x))
+
+
 def test_linear_colwise_when_input_replicated():
     x, w = _op((s0, s1, 64)), _op((128, 64), free=_free())
     st = lookup(aten.linear.default)(_ctx(aten.linear.default, [x, w], (s0, s1, 128)))

@@ -206,9 +206,10 @@ def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
     t = plan.world_size
     out = []
     for p in plan.placements.values():
-        if p.dim is not None and p.groups < t:
-            per = t // p.groups
-            out += [tuple(range(j * per, (j + 1) * per)) for j in range(p.groups)]
+        for g in (p.sgroups or (p.groups,)) if p.dim is not None else ():
+            if g < t:
+                per = t // g
+                out += [tuple(range(j * per, (j + 1) * per)) for j in range(g)]
     return out
 
 

@@ -231,7 +231,12 @@ def _layout_notes(plan: ShardingPlan, fqn: str) -> list[str]:
     if p.dim is not None and p.groups < plan.world_size:
         notes.append(f"split into {p.groups} chunks, each replicated on {plan.world_size // p.groups} ranks "
                      f"(fewer units than ranks, e.g. GQA key/value heads)")
-    if len(p.segs) > 1:
+    if p.sgroups is not None:
+        notes.append(f"fused: dim {p.dim} is {len(p.segs)} segments "
+                     + ", ".join(f"{n} in {g} chunk{'s' if g > 1 else ''}" for n, g in zip(p.segs, p.sgroups))
+                     + "; a segment in fewer chunks than ranks (one key/value head) is held whole, its gradient "
+                       "rows summed over the ranks that share it")
+    elif len(p.segs) > 1:
         notes.append(f"fused: dim {p.dim} is {len(p.segs)} segments {'+'.join(map(str, p.segs))}, each split "
                      f"separately so every rank holds its slice of each part")
     return notes

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tpfx.passes.placements import Partial, Placement, Replicate, Shard, shard_tensor
+from tpfx.passes.placements import Partial, Placement, Replicate, Shard, needs_gather, shard_tensor
 from tpfx.passes.propagate import Propagation, Seed, nbytes
 
 
@@ -22,16 +22,24 @@ class ParamPlacement:
     dim: int | None = None
     groups: int = 1
     segs: tuple[int, ...] = ()
+    sgroups: tuple[int, ...] | None = None  # per segment, where they differ (whole key/value heads in a fused qkv)
 
     def as_placement(self) -> Placement:
-        return Shard(self.dim, self.groups, self.segs) if self.dim is not None else Replicate()
+        return Shard(self.dim, self.groups, self.segs, self.sgroups) if self.dim is not None else Replicate()
 
     def local_shape(self) -> tuple[int, ...]:
         if self.dim is None:
             return self.shape
         s = list(self.shape)
-        s[self.dim] = sum(-(-seg // self.groups) for seg in self.segs)  # the largest chunk (uneven splits)
+        gs = self.sgroups or (self.groups,) * len(self.segs)
+        s[self.dim] = sum(-(-seg // g) for seg, g in zip(self.segs, gs))  # the largest chunk (uneven splits)
         return tuple(s)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["sgroups"] is None:
+            del d["sgroups"]  # uniform groups: the same data (and digest) as before the field existed
+        return d
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class ShardingPlan:
 
         d: dict[str, Any] = {
             "world_size": self.world_size,
-            "placements": {k: asdict(v) for k, v in sorted(self.placements.items())},
+            "placements": {k: v.as_dict() for k, v in sorted(self.placements.items())},
             "collectives": [asdict(c) for c in self.collectives],
             "fallbacks": self.fallbacks,
             "unknown_ops": sorted(self.unknown_ops),
@@ -96,7 +104,8 @@ class ShardingPlan:
     @classmethod
     def from_json(cls, text: str) -> ShardingPlan:
         d = json.loads(text)
-        pls = {k: ParamPlacement(**{**v, "shape": tuple(v["shape"]), "segs": tuple(v["segs"])})
+        pls = {k: ParamPlacement(**{**v, "shape": tuple(v["shape"]), "segs": tuple(v["segs"]),
+                                    "sgroups": tuple(v["sgroups"]) if v.get("sgroups") else None})
                for k, v in d["placements"].items()}
         cols = [Collective(**c) for c in d["collectives"]]
         plan = cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"])
@@ -105,7 +114,7 @@ class ShardingPlan:
         return plan
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps({k: asdict(v) for k, v in sorted(self.placements.items())},
+        return hashlib.sha256(json.dumps({k: v.as_dict() for k, v in sorted(self.placements.items())},
                                          sort_keys=True).encode()).hexdigest()[:16]
 
     def pins(self) -> dict[str, tuple[str, Placement | None]]:
@@ -154,7 +163,7 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
         shape = tuple(int(s) for s in node.meta["val"].shape)
         style, pl = prop.decided.get(fqn, ("replicate", Replicate()))
         if isinstance(pl, Shard):
-            placements[fqn] = ParamPlacement(style, str(pl), shape, pl.dim, pl.groups, pl.segs)
+            placements[fqn] = ParamPlacement(style, str(pl), shape, pl.dim, pl.groups, pl.segs, pl.sgroups)
         else:
             placements[fqn] = ParamPlacement("replicate", "R", shape)
     collectives: list[Collective] = [Collective("all_reduce", n.name, "*", nbytes(n)) for n in prop.reduced_after]
@@ -163,8 +172,7 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
         have = prop.placements.get(producer)
         if isinstance(have, Partial):
             kind = "all_reduce"
-        elif isinstance(have, Shard) and (not isinstance(want, Shard) or want.dim != have.dim
-                                          or want.segs != have.segs or want.groups % have.groups):
+        elif needs_gather(have, want):
             kind = "all_gather"
         else:
             continue

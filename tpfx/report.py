@@ -142,7 +142,7 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
     """The collective (if any) between a producer and one of its consumers, as emission inserts it."""
-    from tpfx.passes.placements import Partial, Shard
+    from tpfx.passes.placements import Partial, needs_gather
 
     if producer in prop.reduced_after:
         return "all_reduce"
@@ -152,8 +152,7 @@ def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> 
     have = prop.placements.get(producer)
     if isinstance(have, Partial):
         return "all_reduce"
-    if isinstance(have, Shard) and (not isinstance(want, Shard) or want.dim != have.dim or want.segs != have.segs
-                                    or want.groups % have.groups):
+    if needs_gather(have, want):
         return "all_gather"
     return None
 
@@ -293,11 +292,17 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
         out.append(info)
     for node, fqn in prop.param_nodes.items():
         p = plan.placements.get(fqn)
-        if p is None or p.dim is None or p.groups >= plan.world_size:
+        if p is None or p.dim is None:
+            continue
+        gs = p.sgroups or (p.groups,) * len(p.segs)
+        if min(gs) >= plan.world_size:
             continue
         local = numel(p.local_shape()) * node.meta["val"].element_size()
+        if p.sgroups is not None:  # only the rows of segments held by several ranks are reduced
+            rows = p.local_shape()[p.dim]
+            local = local * sum(-(-s // g) for s, g in zip(p.segs, gs) if g < plan.world_size) // rows
         info = _info("all_reduce", node, f"grad:{fqn}", local, "backward", [weight_module(fqn)], True)
-        info["module"], info["op"] = weight_module(fqn), f"grad in groups of {plan.world_size // p.groups}"
+        info["module"], info["op"] = weight_module(fqn), f"grad in groups of {plan.world_size // min(gs)}"
         out.append(info)
     return out
 
