@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range, is_whole
-from .shapes import Expr, as_int, map_shard
+from .shapes import Expr, as_int, divisible_prefix, map_shard
 
 aten = torch.ops.aten
 Rewrite = Callable[[tuple, dict, int, int], tuple[tuple, dict]]
@@ -332,9 +332,12 @@ def view(ctx: OpCtx) -> Result:
         return Strategy({0: R}, R)
     out = map_shard(x.shape, ctx.out_shapes, x.placement)
     if isinstance(out, int):
-        return Fallback(f"view {list(x.shape)} -> {list(ctx.out_shapes)} splits the sharded dim "
-                        f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}",
-                        0, groups=out if out > 1 else None)
+        why = f"view {list(x.shape)} -> {list(ctx.out_shapes)} splits the sharded dim " \
+              f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}"
+        if (pre := divisible_prefix(x.shape, ctx.out_shapes, x.placement)) is not None:
+            return Fallback(why + "; the largest divisible part is split, the rest kept together", 0,
+                            segs=pre[0], sgroups=pre[1])
+        return Fallback(why, 0, groups=out if out > 1 else None)
     dims: dict[int, Shard | int] = {out.dim: out}
     if (why := check_sizes_static(ctx.args[1], dims)) is not None:
         return Fallback(why, 0)
@@ -844,7 +847,8 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             size = as_int(o.shape[spec.index(L)]) if L else None
             if L is None or size is None or size < 2 * ctx.world:
                 return Fallback("a weight pinned rowwise has no contracted dim to split", idx[k])
-            shard_letters = {L: [Shard(0, ctx.world, (size,))]}  # its inputs are split locally
+            segs = o.free.segs if o.free.segs and sum(o.free.segs) == size else (size,)  # a saved plan's parts
+            shard_letters = {L: [Shard(0, ctx.world, segs)]}  # its inputs are split locally
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
     if not shard_letters:

@@ -112,6 +112,25 @@ def _whole(src: Sequence[Expr], dst: Sequence[Expr], p: Shard, groups: list[tupl
     return next((Shard(k, 1, (n,)) for k in range(len(dst)) if (n := as_int(dst[k])) is not None), 1)
 
 
+def divisible_prefix(src: Sequence[Expr], dst: Sequence[Expr], p: Shard
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """For a view that cuts a dim split ``g`` ways, ``[n*d] -> [n, d]``, with ``n > g`` not divisible by ``g``: the
+    segments ``(m*d, r*d)`` (``m`` the largest multiple of ``g`` below ``n``, ``r = n - m``) and their group counts
+    ``(g, gcd(g, r))``, or None. Falcon's fused ``[q | k | v]`` is ``n + 2`` heads: at t=4 the 8 query heads split
+    4 ways and the 2 others stay in one part until the slices that take k and v out cut it further."""
+    if len(p.segs) != 1 or p.sgroups is not None or p.uneven:
+        return None
+    for gi, gj in view_groups(src, dst) or []:
+        if gi != [p.dim] or len(gj) < 2:
+            continue
+        n, size, g = as_int(dst[gj[0]]), p.segs[0], p.groups
+        if n is None or size % n or n <= g or n % g == 0:
+            return None
+        m, r, unit = n - n % g, n % g, size // n
+        return (m * unit, r * unit), (g, math.gcd(g, r))
+    return None
+
+
 def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int:
     """Move ``p`` (on ``src``) through a view to ``dst``.
 

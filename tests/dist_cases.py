@@ -49,7 +49,8 @@ def lm_check(rank: int, world: int, build: str, compile: bool) -> dict[str, Any]
     out.loss.backward()
     ref_out.loss.backward()
     res = {"logits": rel_err(out.logits, ref_out.logits), "loss": rel_err(out.loss, ref_out.loss),
-           "grad": _grad_err(sharded, ref, rank), "fallbacks": len(sharded.plan.fallbacks)}
+           "grad": _grad_err(sharded, ref, rank), "fallbacks": len(sharded.plan.fallbacks),
+           "q_proj": sharded.plan.placements["model.layers.0.self_attn.q_proj.weight"].placement}
     if compile:
         import torch._dynamo
 

@@ -97,18 +97,27 @@ def test_plan_on_meta_device_full_size_shapes() -> None:
     assert not plan.fallbacks
 
 
-def test_indivisible_heads_fall_back_to_replicated_attention_with_reasons() -> None:
-    # 4 heads, head_dim 24 (hidden 96): t=3 divides hidden but not the head count
+@pytest.mark.parametrize("heads", [4, 2])
+def test_indivisible_heads_split_their_divisible_part_or_replicate_with_reasons(heads: int) -> None:
+    # hidden 96 on t=3 ranks: 4 heads (head_dim 24) -> the first 3 heads split, the 4th held whole on every rank;
+    # 2 heads (head_dim 48) -> no part of 2 splits 3 ways: attention replicated. The reasons are recorded
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+                      num_attention_heads=heads, num_key_value_heads=heads, use_cache=False)
     plan = tpfx.plan(LlamaForCausalLM(cfg), 3)
     for n in ("q_proj", "k_proj", "v_proj"):
-        assert plan.placements[f"model.layers.0.self_attn.{n}.weight"].style == "replicate"
+        p = plan.placements[f"model.layers.0.self_attn.{n}.weight"]
+        if heads == 4:
+            assert (p.style, p.segs, p.sgroups) == ("colwise", (72, 24), (3, 1)), p
+        else:
+            assert p.style == "replicate", p
+    o = plan.placements["model.layers.0.self_attn.o_proj.weight"]
+    assert o.style == ("rowwise" if heads == 4 else "replicate")
     reasons = " ".join(f["reason"] for f in plan.fallbacks if "self_attn.q_proj" in f.get("param", ""))
     assert "not divisible by 3" in reasons
     assert plan.placements["model.layers.0.mlp.gate_proj.weight"].style == "colwise"  # 192 % 3 == 0
-
+    fwd = _forward_collectives(tpfx.emit_rank(plan, 2))
+    assert fwd["all_reduce"] == 1 + (2 if heads == 4 else 1)  # embedding + o_proj (if split) + down_proj
 
 
 def test_unknown_op_is_warned_and_its_region_replicated() -> None:
@@ -197,8 +206,9 @@ def test_falcon_multi_query_attention_is_head_parallel(world: int) -> None:
     for i in range(2):
         a = f"transformer.h.{i}."
         qkv = plan.placements[a + "self_attention.query_key_value.weight"]
-        # n+2 = 10 heads viewed together split at most 2 ways, so at t=4 the query heads are split in pairs
-        assert (qkv.style, qkv.segs, qkv.sgroups) == ("colwise", (64, 8, 8), (2, 1, 1))
+        # at t=4 the n+2 = 10 viewed heads do not split 4 ways: the first 8 do, the other 2 stay together until
+        # the slices cut k and v out
+        assert (qkv.style, qkv.segs, qkv.groups, qkv.sgroups) == ("colwise", (64, 8, 8), world, (world, 1, 1))
         assert plan.placements[a + "self_attention.dense.weight"].style == "rowwise"
         assert plan.placements[a + "mlp.dense_h_to_4h.weight"].style == "colwise"
     assert not [f for f in plan.fallbacks if "node" in f]

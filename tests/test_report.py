@@ -75,15 +75,15 @@ def test_summary_hidden_can_be_passed_in() -> None:
     assert build_report(llama_plan(), hidden=128).megatron == 2 * 3 * TOKENS * 128 * F32
 
 
-def heads4_hidden96() -> LlamaForCausalLM:
+def heads2_hidden96() -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+                      num_attention_heads=2, num_key_value_heads=2, use_cache=False)
     return LlamaForCausalLM(cfg)
 
 
 def test_summary_lists_replicated_regions_with_reasons() -> None:
-    plan = tpfx.plan(heads4_hidden96(), 3)  # 4 heads on 3 ranks: q/k/v cannot be split by heads
+    plan = tpfx.plan(heads2_hidden96(), 3)  # 2 heads on 3 ranks: no part of them splits 3 ways
     replicated = dict(build_report(plan).replicated)
     recorded = {f["param"] for f in plan.fallbacks if "param" in f and f["reason"].startswith("replicated")}
     assert {f"model.layers.0.self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")} <= recorded
@@ -194,7 +194,7 @@ def test_explain_embedding_lm_head_and_gqa_groups() -> None:
 
 
 def test_explain_replicated_weight_gives_the_recorded_reason() -> None:
-    ex = tpfx.plan(heads4_hidden96(), 3).explain("model.layers.0.self_attn.q_proj")
+    ex = tpfx.plan(heads2_hidden96(), 3).explain("model.layers.0.self_attn.q_proj")
     assert ex.style == "replicate"
     assert any("not divisible by 3" in r for r in ex.reasons)
 
