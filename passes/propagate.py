@@ -136,15 +136,16 @@ _IDENTITY_LAYOUT = {aten.to, aten._to_copy, aten.alias, aten.detach, aten.contig
 def _layout_map(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
     """For a pure layout op on one tensor: output dim -> input dim (None if not such an op)."""
     packet = getattr(node.target, "overloadpacket", None)
+    args: Any = node.args
     if packet is aten.transpose:
-        a, b = (d + ndim if d < 0 else d for d in node.args[1:3])
+        a, b = (d + ndim if d < 0 else d for d in args[1:3])
         m = list(range(ndim))
         m[a], m[b] = m[b], m[a]
         return tuple(m)
     if packet in (aten.t, aten.numpy_T):
         return tuple(reversed(range(ndim)))
     if packet is aten.permute:
-        return tuple(d + ndim if d < 0 else d for d in node.args[1])
+        return tuple(d + ndim if d < 0 else d for d in args[1])
     if packet in _IDENTITY_LAYOUT:
         val, src = node.meta.get("val"), node.args[0]
         if isinstance(val, torch.Tensor) and isinstance(src, fx.Node) and src.meta.get("val") is not None \
@@ -210,7 +211,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
         pl = prop.decided[fqn][1]
         for c in chains.pop(fqn, []):
             _, m, root = derived[c]
-            src = c.args[0]
+            src: Any = c.args[0]
             have = prop.placements.get(src, pl) if src is not root else pl
             mine = pl.moved(m.index(pl.dim)) if isinstance(pl, Shard) else R
             prop.placements[c] = mine
@@ -282,13 +283,13 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             out_shapes = _out_shapes(node)
             key = _rule_key(node, operands, out_shapes) if cache is not None else None
             node.meta.pop("tpfx_retarget", None)  # set again by the rule (or the cache) when it applies
-            if key is not None and key in cache:
+            if key is not None and cache is not None and key in cache:
                 result, retarget = cache[key]
                 if retarget is not None:
                     node.meta["tpfx_retarget"] = retarget
             else:
                 result = rule(OpCtx(node, operands, world, out_shapes))
-                if key is not None:
+                if key is not None and cache is not None:
                     cache[key] = (result, node.meta.get("tpfx_retarget"))
         if isinstance(result, Fallback):
             culprits = [result.operand] if result.operand is not None else [
@@ -315,7 +316,9 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                     style = "replicate"
                 param_pl: Placement = pl
                 if o.free.dim_map is not None and isinstance(pl, Shard):
-                    param_pl = pl.moved(o.free.dim_map[pl.dim])
+                    d = o.free.dim_map[pl.dim]
+                    assert d is not None  # a split dim of a layout op maps to a parameter dim
+                    param_pl = pl.moved(d)
                 prop.decided[o.free.fqn] = (style, param_pl)
                 if node in tainted:
                     tainted_seeds.add(o.free.fqn)
@@ -356,7 +359,7 @@ def _on_whole(node: fx.Node, operands: list[Operand]) -> Strategy:
     static dim to carry the mark, replicated after the inputs are made ``Replicate``."""
     val = node.meta.get("val")
     vals = val if isinstance(val, (list, tuple)) else [val]
-    prefer = next(o.placement.dim for o in operands if is_whole(o.placement))
+    prefer = next(o.placement.dim for o in operands if isinstance(o.placement, Shard) and is_whole(o.placement))
     outs = [whole_mark(tuple(int(s) if isinstance(s, int) else None for s in v.shape), prefer)
             if isinstance(v, torch.Tensor) else R for v in vals]
     if any(m is None for m in outs):
@@ -483,9 +486,10 @@ _VIEWISH = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permu
 
 def _matmul_of(w: fx.Node) -> list[fx.Node]:
     """The ops that consume weight ``w``, through a transpose (``t``, ``numpy_T``, ...)."""
-    out, frontier = [], [w]
+    out: list[fx.Node] = []
+    frontier = [w]
     for _ in range(3):
-        nxt = []
+        nxt: list[fx.Node] = []
         for x in frontier:
             for u in x.users:
                 (nxt if u.target in _VIEWISH else out).append(u)
@@ -501,7 +505,7 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
     down_proj). A column split feeding several row splits has split a residual stream (Gemma 3n's AltUp
     projections, applied once before the first layer), and every layer below it is then planned inverted;
     only the splits before the first such row split are the cause."""
-    nodes = next(iter(prop.param_nodes)).graph.nodes if prop.param_nodes else []
+    nodes: Any = next(iter(prop.param_nodes)).graph.nodes if prop.param_nodes else []
     pos = {n: i for i, n in enumerate(nodes)}
     fed: dict[str, set[str]] = {}
     first_op: dict[str, int] = {}

@@ -20,7 +20,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -61,7 +61,7 @@ class Operand:
 
 @dataclass
 class Strategy:
-    want: dict[int, Placement]
+    want: dict[int, Any]  # operand index -> the Placement it must arrive in
     out: Any  # Placement or tuple of Placements
     decide: dict[int, tuple[str, Placement]] = field(default_factory=dict)
     rewrite: Rewrite | None = None
@@ -339,8 +339,8 @@ def view(ctx: OpCtx) -> Result:
                             segs=pre[0], sgroups=pre[1])
         return Fallback(why, 0, groups=out if out > 1 else None)
     dims: dict[int, Shard | int] = {out.dim: out}
-    if (why := check_sizes_static(ctx.args[1], dims)) is not None:
-        return Fallback(why, 0)
+    if (dyn := check_sizes_static(ctx.args[1], dims)) is not None:
+        return Fallback(dyn, 0)
     return Strategy({0: x.placement}, out, rewrite=resize_arg(1, dims))
 
 
@@ -515,7 +515,7 @@ def slice_(ctx: OpCtx) -> Result:
     res = _split_on_shard(ctx, [(start, end)], dim)
     if isinstance(res, Fallback):
         return res
-    strat, local = res  # type: ignore[misc]
+    strat, local = cast(tuple[Strategy, list[tuple[int, int]]], res)
     (ls, le), = local
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
@@ -544,7 +544,7 @@ def split(ctx: OpCtx) -> Result:
     res = _split_on_shard(ctx, bounds, dim)
     if isinstance(res, Fallback):
         return res
-    strat, local = res  # type: ignore[misc]
+    strat, local = cast(tuple[Strategy, list[tuple[int, int]]], res)
     lsizes = [b - a for a, b in local]
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
@@ -789,7 +789,8 @@ def along_dim(ctx: OpCtx) -> Result:
     dim = norm_dim(dim, x.ndim)
     keepdim = ctx.arg("keepdim", None)
     if keepdim is None:  # softmax, topk, sort, cumsum keep the dim
-        keepdim = ctx.node.target.overloadpacket not in (aten.max, aten.min, aten.argmax, aten.argmin)
+        keepdim = getattr(ctx.node.target, "overloadpacket", None) not in (aten.max, aten.min, aten.argmax,
+                                                                         aten.argmin)
     r = _reduce(ctx, [dim], bool(keepdim), linear=False)
     if isinstance(r, Strategy) and isinstance(ctx.out_shapes, list):
         r.out = tuple([r.out] * len(ctx.out_shapes))
@@ -847,7 +848,8 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             size = as_int(o.shape[spec.index(L)]) if L else None
             if L is None or size is None or size < 2 * ctx.world:
                 return Fallback("a weight pinned rowwise has no contracted dim to split", idx[k])
-            segs = o.free.segs if o.free.segs and sum(o.free.segs) == size else (size,)  # a saved plan's parts
+            saved = o.free.segs if o.free is not None else None
+            segs = saved if saved and sum(saved) == size else (size,)  # a saved plan's parts
             shard_letters = {L: [Shard(0, ctx.world, segs)]}  # its inputs are split locally
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
@@ -858,8 +860,10 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
             for d, L in enumerate(spec):
                 if L in out and all(L not in s for j, s in enumerate(specs) if j != k):
                     size = as_int(o.shape[d])
+                    if size is None:
+                        break
                     segs = o.free.segs or (size,)
-                    if size is None or sum(segs) != size:
+                    if sum(segs) != size:
                         break
                     caps = o.free.sgroups or (o.free.groups,) * len(segs)
                     gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
@@ -985,7 +989,7 @@ def sdpa(ctx: OpCtx) -> Result:
                        for i, c in enumerate(lead + "su"))[pad:]
         specs.append(spec)
         idx.append(mask)
-    r = einsum_rule(ctx, specs, _letters(nb) + "se", idx)
+    r = einsum_rule(ctx, specs, _letters(nb) + "se", cast(list[int], idx))
     if isinstance(r, Strategy) and isinstance(r.out, Partial):
         return Fallback("attention over a sharded head dim or sequence", 0)
     return r

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import sympy
 import torch
 
 from .placements import Shard
 
-Expr = sympy.Expr
+Expr: TypeAlias = Any  # a sympy expression (sympy ships no type information)
 
 
 def sym(x: object) -> Expr:

@@ -2,7 +2,7 @@
 
 import sys as _sys
 
-from tpfx import passes as _passes  # noqa: F401  (tpfx.passes, installed from passes/)
+from tpfx import passes as _passes  # type: ignore[attr-defined]  # noqa: F401  (tpfx.passes, from passes/)
 from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.compare import Comparison, compare
 from tpfx.explain import Explanation

@@ -44,7 +44,7 @@ def _prepare_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str,
 def _synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
     if not _is_hf(model):
         raise ValueError("tpfx: example_inputs are required for a module that is not a transformers model")
-    cfg = model.config
+    cfg: Any = model.config
     vocab = getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
     device = next(iter(model.parameters())).device
     gen = torch.Generator().manual_seed(0)
@@ -225,6 +225,13 @@ def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> No
 
 class ShardedModule(torch.nn.Module):
     """This rank's piece of a model: original FQNs, local parameters, same call signature."""
+
+    # kept in ``__dict__`` (not registered as submodules or parameters): declared for the type checker
+    _model: torch.nn.Module
+    _graphs: dict[Any, tuple[fx.GraphModule, Any]]
+    _store: dict[str, torch.nn.Parameter]
+    _plan: ShardingPlan
+    _namer: Any
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
                  compile: bool, gather_outputs: bool = True) -> None:

@@ -42,7 +42,8 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
             res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return res
     try:
-        vocab = ref.config.get_text_config().vocab_size
+        cfg: Any = ref.config
+        vocab = cfg.get_text_config().vocab_size
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(2, vocab, (batch, seq), generator=g)
         labels = torch.randint(2, vocab, (batch, seq), generator=g)
@@ -82,7 +83,7 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         param_ratio=local / total,
         hf_agree=hf["agree"],
         hf_differ=hf["differ"],
-        layers=getattr(ref.config.get_text_config(), "num_hidden_layers", None),
+        layers=getattr(cfg.get_text_config(), "num_hidden_layers", None),
         # the same on every rank (same seeds): measured once, on rank 0
         fp32_floor=_fp32_floor(model_type, ref, ref_out.logits, ids, labels) if rank == 0 else 0.0,
         seconds=time.perf_counter() - t0,
@@ -137,7 +138,8 @@ def hf_agreement(plan: Any, model: torch.nn.Module) -> dict[str, list[str]]:
     """Entries where HF's ``base_model_tp_plan`` says plain colwise/rowwise, and whether ours agrees."""
     import fnmatch
 
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mc: Any = model.config
+    cfg = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
     theirs = dict(getattr(cfg, "base_model_tp_plan", None) or {})
     ours = plan.to_tp_plan()
     agree: list[str] = []
