@@ -296,7 +296,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                 i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
             src = frozenset().union(*[origins.get(operands[i].node, frozenset()) for i in culprits])
             kind = "groups" if result.groups else "segs" if result.segs else "replicate"
-            value = result.groups or ((result.segs, result.sgroups) if result.segs else None)
+            value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else None)
             movable = frozenset(f for f in src if not seeds[f].pinned and f not in tainted_seeds)
             if movable and (node not in tainted or result.groups or result.segs):
                 prop.demands.append((movable, kind, value, f"{node.name}: {result.reason}"))
@@ -603,14 +603,17 @@ def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: 
     return True
 
 
-def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgroups: tuple[int, ...] | None
-            ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgroups: tuple[int, ...] | None,
+            within: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The segments and per-segment group counts of weight ``fqn`` once a demand's are merged in (every cut of
     both; each part split no finer than either allows), on the weight's split dim; None if they do not fit it.
 
     A demand is in the units of the op that raised it: counted in heads when it came from after a
-    ``[.., n*d] -> [.., n, d]`` view, so it is scaled to the weight's rows. Merging, not replacing: the
-    slices that take q, k and v out of one fused projection each raise their own cuts in the same round."""
+    ``[.., n*d] -> [.., n, d]`` view, so it is scaled to the weight's rows -- only when the operand's own
+    segments (``within``), scaled alike, are the weight's this round: a cut in a part taken out of the
+    projection (the rope slice of MLA's ``kv_a_proj``) does not describe the whole weight. Merging, not
+    replacing: the slices that take q, k and v out of one fused projection each raise their own cuts in the
+    same round."""
     style, pl = prop.decided.get(fqn, ("", R))
     if not isinstance(pl, Shard):
         return None
@@ -619,6 +622,8 @@ def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgro
     if size is None or size % sum(segs):
         return None
     k = size // sum(segs)
+    if tuple(w * k for w in (within or (sum(segs),))) != pl.segs:
+        return None
     new = [(s * k, g) for s, g in zip(segs, sgroups or (pl.groups,) * len(segs))]
     old = list(zip(seed.segs or (size,), seed.sgroups or (seed.groups,) * len(seed.segs or (size,))))
 

@@ -74,6 +74,7 @@ class Fallback:
     groups: int | None = None  # a group count that would work (GQA), for the planner to demote to
     segs: tuple[int, ...] | None = None  # segment boundaries that would work (fused projections)
     sgroups: tuple[int, ...] | None = None  # with segs: a group count per segment (a whole key/value head)
+    within: tuple[int, ...] | None = None  # with segs: the operand's segments they refine (in the operand's units)
 
 
 @dataclass
@@ -336,7 +337,7 @@ def view(ctx: OpCtx) -> Result:
               f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}"
         if (pre := divisible_prefix(x.shape, ctx.out_shapes, x.placement)) is not None:
             return Fallback(why + "; the largest divisible part is split, the rest kept together", 0,
-                            segs=pre[0], sgroups=pre[1])
+                            segs=pre[0], sgroups=pre[1], within=x.placement.segs)
         return Fallback(why, 0, groups=out if out > 1 else None)
     dims: dict[int, Shard | int] = {out.dim: out}
     if (dyn := check_sizes_static(ctx.args[1], dims)) is not None:
@@ -492,7 +493,7 @@ def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Resu
                 taken = any(a <= off and off + s <= b for a, b in bounds)
                 gs.append(math.gcd(g0, s) if taken else g0)  # a part not taken here keeps its count
                 off += s
-            return Fallback(why, 0, segs=segs, sgroups=tuple(gs))
+            return Fallback(why, 0, segs=segs, sgroups=tuple(gs), within=p.segs)
         outs.append(sel[0].moved(dim))
         local.append((sel[1], sel[2]))
     return Strategy({0: p}, tuple(outs)), local  # type: ignore[return-value]

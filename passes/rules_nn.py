@@ -383,7 +383,7 @@ def unflatten(ctx: OpCtx) -> Result:
     n, size = ctx.args[2][0], p.segs[0]
     if isinstance(n, int) and n > 1 and size % n == 0 and (size // n) % p.groups == 0:
         return Fallback(f"{ctx.node.target} cuts the sharded dim {size} into {n} parts (a fused projection): "
-                        f"each part is split on its own", 0, segs=(size // n,) * n)
+                        f"each part is split on its own", 0, segs=(size // n,) * n, within=p.segs)
     return r
 
 
