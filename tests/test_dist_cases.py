@@ -78,3 +78,19 @@ def test_multi_head_latent_attention_at_4_ranks() -> None:
         assert max(r["logits"], r["loss"], r["grad"]) <= TOL, r
         assert r["all_reduce"] == 1 + 2 * r["layers"]  # embedding + 2 per layer: Megatron's count
         assert not r["hf_differ"], r["hf_differ"]
+
+
+def test_families_hf_does_not_plan_match_the_unsharded_model() -> None:
+    # OPT, BLOOM (alibi, baddbmm), Falcon (numpy_T + matmul, multi-query attention in one fused projection) and
+    # GPT-J (parallel block): no base_model_tp_plan to compare with; exact, and split (GPT-2, BERT and T5 are
+    # checked by their own cases)
+    from tpfx.coverage import run_families
+
+    fams = ["opt", "bloom", "falcon", "gptj"]
+    for res in launch(run_families, 2, fams, timeout_s=900):
+        assert [r["family"] for r in res] == fams
+        for r in res:
+            assert r["status"] == "ok", (r["family"], r.get("error"))
+            assert max(r["logits"], r["loss"], r["grad"]) <= TOL, r
+            assert r["param_ratio"] < 0.56, (r["family"], r["param_ratio"])  # (total/t = 0.5; norms, k/v head)
+            assert r["all_gather"] == 1, r  # the plan's one gather: the logits, returned whole
