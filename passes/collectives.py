@@ -29,9 +29,11 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
-def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], rank: int, world: int, group: str) -> torch.Tensor:
-    """All-gather a Shard(dim, world, segs) (global segment lengths; uneven chunks are padded in transit)."""
-    sizes = [[chunk_range(s, world, j)[1] for s in segs] for j in range(world)]
+def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,
+            group: str) -> torch.Tensor:
+    """All-gather a Shard(dim, segs, a group count per segment): every rank's piece (uneven ones padded in transit),
+    then one copy of each chunk of each segment, in order."""
+    sizes = [[chunk_range(s, g, r * g // world)[1] for s, g in zip(segs, gs)] for r in range(world)]
     width = max(sum(sz) for sz in sizes)
     mine = sum(sizes[rank])
     if mine < width:
@@ -41,9 +43,10 @@ def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], rank: int, world: 
     full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
     chunks = full.chunk(world, 0)
     out = []
-    for k in range(len(segs)):
-        for j, c in enumerate(chunks):
-            out.append(c.narrow(0, sum(sizes[j][:k]), sizes[j][k]).movedim(0, dim))
+    for k, g in enumerate(gs):
+        for j in range(g):
+            r = j * world // g  # the first rank holding chunk j of segment k
+            out.append(chunks[r].narrow(0, sum(sizes[r][:k]), sizes[r][k]).movedim(0, dim))
     return torch.cat(out, dim)  # one copy, contiguous like the unsharded value
 
 
@@ -79,26 +82,7 @@ class _AllGather(torch.autograd.Function):
         segs = tuple(segs)
         gs = _per_seg(groups, segs)
         ctx.args = (dim, segs, rank, world, gs)
-        if all(g == world for g in gs):
-            return _gather(x, dim, segs, rank, world, group)
-        if all(g == 1 for g in gs):  # every rank holds the whole value: nothing to move
-            return x.clone()
-        # some chunks replicated on several ranks: gather every rank's piece, keep one copy of each chunk
-        sizes = [[chunk_range(s, g, r * g // world)[1] for s, g in zip(segs, gs)] for r in range(world)]
-        width = max(sum(sz) for sz in sizes)
-        mine = sum(sizes[rank])
-        if mine < width:
-            pad_shape = list(x.shape)
-            pad_shape[dim] = width - mine
-            x = torch.cat([x, x.new_zeros(pad_shape)], dim)
-        full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
-        chunks = full.chunk(world, 0)
-        out = []
-        for k, g in enumerate(gs):
-            for j in range(g):
-                r = j * world // g  # the first rank holding chunk j of segment k
-                out.append(chunks[r].narrow(0, sum(sizes[r][:k]), sizes[r][k]).movedim(0, dim))
-        return torch.cat(out, dim)  # one copy, contiguous like the unsharded value
+        return _gather(x, dim, segs, gs, rank, world, group)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]

@@ -99,6 +99,16 @@ class Shard:
         return any(s % g for s, g in zip(self.segs, self.seg_groups))
 
 
+def group_at(segs: tuple[int, ...], groups: tuple[int, ...], offset: int) -> int:
+    """The group count of the segment (of ``segs``, with ``groups``) that holds position ``offset``."""
+    end = 0
+    for s, g in zip(segs, groups):
+        end += s
+        if offset < end:
+            return g
+    raise ValueError(f"offset {offset} is past the segments {segs}")
+
+
 def is_whole(p: object) -> bool:
     """A ``Shard`` whose every segment is in 1 group: every rank holds all of it (the single key/value head of
     multi-query attention); unlike ``Replicate`` its gradient is partial over the ranks."""
@@ -117,7 +127,7 @@ def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:
 def needs_gather(have: object, want: object) -> bool:
     """Whether redistributing a ``Shard`` ``have`` to ``want`` gathers (a refinement to a finer shard of the same
     layout is a local narrow; a value held whole on every rank moves nothing)."""
-    if not isinstance(have, Shard) or all(g == 1 for g in have.seg_groups):
+    if not isinstance(have, Shard) or is_whole(have):
         return False
     return not isinstance(want, Shard) or (want.dim, want.segs) != (have.dim, have.segs) \
         or any(w % h for h, w in zip(have.seg_groups, want.seg_groups))

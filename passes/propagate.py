@@ -42,6 +42,7 @@ outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -52,7 +53,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard, is_whole, needs_gather, whole_mark
+from .placements import (
+    P,
+    Partial,
+    Placement,
+    R,
+    Replicate,
+    Shard,
+    group_at,
+    is_whole,
+    needs_gather,
+    whole_mark,
+)
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from .shapes import shape_of
 
@@ -624,20 +636,13 @@ def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgro
     k = size // sum(segs)
     if tuple(w * k for w in (within or (sum(segs),))) != pl.segs:
         return None
-    new = [(s * k, g) for s, g in zip(segs, sgroups or (pl.groups,) * len(segs))]
-    old = list(zip(seed.segs or (size,), seed.sgroups or (seed.groups,) * len(seed.segs or (size,))))
-
-    def ends(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        out, off = [], 0
-        for s, g in parts:
-            off += s
-            out.append((off, g))
-        return out
-
-    cuts = sorted({e for e, _ in ends(new)} | {e for e, _ in ends(old)})
+    new = tuple(s * k for s in segs), sgroups or (pl.groups,) * len(segs)
+    old_segs = seed.segs or (size,)
+    old = old_segs, seed.sgroups or (seed.groups,) * len(old_segs)
+    cuts = sorted({e for parts in (new[0], old[0]) for e in itertools.accumulate(parts)})
     merged, start = [], 0
     for e in cuts:
-        g = math.gcd(next(g for x, g in ends(new) if start < x), next(g for x, g in ends(old) if start < x))
+        g = math.gcd(group_at(*new, start), group_at(*old, start))
         if (e - start) % g or pl.groups % g:
             return None
         merged.append((e - start, g))

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 
-from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range, is_whole
+from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range, group_at, is_whole
 from .shapes import Expr, as_int, divisible_prefix, map_shard
 
 aten = torch.ops.aten
@@ -470,7 +470,7 @@ def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Resu
     x = ctx.operands[0]
     p = x.placement
     assert isinstance(p, Shard)
-    if all(g == 1 for g in p.seg_groups):  # held whole on every rank: any part is local, as it is
+    if is_whole(p):  # held whole on every rank: any part is local, as it is
         return Strategy({0: p}, tuple(Shard(dim, 1, (b - a,)) for a, b in bounds)), list(bounds)  # type: ignore
     outs, local = [], []
     for a, b in bounds:
@@ -483,13 +483,9 @@ def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Resu
                 return Fallback(why, 0)
             # each segment split as finely as it allows: a part smaller than the group count (a single key or
             # value head beside the query heads) is held whole on every rank
-            ends, off = [], 0
-            for s0, g0 in zip(p.segs, p.seg_groups):
-                off += s0
-                ends.append((off, g0))
             gs, off = [], 0
             for s in segs:
-                g0 = next(g0 for e, g0 in ends if off < e)  # the group count of the segment it refines
+                g0 = group_at(p.segs, p.seg_groups, off)  # the group count of the segment it refines
                 taken = any(a <= off and off + s <= b for a, b in bounds)
                 gs.append(math.gcd(g0, s) if taken else g0)  # a part not taken here keeps its count
                 off += s
@@ -833,7 +829,7 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
     for k, (spec, o) in enumerate(zip(specs, ops)):
         if isinstance(o.placement, Shard):
             L = spec[o.placement.dim] if o.placement.dim < len(spec) else None
-            if all(g == 1 for g in o.placement.seg_groups):
+            if is_whole(o.placement):
                 whole.append(k)
                 continue
             if L is None or L == "_":

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 import sympy
 import torch
 
-from .placements import Shard
+from .placements import Shard, is_whole
 
 Expr: TypeAlias = Any  # a sympy expression (sympy ships no type information)
 
@@ -141,7 +141,7 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
     groups = view_groups(src, dst)
     if groups is None:
         return 1
-    if all(g == 1 for g in p.seg_groups):
+    if is_whole(p):
         return _whole(src, dst, p, groups)
     for gi, gj in groups:
         if p.dim not in gi:

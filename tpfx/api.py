@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from tpfx.passes.emit import emit
 from tpfx.passes.pipeline import PRE_PASSES, run_passes
+from tpfx.passes.placements import Shard
 from tpfx.passes.propagate import propagate
 from tpfx.plan import ShardingPlan, build_plan
 
@@ -204,13 +205,12 @@ def _group_namer(group: dist.ProcessGroup | None, world: int) -> Any:
 
 def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
     t = plan.world_size
-    out = []
+    out: set[tuple[int, ...]] = set()
     for p in plan.placements.values():
-        for g in (p.sgroups or (p.groups,)) if p.dim is not None else ():
-            if g < t:
-                per = t // g
-                out += [tuple(range(j * per, (j + 1) * per)) for j in range(g)]
-    return out
+        pl = p.as_placement()
+        if isinstance(pl, Shard):  # every rank's replica group of every segment held by several ranks
+            out |= {ranks for r in range(t) for ranks in pl.replica_groups(r, t) if len(ranks) > 1}
+    return sorted(out)
 
 
 def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> None:

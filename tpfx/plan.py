@@ -31,8 +31,9 @@ class ParamPlacement:
         if self.dim is None:
             return self.shape
         s = list(self.shape)
-        gs = self.sgroups or (self.groups,) * len(self.segs)
-        s[self.dim] = sum(-(-seg // g) for seg, g in zip(self.segs, gs))  # the largest chunk (uneven splits)
+        pl = self.as_placement()
+        assert isinstance(pl, Shard)
+        s[self.dim] = pl.local_size()  # rank 0's: the largest chunk of every segment (uneven splits)
         return tuple(s)
 
     def as_dict(self) -> dict[str, Any]:

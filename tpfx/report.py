@@ -267,6 +267,7 @@ def _forward_infos(plan: ShardingPlan, nodes: dict[str, fx.Node],
 def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -> list[dict[str, Any]]:
     """Megatron's ``f`` (all-reduce of the input gradient where a replicated value enters sharded compute)
     and replica-group gradient reductions of weights split into fewer chunks than ranks."""
+    from tpfx.passes.placements import Shard
     from tpfx.passes.propagate import nbytes
 
     needs = _requires_grad(gm, prop)
@@ -292,15 +293,14 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
         out.append(info)
     for node, fqn in prop.param_nodes.items():
         p = plan.placements.get(fqn)
-        if p is None or p.dim is None:
+        pl = p.as_placement() if p is not None else None
+        if p is None or not isinstance(pl, Shard) or min(pl.seg_groups) >= plan.world_size:
             continue
-        gs = p.sgroups or (p.groups,) * len(p.segs)
-        if min(gs) >= plan.world_size:
-            continue
+        gs = pl.seg_groups
         local = numel(p.local_shape()) * node.meta["val"].element_size()
-        if p.sgroups is not None:  # only the rows of segments held by several ranks are reduced
-            rows = p.local_shape()[p.dim]
-            local = local * sum(-(-s // g) for s, g in zip(p.segs, gs) if g < plan.world_size) // rows
+        if pl.sgroups is not None:  # only the rows of segments held by several ranks are reduced
+            rows = pl.local_segs()
+            local = local * sum(n for n, g in zip(rows, gs) if g < plan.world_size) // sum(rows)
         info = _info("all_reduce", node, f"grad:{fqn}", local, "backward", [weight_module(fqn)], True)
         info["module"], info["op"] = weight_module(fqn), f"grad in groups of {plan.world_size // min(gs)}"
         out.append(info)
