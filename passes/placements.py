@@ -94,6 +94,16 @@ class Shard:
             out.append(tuple(range(j * per, (j + 1) * per)))
         return out
 
+    def pieces(self, rank: int, world: int) -> list[tuple[int, int, int]]:
+        """``rank``'s chunks along ``dim`` as (global start, length, local start): one per segment, in the order
+        they are concatenated locally. Checkpoint I/O reads and writes exactly these ranges."""
+        out, off, local = [], 0, 0
+        for seg, g in zip(self.segs, self.seg_groups):
+            start, n = chunk_range(seg, g, rank * g // world)
+            out.append((off + start, n, local))
+            off, local = off + seg, local + n
+        return out
+
     @property
     def uneven(self) -> bool:
         return any(s % g for s, g in zip(self.segs, self.seg_groups))
@@ -153,11 +163,7 @@ def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.
     """This rank's local piece of the full tensor ``x`` under placement ``p``."""
     if not isinstance(p, Shard):
         return x
-    pieces, off = [], 0
-    for seg, g in zip(p.segs, p.seg_groups):
-        start, n = chunk_range(seg, g, rank * g // world)
-        pieces.append(x.narrow(p.dim, off + start, n))
-        off += seg
+    pieces = [x.narrow(p.dim, start, n) for start, n, _ in p.pieces(rank, world)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, p.dim)
 
 

@@ -8,8 +8,10 @@ from tpfx.compare import Comparison, compare
 from tpfx.explain import Explanation
 from tpfx.launch import launch
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
+from tpfx.pretrained import CheckpointError, from_pretrained
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
-           "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation"]
+           "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
+           "from_pretrained", "CheckpointError"]
 __version__ = "0.1.0"
 del _sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
 from tpfx.passes.emit import emit
-from tpfx.passes.pipeline import PRE_PASSES, run_passes
-from tpfx.passes.placements import Shard
+from tpfx.passes.pipeline import PRE_PASSES, retarget_device, run_passes
+from tpfx.passes.placements import Placement, Replicate, Shard
 from tpfx.passes.propagate import propagate
 from tpfx.plan import ShardingPlan, build_plan
 
@@ -232,6 +233,8 @@ class ShardedModule(torch.nn.Module):
     _store: dict[str, torch.nn.Parameter]
     _plan: ShardingPlan
     _namer: Any
+    _group: Any
+    _device: torch.device | None
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
                  compile: bool, gather_outputs: bool = True) -> None:
@@ -242,12 +245,32 @@ class ShardedModule(torch.nn.Module):
         self.__dict__["_plan"] = plan
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
         self._gather_outputs = gather_outputs
+        self.__dict__["_group"] = group
+        self.__dict__["_device"] = None  # set by from_pretrained: the graphs are captured on the meta device
         self.__dict__["_namer"] = _group_namer(group, plan.world_size)
         self._namer.prepare(_replica_groups(plan))
 
     @property
     def plan(self) -> ShardingPlan:
         return self._plan
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's ``config`` (transformers models)."""
+        return getattr(self._model, "config", None)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The tensor-parallel process group (``None``: the default group)."""
+        return self._group
+
+    def save_pretrained(self, save_directory: str, *, max_shard_size: int | str = "5GB",
+                        timeout_s: float = 300.0) -> None:
+        """Write the unsharded model in transformers' layout (config.json, safetensors with the original FQNs
+        and full shapes). Collective: every rank of the group must call it. See ``tpfx.pretrained``."""
+        from tpfx.pretrained import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, timeout_s=timeout_s)
 
     def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True) -> Any:
         flat, spec = tree_flatten((args, kwargs))
@@ -258,6 +281,8 @@ class ShardedModule(torch.nn.Module):
     def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any) -> fx.GraphModule:
         if plan.digest() != self._plan.digest():
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
+        if self._device is not None:  # captured on the meta device (from_pretrained): run it where the weights are
+            gm = retarget_device(gm, self._device)
         local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
                      gather_outputs=self._gather_outputs)
         for fqn, p in self._store.items():
@@ -299,6 +324,25 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
     slice (e.g. vocab-split logits when only ``.loss`` is used: the loss is computed with a parallel
     cross-entropy either way, so training then never gathers the logits)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
+                         "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
+    return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
+                      group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs)
+
+
+ParamLoader = Callable[[str, Placement], torch.Tensor]
+
+
+def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example_inputs: tuple | None = None,
+               example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
+               group: dist.ProcessGroup | None = None, compile: bool = False,
+               plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
+               gather_outputs: bool = True, loader: ParamLoader | None = None,
+               device: torch.device | None = None) -> ShardedModule:
+    """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
+    instead of sliced from the model's own weights: a model on the meta device is then sharded without ever
+    holding its full weights (``tpfx.from_pretrained``); its graphs run on ``device``."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
     group_size = dist.get_world_size(group)
@@ -306,9 +350,6 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     if world_size != group_size:
         raise ValueError(f"tpfx: world_size={world_size} but the process group has {group_size} ranks")
     rank = dist.get_rank(group) if rank is None else rank
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
-                         "(use tpfx.plan for meta models)")
     lazy = example_inputs is None and example_kwargs is None and not _is_hf(model)
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
@@ -322,10 +363,24 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
         plan = planned
     _check_agreement(plan, group)
     sharded = ShardedModule(model, plan, rank, group, compile, gather_outputs)
+    if loader is not None:
+        sharded.__dict__["_device"] = device or torch.device("cpu")
+        _load_params(sharded, model, plan, loader)
     if first is not None:
         gm, planned, args, kwargs, dynamic = first
         sharded.add_graph(gm, planned, sharded._key(args, kwargs, dynamic))
     return sharded
+
+
+def _load_params(sharded: ShardedModule, model: torch.nn.Module, plan: ShardingPlan, loader: ParamLoader) -> None:
+    """Fill the module's parameter store from ``loader``: planned parameters get their placement's slice,
+    parameters no graph uses are held whole (replicated), as ``emit`` would hold them."""
+    for fqn, p in model.named_parameters():
+        pp = plan.placements.get(fqn)
+        pl: Placement = pp.as_placement() if pp is not None else Replicate()
+        sharded._store[fqn] = torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad)
+    for fqn, p in sharded._store.items():
+        _install(sharded, fqn, p)
 
 
 def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> None:

@@ -1,0 +1,469 @@
+"""transformers checkpoints in and out of a sharded model: ``from_pretrained`` and ``save_pretrained``.
+
+Loading never materializes the whole model: the model is built from ``config.json`` with its parameters on
+the meta device (buffers such as rotary ``inv_freq`` are computed on the CPU, as transformers' own
+constructor computes them), planned there, and every rank reads only its own slices of every weight with
+safetensors' ``get_slice``. Each file is opened for one tensor at a time, so the pages a slice touches are
+unmapped before the next tensor is read: a rank's peak memory is its own slices plus one tensor.
+
+Saving gathers one tensor at a time to rank 0 (point-to-point from the ranks that hold a part nobody before
+them holds) and streams it into the safetensors file it belongs to, so rank 0 holds at most one full tensor
+beyond its own slices. safetensors' writer takes every tensor of a file in memory at once, so the file is
+written as the safetensors format lays it out (an 8-byte header length, the JSON header, the tensors' bytes
+in header order) and read back by ``safe_open`` and transformers unchanged. Files go to a temporary
+directory that is renamed into place when complete: a crash never leaves a half-written checkpoint under
+the final name.
+
+Every check that can fail on one rank's view (a missing file or tensor, a wrong shape, a truncated file)
+runs before the first collective, and the save ends with every rank learning whether rank 0's writes
+succeeded, so an error reaches every rank instead of leaving peers blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+
+from tpfx.passes.placements import Placement, Replicate, Shard
+
+if TYPE_CHECKING:
+    from tpfx.api import ShardedModule
+
+__all__ = ["from_pretrained", "save_pretrained", "CheckpointError"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+# safetensors' dtype names (the format's header vocabulary)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked (names the file and the tensor)."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name, e.g. "F32"
+
+
+def index_checkpoint(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Every tensor of a safetensors checkpoint directory (one file or an index json with several) by name,
+    from the files' headers alone. Raises ``CheckpointError`` naming the file that is missing or unreadable."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tpfx.from_pretrained: {str(root)!r} is not a directory")
+    if (root / INDEX).is_file():
+        weight_map: dict[str, str] = json.loads((root / INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (root / SINGLE).is_file():
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"tpfx.from_pretrained: no {SINGLE} or {INDEX} in {str(root)!r}")
+    out: dict[str, TensorEntry] = {}
+    for name in files:
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"tpfx.from_pretrained: {INDEX} names {name!r}, which is not in {str(root)!r}")
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = TensorEntry(str(file), key, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"tpfx.from_pretrained: cannot read {str(file)!r} (truncated or not a "
+                                  f"safetensors file): {e}") from e
+    return out
+
+
+def _pieces(pl: Placement, shape: tuple[int, ...], rank: int, world: int) -> tuple[int | None, list[tuple[int, int]]]:
+    """(dim, [(global start, length), ...]) of ``rank``'s slice; dim ``None``: the whole tensor."""
+    if not isinstance(pl, Shard):
+        return None, []
+    return pl.dim, [(start, n) for start, n, _ in pl.pieces(rank, world)]
+
+
+def read_slice(entry: TensorEntry, pl: Placement, rank: int, world: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """``rank``'s slice of one checkpoint tensor under ``pl``, read with ``get_slice`` (only its bytes)."""
+    dim, pieces = _pieces(pl, entry.shape, rank, world)
+    with safe_open(entry.file, "pt") as f:  # opened per tensor: its mapping is gone before the next one
+        if dim is None:
+            t = f.get_tensor(entry.key)
+        else:
+            sl = f.get_slice(entry.key)
+            lead = (slice(None),) * dim
+            parts = [sl[lead + (slice(s, s + n),)] for s, n in pieces]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Canonical parameter FQN -> every name it has (tied weights: the embedding and the LM head)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {names[0]: names for names in by_id.values()}
+
+
+def _candidates(names: list[str], prefix: str) -> Iterator[str]:
+    for n in names:
+        yield n
+        if prefix and n.startswith(prefix + "."):
+            yield n[len(prefix) + 1:]  # a base-model checkpoint loaded into a model with a head
+        elif prefix:
+            yield f"{prefix}.{n}"
+
+
+def match_tensors(model: torch.nn.Module, entries: dict[str, TensorEntry], where: str) -> dict[str, TensorEntry]:
+    """The checkpoint tensor of every parameter of ``model`` (by FQN, tied names and transformers' base-model
+    prefix), its shape checked against the model's. Raises before anything is read or communicated."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[str, TensorEntry] = {}
+    missing: list[str] = []
+    for fqn, names in _tied_names(model).items():
+        key = next((k for k in _candidates(names, prefix) if k in entries), None)
+        if key is None:
+            missing.append(fqn)
+            continue
+        entry, shape = entries[key], tuple(model.get_parameter(fqn).shape)
+        if entry.shape != shape:
+            raise CheckpointError(
+                f"tpfx.from_pretrained: tensor {key!r} in {entry.file!r} has shape {list(entry.shape)}, but the "
+                f"model built from {where}/config.json expects {list(shape)} for {fqn!r} (does the config match "
+                "the weights?)")
+        found[fqn] = entry
+    if missing:
+        raise CheckpointError(f"tpfx.from_pretrained: the checkpoint in {where!r} has no tensor for "
+                              f"{len(missing)} parameter(s): {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
+    used = {e.key for e in found.values()}
+    extra = [k for k in entries if k not in used and not k.endswith("inv_freq")]
+    buffers = {n for n, _ in model.named_buffers()}
+    extra = [k for k in extra if k not in buffers]
+    if extra:
+        warnings.warn(f"tpfx.from_pretrained: {len(extra)} tensor(s) in {where!r} match no parameter of the model "
+                      f"and are ignored: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""), stacklevel=3)
+    return found
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _default_dtype(config: Any, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """transformers' ``dtype="auto"``: the config's dtype, else the first floating-point weight's."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str) and dt != "auto":
+        dt = getattr(torch, dt)
+    if isinstance(dt, torch.dtype):
+        return dt
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    for e in entries.values():
+        if names.get(e.dtype, torch.int64).is_floating_point:
+            return names[e.dtype]
+    return torch.float32
+
+
+def _device_for(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _build_empty(model_cls: Any, config: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The model with its parameters on the meta device and its buffers computed for real on ``device``."""
+    from accelerate import init_empty_weights
+
+    build = getattr(model_cls, "from_config", None) or model_cls._from_config  # Auto* classes or a model class
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # as transformers does once the weights are in
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, model_cls: Any = None,
+                    torch_dtype: torch.dtype | None = None, **auto_shard_kwargs: Any) -> ShardedModule:
+    """Load a transformers checkpoint directory straight into this rank's sharded module.
+
+    The model is built from ``config.json`` on the meta device, planned, and each rank reads only its own
+    slices of each ``*.safetensors`` file (one file or ``model.safetensors.index.json`` with several).
+    ``model_cls`` defaults to ``AutoModelForCausalLM``; ``torch_dtype`` defaults to transformers' "auto" (the
+    config's dtype, else the checkpoint's). Other keyword arguments go to ``tpfx.auto_shard``. Needs an
+    initialized process group (``tpfx.launch`` or ``torchrun``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tpfx.api import LAUNCH_HINT, shard_with
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(LAUNCH_HINT)
+    root = Path(path)
+    entries = index_checkpoint(root)  # local checks first: every rank sees the same files and raises alike
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"tpfx.from_pretrained: no config.json in {str(root)!r}")
+    config = AutoConfig.from_pretrained(root)
+    dtype = torch_dtype or _default_dtype(config, entries)
+    group = auto_shard_kwargs.get("group")
+    device = _device_for(group)
+    model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+    found = match_tensors(model, entries, str(root))
+    _load_buffers(model, entries, device)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    params = dict(model.named_parameters())
+
+    def loader(fqn: str, pl: Placement) -> torch.Tensor:
+        return read_slice(found[fqn], pl, rank, world, params[fqn].dtype, device)
+
+    sharded = shard_with(model, world_size, loader=loader, device=device, **auto_shard_kwargs)
+    return sharded
+
+
+def _load_buffers(model: torch.nn.Module, entries: dict[str, TensorEntry], device: torch.device) -> None:
+    """Persistent buffers saved in the checkpoint are loaded whole (transformers does the same); the rest keep
+    the values the constructor computed."""
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():
+        if name in entries and name in persistent and buf is not None:
+            with safe_open(entries[name].file, "pt") as f:
+                value = f.get_tensor(name).to(device=device, dtype=buf.dtype)
+            if tuple(value.shape) != tuple(buf.shape):
+                raise CheckpointError(f"tpfx.from_pretrained: buffer {name!r} in {entries[name].file!r} has shape "
+                                      f"{list(value.shape)}, the model expects {list(buf.shape)}")
+            module, _, leaf = name.rpartition(".")
+            model.get_submodule(module)._buffers[leaf] = value
+
+
+# ----------------------------------------------------------------------------------------- saving
+
+
+def _local_tensors(sharded: ShardedModule) -> dict[str, torch.Tensor]:
+    """What this rank holds of every tensor the checkpoint stores, by the model's own names (its state dict
+    order, tied duplicates dropped): sharded parameters from the module, the rest (persistent buffers,
+    parameters no graph uses) from the model."""
+    model, store = sharded._model, sharded._store
+    canonical = {n: names[0] for names in _tied_names(model).values() for n in names}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        fqn = canonical.get(name, name)
+        if fqn in out or name in (getattr(model, "_keys_to_ignore_on_save", None) or ()):
+            continue
+        t = store[fqn] if fqn in store else value
+        if t.device.type == "meta":
+            raise RuntimeError(f"tpfx.save_pretrained: {fqn!r} has no weights on this rank (meta device)")
+        out[fqn] = t.detach()
+    return out
+
+
+def _full_shape(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> tuple[int, ...]:
+    pp = sharded.plan.placements.get(fqn)
+    return tuple(pp.shape) if pp is not None and fqn in sharded._store else tuple(local.shape)
+
+
+def _placement(sharded: ShardedModule, fqn: str) -> Placement:
+    pp = sharded.plan.placements.get(fqn)
+    return pp.as_placement() if pp is not None and fqn in sharded._store else Replicate()
+
+
+def _senders(pl: Placement, world: int) -> list[int]:
+    """The ranks whose slices rank 0 needs: each one holds a piece that no lower rank holds."""
+    if not isinstance(pl, Shard):
+        return []
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for r in range(world):
+        new = {(s, n) for s, n, _ in pl.pieces(r, world)} - seen
+        seen |= new
+        if new and r:
+            out.append(r)
+    return out
+
+
+def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch.Tensor | None:
+    """The full tensor on rank 0 (``None`` elsewhere), assembled piece by piece from the ranks that hold it."""
+    group, rank, world = sharded.group, sharded.rank, sharded.world_size
+    pl = _placement(sharded, fqn)
+    if not isinstance(pl, Shard):
+        return local if rank == 0 else None
+    shape = _full_shape(sharded, fqn, local)
+    senders = _senders(pl, world)
+    if rank != 0:
+        if rank in senders:
+            dist.send(local.contiguous().view(-1).view(torch.uint8), dst=dist.get_global_rank(group or
+                      dist.group.WORLD, 0), group=group)
+        return None
+    full = torch.empty(shape, dtype=local.dtype, device=local.device)
+    for r in [0] + senders:
+        if r == 0:
+            src = local
+        else:
+            lshape = list(shape)
+            lshape[pl.dim] = pl.local_size(r, world)
+            src = torch.empty(lshape, dtype=local.dtype, device=local.device)
+            dist.recv(src.view(-1).view(torch.uint8), src=dist.get_global_rank(group or dist.group.WORLD, r),
+                      group=group)
+        for start, n, lstart in pl.pieces(r, world):
+            full.narrow(pl.dim, start, n).copy_(src.narrow(pl.dim, lstart, n))
+    return full
+
+
+def _shard_files(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
+    """Tensor indexes per file: consecutive tensors while a file stays under ``max_bytes`` (as transformers)."""
+    files: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(specs):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if files[-1] and size + nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(i)
+        size += nbytes
+    return files
+
+
+def _header(specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """The safetensors header for tensors stored back to back in this order (padded to 8 bytes)."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * dtype.itemsize
+        meta[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _temp_dir(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final`` (an existing ``final`` is replaced, removed only afterwards)."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier(group: dist.ProcessGroup | None, timeout_s: float, what: str) -> None:
+    """Every rank must reach ``what``; on gloo a rank that does not is named within ``timeout_s``."""
+    if dist.get_backend(group) == "gloo":
+        try:
+            dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            raise RuntimeError(f"tpfx: every rank must call {what} (it is collective): {e}") from e
+    else:
+        dist.barrier(group)
+
+
+def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *,
+                    max_shard_size: int | str = "5GB", timeout_s: float = 300.0) -> None:
+    """Write ``sharded`` as an unsharded transformers checkpoint (collective: call it on every rank).
+
+    config.json (and generation_config.json where the model has one) and safetensors files with the model's
+    own FQNs and full shapes; more than one file gets ``model.safetensors.index.json``. Tensors are gathered
+    one at a time to rank 0, which writes them; the directory appears complete or not at all."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    group = sharded.group
+    _barrier(group, timeout_s, "save_pretrained")
+    local = _local_tensors(sharded)
+    specs = [(k, _full_shape(sharded, k, v), v.dtype) for k, v in local.items()]
+    files = _shard_files(specs, convert_file_size_to_int(max_shard_size))
+    names = [SINGLE] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    error: str | None = None
+    tmp: Path | None = None
+    if sharded.rank == 0:
+        try:
+            tmp = _temp_dir(Path(save_directory))
+            _write_configs(sharded._model, tmp)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = f"{type(e).__name__}: {e}"
+    for name, idx in zip(names, files):  # every rank takes part in every gather, even after rank 0 failed
+        path = tmp / name if tmp is not None and error is None else None
+        error = _write_file(sharded, local, [specs[i] for i in idx], path, error)
+    if sharded.rank == 0 and tmp is not None:
+        try:
+            if error is None:
+                if len(files) > 1:
+                    total = sum(math.prod(s) * d.itemsize for _, s, d in specs)
+                    weight_map = {specs[i][0]: n for n, idx in zip(names, files) for i in idx}
+                    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2, sort_keys=True))
+                _commit(tmp, Path(save_directory))
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; a failed save leaves nothing
+    status = [error]
+    dist.broadcast_object_list(status, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    if status[0] is not None:
+        raise RuntimeError(f"tpfx.save_pretrained: rank 0 could not write {str(save_directory)!r}: {status[0]}")
+
+
+def _write_configs(model: torch.nn.Module, out: Path) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    can = getattr(model, "can_generate", None)
+    if gen is not None and callable(can) and can():
+        gen.save_pretrained(out)
+
+
+def _write_file(sharded: ShardedModule, local: dict[str, torch.Tensor],
+                specs: list[tuple[str, tuple[int, ...], torch.dtype]], path: Path | None,
+                error: str | None) -> str | None:
+    """Gather the tensors of one file in order; rank 0 streams each into ``path`` as it arrives. Every rank
+    takes part in every gather even after rank 0 failed (it reports the error afterwards), so none hangs."""
+    f = None
+    try:
+        if path is not None:
+            f = open(path, "wb")  # noqa: SIM115 - closed below, after every gather
+            f.write(_header(specs))
+        for name, _, _ in specs:
+            full = _gather_full(sharded, name, local[name])
+            if f is not None and full is not None and error is None:
+                try:
+                    f.write(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # no copy
+                except Exception as e:  # noqa: BLE001
+                    error = f"{type(e).__name__}: {e}"
+            del full
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if f is not None:
+            f.close()
+    return error
