@@ -116,7 +116,9 @@ def read_slice(entry: TensorEntry, pl: Placement, rank: int, world: int, dtype: 
             lead = (slice(None),) * dim
             parts = [sl[lead + (slice(s, s + n),)] for s, n in pieces]
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-    return t.to(device=device, dtype=dtype).contiguous()
+    # safetensors' tensors live in a copy-on-write map of the file: copy into memory of our own, so the map is
+    # released now and a later rewrite of the file can never change the weights
+    return torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -250,7 +252,8 @@ def _load_buffers(model: torch.nn.Module, entries: dict[str, TensorEntry], devic
     for name, buf in model.named_buffers():
         if name in entries and name in persistent and buf is not None:
             with safe_open(entries[name].file, "pt") as f:
-                value = f.get_tensor(name).to(device=device, dtype=buf.dtype)
+                raw = f.get_tensor(name)
+                value = torch.empty(raw.shape, dtype=buf.dtype, device=device).copy_(raw)
             if tuple(value.shape) != tuple(buf.shape):
                 raise CheckpointError(f"tpfx.from_pretrained: buffer {name!r} in {entries[name].file!r} has shape "
                                       f"{list(value.shape)}, the model expects {list(buf.shape)}")
@@ -303,6 +306,10 @@ def _senders(pl: Placement, world: int) -> list[int]:
     return out
 
 
+def _global(group: dist.ProcessGroup | None, rank: int) -> int:
+    return dist.get_global_rank(group or dist.group.WORLD, rank)  # type: ignore[arg-type]
+
+
 def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch.Tensor | None:
     """The full tensor on rank 0 (``None`` elsewhere), assembled piece by piece from the ranks that hold it."""
     group, rank, world = sharded.group, sharded.rank, sharded.world_size
@@ -313,8 +320,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
     senders = _senders(pl, world)
     if rank != 0:
         if rank in senders:
-            dist.send(local.contiguous().view(-1).view(torch.uint8), dst=dist.get_global_rank(group or
-                      dist.group.WORLD, 0), group=group)
+            dist.send(local.contiguous().view(-1).view(torch.uint8), dst=_global(group, 0), group=group)
         return None
     full = torch.empty(shape, dtype=local.dtype, device=local.device)
     for r in [0] + senders:
@@ -324,7 +330,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
             lshape = list(shape)
             lshape[pl.dim] = pl.local_size(r, world)
             src = torch.empty(lshape, dtype=local.dtype, device=local.device)
-            dist.recv(src.view(-1).view(torch.uint8), src=dist.get_global_rank(group or dist.group.WORLD, r),
+            dist.recv(src.view(-1).view(torch.uint8), src=_global(group, r),
                       group=group)
         for start, n, lstart in pl.pieces(r, world):
             full.narrow(pl.dim, start, n).copy_(src.narrow(pl.dim, lstart, n))
@@ -427,7 +433,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; a failed save leaves nothing
     status = [error]
-    dist.broadcast_object_list(status, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    dist.broadcast_object_list(status, src=_global(group, 0), group=group)
     if status[0] is not None:
         raise RuntimeError(f"tpfx.save_pretrained: rank 0 could not write {str(save_directory)!r}: {status[0]}")
 
@@ -456,7 +462,7 @@ def _write_file(sharded: ShardedModule, local: dict[str, torch.Tensor],
             full = _gather_full(sharded, name, local[name])
             if f is not None and full is not None and error is None:
                 try:
-                    f.write(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # no copy
+                    f.write(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
                 except Exception as e:  # noqa: BLE001
                     error = f"{type(e).__name__}: {e}"
             del full
