@@ -158,3 +158,16 @@ def test_save_pretrained_failures_raise_and_leave_nothing(tmp_path: Path) -> Non
         assert "could not write" in r["blocked"], r  # rank 0's error reaches every rank
     assert "every rank must call save_pretrained" in res[0]["missing_rank"] and "1" in res[0]["missing_rank"], res
     assert sorted(os.listdir(tmp_path)) == ["file"], os.listdir(tmp_path)  # nothing half-written
+
+
+def test_readme_checkpoint_example_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "checkpoint.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=500, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    losses = [float(x.split(";")[0]) for x in line.split(": ")[1:4]]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), line

@@ -264,6 +264,17 @@ class ShardedModule(torch.nn.Module):
         """The tensor-parallel process group (``None``: the default group)."""
         return self._group
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """This rank's slices under the original names (not the model's tensors): warns, since saving it as a
+        checkpoint would silently lose the other ranks' parts. ``save_pretrained`` writes the full model;
+        ``tpfx.save`` a resumable per-rank checkpoint."""
+        if not self.__dict__.get("_warned_state_dict") and self.world_size > 1:
+            self.__dict__["_warned_state_dict"] = True
+            warnings.warn("tpfx: ShardedModule.state_dict() holds only this rank's slices of split parameters; "
+                          "use sharded.save_pretrained(dir) for the full model or tpfx.save(sharded, dir) for a "
+                          "resumable checkpoint", UserWarning, stacklevel=2)
+        return super().state_dict(*args, **kwargs)
+
     def save_pretrained(self, save_directory: str, *, max_shard_size: int | str = "5GB",
                         timeout_s: float = 300.0) -> None:
         """Write the unsharded model in transformers' layout (config.json, safetensors with the original FQNs

@@ -104,21 +104,42 @@ def _pieces(pl: Placement, shape: tuple[int, ...], rank: int, world: int) -> tup
     return pl.dim, [(start, n) for start, n, _ in pl.pieces(rank, world)]
 
 
+BLOCK_BYTES = 4 << 20  # a read copies at most this much at a time out of the file's map
+
+
+def _row_blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
+
+
 def read_slice(entry: TensorEntry, pl: Placement, rank: int, world: int, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
-    """``rank``'s slice of one checkpoint tensor under ``pl``, read with ``get_slice`` (only its bytes)."""
+    """``rank``'s slice of one checkpoint tensor under ``pl``, read with ``get_slice`` (only its bytes).
+
+    safetensors' tensors live in a copy-on-write map of the file, whose pages stay resident while the map is
+    open. The slice is copied into memory of its own block by block, the file opened per block, so at most
+    one block of the map is resident at a time and a later rewrite of the file can never change the weights."""
     dim, pieces = _pieces(pl, entry.shape, rank, world)
-    with safe_open(entry.file, "pt") as f:  # opened per tensor: its mapping is gone before the next one
-        if dim is None:
-            t = f.get_tensor(entry.key)
-        else:
-            sl = f.get_slice(entry.key)
-            lead = (slice(None),) * dim
-            parts = [sl[lead + (slice(s, s + n),)] for s, n in pieces]
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-    # safetensors' tensors live in a copy-on-write map of the file: copy into memory of our own, so the map is
-    # released now and a later rewrite of the file can never change the weights
-    return torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+    if dim is None:
+        dim, pieces = 0, [(0, entry.shape[0])] if entry.shape else []
+    if not entry.shape:  # a scalar
+        with safe_open(entry.file, "pt") as f:
+            return f.get_tensor(entry.key).to(device=device, dtype=dtype).clone()
+    local = list(entry.shape)
+    local[dim] = sum(n for _, n in pieces)
+    out = torch.empty(local, dtype=dtype, device=device)
+    row_bytes = math.prod(local[1:]) * dtype.itemsize
+    at = 0
+    for start, n in pieces:
+        dst = out.narrow(dim, at, n)
+        at += n
+        rows = n if dim == 0 else local[0]
+        for r, k in _row_blocks(rows, row_bytes):
+            index: tuple[slice, ...] = (slice(start + r, start + r + k),) if dim == 0 else \
+                (slice(r, r + k),) + (slice(None),) * (dim - 1) + (slice(start, start + n),)
+            with safe_open(entry.file, "pt") as f:
+                dst.narrow(0, r, k).copy_(f.get_slice(entry.key)[index])
+    return out
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -311,29 +332,30 @@ def _global(group: dist.ProcessGroup | None, rank: int) -> int:
 
 
 def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch.Tensor | None:
-    """The full tensor on rank 0 (``None`` elsewhere), assembled piece by piece from the ranks that hold it."""
+    """The full tensor on rank 0 (``None`` elsewhere), assembled piece by piece from the ranks that hold a
+    piece no lower rank holds. A piece along dim 0 is received straight into its place; others go through a
+    buffer of the piece's size."""
     group, rank, world = sharded.group, sharded.rank, sharded.world_size
     pl = _placement(sharded, fqn)
     if not isinstance(pl, Shard):
         return local if rank == 0 else None
-    shape = _full_shape(sharded, fqn, local)
     senders = _senders(pl, world)
     if rank != 0:
         if rank in senders:
-            dist.send(local.contiguous().view(-1).view(torch.uint8), dst=_global(group, 0), group=group)
+            for _, n, lstart in pl.pieces(rank, world):
+                piece = local.narrow(pl.dim, lstart, n).contiguous()
+                dist.send(piece.view(-1).view(torch.uint8), dst=_global(group, 0), group=group)
         return None
-    full = torch.empty(shape, dtype=local.dtype, device=local.device)
-    for r in [0] + senders:
-        if r == 0:
-            src = local
-        else:
-            lshape = list(shape)
-            lshape[pl.dim] = pl.local_size(r, world)
-            src = torch.empty(lshape, dtype=local.dtype, device=local.device)
-            dist.recv(src.view(-1).view(torch.uint8), src=_global(group, r),
-                      group=group)
-        for start, n, lstart in pl.pieces(r, world):
-            full.narrow(pl.dim, start, n).copy_(src.narrow(pl.dim, lstart, n))
+    full = torch.empty(_full_shape(sharded, fqn, local), dtype=local.dtype, device=local.device)
+    for start, n, lstart in pl.pieces(0, world):
+        full.narrow(pl.dim, start, n).copy_(local.narrow(pl.dim, lstart, n))
+    for r in senders:
+        for start, n, _ in pl.pieces(r, world):
+            dst = full.narrow(pl.dim, start, n)
+            buf = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+            dist.recv(buf.view(-1).view(torch.uint8), src=_global(group, r), group=group)
+            if buf is not dst:
+                dst.copy_(buf)
     return full
 
 
