@@ -406,6 +406,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds)
         if _better(_cost(prop), _cost(trial)):
             prop, seeds = trial, trial_seeds
+    _keep_unused_pins(gm, prop, pins or {})
     _check_pins(prop, seeds)
     _check_layouts(gm, prop)
     if prop.unknown_ops:
@@ -575,6 +576,16 @@ def _check_layouts(gm: fx.GraphModule, prop: Propagation) -> None:
                     and isinstance(v.shape[q.dim], int) and v.shape[q.dim] != sum(q.segs):
                 raise RuntimeError(f"tpfx internal error: {node.name} ({node.target}) was given {q} for shape "
                                    f"{tuple(v.shape)}; please report it with the model")
+
+
+def _keep_unused_pins(gm: fx.GraphModule, prop: Propagation, pins: dict[str, tuple[str, Placement | None]]) -> None:
+    """A pinned weight that no node of this graph uses keeps its pinned placement: any layout is right for a
+    value nobody reads, and the graph must not block the plan (``inputs_embeds=`` leaves the embedding unused)."""
+    fqns = param_fqns(gm)
+    used = {fqn for node, fqn in fqns.items() if node.users}
+    for fqn, (style, pl) in pins.items():
+        if fqn not in used and pl is not None and fqn in fqns.values():
+            prop.decided[fqn] = (style, pl)
 
 
 def _check_pins(prop: Propagation, seeds: dict[str, Seed]) -> None:

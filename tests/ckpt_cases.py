@@ -167,7 +167,8 @@ def save_failures(rank: int, world: int, blocked: str, out: str) -> dict[str, st
     """save_pretrained where rank 0 cannot write (a file where the directory's parent should be), and where
     one rank does not call it (its peers must fail within the timeout, naming it)."""
     sharded = tpfx.auto_shard(llama(), world)
-    res = {"blocked": _expect_error(lambda: sharded.save_pretrained(blocked))}
+    res = {"blocked": _expect_error(lambda: sharded.save_pretrained(blocked)),
+           "load_missing": _expect_error(lambda: tpfx.load(sharded, out + "_missing"))}
     if rank == 0:
         res["missing_rank"] = _expect_error(lambda: sharded.save_pretrained(out, timeout_s=3))
     else:

@@ -156,6 +156,7 @@ def test_save_pretrained_failures_raise_and_leave_nothing(tmp_path: Path) -> Non
     res = launch(ckpt_cases.save_failures, 2, blocked, out, timeout_s=200)
     for r in res:
         assert "could not write" in r["blocked"], r  # rank 0's error reaches every rank
+        assert "FileNotFoundError" in r["load_missing"] and "out_missing" in r["load_missing"], r
     assert "every rank must call save_pretrained" in res[0]["missing_rank"] and "1" in res[0]["missing_rank"], res
     assert sorted(os.listdir(tmp_path)) == ["file"], os.listdir(tmp_path)  # nothing half-written
 

@@ -230,3 +230,17 @@ def test_plans_agree_with_hf_where_a_trial_could_mislead(family: str, world: int
     assert hf["differ"] == [] and len(hf["agree"]) >= 7, hf
     if family == "gemma3n_text":
         assert all(plan.placements[f"model.altup_projections.{i}.weight"].style == "replicate" for i in range(3))
+
+
+def test_a_pinned_weight_the_new_graph_does_not_use_does_not_block_it() -> None:
+    # captured first with input_ids (embedding split by vocab), then called with inputs_embeds: the embedding is
+    # unused in the second graph and keeps its pinned placement instead of raising "cannot be honoured"
+    model = models.llama(num_kv_heads=2)
+    first = tpfx.plan(model, 2)
+    embeds = torch.randn(2, 5, model.config.hidden_size)
+    from tpfx.api import _plan_graph, capture
+
+    gm, _ = capture(model, (), {"inputs_embeds": embeds, "use_cache": False})
+    second = _plan_graph(gm, 2, first.pins())
+    assert first.placements["model.embed_tokens.weight"].style == "vocab"
+    assert second.placements == first.placements and second.digest() == first.digest()
