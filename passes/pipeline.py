@@ -495,24 +495,6 @@ def decompose_variance(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def retarget_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """Rewrite the ``device=meta`` that a capture of a meta-device model bakes into its nodes (``arange``,
-    ``zeros``, ``to``, tensor-metadata asserts) to ``device``, so the graph runs with real weights there."""
-    meta = torch.device("meta")
-
-    def swap(a: Any) -> Any:
-        return device if isinstance(a, torch.device) and a == meta else a
-
-    changed = False
-    for node in gm.graph.nodes:
-        args, kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs, changed = args, kwargs, True  # type: ignore[assignment]
-    if changed:
-        gm.recompile()
-    return gm
-
-
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
     for p in passes:
         t0 = time.perf_counter()

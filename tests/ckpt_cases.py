@@ -41,7 +41,16 @@ def llama_classifier() -> LlamaForSequenceClassification:
         num_key_value_heads=2, num_labels=3, pad_token_id=0, use_cache=False))
 
 
-BUILDERS = {"llama": llama, "gpt2": gpt2, "classifier": llama_classifier}
+def mixtral() -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            use_cache=False))
+
+
+BUILDERS = {"llama": llama, "gpt2": gpt2, "classifier": llama_classifier, "mixtral": mixtral}
 
 
 def ids(vocab: int, shape: tuple[int, int] = (2, 7), seed: int = 1) -> torch.Tensor:

@@ -39,6 +39,23 @@ def test_from_pretrained_matches_transformers(tmp_path: Path, name: str, world: 
             assert res["tied_lm_head_params"] == [], res  # lm_head stays tied to wte: one parameter
 
 
+def test_from_pretrained_converts_per_expert_checkpoints_with_transformers_mapping(tmp_path: Path) -> None:
+    # transformers writes Mixtral's experts one tensor per expert (its original format) and fuses them into
+    # experts.gate_up_proj / down_proj when loading; tpfx applies transformers' own conversion, then slices
+    path = _saved(tmp_path, "mixtral")
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as fh:
+        assert any(".experts.0.w1.weight" in k for k in fh.keys())
+    for res in launch(ckpt_cases.load_check, 2, path, timeout_s=300):
+        assert res["logits"] <= TOL and res["exact"] and res["split"] >= 10, res
+    out = str(tmp_path / "out")
+    res = launch(ckpt_cases.train_and_save_pretrained, 2, path, out, "5GB", timeout_s=300)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the fused names back
+    plan, full = tpfx.ShardingPlan.from_json(res[0]["plan"]), dict(reloaded.named_parameters())
+    for rank, r in enumerate(res):
+        for fqn, local in r["local"].items():
+            assert torch.equal(plan.shard(fqn, full[fqn].detach(), rank), local), fqn
+
+
 def test_from_pretrained_reads_a_sharded_checkpoint(tmp_path: Path) -> None:
     path = _saved(tmp_path, "llama", max_shard_size="100KB")
     assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2

@@ -15,7 +15,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
 from tpfx.passes.emit import emit
-from tpfx.passes.pipeline import PRE_PASSES, retarget_device, run_passes
+from tpfx.passes.pipeline import PRE_PASSES, run_passes
 from tpfx.passes.placements import Placement, Replicate, Shard
 from tpfx.passes.propagate import propagate
 from tpfx.plan import ShardingPlan, build_plan
@@ -234,7 +234,6 @@ class ShardedModule(torch.nn.Module):
     _plan: ShardingPlan
     _namer: Any
     _group: Any
-    _device: torch.device | None
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
                  compile: bool, gather_outputs: bool = True) -> None:
@@ -246,7 +245,6 @@ class ShardedModule(torch.nn.Module):
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
         self._gather_outputs = gather_outputs
         self.__dict__["_group"] = group
-        self.__dict__["_device"] = None  # set by from_pretrained: the graphs are captured on the meta device
         self.__dict__["_namer"] = _group_namer(group, plan.world_size)
         self._namer.prepare(_replica_groups(plan))
 
@@ -292,8 +290,6 @@ class ShardedModule(torch.nn.Module):
     def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any) -> fx.GraphModule:
         if plan.digest() != self._plan.digest():
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
-        if self._device is not None:  # captured on the meta device (from_pretrained): run it where the weights are
-            gm = retarget_device(gm, self._device)
         local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
                      gather_outputs=self._gather_outputs)
         for fqn, p in self._store.items():
@@ -349,11 +345,10 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
-               gather_outputs: bool = True, loader: ParamLoader | None = None,
-               device: torch.device | None = None) -> ShardedModule:
+               gather_outputs: bool = True, loader: ParamLoader | None = None) -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
-    instead of sliced from the model's own weights: a model on the meta device is then sharded without ever
-    holding its full weights (``tpfx.from_pretrained``); its graphs run on ``device``."""
+    instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
+    then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
     group_size = dist.get_world_size(group)
@@ -375,7 +370,6 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     _check_agreement(plan, group)
     sharded = ShardedModule(model, plan, rank, group, compile, gather_outputs)
     if loader is not None:
-        sharded.__dict__["_device"] = device or torch.device("cpu")
         _load_params(sharded, model, plan, loader)
     if first is not None:
         gm, planned, args, kwargs, dynamic = first

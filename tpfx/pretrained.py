@@ -1,10 +1,13 @@
 """transformers checkpoints in and out of a sharded model: ``from_pretrained`` and ``save_pretrained``.
 
-Loading never materializes the whole model: the model is built from ``config.json`` with its parameters on
-the meta device (buffers such as rotary ``inv_freq`` are computed on the CPU, as transformers' own
-constructor computes them), planned there, and every rank reads only its own slices of every weight with
-safetensors' ``get_slice``. Each file is opened for one tensor at a time, so the pages a slice touches are
-unmapped before the next tensor is read: a rank's peak memory is its own slices plus one tensor.
+Loading never materializes the whole model: the model is built from ``config.json`` with parameters that
+hold no memory (fake tensors on the rank's device; buffers such as rotary ``inv_freq`` are computed for
+real, as transformers' own constructor computes them), planned, and every rank reads only its own slices of
+every weight with safetensors' ``get_slice``, copied out of the file's map in small blocks (the file opened
+per block, so its pages are unmapped as soon as they are copied): a rank's peak memory is its own slices plus
+a block. Checkpoints that transformers stores in another layout than the model's parameters (per-expert MoE
+weights that the model holds fused, renamed modules) go through transformers' own conversion mapping, one
+converted parameter at a time (its full tensor is built, sliced, and dropped).
 
 Saving gathers one tensor at a time to rank 0 (point-to-point from the ranks that hold a part nobody before
 them holds) and streams it into the safetensors file it belongs to, so rank 0 holds at most one full tensor
@@ -159,16 +162,103 @@ def _candidates(names: list[str], prefix: str) -> Iterator[str]:
             yield f"{prefix}.{n}"
 
 
-def match_tensors(model: torch.nn.Module, entries: dict[str, TensorEntry], where: str) -> dict[str, TensorEntry]:
+@dataclass
+class Conversion:
+    """Parameters that transformers builds from checkpoint tensors stored another way (per-expert weights
+    stacked into one fused tensor, renamed modules): its own converter, with the source keys it collects."""
+
+    converter: Any
+    target: str  # the first target name, as transformers keys the conversion
+    sources: list[tuple[str, str]]  # (checkpoint key, source pattern)
+
+
+def conversions(model: torch.nn.Module, entries: dict[str, TensorEntry]) -> dict[str, Conversion]:
+    """Target parameter FQN -> the transformers conversion that produces it from checkpoint tensors, for the
+    checkpoint keys that are not the model's own names (transformers' checkpoint conversion mapping for the
+    model, matched with transformers' own renaming; no model-specific code here)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:  # an older transformers without conversions: checkpoints use the model's names
+        return {}
+    from copy import deepcopy
+
+    try:
+        mapping = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - not a transformers model, or one without a mapping
+        return {}
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {k: c for c in converters for k in c.source_patterns}
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    groups: dict[str, Conversion] = {}
+    renamed_only: dict[str, Conversion] = {}
+    for key in sorted(entries, key=dot_natural_key):
+        if key in meta:
+            continue
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta:
+            continue
+        if pattern is None:
+            renamed_only[target] = Conversion(None, target, [(key, "")])
+        else:
+            groups.setdefault(target, Conversion(deepcopy(by_pattern[pattern]), target, [])).sources.append(
+                (key, pattern))
+    out = dict(renamed_only)
+    for conv in groups.values():
+        for target in conv.converter.target_patterns:  # every parameter the conversion yields
+            for name in meta:
+                if name == conv.target or (target and conv.target.replace(conv.converter.target_patterns[0],
+                                                                           target) == name):
+                    out[name] = conv
+    return out
+
+
+def convert_full(model: torch.nn.Module, conv: Conversion, entries: dict[str, TensorEntry],
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Run one transformers conversion on the full source tensors: {target FQN: full tensor}."""
+    if conv.converter is None:  # renamed only
+        key = conv.sources[0][0]
+        with safe_open(entries[key].file, "pt") as f:
+            return {conv.target: f.get_tensor(key).to(dtype)}
+    from copy import deepcopy
+
+    converter = deepcopy(conv.converter)
+    for key, pattern in conv.sources:
+        def load(key: str = key) -> torch.Tensor:
+            with safe_open(entries[key].file, "pt") as f:
+                return f.get_tensor(key).to(dtype)
+
+        converter.add_tensor(conv.target, key, pattern, load)
+    out = converter.convert(conv.target, model=model, config=getattr(model, "config", None))
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def match_tensors(model: torch.nn.Module, entries: dict[str, TensorEntry], where: str
+                  ) -> tuple[dict[str, TensorEntry], dict[str, Conversion]]:
     """The checkpoint tensor of every parameter of ``model`` (by FQN, tied names and transformers' base-model
-    prefix), its shape checked against the model's. Raises before anything is read or communicated."""
+    prefix), its shape checked against the model's, or the transformers conversion that builds it. Raises
+    before anything is read or communicated."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     found: dict[str, TensorEntry] = {}
+    converted: dict[str, Conversion] = {}
     missing: list[str] = []
+    convs: dict[str, Conversion] | None = None
     for fqn, names in _tied_names(model).items():
         key = next((k for k in _candidates(names, prefix) if k in entries), None)
         if key is None:
-            missing.append(fqn)
+            convs = conversions(model, entries) if convs is None else convs
+            conv = next((convs[n] for n in names if n in convs), None)
+            if conv is None:
+                missing.append(fqn)
+            else:
+                converted[fqn] = conv
             continue
         entry, shape = entries[key], tuple(model.get_parameter(fqn).shape)
         if entry.shape != shape:
@@ -181,14 +271,14 @@ def match_tensors(model: torch.nn.Module, entries: dict[str, TensorEntry], where
         raise CheckpointError(f"tpfx.from_pretrained: the checkpoint in {where!r} has no tensor for "
                               f"{len(missing)} parameter(s): {', '.join(missing[:5])}"
                               + (" ..." if len(missing) > 5 else ""))
-    used = {e.key for e in found.values()}
+    used = {e.key for e in found.values()} | {k for c in converted.values() for k, _ in c.sources}
     extra = [k for k in entries if k not in used and not k.endswith("inv_freq")]
     buffers = {n for n, _ in model.named_buffers()}
     extra = [k for k in extra if k not in buffers]
     if extra:
         warnings.warn(f"tpfx.from_pretrained: {len(extra)} tensor(s) in {where!r} match no parameter of the model "
                       f"and are ignored: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""), stacklevel=3)
-    return found
+    return found, converted
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -215,15 +305,29 @@ def _device_for(group: dist.ProcessGroup | None) -> torch.device:
 
 
 def _build_empty(model_cls: Any, config: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The model with its parameters on the meta device and its buffers computed for real on ``device``."""
+    """The model with parameters that hold no memory and buffers computed for real on ``device``.
+
+    Parameters are fake tensors on ``device`` (``FakeTensorMode``: shapes, dtypes and device, no storage), not
+    meta tensors: model code that branches on the device (transformers' MoE routing takes an integer
+    ``histc`` path off the CPU) is then captured as it runs on ``device``. Tied parameters stay one object."""
     from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     build = getattr(model_cls, "from_config", None) or model_cls._from_config  # Auto* classes or a model class
     with init_empty_weights(include_buffers=False):
         model = build(config, dtype=dtype)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # as transformers does once the weights are in
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in fakes:
+                    with mode:
+                        fake = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    fakes[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                module._parameters[name] = fakes[id(p)]
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
@@ -254,15 +358,29 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     group = auto_shard_kwargs.get("group")
     device = _device_for(group)
     model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
-    found = match_tensors(model, entries, str(root))
+    found, converted = match_tensors(model, entries, str(root))
     _load_buffers(model, entries, device)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     params = dict(model.named_parameters())
+    pending: dict[str, torch.Tensor] = {}  # full tensors a conversion yielded that are not loaded yet
 
     def loader(fqn: str, pl: Placement) -> torch.Tensor:
-        return read_slice(found[fqn], pl, rank, world, params[fqn].dtype, device)
+        if fqn in found:
+            return read_slice(found[fqn], pl, rank, world, params[fqn].dtype, device)
+        if fqn not in pending:
+            pending.update(convert_full(model, converted[fqn], entries, params[fqn].dtype))
+        full = pending.pop(fqn)
+        if tuple(full.shape) != tuple(params[fqn].shape):
+            raise CheckpointError(f"tpfx.from_pretrained: {fqn!r} converted from {converted[fqn].sources[0][0]!r} "
+                                  f"... in {str(root)!r} has shape {list(full.shape)}, the model built from "
+                                  f"config.json expects {list(params[fqn].shape)}")
+        dim, pieces = _pieces(pl, tuple(full.shape), rank, world)
+        if dim is None:
+            return full.to(device).clone()
+        parts = [full.narrow(dim, s, n) for s, n in pieces]
+        return torch.cat(parts, dim).to(device)
 
-    sharded = shard_with(model, world_size, loader=loader, device=device, **auto_shard_kwargs)
+    sharded = shard_with(model, world_size, loader=loader, **auto_shard_kwargs)
     return sharded
 
 
