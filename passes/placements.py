@@ -104,6 +104,12 @@ class Shard:
             off, local = off + seg, local + n
         return out
 
+    def owned_pieces(self, rank: int, world: int) -> list[tuple[int, int, int]]:
+        """The ``pieces`` that ``rank`` is the lowest holder of: over all ranks, every element once (a chunk held
+        by a replica group belongs to its first rank). Norms count these; gathers send these."""
+        held = {(s, n) for r in range(rank) for s, n, _ in self.pieces(r, world)}
+        return [p for p in self.pieces(rank, world) if (p[0], p[1]) not in held]
+
     @property
     def uneven(self) -> bool:
         return any(s % g for s, g in zip(self.segs, self.seg_groups))

@@ -5,6 +5,7 @@ import sys as _sys
 from tpfx import passes as _passes  # type: ignore[attr-defined]  # noqa: F401  (tpfx.passes, from passes/)
 from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.checkpoint import load, save
+from tpfx.clip import clip_grad_norm_, grad_norm
 from tpfx.compare import Comparison, compare
 from tpfx.explain import Explanation
 from tpfx.launch import launch
@@ -13,6 +14,6 @@ from tpfx.pretrained import CheckpointError, from_pretrained
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
-           "from_pretrained", "CheckpointError", "save", "load"]
+           "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm"]
 __version__ = "0.1.0"
 del _sys

@@ -432,17 +432,10 @@ def _placement(sharded: ShardedModule, fqn: str) -> Placement:
 
 
 def _senders(pl: Placement, world: int) -> list[int]:
-    """The ranks whose slices rank 0 needs: each one holds a piece that no lower rank holds."""
+    """The ranks other than 0 whose pieces rank 0 needs: those that are the first to hold some piece."""
     if not isinstance(pl, Shard):
         return []
-    seen: set[tuple[int, int]] = set()
-    out = []
-    for r in range(world):
-        new = {(s, n) for s, n, _ in pl.pieces(r, world)} - seen
-        seen |= new
-        if new and r:
-            out.append(r)
-    return out
+    return [r for r in range(1, world) if pl.owned_pieces(r, world)]
 
 
 def _global(group: dist.ProcessGroup | None, rank: int) -> int:
@@ -460,7 +453,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
     senders = _senders(pl, world)
     if rank != 0:
         if rank in senders:
-            for _, n, lstart in pl.pieces(rank, world):
+            for _, n, lstart in pl.owned_pieces(rank, world):
                 piece = local.narrow(pl.dim, lstart, n).contiguous()
                 dist.send(piece.view(-1).view(torch.uint8), dst=_global(group, 0), group=group)
         return None
@@ -468,7 +461,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
     for start, n, lstart in pl.pieces(0, world):
         full.narrow(pl.dim, start, n).copy_(local.narrow(pl.dim, lstart, n))
     for r in senders:
-        for start, n, _ in pl.pieces(r, world):
+        for start, n, _ in pl.owned_pieces(r, world):
             dst = full.narrow(pl.dim, start, n)
             buf = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
             dist.recv(buf.view(-1).view(torch.uint8), src=_global(group, r), group=group)

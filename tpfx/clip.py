@@ -1,0 +1,81 @@
+"""Gradient norms of a sharded model, exact: ``clip_grad_norm_`` and ``grad_norm``.
+
+Every rank holds slices of its parameters' gradients, some held by several ranks (replicated parameters, KV
+heads replicated within a group, a part of a fused projection held whole). The model's norm counts every
+element once: each rank adds up the pieces it is the lowest holder of (``Shard.owned_pieces``; a replicated
+gradient belongs to rank 0), and one all-reduce over the tensor-parallel group sums those partial norms
+(a max for the infinity norm). The gradients of the ranks that share a piece are equal (tpfx sums them
+within their replica group in backward), so the owner's copy stands for all.
+
+``torch.nn.utils.clip_grad_norm_(sharded.parameters(), ...)`` sees only this rank's plain tensors and would
+return a local norm; tpfx's parameters are not DTensors (its per-part and replica-group layouts have no
+DTensor placement), so use ``tpfx.clip_grad_norm_(sharded, max_norm)``, which then scales the gradients
+with torch's own ``clip_grads_with_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from tpfx.passes.placements import Placement, Replicate, Shard
+
+if TYPE_CHECKING:
+    from tpfx.api import ShardedModule
+
+__all__ = ["clip_grad_norm_", "grad_norm", "owned_norm"]
+
+
+def owned_norm(grad: torch.Tensor, pl: Placement, rank: int, world: int, norm_type: float) -> torch.Tensor:
+    """This rank's share of the model norm of one gradient: sum of |x|^p over the elements it owns (max |x|
+    for p = inf), as a float64 scalar. Summed (maxed) over the ranks, it is the full gradient's."""
+    g = grad.detach()
+    if isinstance(pl, Shard):
+        parts = [g.narrow(pl.dim, ls, n) for _, n, ls in pl.owned_pieces(rank, world)]
+    else:
+        parts = [g] if rank == 0 else []
+    zero = torch.zeros((), dtype=torch.float64, device=g.device)
+    if math.isinf(norm_type):
+        return torch.stack([zero] + [p.abs().max().double() for p in parts if p.numel()]).max()
+    return sum((torch.linalg.vector_norm(p, norm_type, dtype=torch.float64) ** norm_type for p in parts), zero)
+
+
+def grad_norm(sharded: ShardedModule, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the unsharded model's gradient (all parameters together), the same on every rank.
+    Collective over the tensor-parallel group."""
+    norm_type = float(norm_type)
+    total = torch.zeros((), dtype=torch.float64)
+    device = None
+    placements = sharded.plan.placements
+    for fqn, p in sharded.named_parameters():
+        if p.grad is None:
+            continue
+        device = p.grad.device
+        pp = placements.get(fqn)
+        pl: Placement = pp.as_placement() if pp is not None else Replicate()
+        share = owned_norm(p.grad, pl, sharded.rank, sharded.world_size, norm_type).to(total.device)
+        total = torch.maximum(total, share) if math.isinf(norm_type) else total + share
+    if device is not None and device.type != "cpu":
+        total = total.to(device)
+    if dist.is_initialized() and sharded.world_size > 1:
+        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+        dist.all_reduce(total, op=op, group=sharded.group)
+    return total if math.isinf(norm_type) else total ** (1.0 / norm_type)
+
+
+def clip_grad_norm_(sharded: ShardedModule, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a sharded model: returns the unsharded model's total norm
+    (as a float32 tensor, like torch) and scales every rank's gradients by the same coefficient, so the
+    clipped gradients are the unsharded model's clipped gradients, sliced. Collective."""
+    norm = grad_norm(sharded, norm_type)
+    if error_if_nonfinite and not torch.isfinite(norm):
+        raise RuntimeError(f"tpfx.clip_grad_norm_: the total norm of order {norm_type} is non-finite ({norm})")
+    grads = [p for p in sharded.parameters() if p.grad is not None]
+    first = grads[0].grad.dtype if grads and grads[0].grad is not None else torch.float32
+    norm = norm.to(first if first.is_floating_point else torch.float32)
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=foreach)
+    return norm
