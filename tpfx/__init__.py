@@ -6,6 +6,7 @@ from tpfx import passes as _passes  # type: ignore[attr-defined]  # noqa: F401  
 from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.checkpoint import load, save
 from tpfx.clip import clip_grad_norm_, grad_norm
+from tpfx.data_parallel import dp_sampler
 from tpfx.compare import Comparison, compare
 from tpfx.explain import Explanation
 from tpfx.launch import launch
@@ -14,6 +15,7 @@ from tpfx.pretrained import CheckpointError, from_pretrained
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
-           "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm"]
+           "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm",
+           "dp_sampler"]
 __version__ = "0.1.0"
 del _sys

@@ -325,17 +325,44 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
-               gather_outputs: bool = True) -> ShardedModule:
+               gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp") -> ShardedModule:
     """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
 
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
     slice (e.g. vocab-split logits when only ``.loss`` is used: the loss is computed with a parallel
-    cross-entropy either way, so training then never gathers the logits)."""
+    cross-entropy either way, so training then never gathers the logits). ``mesh`` (a ``DeviceMesh`` with
+    named axes) and ``tp_axis``: shard over that axis of the mesh; the other axes are for data parallelism
+    (wrap the result in DDP over them)."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
-                      group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs)
+                      group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
+                      mesh=mesh, tp_axis=tp_axis)
+
+
+def tp_group(mesh: Any, tp_axis: str, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The tensor-parallel process group: ``mesh``'s ``tp_axis`` when a mesh is given, else ``group``."""
+    if mesh is None:
+        return group
+    if group is not None:
+        raise ValueError("tpfx: pass either mesh= (with tp_axis=) or group=, not both")
+    names = tuple(mesh.mesh_dim_names or ())
+    if tp_axis not in names:
+        raise ValueError(f"tpfx: the mesh has no axis named {tp_axis!r} (its axes: {names}); create it with "
+                         f"init_device_mesh(..., mesh_dim_names=(..., {tp_axis!r})) or pass tp_axis=")
+    return mesh[tp_axis].get_group()
+
+
+def _check_unwrapped(model: torch.nn.Module) -> None:
+    """Data parallelism wraps the sharded module, never the other way round."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("tpfx: the model is already wrapped for data parallelism (DDP, or FSDP's fully_shard: "
+                         "its parameters are DTensors); call tpfx.auto_shard on the plain model first, then wrap "
+                         "the sharded module (DDP(sharded, process_group=mesh['dp'].get_group()))")
 
 
 ParamLoader = Callable[[str, Placement], torch.Tensor]
@@ -345,12 +372,15 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
-               gather_outputs: bool = True, loader: ParamLoader | None = None) -> ShardedModule:
+               gather_outputs: bool = True, loader: ParamLoader | None = None, mesh: Any = None,
+               tp_axis: str = "tp") -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
     instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
     then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
+    _check_unwrapped(model)
+    group = tp_group(mesh, tp_axis, group)
     group_size = dist.get_world_size(group)
     world_size = group_size if world_size is None else world_size
     if world_size != group_size:

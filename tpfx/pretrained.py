@@ -345,7 +345,7 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     initialized process group (``tpfx.launch`` or ``torchrun``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tpfx.api import LAUNCH_HINT, shard_with
+    from tpfx.api import LAUNCH_HINT, shard_with, tp_group
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
@@ -355,7 +355,8 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
         raise FileNotFoundError(f"tpfx.from_pretrained: no config.json in {str(root)!r}")
     config = AutoConfig.from_pretrained(root)
     dtype = torch_dtype or _default_dtype(config, entries)
-    group = auto_shard_kwargs.get("group")
+    group = tp_group(auto_shard_kwargs.get("mesh"), auto_shard_kwargs.get("tp_axis", "tp"),
+                     auto_shard_kwargs.get("group"))
     device = _device_for(group)
     model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
     found, converted = match_tensors(model, entries, str(root))

@@ -1,0 +1,47 @@
+"""Training at scale on real gloo ranks: tp x dp on a 2-D DeviceMesh with torch's DDP, exact clipping, and
+the torchrun example."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import train_cases
+from numerics import TOL, rel_err
+
+from tpfx.launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_tp2_x_dp2_ddp_with_clipping_matches_one_unsharded_process() -> None:
+    res = launch(train_cases.ddp_2d_check, 4, timeout_s=400)
+    by_dp: dict[int, list[list[int]]] = {}
+    for r in res:
+        by_dp.setdefault(r["coords"][0], []).append(r["sampler"])
+    assert all(a == b for a, b in by_dp.values()), by_dp  # tp ranks of one group read the same samples
+    assert not set(by_dp[0][0]) & set(by_dp[1][0]), by_dp  # the dp groups read different ones
+    for r in res:
+        assert r["tp_world"] == 2 and r["dp"] == 2, r
+        assert rel_err(torch.tensor(r["losses"]), torch.tensor(r["ref_losses"])) <= TOL, r
+        assert rel_err(torch.tensor(r["norms"]), torch.tensor(r["ref_norms"])) <= TOL, r
+        assert min(r["ref_norms"]) > train_cases.MAX_NORM, r  # clipping engaged at every step
+
+
+def test_mesh_without_the_axis_and_wrapped_models_are_refused() -> None:
+    for r in launch(train_cases.mesh_errors, 2, timeout_s=200):
+        assert "no axis named 'tp'" in r["no_axis"] and "('dp',)" in r["no_axis"], r
+        assert "already wrapped for data parallelism" in r["wrapped"], r
+
+
+def test_torchrun_example_dp2_x_tp2() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                          str(root / "examples" / "train.py")], capture_output=True, text=True, timeout=500,
+                         cwd=root, env={**__import__("os").environ, "STEPS": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all("grad_norm" in s for s in steps), out.stdout
