@@ -6,8 +6,8 @@ from tpfx import passes as _passes  # type: ignore[attr-defined]  # noqa: F401  
 from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.checkpoint import load, save
 from tpfx.clip import clip_grad_norm_, grad_norm
-from tpfx.data_parallel import dp_sampler
 from tpfx.compare import Comparison, compare
+from tpfx.data_parallel import dp_sampler
 from tpfx.explain import Explanation
 from tpfx.launch import launch
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
