@@ -49,11 +49,16 @@ def test_from_pretrained_converts_per_expert_checkpoints_with_transformers_mappi
         assert res["logits"] <= TOL and res["exact"] and res["split"] >= 10, res
     out = str(tmp_path / "out")
     res = launch(ckpt_cases.train_and_save_pretrained, 2, path, out, "5GB", timeout_s=300)
-    reloaded = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the fused names back
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
     plan, full = tpfx.ShardingPlan.from_json(res[0]["plan"]), dict(reloaded.named_parameters())
     for rank, r in enumerate(res):
         for fqn, local in r["local"].items():
             assert torch.equal(plan.shard(fqn, full[fqn].detach(), rank), local), fqn
+    # written in transformers' own layout (per-expert tensors again): what its save_pretrained writes
+    reloaded.save_pretrained(str(tmp_path / "hf"))
+    ours, theirs = load_file(str(Path(out) / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs) and any(".experts.0.w1.weight" in k for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_from_pretrained_reads_a_sharded_checkpoint(tmp_path: Path) -> None:

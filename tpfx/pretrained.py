@@ -11,7 +11,8 @@ converted parameter at a time (its full tensor is built, sliced, and dropped).
 
 Saving gathers one tensor at a time to rank 0 (point-to-point from the ranks that hold a part nobody before
 them holds) and streams it into the safetensors file it belongs to, so rank 0 holds at most one full tensor
-beyond its own slices. safetensors' writer takes every tensor of a file in memory at once, so the file is
+beyond its own slices (one conversion group where transformers converts on save: a fused MoE tensor and the
+per-expert tensors it is written back as). safetensors' writer takes every tensor of a file in memory at once, so the file is
 written as the safetensors format lays it out (an 8-byte header length, the JSON header, the tensors' bytes
 in header order) and read back by ``safe_open`` and transformers unchanged. Files go to a temporary
 directory that is renamed into place when complete: a crash never leaves a half-written checkpoint under
@@ -538,8 +539,10 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     group = sharded.group
     _barrier(group, timeout_s, "save_pretrained")
     local = _local_tensors(sharded)
-    specs = [(k, _full_shape(sharded, k, v), v.dtype) for k, v in local.items()]
+    groups = saved_layout(sharded._model, [(k, _full_shape(sharded, k, v), v.dtype) for k, v in local.items()])
+    specs = [spec for _, outputs in groups for spec in outputs]
     files = _shard_files(specs, convert_file_size_to_int(max_shard_size))
+    stream = _saved_tensors(sharded, local, groups)
     names = [SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     error: str | None = None
@@ -552,7 +555,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
             error = f"{type(e).__name__}: {e}"
     for name, idx in zip(names, files):  # every rank takes part in every gather, even after rank 0 failed
         path = tmp / name if tmp is not None and error is None else None
-        error = _write_file(sharded, local, [specs[i] for i in idx], path, error)
+        error = _write_file(stream, [specs[i] for i in idx], path, error)
     if sharded.rank == 0 and tmp is not None:
         try:
             if error is None:
@@ -582,20 +585,83 @@ def _write_configs(model: torch.nn.Module, out: Path) -> None:
         gen.save_pretrained(out)
 
 
-def _write_file(sharded: ShardedModule, local: dict[str, torch.Tensor],
-                specs: list[tuple[str, tuple[int, ...], torch.dtype]], path: Path | None,
+Spec = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def saved_layout(model: torch.nn.Module, specs: list[Spec]) -> list[tuple[list[str], list[Spec]]]:
+    """The checkpoint layout transformers' ``save_pretrained`` writes for these tensors, as groups of (model
+    tensors, the checkpoint tensors they become): transformers reverts its loading conversions when saving
+    (a fused MoE ``experts.gate_up_proj`` is written back as one tensor per expert and projection), so the
+    layout is found by running transformers' own ``revert_weight_conversion`` on meta tensors, group by
+    group. Models without conversions get one group per tensor, under its own name."""
+    identity = [([n], [(n, shape, dtype)]) for n, shape, dtype in specs]
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            apply_converters,
+            revert_weight_conversion,
+        )
+
+        conversions = getattr(model, "_weight_conversions", None) or [
+            c for c in get_model_conversion_mapping(model, add_legacy=False)  # type: ignore[arg-type]
+            if not isinstance(c, PrefixChange)]
+    except Exception:  # noqa: BLE001 - not a transformers model, or an older transformers
+        return identity
+    if not conversions:
+        return identity
+    reverse = [c.reverse_transform() for c in conversions[::-1]]
+    converters = [c for c in reverse if isinstance(c, WeightConverter)]
+    order: dict[str, list[Spec]] = {}
+    for spec in specs:  # the tensors one reverse converter collects go together, as transformers groups them
+        key, pattern = apply_converters(spec[0], converters)
+        order.setdefault(key if pattern is not None else spec[0], []).append(spec)
+    groups = []
+    for members in order.values():
+        meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape, dtype in members}
+        out = revert_weight_conversion(model, meta)  # type: ignore[arg-type]
+        groups.append(([n for n, _, _ in members], [(k, tuple(v.shape), v.dtype) for k, v in out.items()]))
+    return groups
+
+
+def _saved_tensors(sharded: ShardedModule, local: dict[str, torch.Tensor],
+                   groups: list[tuple[list[str], list[Spec]]]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Every checkpoint tensor in layout order: on rank 0 the full tensor, elsewhere ``None``. Each group's
+    model tensors are gathered (a collective every rank takes part in), then converted back on rank 0."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for inputs, outputs in groups:
+        fulls = {n: _gather_full(sharded, n, local[n]) for n in inputs}
+        if sharded.rank != 0:
+            yield from ((name, None) for name, _, _ in outputs)
+            continue
+        if [n for n, _, _ in outputs] == inputs:
+            yield from fulls.items()  # type: ignore[misc]
+            continue
+        converted = revert_weight_conversion(sharded._model, fulls)  # type: ignore[arg-type]
+        del fulls
+        for name, _, _ in outputs:
+            yield name, converted.pop(name)
+
+
+def _write_file(stream: Iterator[tuple[str, torch.Tensor | None]], specs: list[Spec], path: Path | None,
                 error: str | None) -> str | None:
-    """Gather the tensors of one file in order; rank 0 streams each into ``path`` as it arrives. Every rank
-    takes part in every gather even after rank 0 failed (it reports the error afterwards), so none hangs."""
+    """Take the file's tensors from ``stream`` in order; rank 0 streams each into ``path`` as it arrives. Every
+    rank takes part in every gather even after rank 0 failed (it reports the error afterwards), so none
+    hangs."""
     f = None
     try:
         if path is not None:
             f = open(path, "wb")  # noqa: SIM115 - closed below, after every gather
             f.write(_header(specs))
-        for name, _, _ in specs:
-            full = _gather_full(sharded, name, local[name])
+        for name, shape, _ in specs:
+            got, full = next(stream)
+            assert got == name, (got, name)
             if f is not None and full is not None and error is None:
                 try:
+                    if tuple(full.shape) != shape:
+                        raise RuntimeError(f"{name}: converted to shape {list(full.shape)}, expected {list(shape)}")
                     f.write(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
                 except Exception as e:  # noqa: BLE001
                     error = f"{type(e).__name__}: {e}"
