@@ -37,6 +37,11 @@ def test_mesh_without_the_axis_and_wrapped_models_are_refused() -> None:
         assert "already wrapped for data parallelism" in r["wrapped"], r
 
 
+def test_fsdp_over_a_sharded_module_is_refused_not_silently_stale() -> None:
+    for msg in launch(train_cases.fsdp_after_auto_shard, 4, timeout_s=300):
+        assert "parameters of this ShardedModule were replaced" in msg and "DistributedDataParallel" in msg, msg
+
+
 def test_torchrun_example_dp2_x_tp2() -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",

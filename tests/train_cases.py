@@ -62,3 +62,18 @@ def mesh_errors(rank: int, world: int) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001
             out[name] = f"{type(e).__name__}: {e}"
     return out
+
+
+def fsdp_after_auto_shard(rank: int, world: int) -> str:
+    """fully_shard over a ShardedModule swaps its parameters: the next call must refuse, not train stale weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    sharded = tpfx.auto_shard(models.llama(num_kv_heads=2), mesh=mesh, tp_axis="tp")
+    fully_shard(sharded, mesh=mesh["dp"])
+    ids = torch.randint(0, 64, (2, 6))
+    try:
+        sharded(input_ids=ids, labels=ids)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"

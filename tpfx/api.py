@@ -292,9 +292,12 @@ class ShardedModule(torch.nn.Module):
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
         local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
                      gather_outputs=self._gather_outputs)
+        installed = dict(self.named_parameters())
         for fqn, p in self._store.items():
-            if not hasattr(self, fqn.split(".")[0]) or fqn not in dict(self.named_parameters()):
+            if fqn not in installed:
                 _install(self, fqn, p)
+        self.__dict__["_slots"] = [(self.get_submodule(fqn.rpartition(".")[0]), fqn.rpartition(".")[2], p)
+                                   for fqn, p in self._store.items()]
         # no-grad regions were inlined at capture (``inline_grad_regions``), so each rank compiles as one graph
         runner: Any = torch.compile(local, dynamic=True) if self._compile else local
         self._graphs[key] = (local, runner)
@@ -318,7 +321,20 @@ class ShardedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = _prepare_kwargs(self._model, kwargs)
+        self._check_params()
         return self._entry(args, kwargs)[1](*args, **kwargs)
+
+    def _check_params(self) -> None:
+        """The graphs hold this module's parameter objects; a wrapper that swaps them (FSDP's ``fully_shard``
+        replaces them with its own) would leave the graphs computing with stale weights and gradients going
+        nowhere. Refuse instead (an identity check per parameter, microseconds)."""
+        for module, leaf, p in self.__dict__.get("_slots", ()):
+            if module._parameters.get(leaf) is not p:
+                raise RuntimeError(
+                    "tpfx: the parameters of this ShardedModule were replaced after auto_shard (by FSDP's "
+                    "fully_shard or another wrapper); its per-rank graphs compute with the parameters they were "
+                    "built with, so this would silently train the wrong weights. FSDP over a tpfx module is not "
+                    "supported yet: use DistributedDataParallel over the data-parallel axis")
 
 
 def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example_inputs: tuple | None = None,
