@@ -257,6 +257,12 @@ class ShardedModule(torch.nn.Module):
         """The wrapped model's ``config`` (transformers models)."""
         return getattr(self._model, "config", None)
 
+    def placement(self, fqn: str) -> Placement:
+        """How this module holds tensor ``fqn``: its plan placement if it holds a slice, else ``Replicate``
+        (parameters no graph uses, buffers)."""
+        pp = self._plan.placements.get(fqn)
+        return pp.as_placement() if pp is not None and fqn in self._store else Replicate()
+
     @property
     def group(self) -> dist.ProcessGroup | None:
         """The tensor-parallel process group (``None``: the default group)."""

@@ -80,8 +80,8 @@ def _chunks_of(sharded: ShardedModule) -> dict[str, Chunks]:
     """FQN -> this rank's chunks, for every parameter that is split (replicated ones are plain tensors)."""
     out: dict[str, Chunks] = {}
     for fqn, pp in sharded.plan.placements.items():
-        pl = pp.as_placement()
-        if isinstance(pl, Shard) and fqn in sharded._store:
+        pl = sharded.placement(fqn)
+        if isinstance(pl, Shard):
             out[fqn] = Chunks(pl.dim, tuple(pp.shape), tuple(pl.pieces(sharded.rank, sharded.world_size)))
     return out
 

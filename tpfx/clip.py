@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from tpfx.passes.placements import Placement, Replicate, Shard
+from tpfx.passes.placements import Placement, Shard
 
 if TYPE_CHECKING:
     from tpfx.api import ShardedModule
@@ -49,14 +49,12 @@ def grad_norm(sharded: ShardedModule, norm_type: float = 2.0) -> torch.Tensor:
     norm_type = float(norm_type)
     total = torch.zeros((), dtype=torch.float64)
     device = None
-    placements = sharded.plan.placements
     for fqn, p in sharded.named_parameters():
         if p.grad is None:
             continue
         device = p.grad.device
-        pp = placements.get(fqn)
-        pl: Placement = pp.as_placement() if pp is not None else Replicate()
-        share = owned_norm(p.grad, pl, sharded.rank, sharded.world_size, norm_type).to(total.device)
+        share = owned_norm(p.grad, sharded.placement(fqn), sharded.rank, sharded.world_size, norm_type)
+        share = share.to(total.device)
         total = torch.maximum(total, share) if math.isinf(norm_type) else total + share
     if device is not None and device.type != "cpu":
         total = total.to(device)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from tpfx.passes.placements import Placement, Replicate, Shard
+from tpfx.passes.placements import Placement, Shard, shard_tensor
 
 if TYPE_CHECKING:
     from tpfx.api import ShardedModule
@@ -213,11 +213,11 @@ def conversions(model: torch.nn.Module, entries: dict[str, TensorEntry]) -> dict
                 (key, pattern))
     out = dict(renamed_only)
     for conv in groups.values():
+        first = conv.converter.target_patterns[0]
         for target in conv.converter.target_patterns:  # every parameter the conversion yields
-            for name in meta:
-                if name == conv.target or (target and conv.target.replace(conv.converter.target_patterns[0],
-                                                                           target) == name):
-                    out[name] = conv
+            name = conv.target.replace(first, target) if target else conv.target
+            if name in meta:
+                out[name] = conv
     return out
 
 
@@ -376,11 +376,7 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
             raise CheckpointError(f"tpfx.from_pretrained: {fqn!r} converted from {converted[fqn].sources[0][0]!r} "
                                   f"... in {str(root)!r} has shape {list(full.shape)}, the model built from "
                                   f"config.json expects {list(params[fqn].shape)}")
-        dim, pieces = _pieces(pl, tuple(full.shape), rank, world)
-        if dim is None:
-            return full.to(device).clone()
-        parts = [full.narrow(dim, s, n) for s, n in pieces]
-        return torch.cat(parts, dim).to(device)
+        return shard_tensor(full, pl, rank, world).to(device).clone()  # a copy: the full tensor is dropped
 
     sharded = shard_with(model, world_size, loader=loader, **auto_shard_kwargs)
     return sharded
@@ -428,11 +424,6 @@ def _full_shape(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> tuple[
     return tuple(pp.shape) if pp is not None and fqn in sharded._store else tuple(local.shape)
 
 
-def _placement(sharded: ShardedModule, fqn: str) -> Placement:
-    pp = sharded.plan.placements.get(fqn)
-    return pp.as_placement() if pp is not None and fqn in sharded._store else Replicate()
-
-
 def _senders(pl: Placement, world: int) -> list[int]:
     """The ranks other than 0 whose pieces rank 0 needs: those that are the first to hold some piece."""
     if not isinstance(pl, Shard):
@@ -449,7 +440,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
     piece no lower rank holds. A piece along dim 0 is received straight into its place; others go through a
     buffer of the piece's size."""
     group, rank, world = sharded.group, sharded.rank, sharded.world_size
-    pl = _placement(sharded, fqn)
+    pl = sharded.placement(fqn)
     if not isinstance(pl, Shard):
         return local if rank == 0 else None
     senders = _senders(pl, world)
