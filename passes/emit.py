@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
 from .placements import Partial, Placement, Replicate, Shard, is_whole, shard_tensor
-from .propagate import Propagation, group_of
+from .propagate import Propagation, _is_guards, group_of
 from .rules import WORLD
 
 aten = torch.ops.aten
@@ -60,9 +60,11 @@ def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int)
 
 
 def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupNamer,
-         store: dict[str, torch.nn.Parameter] | None = None, gather_outputs: bool = True) -> fx.GraphModule:
+         store: dict[str, torch.nn.Parameter] | None = None, gather_outputs: bool = True,
+         local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
     """Build ``rank``'s GraphModule. ``store`` (fqn -> local Parameter) is reused across captures.
-    ``gather_outputs=False`` returns split outputs (e.g. vocab-split logits) as this rank's slice."""
+    ``gather_outputs=False`` returns split outputs (e.g. vocab-split logits) as this rank's slice;
+    ``local_outputs`` does so for the outputs at these positions of the flattened output (a KV cache)."""
     world = prop.world
     wg = group_name(tuple(range(world)))
     store = {} if store is None else store
@@ -136,6 +138,8 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
                 x = call(C.reduce_grad, x, group_name(group_of(pl, rank, world)))
             env[node] = x
             continue
+        if _is_guards(node) and any(not isinstance(prop.placements.get(a), Replicate) for a in node.all_input_nodes):
+            continue  # export's checks of full-shape inputs; this rank is fed its slices (a split KV cache)
         if node.op == "call_module":
             root[node.target] = _fetch(gm, node.target)
         if node.op == "call_function" and node.target is torch.set_grad_enabled:
@@ -156,15 +160,10 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
             return x
 
         if node.op == "output":
-            if not gather_outputs:
-                def local_out(a: Any) -> Any:
-                    if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard):
-                        return env[a]
-                    return mapped(a)
-
-                new.output(tree_map(local_out, node.args[0]))
-            else:
-                new.output(tree_map(mapped, node.args[0]))
+            leaves, spec = tree_flatten(node.args[0])
+            outs = [env[a] if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard)
+                    and (not gather_outputs or i in local_outputs) else mapped(a) for i, a in enumerate(leaves)]
+            new.output(tree_unflatten(outs, spec))
             continue
         args, kwargs = tree_map(mapped, node.args), tree_map(mapped, dict(node.kwargs))
         strat = prop.strategies.get(node)

@@ -206,7 +206,8 @@ RuleCache = dict[Any, tuple[Any, Any]]
 
 
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
-             reduce_now: frozenset[str] = frozenset(), cache: RuleCache | None = None) -> Propagation:
+             reduce_now: frozenset[str] = frozenset(), cache: RuleCache | None = None,
+             fed: dict[str, Placement] | None = None) -> Propagation:
     params = param_fqns(gm)
     prop = Propagation(world, {}, {}, {}, {}, params, [], set(), [])
     trained = _trained(gm, params)
@@ -232,8 +233,8 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
                 origins[c] = frozenset({fqn})
 
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            prop.placements[node] = R
+        if node.op == "placeholder":  # replicated unless the caller feeds this rank's slice (a split KV cache)
+            prop.placements[node] = (fed or {}).get(node.name, R)
             continue
         if node.op == "get_attr":
             fqn = params.get(node)
@@ -277,6 +278,10 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             val = a.meta["val"]
             operands.append(Operand(a, _shape(a), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
                                     a in trained))
+        if _is_guards(node):  # export's input checks: they read the inputs as the caller passes them
+            prop.strategies[node] = Strategy({i: o.placement for i, o in enumerate(operands)}, R)
+            prop.placements[node] = R
+            continue
         n_out = _multi(node)
         replicated_out: Any = tuple([R] * n_out) if n_out else R
         rule = lookup(node.target) if node.op == "call_function" else None
@@ -365,6 +370,11 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
     return prop
 
 
+def _is_guards(node: fx.Node) -> bool:
+    """The ``_guards_fn`` call that ``ExportedProgram.module()`` puts before the body (input shape checks)."""
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
 def _on_whole(node: fx.Node, operands: list[Operand]) -> Strategy:
     """Any op whose split operands are all held whole (every rank has all of it) runs locally on them as they
     are; its outputs are held whole too (their gradients partial over the ranks, like the inputs'), or, with no
@@ -381,8 +391,10 @@ def _on_whole(node: fx.Node, operands: list[Operand]) -> Strategy:
 
 
 def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
-              max_rounds: int = 50) -> tuple[Propagation, dict[str, Seed]]:
-    """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None)."""
+              max_rounds: int = 50, fed: dict[str, Placement] | None = None) -> tuple[Propagation, dict[str, Seed]]:
+    """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None). ``fed``: placeholder name
+    -> the placement in which the caller passes it (default ``Replicate``): a decode step's KV cache arrives as
+    this rank's heads, laid out as the prefill graph left it."""
     seeds: dict[str, Seed] = {}
     for fqn in sorted(set(param_fqns(gm).values())):
         seeds[fqn] = Seed(ALL_STYLES, world)
@@ -393,7 +405,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             if isinstance(pl, Shard):
                 s.groups, s.segs, s.sgroups = pl.groups, pl.segs, pl.sgroups
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
-    prop = _fixpoint(gm, world, seeds, cache, max_rounds)
+    prop = _fixpoint(gm, world, seeds, cache, max_rounds, fed)
     for step in (_stream_splits, _reduced_then_split):  # steps 4 and 5 of the module docstring
         found = step(prop, seeds)
         if not found:
@@ -403,7 +415,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s = trial_seeds[f]
             s.styles = s.styles - {"vocab"} if why == "vocab" else frozenset({"replicate"})
             s.reasons.append(_TRIAL_REASONS[why])
-        trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds)
+        trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds, fed)
         if _better(_cost(prop), _cost(trial)):
             prop, seeds = trial, trial_seeds
     _keep_unused_pins(gm, prop, pins or {})
@@ -416,11 +428,11 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
 
 
 def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: RuleCache | None,
-              max_rounds: int) -> Propagation:
+              max_rounds: int, fed: dict[str, Placement] | None = None) -> Propagation:
     reduce_now: set[str] = set()
     unknown: set[str] = set()
     for rounds in range(1, max_rounds + 1):
-        prop = run_once(gm, world, seeds, frozenset(reduce_now), cache)
+        prop = run_once(gm, world, seeds, frozenset(reduce_now), cache, fed)
         unknown |= prop.unknown_ops
         prop.unknown_ops = set(unknown)
         prop.rounds = rounds

@@ -128,9 +128,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
 
 
 def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
-                timings: dict[str, float] | None = None) -> ShardingPlan:
+                timings: dict[str, float] | None = None, fed: dict[str, Placement] | None = None) -> ShardingPlan:
     t0 = time.perf_counter()
-    prop, seeds = propagate(gm, world_size, pins)
+    prop, seeds = propagate(gm, world_size, pins, fed=fed)
     plan = build_plan(prop, seeds)
     plan._gm = gm
     if timings is not None:
@@ -257,6 +257,32 @@ class ShardedModule(torch.nn.Module):
         """The wrapped model's ``config`` (transformers models)."""
         return getattr(self._model, "config", None)
 
+    @property
+    def generation_config(self) -> Any:
+        """The wrapped model's ``generation_config`` (transformers models)."""
+        return getattr(self._model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank's slices live on."""
+        return next(iter(self._store.values())).device if self._store else torch.device("cpu")
+
+    def can_generate(self) -> bool:
+        """As the wrapped model's ``can_generate()``."""
+        fn = getattr(self._model, "can_generate", None)
+        return bool(fn()) if callable(fn) else False
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (same arguments and return value) with a KV cache split by heads; the
+        result is identical on every rank. Collective: every rank calls it with the same arguments. See
+        ``tpfx.generate``."""
+        if not self.can_generate():
+            raise AttributeError(f"tpfx: {type(self._model).__name__} cannot generate (its can_generate() is "
+                                 "False)")
+        from tpfx.generate import generate
+
+        return generate(self, *args, **kwargs)
+
     def placement(self, fqn: str) -> Placement:
         """How this module holds tensor ``fqn``: its plan placement if it holds a slice, else ``Replicate``
         (parameters no graph uses, buffers)."""
@@ -293,11 +319,14 @@ class ShardedModule(torch.nn.Module):
                        else v for v in flat)
         return (str(spec), leaves)
 
-    def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any) -> fx.GraphModule:
+    def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any,
+                  local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
+        """Emit this rank's graph for ``gm`` (planned with this module's weight placements) and serve ``key``
+        with it. ``local_outputs``: positions in the flattened output returned as this rank's slice."""
         if plan.digest() != self._plan.digest():
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
         local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
-                     gather_outputs=self._gather_outputs)
+                     gather_outputs=self._gather_outputs, local_outputs=local_outputs)
         installed = dict(self.named_parameters())
         for fqn, p in self._store.items():
             if fqn not in installed:

@@ -1,0 +1,303 @@
+"""Text generation on a sharded model: transformers' ``GenerationMixin`` drives, tpfx runs the steps.
+
+``sharded.generate(...)`` is transformers' own ``generate`` (greedy, beam search, sampling, stopping
+criteria, streamers, ``return_dict_in_generate``) run on a shallow copy of the original model whose
+``forward`` is replaced by two per-rank graphs, planned with the module's one set of weight placements:
+
+- *prefill*: the prompt in; the logits of its last position and every layer's keys and values out;
+- *decode*: one token and the cache in; its logits and the grown cache out. The cache length is a dynamic
+  dim, so one graph serves every step (and ``compile=True`` compiles it once).
+
+The cache stays split the way attention is. A layer's keys and values leave the prefill graph in the
+placement propagation gave them (KV heads split over the ranks, or replicated within groups when the ranks
+outnumber the KV heads) and are returned as this rank's slice (``emit(local_outputs=...)``); the decode
+graph is planned with those inputs fed in the same placement (``propagate(fed=...)``), so its cache
+concatenation is local and no rank ever holds another rank's heads. A decode graph whose cache would
+leave in another layout than it came in is refused (an error, not a silent gather).
+
+Every rank runs the same decoding loop on the same (gathered) logits. What keeps them in step:
+
+- the arguments (shapes, token ids, options) are digested and compared across ranks before anything runs;
+- the random state of rank 0 is given to every rank, so sampling draws the same tokens everywhere;
+- the generated tokens are compared across ranks at the end (a divergence raises instead of a later hang).
+
+The cache object is ``SplitCache``, a ``DynamicCache`` whose layers hold this rank's keys and values at full
+length (sliding-window layers too: the window is applied by the attention mask, as in the unsharded model,
+so the graph has no length-dependent branches). Beam search reorders it with ``DynamicCache``'s own
+``reorder_cache`` (batch rows, which every rank holds whole).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from tpfx.api import _plan_graph, capture
+from tpfx.passes.placements import Placement, Replicate, Shard
+
+__all__ = ["SplitCache", "generate"]
+
+
+class SplitLayer(DynamicLayer):
+    """One layer's keys and values ``(B, n_kv/t, L, d)``, grown by concatenation; no length-dependent state."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # type: ignore[assignment]
+        self.is_initialized = keys is not None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is not None and self.values is not None:
+            key_states = torch.cat([self.keys, key_states], dim=-2)  # (B, n_kv/t, L + S, d)
+            value_states = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class SplitCache(DynamicCache):
+    """The KV cache of a sharded model: ``n_layers`` layers of this rank's heads."""
+
+    def __init__(self, n_layers: int, tensors: tuple[torch.Tensor, ...] = ()) -> None:
+        self.split = [SplitLayer(tensors[2 * i], tensors[2 * i + 1]) if tensors else SplitLayer()
+                      for i in range(n_layers)]
+        Cache.__init__(self, layers=list(self.split))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Keys and values of every layer, flattened ``(k0, v0, k1, v1, ...)``; empty before the prefill."""
+        out = tuple(t for layer in self.split for t in (layer.keys, layer.values) if t is not None)
+        return out if len(out) == 2 * len(self.split) else ()
+
+    def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        for i, layer in enumerate(self.split):
+            layer.keys, layer.values, layer.is_initialized = tensors[2 * i], tensors[2 * i + 1], True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank's cache holds."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class CacheStep(torch.nn.Module):
+    """The model's forward with the cache as explicit tensors: ``(logits, (k0, v0, ...))``. Shares the model's
+    parameters, buffers and submodules (the same FQNs), so its graph plans with the model's weight pins."""
+
+    _hf: Any
+
+    def __init__(self, model: torch.nn.Module, n_layers: int) -> None:
+        super().__init__()
+        self.__dict__["_hf"] = model
+        for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[attr] = model.__dict__[attr]
+        self.n_layers = n_layers
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...],
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        cache = SplitCache(self.n_layers, past)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self.keep else {}
+        out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=True, **{self.cache_arg: cache}, **extra)
+        logits = out.logits if self.keep else out.logits[:, -1:]  # (B, 1, V)
+        if not cache.tensors():
+            raise NotImplementedError("tpfx.generate: a layer of this model keeps no keys/values of its own "
+                                      "(shared or linear-attention caches are not supported yet)")
+        return logits, cache.tensors()
+
+
+def _n_layers(config: Any) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+def _cache_outputs(gm: fx.GraphModule, prop: Any) -> tuple[list[Placement], frozenset[int], list[int | None]]:
+    """For the graph's cache outputs (every output leaf after the logits): their placements, which of them leave
+    as this rank's slice (the split ones; anything else is made ``Replicate`` by emission), and each split one's
+    full size along its split dim (to rebuild full-shape examples for the next capture)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves, _ = tree_flatten(out.args[0])
+    pls = [prop.placements.get(a, Replicate()) for a in leaves[1:]]
+    pls = [p if isinstance(p, Shard) else Replicate() for p in pls]
+    full = [int(a.meta["val"].shape[p.dim]) if isinstance(p, Shard) else None for a, p in zip(leaves[1:], pls)]
+    return pls, frozenset(i + 1 for i, p in enumerate(pls) if isinstance(p, Shard)), full
+
+
+def _full_like(local: torch.Tensor, placement: Placement, full: int | None, device: Any) -> torch.Tensor:
+    """A zero tensor of the full shape that this rank's slice ``local`` is part of."""
+    shape = list(local.shape)
+    if isinstance(placement, Shard) and full is not None:
+        shape[placement.dim] = full
+    return torch.zeros(shape, dtype=local.dtype, device=device)
+
+
+class Decoder:
+    """The prefill and decode graphs of one ``ShardedModule``, captured per batch size on first use."""
+
+    def __init__(self, sharded: Any) -> None:
+        self.sharded = sharded
+        self.n_layers = _n_layers(sharded.config)
+        self.step = CacheStep(sharded._model, self.n_layers)
+        self.cache_layout: dict[int, list[Placement]] = {}  # batch size -> placement of each cache tensor
+        self.full_sizes: dict[int, list[int | None]] = {}  # batch size -> full size of each along its split dim
+        self.guards: dict[Any, tuple[Any, list[str]]] = {}  # graph key -> (export's guards, their inputs)
+
+    def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """The runner serving these inputs and the export guards it must pass (captured on first use)."""
+        sm, (ids, past) = self.sharded, args
+        batch = int(ids.shape[0])
+        base = ("generate", phase, batch, int(ids.shape[1]) == 1)
+        exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
+        for key in (base, exact):
+            if key in sm._graphs:
+                return sm._graphs[key][1], self.guards.get(key)
+        if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
+            args = (ids, self._full(past, past[0].device))
+        gm, dynamic = capture(self.step, args, kwargs)
+        key = base if dynamic else exact
+        fed = self._fed(gm, batch) if phase == "decode" else None
+        plan = _plan_graph(gm, sm.world_size, sm._plan.pins(), fed=fed)
+        layout, local, full = _cache_outputs(gm, plan._prop)
+        if phase == "prefill":
+            self.cache_layout[batch], self.full_sizes[batch] = layout, full
+            _agree(sm.group, [str(p) for p in layout], "the KV cache layout")
+        elif layout != self.cache_layout[batch]:
+            raise RuntimeError(f"tpfx.generate: the decode graph would return its cache as {layout} but takes it "
+                               f"as {self.cache_layout[batch]}; refusing to generate with a cache that changes "
+                               "layout between steps")
+        guard = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+        if fed and guard is not None:  # emission drops it (it reads full shapes): run it on meta stand-ins
+            self.guards[key] = (gm.get_submodule("_guards_fn"), [a.name for a in guard.args])
+        sm.add_graph(gm, plan, key, local_outputs=local)
+        return sm._graphs[key][1], self.guards.get(key)
+
+    def _full(self, past: tuple[torch.Tensor, ...], device: Any) -> tuple[torch.Tensor, ...]:
+        batch = int(past[0].shape[0])
+        return tuple(_full_like(t, p, n, device) for t, p, n in zip(past, self.cache_layout[batch],
+                                                                    self.full_sizes[batch], strict=True))
+
+    def _fed(self, gm: fx.GraphModule, batch: int) -> dict[str, Placement]:
+        """The decode graph's cache inputs (``past_<i>``), fed in the layout the prefill graph left them in."""
+        layout = self.cache_layout[batch]
+        cache_in = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+        if len(cache_in) != len(layout):
+            raise RuntimeError(f"tpfx.generate: the decode graph has {len(cache_in)} cache inputs, expected "
+                               f"{len(layout)}")
+        return dict(zip(cache_in, layout, strict=True))
+
+    def run(self, input_ids: torch.Tensor, cache: SplitCache, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None) -> torch.Tensor:
+        past = cache.tensors()
+        phase = "decode" if past else "prefill"
+        if phase == "decode" and input_ids.shape[0] not in self.cache_layout:
+            raise RuntimeError("tpfx.generate: a decode step for a batch size that had no prefill")
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        runner, guard = self._graph(phase, (input_ids, past), kwargs)
+        if guard is not None:  # export's shape checks, on the full shapes this rank's slices stand for
+            fn, names = guard
+            env = {"input_ids": input_ids, **kwargs, **{f"past_{i}": t for i, t in
+                                                         enumerate(self._full(past, "meta"))}}
+            fn(*[env[n] for n in names])
+        logits, new = runner(input_ids, past, **kwargs)  # (B, 1, V) on every rank; this rank's KV heads
+        cache.fill(tuple(new))
+        return logits
+
+
+def _describe(value: Any) -> Any:
+    """A rank-independent description of a generate argument (tensors by shape, dtype and content)."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return ("tensor", tuple(value.shape), str(value.dtype),
+                hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest())
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(value, "to_diff_dict"):  # GenerationConfig
+        return _describe(value.to_diff_dict())
+    return type(value).__name__  # streamers, logits processors: objects with per-process identity
+
+
+def _agree(group: Any, what: Any, name: str) -> None:
+    """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather)."""
+    digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+    digests: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"tpfx.generate: ranks disagree on {name} (digests by rank: {digests}); every rank "
+                           "of the group must call generate with the same inputs and options")
+
+
+def _share_rng(group: Any) -> None:
+    """Give every rank of ``group`` the random state of its first rank: sampling then draws the same tokens."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    box = [torch.get_rng_state()]
+    dist.broadcast_object_list(box, src=src, group=group)
+    torch.set_rng_state(box[0])
+
+
+_UNSUPPORTED = ("inputs_embeds", "token_type_ids", "output_attentions", "output_hidden_states")
+
+
+def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
+    """A shallow copy of the original model whose forward runs the per-rank graphs (same generation code,
+    config and generation config as the model)."""
+    model = sharded._model
+    proxy = copy.copy(model)
+
+    @functools.wraps(model.forward)
+    def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
+        for name in _UNSUPPORTED:
+            if kwargs.get(name) not in (None, False):
+                raise NotImplementedError(f"tpfx.generate: {name}= is not supported yet")
+        if not isinstance(cache, SplitCache) or input_ids is None:
+            raise RuntimeError("tpfx.generate: the sharded model's forward runs only inside generate, with its "
+                               "own SplitCache")
+        logits = decoder.run(input_ids, cache, attention_mask, position_ids)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    proxy.forward = forward  # type: ignore[method-assign]
+    return proxy
+
+
+def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``generate`` on a ``ShardedModule``: the same arguments and return value, identical on
+    every rank. Collective: every rank of the group calls it with the same arguments."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None \
+            or kwargs.get("cache_implementation") is not None:
+        raise ValueError("tpfx.generate keeps its own head-split KV cache (SplitCache); pass no cache= or "
+                         "cache_implementation=")
+    if "decoder" not in sharded.__dict__:
+        sharded.__dict__["decoder"] = Decoder(sharded)
+    decoder: Decoder = sharded.__dict__["decoder"]
+    _agree(sharded.group, (_describe(args), _describe(kwargs)), "the arguments of generate")
+    _share_rng(sharded.group)
+    proxy = _proxy(sharded, decoder)
+    with torch.no_grad():
+        kwargs["use_cache"] = True  # the config may say otherwise (training configs); the cache is the point
+        out = proxy.generate(*args, cache=SplitCache(decoder.n_layers), **kwargs)  # type: ignore[operator]
+    tokens = out if isinstance(out, torch.Tensor) else out.sequences
+    _agree(sharded.group, _describe(tokens), "the generated tokens")
+    return out
