@@ -70,6 +70,12 @@ class SplitLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``torch.empty`` gives its shape (``contiguous()`` keeps the odd stride of a size-1
+    dim, such as one local KV head)."""
+    return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
+
+
 class SplitCache(DynamicCache):
     """The KV cache of a sharded model: ``n_layers`` layers of this rank's heads."""
 
@@ -84,8 +90,11 @@ class SplitCache(DynamicCache):
         return out if len(out) == 2 * len(self.split) else ()
 
     def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Hold these keys and values with row-major strides (the prefill's are transposed views, whose strides a
+        compiled decode step would otherwise be specialized to, and recompiled for once the cache grows)."""
         for i, layer in enumerate(self.split):
-            layer.keys, layer.values, layer.is_initialized = tensors[2 * i], tensors[2 * i + 1], True
+            layer.keys, layer.values = _row_major(tensors[2 * i]), _row_major(tensors[2 * i + 1])
+            layer.is_initialized = True
 
     @property
     def nbytes(self) -> int:
