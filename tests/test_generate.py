@@ -46,3 +46,17 @@ def test_compiled_decode_step_compiles_once() -> None:
     for r in launch(gen_cases.compiled_check, 2, timeout_s=600):
         assert r["equal"], r
         assert r["warm_graphs"] <= 2 and r["later_graphs"] == 0, r  # prefill + decode, then nothing per token
+
+
+def test_readme_generate_example_runs() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "generate.py")], capture_output=True, text=True,
+                         timeout=500, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [line for line in out.stdout.splitlines() if "equal to unsharded" in line]
+    assert len(runs) == 3 and all(line.endswith("True") for line in runs), out.stdout
+    assert "KV cache per rank" in out.stdout, out.stdout
