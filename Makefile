@@ -9,6 +9,7 @@ bench:
 	$(PYTHON) benchmarks/plan_quality.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/runtime.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/checkpoint.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/generate.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)
 
 .PHONY: coverage

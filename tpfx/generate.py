@@ -245,22 +245,20 @@ def _describe(value: Any) -> Any:
     return type(value).__name__  # streamers, logits processors: objects with per-process identity
 
 
-def _agree(group: Any, what: Any, name: str) -> None:
-    """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather)."""
+def _agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
+    """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather). With
+    ``share_rng``, the same all-gather gives every rank the random state of the group's first rank, so that
+    sampling draws the same tokens everywhere."""
     digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
-    digests: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, digest, group=group)
+    mine = (digest, torch.get_rng_state() if share_rng and dist.get_rank(group) == 0 else None)
+    got: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, mine, group=group)
+    digests = [d for d, _ in got]
     if len(set(digests)) != 1:
         raise RuntimeError(f"tpfx.generate: ranks disagree on {name} (digests by rank: {digests}); every rank "
                            "of the group must call generate with the same inputs and options")
-
-
-def _share_rng(group: Any) -> None:
-    """Give every rank of ``group`` the random state of its first rank: sampling then draws the same tokens."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    box = [torch.get_rng_state()]
-    dist.broadcast_object_list(box, src=src, group=group)
-    torch.set_rng_state(box[0])
+    if share_rng:
+        torch.set_rng_state(got[0][1])
 
 
 _UNSUPPORTED = ("inputs_embeds", "token_type_ids", "output_attentions", "output_hidden_states")
@@ -301,8 +299,7 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
     if "decoder" not in sharded.__dict__:
         sharded.__dict__["decoder"] = Decoder(sharded)
     decoder: Decoder = sharded.__dict__["decoder"]
-    _agree(sharded.group, (_describe(args), _describe(kwargs)), "the arguments of generate")
-    _share_rng(sharded.group)
+    _agree(sharded.group, (_describe(args), _describe(kwargs)), "the arguments of generate", share_rng=True)
     proxy = _proxy(sharded, decoder)
     with torch.no_grad():
         kwargs["use_cache"] = True  # the config may say otherwise (training configs); the cache is the point
