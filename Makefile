@@ -10,6 +10,7 @@ bench:
 	$(PYTHON) benchmarks/runtime.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/checkpoint.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/generate.py --prefix
 	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)
 
 .PHONY: coverage

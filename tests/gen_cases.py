@@ -67,6 +67,13 @@ def families_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
             want = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0,
                                 use_cache=True, **kw)
             res["equal"][mode] = bool(torch.equal(got, want)) and got.shape[1] == ids.shape[1] + NEW_TOKENS
+            if mode == "greedy":  # stop at an end-of-sequence token: the 5th greedy token of row 1
+                eos = int(want[1, ids.shape[1] + 4])
+                got = sharded.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                                       eos_token_id=eos)
+                want = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                                    eos_token_id=eos, use_cache=True)
+                res["equal"]["eos"] = bool(torch.equal(got, want)) and bool((got[1, ids.shape[1]:] == eos).any())
         mine = sharded.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0,
                                 return_dict_in_generate=True, output_scores=True)
         full = DynamicCache()  # full-length layers (tpfx keeps sliding-window layers at full length too)
