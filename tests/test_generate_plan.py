@@ -17,7 +17,7 @@ from tpfx.generate import CacheStep, _cache_outputs
 
 def _graphs(kv: int, world: int):
     model = models.llama(num_kv_heads=kv).eval()
-    step = CacheStep(model, 2)
+    step = CacheStep(model, [None, None])
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     gm, _ = capture(step, (ids, ()), {"attention_mask": torch.ones(2, 10, dtype=torch.long), "position_ids": None})
     prefill = _plan_graph(gm, world, None)

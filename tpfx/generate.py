@@ -48,12 +48,20 @@ __all__ = ["SplitCache", "generate"]
 
 
 class SplitLayer(DynamicLayer):
-    """One layer's keys and values ``(B, n_kv/t, L, d)``, grown by concatenation; no length-dependent state."""
+    """One layer's keys and values ``(B, n_kv/t, L, d)``, grown by concatenation.
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+    ``window``: a sliding-window layer keeps only its last ``window - 1`` positions (what the next query can
+    see), as transformers' ``DynamicSlidingWindowLayer`` does; it is trimmed between steps (``SplitCache.fill``),
+    never inside a graph, so the graphs have no length-dependent branch. ``seen`` (tokens before this step, a
+    symbolic size inside a graph) places the kept keys for the attention mask."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 window: int | None = None, seen: Any = 0) -> None:
         super().__init__()
         self.keys, self.values = keys, values  # type: ignore[assignment]
         self.is_initialized = keys is not None
+        self.window, self.seen = window, seen
+        self.is_sliding = window is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +71,20 @@ class SplitLayer(DynamicLayer):
         self.keys, self.values, self.is_initialized = key_states, value_states, True
         return key_states, value_states
 
-    def get_seq_length(self) -> int:
+    def stored(self) -> Any:
         return 0 if self.keys is None else self.keys.shape[-2]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_seq_length(self) -> Any:
+        return self.seen if self.window is not None else self.stored()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[Any, Any]:
+        """(keys attended, position of the first): the kept window, after the positions dropped from it."""
+        return self.stored() + query_length, (self.seen - self.stored() if self.window is not None else 0)
+
+    def trim(self) -> None:
+        keys, values = self.keys, self.values
+        if self.window is not None and keys is not None and values is not None and keys.shape[-2] > self.window - 1:
+            self.keys, self.values = keys[..., -(self.window - 1):, :], values[..., -(self.window - 1):, :]
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -76,25 +93,45 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(memory_format=torch.contiguous_format)
 
 
-class SplitCache(DynamicCache):
-    """The KV cache of a sharded model: ``n_layers`` layers of this rank's heads."""
+def layer_windows(config: Any) -> list[int | None]:
+    """Each decoder layer's sliding window (``None``: full attention), from transformers' own layer typing."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
 
-    def __init__(self, n_layers: int, tensors: tuple[torch.Tensor, ...] = ()) -> None:
-        self.split = [SplitLayer(tensors[2 * i], tensors[2 * i + 1]) if tensors else SplitLayer()
-                      for i in range(n_layers)]
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types, kwargs = get_layer_types_and_kwargs(text)
+    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in zip(types, kwargs)]
+
+
+class SplitCache(DynamicCache):
+    """The KV cache of a sharded model: one layer of this rank's heads per window in ``windows``."""
+
+    def __init__(self, windows: list[int | None], tensors: tuple[torch.Tensor, ...] = (), seen: Any = 0) -> None:
+        self.split = [SplitLayer(tensors[2 * i] if tensors else None, tensors[2 * i + 1] if tensors else None, w,
+                                 seen) for i, w in enumerate(windows)]
+        self.seen = seen
         Cache.__init__(self, layers=list(self.split))
+
+    def get_seq_length(self, layer_idx: int = 0) -> Any:
+        """Tokens seen so far (sliding-window layers keep fewer)."""
+        return self.seen
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Keys and values of every layer, flattened ``(k0, v0, k1, v1, ...)``; empty before the prefill."""
         out = tuple(t for layer in self.split for t in (layer.keys, layer.values) if t is not None)
         return out if len(out) == 2 * len(self.split) else ()
 
-    def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        """Hold these keys and values with row-major strides (the prefill's are transposed views, whose strides a
-        compiled decode step would otherwise be specialized to, and recompiled for once the cache grows)."""
+    def fill(self, tensors: tuple[torch.Tensor, ...], new_tokens: int) -> None:
+        """Hold a step's keys and values: sliding-window layers trimmed to their window, all with row-major
+        strides (the prefill's are transposed views, and trimmed ones slices, whose strides a compiled decode
+        step would otherwise be specialized to, and recompiled for once the cache grows)."""
         for i, layer in enumerate(self.split):
-            layer.keys, layer.values = _row_major(tensors[2 * i]), _row_major(tensors[2 * i + 1])
+            layer.keys, layer.values = tensors[2 * i], tensors[2 * i + 1]
+            layer.trim()
+            layer.keys, layer.values = _row_major(layer.keys), _row_major(layer.values)
             layer.is_initialized = True
+        self.seen += new_tokens
+        for layer in self.split:
+            layer.seen = self.seen
 
     @property
     def nbytes(self) -> int:
@@ -108,19 +145,19 @@ class CacheStep(torch.nn.Module):
 
     _hf: Any
 
-    def __init__(self, model: torch.nn.Module, n_layers: int) -> None:
+    def __init__(self, model: torch.nn.Module, windows: list[int | None]) -> None:
         super().__init__()
         self.__dict__["_hf"] = model
         for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             self.__dict__[attr] = model.__dict__[attr]
-        self.n_layers = n_layers
+        self.windows = windows
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...],
-                attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        cache = SplitCache(self.n_layers, past)
+        seen = attention_mask.shape[-1] - input_ids.shape[1]  # tokens before this step (a symbolic size)
+        cache = SplitCache(self.windows, past, seen)
         extra: dict[str, Any] = {"logits_to_keep": 1} if self.keep else {}
         out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, **{self.cache_arg: cache}, **extra)
@@ -129,11 +166,6 @@ class CacheStep(torch.nn.Module):
             raise NotImplementedError("tpfx.generate: a layer of this model keeps no keys/values of its own "
                                       "(shared or linear-attention caches are not supported yet)")
         return logits, cache.tensors()
-
-
-def _n_layers(config: Any) -> int:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers)
 
 
 def _cache_outputs(gm: fx.GraphModule, prop: Any) -> tuple[list[Placement], frozenset[int], list[int | None]]:
@@ -161,8 +193,8 @@ class Decoder:
 
     def __init__(self, sharded: Any) -> None:
         self.sharded = sharded
-        self.n_layers = _n_layers(sharded.config)
-        self.step = CacheStep(sharded._model, self.n_layers)
+        self.windows = layer_windows(sharded.config)
+        self.step = CacheStep(sharded._model, self.windows)
         self.cache_layout: dict[int, list[Placement]] = {}  # batch size -> placement of each cache tensor
         self.full_sizes: dict[int, list[int | None]] = {}  # batch size -> full size of each along its split dim
         self.guards: dict[Any, tuple[Any, list[str]]] = {}  # graph key -> (export's guards, their inputs)
@@ -216,6 +248,9 @@ class Decoder:
         phase = "decode" if past else "prefill"
         if phase == "decode" and input_ids.shape[0] not in self.cache_layout:
             raise RuntimeError("tpfx.generate: a decode step for a batch size that had no prefill")
+        if attention_mask is None:  # the graphs read the number of tokens seen from the mask's length
+            attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
         runner, guard = self._graph(phase, (input_ids, past), kwargs)
         if guard is not None:  # export's shape checks, on the full shapes this rank's slices stand for
@@ -224,7 +259,7 @@ class Decoder:
                                                          enumerate(self._full(past, "meta"))}}
             fn(*[env[n] for n in names])
         logits, new = runner(input_ids, past, **kwargs)  # (B, 1, V) on every rank; this rank's KV heads
-        cache.fill(tuple(new))
+        cache.fill(tuple(new), int(input_ids.shape[1]))
         return logits
 
 
@@ -303,7 +338,7 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
     proxy = _proxy(sharded, decoder)
     with torch.no_grad():
         kwargs["use_cache"] = True  # the config may say otherwise (training configs); the cache is the point
-        out = proxy.generate(*args, cache=SplitCache(decoder.n_layers), **kwargs)  # type: ignore[operator]
+        out = proxy.generate(*args, cache=SplitCache(decoder.windows), **kwargs)  # type: ignore[operator]
     tokens = out if isinstance(out, torch.Tensor) else out.sequences
     _agree(sharded.group, _describe(tokens), "the generated tokens")
     return out
