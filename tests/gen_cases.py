@@ -116,3 +116,29 @@ def compiled_check(rank: int, world: int) -> dict[str, Any]:
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, use_cache=True)
     return {"equal": bool(torch.equal(got, want)), "warm_graphs": warm - start,
             "later_graphs": counters["stats"]["unique_graphs"] - warm}
+
+
+def surface_check(rank: int, world: int) -> dict[str, Any]:
+    """What a transformers user reads off the model, and a streamer fed while generating."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self) -> None:
+            self.chunks: list[list[int]] = []
+            self.ended = False
+
+        def put(self, value: torch.Tensor) -> None:
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self) -> None:
+            self.ended = True
+
+    model = build("llama_gqa")
+    sharded = tpfx.auto_shard(model, world)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    streamer = Collect()
+    out = sharded.generate(ids, max_new_tokens=5, pad_token_id=0, streamer=streamer)
+    streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # the first put is the prompt
+    return {"config": sharded.config is model.config, "generation_config": sharded.generation_config is
+            model.generation_config, "device": str(sharded.device), "can_generate": sharded.can_generate(),
+            "streamed": streamed == out[0, 6:].tolist() and streamer.ended}

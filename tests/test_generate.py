@@ -63,3 +63,9 @@ def test_readme_generate_example_runs() -> None:
     runs = [line for line in out.stdout.splitlines() if "equal to unsharded" in line]
     assert len(runs) == 3 and all(line.endswith("True") for line in runs), out.stdout
     assert "KV cache per rank" in out.stdout, out.stdout
+
+
+def test_model_surface_and_streamer() -> None:
+    for r in launch(gen_cases.surface_check, 2, timeout_s=300):
+        assert r == {"config": True, "generation_config": True, "device": "cpu", "can_generate": True,
+                     "streamed": True}, r
