@@ -37,6 +37,12 @@ def test_mesh_without_the_axis_and_wrapped_models_are_refused() -> None:
         assert "already wrapped for data parallelism" in r["wrapped"], r
 
 
+def test_tp_ranks_fed_different_batches_raise_on_every_rank() -> None:
+    for r in launch(train_cases.different_batches, 2, timeout_s=300):
+        assert "ranks disagree on the inputs of the first call" in r["first"] and "dp_sampler" in r["first"], r
+        assert r["checked_once"] == "True", r
+
+
 def test_fsdp_over_a_sharded_module_is_refused_not_silently_stale() -> None:
     for msg in launch(train_cases.fsdp_after_auto_shard, 4, timeout_s=300):
         assert "parameters of this ShardedModule were replaced" in msg and "DistributedDataParallel" in msg, msg

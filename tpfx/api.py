@@ -354,10 +354,25 @@ class ShardedModule(torch.nn.Module):
         self.add_graph(gm, plan, key)
         return self._graphs[key]
 
+    check_first_call = True  # compare the first call's inputs across the group (set False to skip)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = _prepare_kwargs(self._model, kwargs)
         self._check_params()
+        if self.check_first_call and not self.__dict__.get("_first_checked"):
+            self._check_first(args, kwargs)
         return self._entry(args, kwargs)[1](*args, **kwargs)
+
+    def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """The first call's inputs, digested and compared across the tensor-parallel group (one small
+        all-gather, once): ranks of one group fed different batches (a data loader not keyed by the
+        data-parallel axis) raise on every rank instead of training a silently wrong model."""
+        from tpfx.agreement import agree, describe
+
+        self.__dict__["_first_checked"] = True
+        if self.world_size > 1:
+            agree(self._group, describe((args, kwargs)), "the inputs of the first call (every rank of one "
+                  "tensor-parallel group must be fed the same batch: see tpfx.dp_sampler)")
 
     def _check_params(self) -> None:
         """The graphs hold this module's parameter objects; a wrapper that swaps them (FSDP's ``fully_shard``

@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import inspect
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from tpfx.agreement import agree, describe
 from tpfx.api import _plan_graph, capture
 from tpfx.passes.placements import Placement, Replicate, Shard
 
@@ -217,7 +216,7 @@ class Decoder:
         layout, local, full = _cache_outputs(gm, plan._prop)
         if phase == "prefill":
             self.cache_layout[batch], self.full_sizes[batch] = layout, full
-            _agree(sm.group, [str(p) for p in layout], "the KV cache layout")
+            agree(sm.group, [str(p) for p in layout], "the KV cache layout")
         elif layout != self.cache_layout[batch]:
             raise RuntimeError(f"tpfx.generate: the decode graph would return its cache as {layout} but takes it "
                                f"as {self.cache_layout[batch]}; refusing to generate with a cache that changes "
@@ -263,39 +262,6 @@ class Decoder:
         return logits
 
 
-def _describe(value: Any) -> Any:
-    """A rank-independent description of a generate argument (tensors by shape, dtype and content)."""
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
-        return ("tensor", tuple(value.shape), str(value.dtype),
-                hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest())
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if hasattr(value, "to_diff_dict"):  # GenerationConfig
-        return _describe(value.to_diff_dict())
-    return type(value).__name__  # streamers, logits processors: objects with per-process identity
-
-
-def _agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
-    """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather). With
-    ``share_rng``, the same all-gather gives every rank the random state of the group's first rank, so that
-    sampling draws the same tokens everywhere."""
-    digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
-    mine = (digest, torch.get_rng_state() if share_rng and dist.get_rank(group) == 0 else None)
-    got: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(got, mine, group=group)
-    digests = [d for d, _ in got]
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"tpfx.generate: ranks disagree on {name} (digests by rank: {digests}); every rank "
-                           "of the group must call generate with the same inputs and options")
-    if share_rng:
-        torch.set_rng_state(got[0][1])
-
-
 _UNSUPPORTED = ("inputs_embeds", "token_type_ids", "output_attentions", "output_hidden_states")
 
 
@@ -334,11 +300,11 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
     if "decoder" not in sharded.__dict__:
         sharded.__dict__["decoder"] = Decoder(sharded)
     decoder: Decoder = sharded.__dict__["decoder"]
-    _agree(sharded.group, (_describe(args), _describe(kwargs)), "the arguments of generate", share_rng=True)
+    agree(sharded.group, (describe(args), describe(kwargs)), "the arguments of generate", share_rng=True)
     proxy = _proxy(sharded, decoder)
     with torch.no_grad():
         kwargs["use_cache"] = True  # the config may say otherwise (training configs); the cache is the point
         out = proxy.generate(*args, cache=SplitCache(decoder.windows), **kwargs)  # type: ignore[operator]
     tokens = out if isinstance(out, torch.Tensor) else out.sequences
-    _agree(sharded.group, _describe(tokens), "the generated tokens")
+    agree(sharded.group, describe(tokens), "the generated tokens")
     return out

@@ -1,0 +1,49 @@
+"""Ranks that must agree: a digest of a call's inputs compared across the tensor-parallel group.
+
+Every rank of a group runs the same graph on the same inputs; a rank that was given something else (another
+batch, other options) would compute a different result or deadlock in a later collective. One small
+all-gather of a digest (tensors by shape, dtype and content) turns that into an error on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["agree", "describe"]
+
+
+def describe(value: Any) -> Any:
+    """A rank-independent description of a call argument (tensors by shape, dtype and content)."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1)
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        return ("tensor", tuple(value.shape), str(value.dtype), hashlib.sha256(raw).hexdigest())
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(value, "to_diff_dict"):  # GenerationConfig
+        return describe(value.to_diff_dict())
+    return type(value).__name__  # streamers, logits processors: objects with per-process identity
+
+
+def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
+    """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather). With
+    ``share_rng``, the same all-gather gives every rank the random state of the group's first rank, so that
+    sampling draws the same tokens everywhere."""
+    digest = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+    mine = (digest, torch.get_rng_state() if share_rng and dist.get_rank(group) == 0 else None)
+    got: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, mine, group=group)
+    digests = [d for d, _ in got]
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"tpfx: ranks disagree on {name} (digests by rank: {digests}); every rank of a "
+                           "tensor-parallel group must make the same call with the same inputs and options")
+    if share_rng:
+        torch.set_rng_state(got[0][1])
