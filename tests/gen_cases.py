@@ -91,17 +91,6 @@ def families_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def disagreeing_args(rank: int, world: int) -> str:
-    """Rank 1 asks for more tokens than rank 0: every rank must raise, none may hang."""
-    sharded = tpfx.auto_shard(build("llama_gqa"), world)
-    ids, mask = prompts(sharded.config.vocab_size)
-    try:
-        sharded.generate(ids, attention_mask=mask, max_new_tokens=4 + rank, pad_token_id=0)
-    except RuntimeError as e:
-        return str(e)
-    return "no error"
-
-
 def compiled_check(rank: int, world: int) -> dict[str, Any]:
     """compile=True: greedy tokens equal; the decode graph is compiled once, not once per token."""
     from torch._dynamo.utils import counters
@@ -118,8 +107,11 @@ def compiled_check(rank: int, world: int) -> dict[str, Any]:
             "later_graphs": counters["stats"]["unique_graphs"] - warm}
 
 
-def surface_check(rank: int, world: int) -> dict[str, Any]:
-    """What a transformers user reads off the model, and a streamer fed while generating."""
+def module_check(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A model loaded by tpfx.from_pretrained (its full weights never exist on a rank): what a transformers user
+    reads off it, a streamer, beam search against transformers' own from_pretrained, and a rank asked for more
+    tokens than its peer (every rank must raise, none may hang)."""
+    from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     class Collect(BaseStreamer):
@@ -133,12 +125,24 @@ def surface_check(rank: int, world: int) -> dict[str, Any]:
         def end(self) -> None:
             self.ended = True
 
-    model = build("llama_gqa")
-    sharded = tpfx.auto_shard(model, world)
-    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    sharded = tpfx.from_pretrained(path)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = prompts(ref.config.vocab_size)
+    out: dict[str, Any] = {
+        "config": sharded.config is sharded._model.config and sharded.config.to_diff_dict() == ref.config.to_diff_dict(),
+        "generation_config": sharded.generation_config.to_diff_dict() == ref.generation_config.to_diff_dict(),
+        "device": str(sharded.device), "can_generate": sharded.can_generate()}
     streamer = Collect()
-    out = sharded.generate(ids, max_new_tokens=5, pad_token_id=0, streamer=streamer)
+    got = sharded.generate(ids[1:], max_new_tokens=5, pad_token_id=0, streamer=streamer)
+    want = ref.generate(ids[1:], max_new_tokens=5, pad_token_id=0, use_cache=True)
     streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # the first put is the prompt
-    return {"config": sharded.config is model.config, "generation_config": sharded.generation_config is
-            model.generation_config, "device": str(sharded.device), "can_generate": sharded.can_generate(),
-            "streamed": streamed == out[0, 6:].tolist() and streamer.ended}
+    out["streamed"] = torch.equal(got, want) and streamed == got[0, 10:].tolist() and streamer.ended
+    got = sharded.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, num_beams=2)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, num_beams=2, use_cache=True)
+    out["beam"] = bool(torch.equal(got, want))
+    try:
+        sharded.generate(ids, attention_mask=mask, max_new_tokens=4 + rank, pad_token_id=0)
+        out["disagree"] = "no error"
+    except RuntimeError as e:
+        out["disagree"] = str(e)
+    return out
