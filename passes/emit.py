@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
 from .placements import Partial, Placement, Replicate, Shard, is_whole, shard_tensor
-from .propagate import Propagation, _is_guards, group_of
+from .propagate import Propagation, group_of, is_guards
 from .rules import WORLD
 
 aten = torch.ops.aten
@@ -138,7 +138,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
                 x = call(C.reduce_grad, x, group_name(group_of(pl, rank, world)))
             env[node] = x
             continue
-        if _is_guards(node) and any(not isinstance(prop.placements.get(a), Replicate) for a in node.all_input_nodes):
+        if is_guards(node) and any(not isinstance(prop.placements.get(a), Replicate) for a in node.all_input_nodes):
             continue  # export's checks of full-shape inputs; this rank is fed its slices (a split KV cache)
         if node.op == "call_module":
             root[node.target] = _fetch(gm, node.target)

@@ -278,7 +278,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             val = a.meta["val"]
             operands.append(Operand(a, _shape(a), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
                                     a in trained))
-        if _is_guards(node):  # export's input checks: they read the inputs as the caller passes them
+        if is_guards(node):  # export's input checks: they read the inputs as the caller passes them
             prop.strategies[node] = Strategy({i: o.placement for i, o in enumerate(operands)}, R)
             prop.placements[node] = R
             continue
@@ -370,7 +370,7 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
     return prop
 
 
-def _is_guards(node: fx.Node) -> bool:
+def is_guards(node: fx.Node) -> bool:
     """The ``_guards_fn`` call that ``ExportedProgram.module()`` puts before the body (input shape checks)."""
     return node.op == "call_module" and node.target == "_guards_fn"
 

@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from tpfx.agreement import agree, describe
 from tpfx.api import _plan_graph, capture
 from tpfx.passes.placements import Placement, Replicate, Shard
+from tpfx.passes.propagate import is_guards
 
 __all__ = ["SplitCache", "generate"]
 
@@ -51,15 +52,14 @@ class SplitLayer(DynamicLayer):
 
     ``window``: a sliding-window layer keeps only its last ``window - 1`` positions (what the next query can
     see), as transformers' ``DynamicSlidingWindowLayer`` does; it is trimmed between steps (``SplitCache.fill``),
-    never inside a graph, so the graphs have no length-dependent branch. ``seen`` (tokens before this step, a
-    symbolic size inside a graph) places the kept keys for the attention mask."""
+    never inside a graph, so the graphs have no length-dependent branch."""
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 window: int | None = None, seen: Any = 0) -> None:
+                 window: int | None = None) -> None:
         super().__init__()
         self.keys, self.values = keys, values  # type: ignore[assignment]
         self.is_initialized = keys is not None
-        self.window, self.seen = window, seen
+        self.window = window
         self.is_sliding = window is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -70,15 +70,9 @@ class SplitLayer(DynamicLayer):
         self.keys, self.values, self.is_initialized = key_states, value_states, True
         return key_states, value_states
 
-    def stored(self) -> Any:
-        return 0 if self.keys is None else self.keys.shape[-2]
-
     def get_seq_length(self) -> Any:
-        return self.seen if self.window is not None else self.stored()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[Any, Any]:
-        """(keys attended, position of the first): the kept window, after the positions dropped from it."""
-        return self.stored() + query_length, (self.seen - self.stored() if self.window is not None else 0)
+        """Positions held (a sliding-window layer holds fewer than were seen)."""
+        return 0 if self.keys is None else self.keys.shape[-2]
 
     def trim(self) -> None:
         keys, values = self.keys, self.values
@@ -105,14 +99,20 @@ class SplitCache(DynamicCache):
     """The KV cache of a sharded model: one layer of this rank's heads per window in ``windows``."""
 
     def __init__(self, windows: list[int | None], tensors: tuple[torch.Tensor, ...] = (), seen: Any = 0) -> None:
-        self.split = [SplitLayer(tensors[2 * i] if tensors else None, tensors[2 * i + 1] if tensors else None, w,
-                                 seen) for i, w in enumerate(windows)]
-        self.seen = seen
+        self.split = [SplitLayer(tensors[2 * i] if tensors else None, tensors[2 * i + 1] if tensors else None, w)
+                      for i, w in enumerate(windows)]
+        self.seen = seen  # tokens before this step: a symbolic size inside a graph
         Cache.__init__(self, layers=list(self.split))
 
     def get_seq_length(self, layer_idx: int = 0) -> Any:
         """Tokens seen so far (sliding-window layers keep fewer)."""
         return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[Any, Any]:
+        """(keys attended, position of the first): a sliding-window layer's kept window, after the positions
+        dropped from it; every position for the others."""
+        held = self.split[layer_idx].get_seq_length()
+        return held + query_length, (self.seen - held if self.split[layer_idx].window is not None else 0)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Keys and values of every layer, flattened ``(k0, v0, k1, v1, ...)``; empty before the prefill."""
@@ -129,8 +129,6 @@ class SplitCache(DynamicCache):
             layer.keys, layer.values = _row_major(layer.keys), _row_major(layer.values)
             layer.is_initialized = True
         self.seen += new_tokens
-        for layer in self.split:
-            layer.seen = self.seen
 
     @property
     def nbytes(self) -> int:
@@ -221,7 +219,7 @@ class Decoder:
             raise RuntimeError(f"tpfx.generate: the decode graph would return its cache as {layout} but takes it "
                                f"as {self.cache_layout[batch]}; refusing to generate with a cache that changes "
                                "layout between steps")
-        guard = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+        guard = next((n for n in gm.graph.nodes if is_guards(n)), None)
         if fed and guard is not None:  # emission drops it (it reads full shapes): run it on meta stand-ins
             self.guards[key] = (gm.get_submodule("_guards_fn"), [a.name for a in guard.args])
         sm.add_graph(gm, plan, key, local_outputs=local)
