@@ -84,7 +84,7 @@ def tpfx_rank(rank: int, world: int, path: str, out: str) -> dict[str, Any]:
     dist.barrier()
     load_s = time.perf_counter() - t0
     res = {"load_s": load_s, "peak_growth": _vm("VmHWM") - before, "hwm": _vm("VmHWM"),
-           "local_bytes": sum(p.numel() * p.element_size() for p in sharded.parameters())}
+           "local_bytes": sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())}
     before = _reset()
     t0 = time.perf_counter()
     sharded.save_pretrained(os.path.join(out, "hf"))

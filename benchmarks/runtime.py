@@ -256,7 +256,7 @@ def bench_model(rank: int, world: int, spec: dict[str, Any], tools_wanted: list[
                             fn(tool)
                             C.sync(dev)
                         res["times"].setdefault(name, {}).setdefault(measure, []).append(t.s)
-    res["params_local"] = {n: sum(p.numel() for p in tool.full.parameters()) for n, tool in tools.items()}
+    res["params_local"] = {n: sum(tpfx.local(p).numel() for p in tool.full.parameters()) for n, tool in tools.items()}
     return res
 
 

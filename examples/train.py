@@ -4,18 +4,20 @@
     TP=4 torchrun --nproc-per-node 8 examples/train.py       # dp=2 x tp=4
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 examples/train.py
 
-tpfx shards the model over the mesh's "tp" axis; torch's DDP averages gradients over the "dp" axis. Every
-rank of one tp group reads the same batch (tpfx.dp_sampler); gradients are clipped with tpfx.clip_grad_norm_
-(the unsharded model's norm). Put the tp axis inside a node (its all-reduces are per layer) and dp across
-nodes. Prints the loss and gradient norm per step on rank 0.
+tpfx shards the model over the mesh's "tp" axis (its parameters become DTensors on it); torch's FSDP2
+(fully_shard) shards them again over the "dp" axis and averages gradients there (DP=replicate: torch's
+composable DDP instead). Every rank of one tp group reads the same batch (tpfx.dp_sampler); torch's own
+clip_grad_norm_ returns the unsharded model's norm. Put the tp axis inside a node (its all-reduces are per
+layer) and dp across nodes. Prints the loss and gradient norm per step on rank 0.
 """
 
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import init_device_mesh
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,16 +42,17 @@ def main() -> None:
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
     model.to("cuda" if cuda else "cpu")
     sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp")
-    ddp = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
-    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    data_parallel = replicate if os.environ.get("DP") == "replicate" else fully_shard
+    data_parallel(sharded, mesh=mesh["dp"])
+    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)  # after wrapping: the optimizer sees its shards
 
     data = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(1))
     loader = DataLoader(data, batch_size=BATCH, sampler=tpfx.dp_sampler(data, mesh, shuffle=True, seed=0))
     for step, batch in zip(range(STEPS), loader):
         batch = batch.to(next(sharded.parameters()).device)
-        loss = ddp(input_ids=batch, labels=batch).loss
+        loss = sharded(input_ids=batch, labels=batch).loss
         loss.backward()
-        norm = tpfx.clip_grad_norm_(sharded, max_norm=1.0)
+        norm = torch.nn.utils.clip_grad_norm_(sharded.parameters(), max_norm=1.0).full_tensor()
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()

@@ -63,7 +63,7 @@ def load_check(rank: int, world: int, path: str) -> dict[str, Any]:
     ref = AutoModelForCausalLM.from_pretrained(path)
     x = ids(ref.config.vocab_size)
     full = dict(ref.named_parameters())
-    exact = all(torch.equal(p, sharded.plan.shard(n, full[n].detach(), rank)) for n, p in sharded.named_parameters())
+    exact = all(torch.equal(tpfx.local(p), sharded.plan.shard(n, full[n].detach(), rank)) for n, p in sharded.named_parameters())
     split = sum(1 for p in sharded.plan.placements.values() if p.dim is not None)
     tied = [n for n, _ in sharded.named_parameters() if "lm_head" in n]
     return {"logits": rel_err(sharded(input_ids=x).logits, ref(input_ids=x).logits), "exact": exact,
@@ -76,7 +76,7 @@ def bf16_classifier_check(rank: int, world: int, path: str) -> dict[str, Any]:
     sharded = tpfx.from_pretrained(path, model_cls=AutoModelForSequenceClassification, torch_dtype=torch.bfloat16)
     ref = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16)
     full = dict(ref.named_parameters())
-    exact = all(torch.equal(p, sharded.plan.shard(n, full[n].detach(), rank)) for n, p in sharded.named_parameters())
+    exact = all(torch.equal(tpfx.local(p), sharded.plan.shard(n, full[n].detach(), rank)) for n, p in sharded.named_parameters())
     x = ids(ref.config.vocab_size)
     out, want = sharded(input_ids=x).logits, ref(input_ids=x).logits
     return {"exact": exact, "dtypes": sorted({str(p.dtype) for p in sharded.parameters()}),
@@ -106,7 +106,7 @@ def train_and_save_pretrained(rank: int, world: int, path: str, out: str, max_sh
     sharded.save_pretrained(out, max_shard_size=max_shard_size)
     with torch.no_grad():
         logits = sharded(input_ids=ids(vocab)).logits
-    return {"local": {n: p.detach().clone() for n, p in sharded.named_parameters()},
+    return {"local": {n: tpfx.local(p.detach()).clone() for n, p in sharded.named_parameters()},
             "plan": sharded.plan.to_json(), "logits": logits}
 
 
@@ -155,7 +155,7 @@ def memory_check(rank: int, world: int, path: str) -> dict[str, Any]:
     before = _vm("VmRSS")
     sharded = tpfx.from_pretrained(path)
     peak = _vm("VmHWM") - before  # the slices are copies in anonymous memory (resident), not file maps
-    local = sum(p.numel() * p.element_size() for p in sharded.parameters())
+    local = sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())
     return {"peak_growth": peak, "local_bytes": local}
 
 

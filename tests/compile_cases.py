@@ -130,6 +130,7 @@ def compile_check(rank: int, world: int, steps: list[tuple[int, int]]) -> dict[s
     opt = torch.optim.SGD(sharded.parameters(), lr=TRAIN_LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=TRAIN_LR)
     params = [p for _, p in sharded.named_parameters()]
+    graph_params = [sharded._store[n] for n, _ in sharded.named_parameters()]  # what graph_module() reads
     res["steps"] = []
     for i, (batch, seq) in enumerate(steps):
         kw = _lm_inputs(batch, seq, seed=10 + i)
@@ -138,7 +139,7 @@ def compile_check(rank: int, world: int, steps: list[tuple[int, int]]) -> dict[s
         with fw_count:
             eager = sharded.graph_module(**kw)(**kw, use_cache=False)
         with bw_count:
-            eager_grads = torch.autograd.grad(eager.loss, params, allow_unused=True)
+            eager_grads = torch.autograd.grad(eager.loss, graph_params, allow_unused=True)
         meter.mark()
         opt.zero_grad(set_to_none=True)
         out = sharded(**kw)
@@ -155,7 +156,7 @@ def compile_check(rank: int, world: int, steps: list[tuple[int, int]]) -> dict[s
                  "logits": rel_err(out.logits, ref_out.logits), "grad": max(grads.values()),
                  "weights_after_step": max(weights.values()),
                  "eager_loss": rel_err(out.loss, eager.loss), "eager_logits": rel_err(out.logits, eager.logits),
-                 "eager_grad": max(rel_err(p.grad, g if g is not None else torch.zeros_like(p))
+                 "eager_grad": max(rel_err(p.grad, g if g is not None else torch.zeros_like(tpfx.local(p)))
                                    for p, g in zip(params, eager_grads)),
                  "eager_fw_collectives": fw_count.n, "eager_bw_collectives": bw_count.n}
         res["steps"].append(step)

@@ -122,7 +122,7 @@ def parallel_loss_check(rank: int, world: int, build: str, gather_outputs: bool)
     return {"loss": rel_err(out.loss, ref_out.loss), "grad": _grad_err(sharded, ref, rank),
             "logits_local": tuple(out.logits.shape), "logits_full": tuple(ref_out.logits.shape),
             "logits": rel_err(out.logits, ref_out.logits) if gather_outputs else None,
-            "kinds": dict(kinds), "embed_rows": wte.shape[0]}
+            "kinds": dict(kinds), "embed_rows": tpfx.local(wte).shape[0]}
 
 
 def t5() -> torch.nn.Module:
@@ -147,4 +147,4 @@ def t5_check(rank: int, world: int) -> dict[str, Any]:
     return {"logits": rel_err(out.logits, ref_out.logits), "loss": rel_err(out.loss, ref_out.loss),
             "grad": _grad_err(sharded, ref, rank), "all_reduce": sharded.plan.count("all_reduce"),
             "fallbacks": [f["reason"] for f in sharded.plan.fallbacks],
-            "ratio": sum(p.numel() for p in sharded.parameters()) / sum(p.numel() for p in ref.parameters())}
+            "ratio": sum(tpfx.local(p).numel() for p in sharded.parameters()) / sum(p.numel() for p in ref.parameters())}

@@ -284,7 +284,7 @@ def check_one(rank: int, world: int, name: str) -> dict[str, Any]:
         res["after_step"] = rel_err(sharded(x2), ref(x2))
     plan = sharded.plan
     res["styles"] = {k: v.style for k, v in plan.placements.items()}
-    res["local_numel"] = sum(p.numel() for p in sharded.parameters())
+    res["local_numel"] = sum(tpfx.local(p).numel() for p in sharded.parameters())
     res["full_numel"] = sum(p.numel() for p in ref.parameters())
     return res
 

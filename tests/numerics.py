@@ -79,7 +79,9 @@ CASES: dict[str, Case] = {
 
 
 def rel_err(actual: torch.Tensor | None, expected: torch.Tensor, floor: float = ABS_FLOOR) -> float:
-    """``max|actual - expected| / max(max|expected|, floor)``; ``inf`` on a missing tensor or shape mismatch."""
+    """``max|actual - expected| / max(max|expected|, floor)``; ``inf`` on a missing tensor or shape mismatch.
+    DTensors (sharded parameters, their gradients) are compared by this rank's slice."""
+    actual, expected = tpfx.local(actual), tpfx.local(expected)
     if actual is None or actual.shape != expected.shape:
         return math.inf
     a, b = actual.detach().double(), expected.detach().double()
@@ -146,7 +148,7 @@ def compare_parameters(
     seen: set[int] = set()
     local_numel = 0
     for name, p in sharded.named_parameters():
-        local_numel += p.numel()
+        local_numel += tpfx.local(p).numel()
         rp = ref_params.get(name)
         if rp is None:
             extra.append(name)

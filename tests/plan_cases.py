@@ -24,7 +24,7 @@ def saved_plan_check(rank: int, world: int, plan_json: str) -> dict[str, Any]:
     full = dict(ref.named_parameters())
     grad = max(rel_err(p.grad, tpfx.shard_tensor(sharded.plan, n, full[n].grad, rank))
                for n, p in sharded.named_parameters())
-    local = {n: tuple(p.shape) for n, p in sharded.named_parameters()}
+    local = {n: tuple(tpfx.local(p).shape) for n, p in sharded.named_parameters()}
     return {"logits": rel_err(out.logits, ref_out.logits), "loss": rel_err(out.loss, ref_out.loss), "grad": grad,
             "same_digest": sharded.plan.digest() == loaded.digest(),
             "lm_head": sharded.plan.placements["lm_head.weight"].style,

@@ -45,8 +45,14 @@ def test_clip_grad_norm_matches_the_unsharded_model(name: str, world: int) -> No
     for res in launch(clip_cases.clip_check, world, name, 2.0, timeout_s=400):
         assert res["norm_err"] <= TOL and res["grad_err"] <= TOL, res  # clipping engaged: max_norm 0.1 < norm
         assert res["want"] > 0.1 and res["dtype"] == "torch.float32", res
-        # torch's own call on this rank's plain local tensors gives another number: why tpfx.clip_grad_norm_
+        # the norm of this rank's slices alone is another number: the norm must count every rank's
         assert abs(res["local_norm"] - res["want"]) > 1e-3 * res["want"], res
+        # torch's own clip_grad_norm_: exact where every layout is a DTensor placement, else it raises
+        if (name, world) in {("llama", 4), ("falcon", 2), ("falcon", 4)}:  # KV replica groups, parts held whole
+            assert res["plain"] and "mixed torch.Tensor and DTensor" in res["torch"]["error"], res
+        else:
+            assert not res["plain"], res["plain"]
+            assert res["torch"]["norm_err"] <= TOL and res["torch"]["grad_err"] <= TOL, res["torch"]
     if name == "falcon":
         assert any("/1" in lay for lay in res["layouts"]), res["layouts"]  # a part held whole is counted once
 

@@ -17,8 +17,9 @@ from tpfx.launch import launch
 pytestmark = pytest.mark.slow
 
 
-def test_tp2_x_dp2_ddp_with_clipping_matches_one_unsharded_process() -> None:
-    res = launch(train_cases.ddp_2d_check, 4, timeout_s=400)
+@pytest.mark.parametrize("engine", ["fsdp", "replicate"])
+def test_tp2_x_dp2_with_torch_clipping_matches_one_unsharded_process(engine: str) -> None:
+    res = launch(train_cases.dp_2d_check, 4, engine, timeout_s=400)
     by_dp: dict[int, list[list[int]]] = {}
     for r in res:
         by_dp.setdefault(r["coords"][0], []).append(r["sampler"])
@@ -29,6 +30,14 @@ def test_tp2_x_dp2_ddp_with_clipping_matches_one_unsharded_process() -> None:
         assert rel_err(torch.tensor(r["losses"]), torch.tensor(r["ref_losses"])) <= TOL, r
         assert rel_err(torch.tensor(r["norms"]), torch.tensor(r["ref_norms"])) <= TOL, r
         assert min(r["ref_norms"]) > train_cases.MAX_NORM, r  # clipping engaged at every step
+        local, tp_only, total = r["bytes"]
+        assert tp_only <= 0.55 * total, r["bytes"]  # tp alone: about half
+        if engine == "fsdp":  # FSDP2 shards every rank's tp slices again over dp: a quarter (+ padding)
+            assert local <= 0.27 * total, r["bytes"]
+        else:
+            assert local == tp_only, r["bytes"]
+        for what, msg in r["errors"].items():  # tpfx's own slice readers refuse the wrapper's shards
+            assert "data-parallel wrapper" in msg and "torch.nn.utils.clip_grad_norm_" in msg, (what, msg)
 
 
 def test_mesh_without_the_axis_and_wrapped_models_are_refused() -> None:
@@ -43,9 +52,9 @@ def test_tp_ranks_fed_different_batches_raise_on_every_rank() -> None:
         assert r["checked_once"] == "True", r
 
 
-def test_fsdp_over_a_sharded_module_is_refused_not_silently_stale() -> None:
-    for msg in launch(train_cases.fsdp_after_auto_shard, 4, timeout_s=300):
-        assert "parameters of this ShardedModule were replaced" in msg and "DistributedDataParallel" in msg, msg
+def test_the_ddp_class_is_refused_not_silently_unreduced() -> None:
+    for msg in launch(train_cases.ddp_class_refused, 4, timeout_s=300):
+        assert "does not average the gradients of DTensor parameters" in msg and "replicate(" in msg, msg
 
 
 def test_torchrun_example_dp2_x_tp2() -> None:

@@ -7,7 +7,9 @@ from typing import Any
 import models
 import torch
 import torch.distributed as dist
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import tpfx
@@ -15,23 +17,27 @@ import tpfx
 LR, MAX_NORM, STEPS = 1e-2, 0.5, 3
 
 
-def ddp_2d_check(rank: int, world: int) -> dict[str, Any]:
-    """dp=2 x tp=2: DDP over the dp axis around tpfx over the tp axis, clipped with tpfx.clip_grad_norm_,
-    against one unsharded model on the concatenated global batch clipped with torch's clip_grad_norm_."""
+def dp_2d_check(rank: int, world: int, engine: str) -> dict[str, Any]:
+    """dp=2 x tp=2: torch's data parallelism over the dp axis (``fully_shard``: FSDP2, or its composable DDP
+    ``replicate``) around tpfx over the tp axis, clipped with torch's own clip_grad_norm_, against one
+    unsharded model on the concatenated global batch."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     model, ref = models.llama(num_kv_heads=2), models.llama(num_kv_heads=2)
     sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp")
-    ddp = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
+    tp_bytes = sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())
+    (fully_shard if engine == "fsdp" else replicate)(sharded, mesh=mesh["dp"])
+    local_bytes = sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     losses, ref_losses, norms, ref_norms = [], [], [], []
     for step in range(STEPS):
         batch = torch.randint(0, ref.config.vocab_size, (2 * dp, 6), generator=torch.Generator().manual_seed(step))
         mine = batch[2 * dp_rank: 2 * dp_rank + 2]  # this dp group's half; both tp ranks read the same rows
-        loss = ddp(input_ids=mine, labels=mine).loss
+        loss = sharded(input_ids=mine, labels=mine).loss
         loss.backward()
-        norms.append(float(tpfx.clip_grad_norm_(sharded, MAX_NORM)))
+        norm = torch.nn.utils.clip_grad_norm_(sharded.parameters(), MAX_NORM)
+        norms.append(float(norm.full_tensor()))
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
@@ -43,12 +49,22 @@ def ddp_2d_check(rank: int, world: int) -> dict[str, Any]:
         ref_opt.step()
         ref_opt.zero_grad()
         ref_losses.append(float(ref_loss))
+    errors = {}
+    for what, fn in {"clip": lambda: tpfx.clip_grad_norm_(sharded, 1.0),
+                     "save": lambda: tpfx.save(sharded, "/nonexistent/never-written")}.items():
+        try:
+            fn()
+            errors[what] = "no error"
+        except RuntimeError as e:
+            errors[what] = str(e)
     held = torch.randint(0, ref.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():  # after the 3 updates: the weights agree where it counts
         final, ref_final = float(sharded(input_ids=held, labels=held).loss), float(ref(input_ids=held, labels=held).loss)
     sampler = list(tpfx.dp_sampler(list(range(10)), mesh, shuffle=True, seed=0))
-    return {"sampler": sampler, "coords": (dp_rank, mesh["tp"].get_local_rank()), "losses": losses + [final], "ref_losses": ref_losses + [ref_final], "norms": norms,
-            "ref_norms": ref_norms, "tp_world": sharded.world_size, "dp": dp}
+    total = sum(p.numel() * p.element_size() for p in ref.parameters())
+    return {"sampler": sampler, "coords": (dp_rank, mesh["tp"].get_local_rank()), "losses": losses + [final],
+            "ref_losses": ref_losses + [ref_final], "norms": norms, "ref_norms": ref_norms,
+            "tp_world": sharded.world_size, "dp": dp, "bytes": (local_bytes, tp_bytes, total), "errors": errors}
 
 
 def mesh_errors(rank: int, world: int) -> dict[str, str]:
@@ -64,16 +80,15 @@ def mesh_errors(rank: int, world: int) -> dict[str, str]:
     return out
 
 
-def fsdp_after_auto_shard(rank: int, world: int) -> str:
-    """fully_shard over a ShardedModule swaps its parameters: the next call must refuse, not train stale weights."""
-    from torch.distributed.fsdp import fully_shard
-
+def ddp_class_refused(rank: int, world: int) -> str:
+    """torch's DistributedDataParallel class does not reduce DTensor gradients: refused, not silently wrong
+    (``init_sync=False`` gets it past its own first broadcast, which fails on DTensors)."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     sharded = tpfx.auto_shard(models.llama(num_kv_heads=2), mesh=mesh, tp_axis="tp")
-    fully_shard(sharded, mesh=mesh["dp"])
+    ddp = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group(), init_sync=False)
     ids = torch.randint(0, 64, (2, 6))
     try:
-        sharded(input_ids=ids, labels=ids)
+        ddp(input_ids=ids, labels=ids)
     except RuntimeError as e:
         return str(e)
     return "no error"

@@ -8,6 +8,7 @@ from tpfx.checkpoint import load, save
 from tpfx.clip import clip_grad_norm_, grad_norm
 from tpfx.compare import Comparison, compare
 from tpfx.data_parallel import dp_sampler
+from tpfx.dtensor_params import local
 from tpfx.explain import Explanation
 from tpfx.launch import launch
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
@@ -16,6 +17,6 @@ from tpfx.pretrained import CheckpointError, from_pretrained
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
            "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm",
-           "dp_sampler"]
+           "dp_sampler", "local"]
 __version__ = "0.1.0"
 del _sys

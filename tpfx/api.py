@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
+from tpfx.dtensor_params import ParamFeeder, as_dtensor, dtensor_placement, local, params_as_inputs, tp_mesh
 from tpfx.passes.emit import emit
 from tpfx.passes.pipeline import PRE_PASSES, run_passes
 from tpfx.passes.placements import Placement, Replicate, Shard
@@ -214,6 +215,12 @@ def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
     return sorted(out)
 
 
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> None:
     *path, leaf = fqn.split(".")
     m = module
@@ -330,13 +337,37 @@ class ShardedModule(torch.nn.Module):
         installed = dict(self.named_parameters())
         for fqn, p in self._store.items():
             if fqn not in installed:
-                _install(self, fqn, p)
-        self.__dict__["_slots"] = [(self.get_submodule(fqn.rpartition(".")[0]), fqn.rpartition(".")[2], p)
-                                   for fqn, p in self._store.items()]
+                self._register(fqn, p)
+        fqn_of = {id(p): fqn for fqn, p in self._store.items()}
+        targets = [n.target for n in local.graph.nodes
+                   if n.op == "get_attr" and id(_attr(local, n.target)) in fqn_of]
+        slots = [self._slot(fqn_of[id(_attr(local, t))]) for t in targets]
+        fed = params_as_inputs(local, targets)
         # no-grad regions were inlined at capture (``inline_grad_regions``), so each rank compiles as one graph
-        runner: Any = torch.compile(local, dynamic=True) if self._compile else local
+        runner = ParamFeeder(torch.compile(fed, dynamic=True) if self._compile else fed, slots)
         self._graphs[key] = (local, runner)
         return local
+
+    def _slot(self, fqn: str) -> tuple[torch.nn.Module, str]:
+        parent, _, leaf = fqn.rpartition(".")
+        return self.get_submodule(parent), leaf
+
+    def _register(self, fqn: str, param: torch.nn.Parameter) -> None:
+        """Register this rank's slice ``param`` of ``fqn``: as a DTensor parameter on the tp mesh where its
+        layout has a DTensor placement (``tpfx.dtensor_params``), else as it is."""
+        pl = self.placement(fqn) if fqn in self._store else Replicate()
+        dpl = dtensor_placement(pl, self.world_size)
+        pp = self._plan.placements.get(fqn)
+        if dpl is not None:
+            if self.__dict__.get("_mesh") is None:
+                self.__dict__["_mesh"] = self.__dict__.get("_given_mesh") or tp_mesh(self._group, param.device)
+            shape = tuple(pp.shape) if pp is not None else tuple(param.shape)
+            param = as_dtensor(param, dpl, self.__dict__["_mesh"], shape)
+        else:
+            self.__dict__.setdefault("_plain", []).append(fqn)
+        _install(self, fqn, param)
+        self.__dict__.setdefault("_registered", {})[fqn] = param
+        self.__dict__.setdefault("_slots", []).append((*self._slot(fqn), param))
 
     def graph_module(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
         """The emitted per-rank GraphModule that serves these inputs (captured if needed)."""
@@ -375,16 +406,46 @@ class ShardedModule(torch.nn.Module):
                   "tensor-parallel group must be fed the same batch: see tpfx.dp_sampler)")
 
     def _check_params(self) -> None:
-        """The graphs hold this module's parameter objects; a wrapper that swaps them (FSDP's ``fully_shard``
-        replaces them with its own) would leave the graphs computing with stale weights and gradients going
-        nowhere. Refuse instead (an identity check per parameter, microseconds)."""
-        for module, leaf, p in self.__dict__.get("_slots", ()):
-            if module._parameters.get(leaf) is not p:
+        """The graphs compute with the parameters registered at call time. A data-parallel wrapper may swap
+        them for its own if they hold the same local slices (FSDP2's ``fully_shard`` and torch's composable
+        ``replicate`` put unsharded DTensors on the tp mesh in place before each forward). Anything else is
+        refused, as is torch's ``DistributedDataParallel``, which does not reduce DTensor gradients
+        (checks per parameter, microseconds)."""
+        from torch.distributed.tensor import DTensor
+        from torch.nn.parallel import DistributedDataParallel
+
+        active = DistributedDataParallel._get_active_ddp_module()
+        slots = self.__dict__.get("_slots", ())
+        if active is not None and active.module is self and any(isinstance(o, DTensor) for *_, o in slots):
+            raise RuntimeError(
+                "tpfx: torch's DistributedDataParallel does not average the gradients of DTensor parameters (a "
+                "ShardedModule's are DTensors on the tp mesh), so it would train silently wrong; wrap it with "
+                "torch's composable DDP instead, replicate(sharded, mesh=mesh['dp']) from "
+                "torch.distributed._composable.replicate_with_fsdp, or with FSDP2's fully_shard(sharded, "
+                "mesh=mesh['dp'])")
+        for module, leaf, ours in slots:
+            p = module._parameters.get(leaf)
+            if p is ours:
+                continue
+            if p is None or isinstance(p, DTensor) != isinstance(ours, DTensor) or local(p).shape != local(ours).shape:
                 raise RuntimeError(
-                    "tpfx: the parameters of this ShardedModule were replaced after auto_shard (by FSDP's "
-                    "fully_shard or another wrapper); its per-rank graphs compute with the parameters they were "
-                    "built with, so this would silently train the wrong weights. FSDP over a tpfx module is not "
-                    "supported yet: use DistributedDataParallel over the data-parallel axis")
+                    f"tpfx: parameter {leaf!r} of this ShardedModule was replaced after auto_shard by one that is "
+                    f"not this rank's slice ({type(p).__name__} of shape {tuple(getattr(p, 'shape', ()))}); its "
+                    "per-rank graphs compute with this rank's slices. Data parallelism over the dp axis: "
+                    "fully_shard(sharded, mesh=mesh['dp']) or replicate(sharded, mesh=mesh['dp'])")
+
+    def wrapped(self) -> bool:
+        """Whether a data-parallel wrapper (``fully_shard``, ``replicate``) now holds the parameters: they are
+        then its shards, not this rank's tp slices."""
+        return any(module._parameters.get(leaf) is not ours for module, leaf, ours in self.__dict__.get("_slots", ()))
+
+    def check_own_params(self, what: str) -> None:
+        """Raise if a data-parallel wrapper holds the parameters (``what`` needs this rank's tp slices)."""
+        if self.wrapped():
+            raise RuntimeError(f"tpfx: {what} reads this rank's tensor-parallel slices, but a data-parallel "
+                               "wrapper (fully_shard / replicate) now holds the parameters as its own shards; "
+                               "use torch's APIs, which see them as DTensors: torch.nn.utils.clip_grad_norm_, "
+                               "torch.distributed.checkpoint with get_state_dict")
 
 
 def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example_inputs: tuple | None = None,
@@ -398,7 +459,7 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     slice (e.g. vocab-split logits when only ``.loss`` is used: the loss is computed with a parallel
     cross-entropy either way, so training then never gathers the logits). ``mesh`` (a ``DeviceMesh`` with
     named axes) and ``tp_axis``: shard over that axis of the mesh; the other axes are for data parallelism
-    (wrap the result in DDP over them)."""
+    (wrap the result in torch's ``fully_shard`` or ``replicate`` over them)."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
@@ -428,7 +489,7 @@ def _check_unwrapped(model: torch.nn.Module) -> None:
     if isinstance(model, DistributedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("tpfx: the model is already wrapped for data parallelism (DDP, or FSDP's fully_shard: "
                          "its parameters are DTensors); call tpfx.auto_shard on the plain model first, then wrap "
-                         "the sharded module (DDP(sharded, process_group=mesh['dp'].get_group()))")
+                         "the sharded module (fully_shard(sharded, mesh=mesh['dp']))")
 
 
 ParamLoader = Callable[[str, Placement], torch.Tensor]
@@ -465,12 +526,27 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
         plan = planned
     _check_agreement(plan, group)
     sharded = ShardedModule(model, plan, rank, group, compile, gather_outputs)
+    sharded.__dict__["_given_mesh"] = mesh[tp_axis] if mesh is not None else None
     if loader is not None:
         _load_params(sharded, model, plan, loader)
     if first is not None:
         gm, planned, args, kwargs, dynamic = first
         sharded.add_graph(gm, planned, sharded._key(args, kwargs, dynamic))
+    _warn_plain(sharded)
     return sharded
+
+
+def _warn_plain(sharded: ShardedModule) -> None:
+    """Say once which parameters are plain tensors (no DTensor placement for their layout): torch's
+    ``clip_grad_norm_`` over ``sharded.parameters()`` raises on the mix, ``tpfx.clip_grad_norm_`` is exact."""
+    plain = sharded.__dict__.get("_plain", [])
+    if not plain or sharded.rank != 0:
+        return
+    layouts = sorted({str(sharded.placement(f)) for f in plain})
+    warnings.warn(f"tpfx: {len(plain)} parameters (e.g. {plain[0]}) have layouts with no DTensor placement "
+                  f"({', '.join(layouts)}) and are plain tensors holding this rank's slice; torch.nn.utils."
+                  "clip_grad_norm_(sharded.parameters()) raises on this mix, so clip with tpfx.clip_grad_norm_"
+                  "(sharded, max_norm) (exact)", UserWarning, stacklevel=3)
 
 
 def _load_params(sharded: ShardedModule, model: torch.nn.Module, plan: ShardingPlan, loader: ParamLoader) -> None:
@@ -481,7 +557,7 @@ def _load_params(sharded: ShardedModule, model: torch.nn.Module, plan: ShardingP
         pl: Placement = pp.as_placement() if pp is not None else Replicate()
         sharded._store[fqn] = torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad)
     for fqn, p in sharded._store.items():
-        _install(sharded, fqn, p)
+        sharded._register(fqn, p)
 
 
 def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> None:

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from tpfx.dtensor_params import local
 from tpfx.passes.placements import Shard
 
 if TYPE_CHECKING:
@@ -87,26 +88,32 @@ def _chunks_of(sharded: ShardedModule) -> dict[str, Chunks]:
 
 
 def _state(sharded: ShardedModule, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any],
-                                                                                      dict[str, Chunks]]:
-    """The flat state dict DCP sees ("model.<fqn>", "optim.state.<fqn>.<name>", "optim.param_groups...")
-    and the chunks of every split entry. Tensors are this rank's own (loads write into them in place)."""
+                                                                                      dict[str, Chunks],
+                                                                                      dict[str, Any]]:
+    """The flat state dict DCP sees ("model.<fqn>", "optim.state.<fqn>.<name>", "optim.param_groups..."),
+    the chunks of every split entry and the DTensors whose local tensors the state holds. Tensors are this
+    rank's own (loads write into them in place)."""
+    sharded.check_own_params("tpfx.save / tpfx.load")
     chunks = _chunks_of(sharded)
     state: dict[str, Any] = {}
     layouts: dict[str, Chunks] = {}
-    params = dict(sharded.named_parameters())
+    wrapped: dict[str, Any] = {}
+    params = {fqn: local(p.detach()) for fqn, p in sharded.named_parameters()}  # DTensors: their local slice
     for fqn, p in params.items():
-        state[f"model.{fqn}"] = p.detach()
+        state[f"model.{fqn}"] = p
         if fqn in chunks:
             layouts[f"model.{fqn}"] = chunks[fqn]
     if optimizer is not None:
         osd = get_optimizer_state_dict(sharded, optimizer,
                                        options=StateDictOptions(flatten_optimizer_state_dict=True))
         for key, value in osd.items():
+            if local(value) is not value:  # moments of DTensor parameters are DTensors; tpfx gives their chunks
+                wrapped[f"optim.{key}"], value = value, local(value)
             state[f"optim.{key}"] = value
             owner = _state_param(key, params)
             if owner in chunks and isinstance(value, torch.Tensor) and value.shape == params[owner].shape:
                 layouts[f"optim.{key}"] = chunks[owner]  # a moment laid out like its parameter
-    return state, layouts
+    return state, layouts, wrapped
 
 
 def _state_param(key: str, params: dict[str, Any]) -> str:
@@ -175,7 +182,7 @@ class _LoadPlanner(DefaultLoadPlanner):
 def save(sharded: ShardedModule, path: str | os.PathLike, *, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Save this rank's parameters (and ``optimizer``'s state) to the DCP checkpoint directory ``path``.
     Collective: every rank of the group calls it; each writes only its own slices."""
-    state, layouts = _state(sharded, optimizer)
+    state, layouts, _ = _state(sharded, optimizer)
     dcp.save(state, checkpoint_id=str(path), planner=_SavePlanner(layouts), process_group=sharded.group)
 
 
@@ -184,10 +191,10 @@ def load(sharded: ShardedModule, path: str | os.PathLike, *, optimizer: torch.op
     Collective: every rank of the group calls it; each reads only what overlaps its own slices."""
     if not (Path(path) / ".metadata").is_file():  # checked by every rank before any collective
         raise FileNotFoundError(f"tpfx.load: {str(path)!r} is not a tpfx.save checkpoint (no .metadata file)")
-    state, layouts = _state(sharded, optimizer)
+    state, layouts, wrapped = _state(sharded, optimizer)
     dcp.load(state, checkpoint_id=str(path), planner=_LoadPlanner(layouts), process_group=sharded.group)
-    if optimizer is not None:
-        osd = {k[len("optim."):]: v for k, v in state.items() if k.startswith("optim.")}
+    if optimizer is not None:  # loaded into the local tensors in place: hand torch back the DTensors
+        osd = {k[len("optim."):]: wrapped.get(k, v) for k, v in state.items() if k.startswith("optim.")}
         set_optimizer_state_dict(sharded, optimizer, osd,
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
     if dist.is_initialized():

@@ -78,14 +78,14 @@ def _demo_rank(rank: int, world: int, layers: int) -> dict[str, Any]:
     out.loss.backward()
     ref.loss.backward()
     full = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    grad_err = max(((p.grad - tpfx.shard_tensor(sharded.plan, n, full[n], rank)).abs().max()
+    grad_err = max(((tpfx.local(p.grad) - tpfx.shard_tensor(sharded.plan, n, full[n], rank)).abs().max()
                     / full[n].abs().max()).item() for n, p in sharded.named_parameters() if p.grad is not None)
     return {
         "plan": str(sharded.plan) if rank == 0 else "",
         "logits_err": ((out.logits - ref.logits).abs().max() / ref.logits.abs().max()).item(),
         "loss": (out.loss.item(), ref.loss.item()),
         "grad_err": grad_err,
-        "params": (sum(p.numel() for p in sharded.parameters()), sum(p.numel() for p in reference.parameters())),
+        "params": (sum(tpfx.local(p).numel() for p in sharded.parameters()), sum(p.numel() for p in reference.parameters())),
     }
 
 

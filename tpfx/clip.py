@@ -7,10 +7,11 @@ gradient belongs to rank 0), and one all-reduce over the tensor-parallel group s
 (a max for the infinity norm). The gradients of the ranks that share a piece are equal (tpfx sums them
 within their replica group in backward), so the owner's copy stands for all.
 
-``torch.nn.utils.clip_grad_norm_(sharded.parameters(), ...)`` sees only this rank's plain tensors and would
-return a local norm; tpfx's parameters are not DTensors (its per-part and replica-group layouts have no
-DTensor placement), so use ``tpfx.clip_grad_norm_(sharded, max_norm)``, which then scales the gradients
-with torch's own ``clip_grads_with_norm_``.
+Where every parameter's layout has a DTensor placement, the parameters are DTensors
+(``tpfx.dtensor_params``) and torch's own ``torch.nn.utils.clip_grad_norm_(sharded.parameters(), ...)`` is
+exact too. Where some have none (replica groups, parts held whole), torch's call raises on the mix of
+DTensors and tensors and ``tpfx.clip_grad_norm_(sharded, max_norm)`` is the path; it scales the gradients
+by torch's ``clip_grads_with_norm_`` coefficient.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from tpfx.dtensor_params import local
 from tpfx.passes.placements import Placement, Shard
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ def owned_norm(grad: torch.Tensor, pl: Placement, rank: int, world: int, norm_ty
 def grad_norm(sharded: ShardedModule, norm_type: float = 2.0) -> torch.Tensor:
     """The norm of the unsharded model's gradient (all parameters together), the same on every rank.
     Collective over the tensor-parallel group."""
+    sharded.check_own_params("tpfx.grad_norm")
     norm_type = float(norm_type)
     total = torch.zeros((), dtype=torch.float64)
     device = None
@@ -53,7 +56,7 @@ def grad_norm(sharded: ShardedModule, norm_type: float = 2.0) -> torch.Tensor:
         if p.grad is None:
             continue
         device = p.grad.device
-        share = owned_norm(p.grad, sharded.placement(fqn), sharded.rank, sharded.world_size, norm_type)
+        share = owned_norm(local(p.grad), sharded.placement(fqn), sharded.rank, sharded.world_size, norm_type)
         share = share.to(total.device)
         total = torch.maximum(total, share) if math.isinf(norm_type) else total + share
     if device is not None and device.type != "cpu":
@@ -72,8 +75,10 @@ def clip_grad_norm_(sharded: ShardedModule, max_norm: float, norm_type: float = 
     norm = grad_norm(sharded, norm_type)
     if error_if_nonfinite and not torch.isfinite(norm):
         raise RuntimeError(f"tpfx.clip_grad_norm_: the total norm of order {norm_type} is non-finite ({norm})")
-    grads = [p for p in sharded.parameters() if p.grad is not None]
-    first = grads[0].grad.dtype if grads and grads[0].grad is not None else torch.float32
+    grads = [local(p.grad) for p in sharded.parameters() if p.grad is not None]  # DTensors: their local views
+    first = grads[0].dtype if grads else torch.float32
     norm = norm.to(first if first.is_floating_point else torch.float32)
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=foreach)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's clip_grads_with_norm_, on the local views
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device)) if foreach is not False else [g.mul_(coef) for g in grads]
     return norm

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tpfx.dtensor_params import local as _local_of
+
 
 def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-7) -> float:
     if a is None or b is None or a.shape != b.shape:
@@ -68,7 +70,7 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
     grad_err, worst = _grad_err(dict(sharded.named_parameters()), ref,
                                 lambda name, g: tpfx.shard_tensor(plan, name, g, rank))
     hf = hf_agreement(plan, ref)
-    local = sum(p.numel() for p in sharded.parameters())
+    local = sum(_local_of(p).numel() for p in sharded.parameters())
     total = sum(p.numel() for p in ref.parameters())
     res.update(
         status="ok",
@@ -111,7 +113,7 @@ def _grad_err(params: dict[str, torch.Tensor], ref: torch.nn.Module, local: Any)
         if fg is None and p.grad is None:
             continue
         fg = fg if fg is not None else torch.zeros_like(full[name])
-        e = _rel(p.grad if p.grad is not None else torch.zeros_like(p), local(name, fg),
+        e = _rel(_local_of(p.grad) if p.grad is not None else torch.zeros_like(_local_of(p)), local(name, fg),
                  floor=max(1e-7, 1e-2 * scale))
         if e > err:
             err, worst = e, name

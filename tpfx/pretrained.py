@@ -527,6 +527,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     one at a time to rank 0, which writes them; the directory appears complete or not at all."""
     from transformers.utils.hub import convert_file_size_to_int
 
+    sharded.check_own_params("save_pretrained")
     group = sharded.group
     _barrier(group, timeout_s, "save_pretrained")
     local = _local_tensors(sharded)

@@ -1,0 +1,72 @@
+"""Parameters as DTensors (tier 1 and 2, no process group): which tpfx layouts have an exact DTensor
+placement (checked against DTensor's own split of the full tensor), and the per-rank graph that takes its
+parameters as inputs computes what the graph reading them computes."""
+
+from __future__ import annotations
+
+import models
+import pytest
+import torch
+import torch.distributed as dist
+from numerics import TOL, rel_err
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor.placement_types import _StridedShard
+from tpfx.passes.placements import Replicate, Shard, shard_tensor
+
+import tpfx
+from tpfx.api import _attr
+from tpfx.dtensor_params import dtensor_placement
+
+CASES = [
+    (Replicate(), 4, DReplicate()),
+    (Shard(0, 4, (12,)), 4, DShard(0)),
+    (Shard(1, 2, (50257,)), 2, DShard(1)),  # uneven, but torch.chunk's sizes too (25129, 25128)
+    (Shard(0, 4, (10,)), 4, None),  # balanced 3,3,2,2; torch.chunk gives 3,3,3,1
+    (Shard(0, 4, (8, 8, 8)), 4, _StridedShard(0, split_factor=3)),  # per part, equal parts (c_attn)
+    (Shard(0, 4, (8, 4, 4)), 4, None),  # per part, GQA q/k/v of different sizes
+    (Shard(0, 2, (8,)), 4, None),  # KV heads replicated within groups of 2
+    (Shard(0, 4, (8, 2, 2), (4, 1, 1)), 4, None),  # q split, k and v held whole (Falcon's MQA)
+]
+
+
+@pytest.mark.parametrize("pl,world,want", CASES, ids=[str(c[0]) + f"@{c[1]}" for c in CASES])
+def test_dtensor_placement_is_exact_or_none(pl, world: int, want) -> None:
+    got = dtensor_placement(pl, world)
+    assert got == want, got
+    if got is None or isinstance(got, DReplicate):
+        return
+    n = max(sum(pl.segs), 3)
+    full = torch.arange(n * 3 * 3, dtype=torch.float32).view(n, 3, 3) if pl.dim == 0 else \
+        torch.arange(3 * n, dtype=torch.float32).view(3, n)
+    full = full.narrow(pl.dim, 0, sum(pl.segs))
+    theirs, _ = got._split_tensor(full, world, with_padding=False)
+    for r in range(world):  # DTensor's local tensor of rank r is tpfx's slice of rank r
+        assert torch.equal(theirs[r], shard_tensor(full, pl, r, world)), r
+
+
+def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
+    """One rank (an in-process gloo group): the module's DTensor parameters are fed to the graph at call
+    time; forward and gradients are the model's, and the graph reads no parameter of its own."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, ref = models.llama(num_kv_heads=2), models.llama(num_kv_heads=2)
+        sharded = tpfx.auto_shard(model, 1)
+        assert all(isinstance(p, DTensor) for p in sharded.parameters())
+        ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+        out, want = sharded(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+        assert rel_err(out.logits, want.logits) <= TOL
+        out.loss.backward()
+        want.loss.backward()
+        full = dict(ref.named_parameters())
+        for n, p in sharded.named_parameters():
+            assert isinstance(p.grad, DTensor) and rel_err(p.grad, full[n].grad) <= TOL, n
+        local, runner = next(iter(sharded._graphs.values()))
+        fed = runner.fn
+        reads = [n.target for n in local.graph.nodes if n.op == "get_attr" and id(_attr(local, n.target)) in
+                 {id(p) for p in sharded._store.values()}]
+        assert len(reads) == len(runner.slots) == len(sharded._store)
+        assert not [n for n in fed.graph.nodes if n.op == "get_attr" and n.target in reads]
+    finally:
+        dist.destroy_process_group()

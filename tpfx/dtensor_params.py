@@ -1,0 +1,127 @@
+"""Parameters as DTensors on the tensor-parallel mesh.
+
+A ``ShardedModule`` registers each parameter whose tpfx layout has an exact DTensor placement as a DTensor
+on the tp mesh, holding this rank's slice as its local tensor (no copy): torch's own
+``clip_grad_norm_``, optimizers, ``fully_shard`` and ``replicate`` then see the full parameter and give
+the unsharded model's numbers. The mapping (``dtensor_placement``):
+
+- ``Replicate`` -> ``Replicate()``;
+- one segment split over all ranks in ``torch.chunk``'s sizes -> ``Shard(dim)``;
+- several equal segments each split over all ranks evenly (GPT-2's fused ``c_attn``) -> ``_StridedShard(dim,
+  split_factor=segments)``: every rank holds its chunk of each segment, which is what a strided shard is.
+
+Layouts DTensor cannot express stay plain tensors holding this rank's slice: replica groups (two KV heads on
+four ranks), parts held whole, segments of different sizes or group counts. torch's ``clip_grad_norm_`` then
+raises on the mix of DTensors and tensors (never a silently local norm) and ``tpfx.clip_grad_norm_`` is the
+exact path; ``auto_shard`` warns once naming them.
+
+The per-rank graphs take the parameters as leading inputs (``params_as_inputs``) and ``ParamFeeder`` passes
+the module's parameters as registered at call time, DTensors as their local tensors (``to_local`` is
+differentiable: gradients arrive as DTensors with the parameter's placement). A wrapper that swaps the
+registered parameters for its own (FSDP2's ``fully_shard`` all-gathers them into unsharded DTensors on the
+tp mesh before each forward) is then computed with, not bypassed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor.placement_types import Placement as DPlacement
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils._pytree import tree_structure, tree_unflatten
+
+from tpfx.passes.placements import Placement, Replicate, Shard
+
+__all__ = ["dtensor_placement", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder"]
+
+
+def _chunk_sizes(size: int, world: int) -> list[int]:
+    """Local sizes of ``torch.chunk`` (DTensor's ``Shard``) of ``size`` over ``world`` ranks."""
+    step = math.ceil(size / world) if size else 0
+    return [max(0, min(step, size - r * step)) for r in range(world)]
+
+
+def dtensor_placement(pl: Placement, world: int) -> DPlacement | None:
+    """The DTensor placement on a 1-D mesh of ``world`` ranks that lays a tensor out exactly as tpfx's
+    ``pl`` does, or ``None`` where there is none."""
+    if isinstance(pl, Replicate):
+        return DReplicate()
+    if not isinstance(pl, Shard) or not pl.split_by(world):
+        return None
+    if len(pl.segs) == 1:
+        seg = pl.segs[0]
+        fits = [pl.local_size(r, world) for r in range(world)] == _chunk_sizes(seg, world)
+        return DShard(pl.dim) if fits else None
+    if len(set(pl.segs)) == 1 and pl.segs[0] % world == 0:
+        return _StridedShard(pl.dim, split_factor=len(pl.segs))
+    return None
+
+
+def tp_mesh(group: dist.ProcessGroup | None, device: torch.device) -> DeviceMesh:
+    """A 1-D ``DeviceMesh`` over the tensor-parallel group (the world when ``group`` is None)."""
+    pg = group if group is not None else dist.group.WORLD
+    assert pg is not None, "tpfx: no process group"
+    return DeviceMesh.from_group(pg, device.type, mesh_dim_names=("tp",))
+
+
+def as_dtensor(param: torch.nn.Parameter, pl: DPlacement, mesh: DeviceMesh,
+               shape: Sequence[int]) -> torch.nn.Parameter:
+    """``param`` (this rank's slice) as a DTensor parameter of the full ``shape``, sharing its storage."""
+    stride = torch.empty(tuple(shape), device="meta").stride()
+    dt = DTensor.from_local(param.detach(), mesh, [pl], run_check=False, shape=torch.Size(shape), stride=stride)
+    return torch.nn.Parameter(dt, requires_grad=param.requires_grad)
+
+
+def local(t: Any) -> Any:
+    """A DTensor's local tensor, anything else as it is. Differentiable (``to_local``) where autograd records
+    ``t``; otherwise the local tensor itself, so in-place updates of it (clipping a gradient) reach ``t``."""
+    if not isinstance(t, DTensor):
+        return t
+    return t.to_local() if t.requires_grad and torch.is_grad_enabled() else t._local_tensor
+
+
+def params_as_inputs(gm: fx.GraphModule, targets: Sequence[str]) -> fx.GraphModule:
+    """A copy of ``gm`` (an exported per-rank graph) that takes the attributes ``targets`` (its parameters)
+    as leading positional inputs instead of reading them from itself."""
+    graph = copy.deepcopy(gm.graph)
+    info = graph._codegen.pytree_info  # type: ignore[attr-defined]
+    args_spec, kwargs_spec = info.in_spec.children()
+    index = {t: i for i, t in enumerate(targets)}
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first):
+        inputs = [graph.placeholder(f"tpfx_param_{i}") for i in range(len(targets))]
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target in index:
+            node.replace_all_uses_with(inputs[index[node.target]])
+            graph.erase_node(node)
+    args = tuple(tree_unflatten([0] * args_spec.num_leaves, args_spec))
+    kwargs = tree_unflatten([0] * kwargs_spec.num_leaves, kwargs_spec)
+    in_spec = tree_structure(((0,) * len(targets) + args, kwargs))
+    names = [n.name for n in inputs]
+    graph._codegen.pytree_info = info._replace(orig_args=names + list(info.orig_args),  # type: ignore[attr-defined]
+                                                in_spec=in_spec)
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)  # copies what the graph still reads
+    out.graph.lint()
+    return out
+
+
+class ParamFeeder:
+    """Calls a graph from ``params_as_inputs`` with the parameters registered at ``slots`` ((module, name)
+    pairs) as they are at call time."""
+
+    def __init__(self, fn: Any, slots: Sequence[tuple[torch.nn.Module, str]]) -> None:
+        self.fn, self.slots = fn, list(slots)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        params = [local(module._parameters[name]) for module, name in self.slots]
+        return self.fn(*params, *args, **kwargs)
