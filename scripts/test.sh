@@ -4,5 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
 python3 -c "import tpfx, pytest" 2>/dev/null || python3 -m pip install -q -e '.[dev]'
-# two workers, one test file each at a time (module fixtures stay in one process): about 15% faster on 2 cores
-exec python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=12 tests "$@"
+exec python3 -m pytest -q -p no:cacheprovider --durations=12 tests "$@"
