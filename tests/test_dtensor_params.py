@@ -4,6 +4,8 @@ parameters as inputs computes what the graph reading them computes."""
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import models
 import pytest
 import torch
@@ -16,7 +18,6 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from tpfx.passes.placements import Replicate, Shard, shard_tensor
 
 import tpfx
-from tpfx.api import _attr
 from tpfx.dtensor_params import dtensor_placement
 
 CASES = [
@@ -64,7 +65,7 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
             assert isinstance(p.grad, DTensor) and rel_err(p.grad, full[n].grad) <= TOL, n
         local, runner = next(iter(sharded._graphs.values()))
         fed = runner.fn
-        reads = [n.target for n in local.graph.nodes if n.op == "get_attr" and id(_attr(local, n.target)) in
+        reads = [n.target for n in local.graph.nodes if n.op == "get_attr" and id(attrgetter(n.target)(local)) in
                  {id(p) for p in sharded._store.values()}]
         assert len(reads) == len(runner.slots) == len(sharded._store)
         assert not [n for n in fed.graph.nodes if n.op == "get_attr" and n.target in reads]

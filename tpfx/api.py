@@ -6,6 +6,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -215,12 +216,6 @@ def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
     return sorted(out)
 
 
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> None:
     *path, leaf = fqn.split(".")
     m = module
@@ -339,10 +334,11 @@ class ShardedModule(torch.nn.Module):
             if fqn not in installed:
                 self._register(fqn, p)
         fqn_of = {id(p): fqn for fqn, p in self._store.items()}
-        targets = [n.target for n in local.graph.nodes
-                   if n.op == "get_attr" and id(_attr(local, n.target)) in fqn_of]
-        slots = [self._slot(fqn_of[id(_attr(local, t))]) for t in targets]
-        fed = params_as_inputs(local, targets)
+        reads = {n.target: fqn_of.get(id(attrgetter(n.target)(local)))
+                 for n in local.graph.nodes if n.op == "get_attr"}
+        params = [(t, fqn) for t, fqn in reads.items() if fqn is not None]  # the attributes that are parameters
+        fed = params_as_inputs(local, [t for t, _ in params])
+        slots = [self._slot(fqn) for _, fqn in params]
         # no-grad regions were inlined at capture (``inline_grad_regions``), so each rank compiles as one graph
         runner = ParamFeeder(torch.compile(fed, dynamic=True) if self._compile else fed, slots)
         self._graphs[key] = (local, runner)
@@ -355,8 +351,7 @@ class ShardedModule(torch.nn.Module):
     def _register(self, fqn: str, param: torch.nn.Parameter) -> None:
         """Register this rank's slice ``param`` of ``fqn``: as a DTensor parameter on the tp mesh where its
         layout has a DTensor placement (``tpfx.dtensor_params``), else as it is."""
-        pl = self.placement(fqn) if fqn in self._store else Replicate()
-        dpl = dtensor_placement(pl, self.world_size)
+        dpl = dtensor_placement(self.placement(fqn), self.world_size)
         pp = self._plan.placements.get(fqn)
         if dpl is not None:
             if self.__dict__.get("_mesh") is None:
@@ -366,7 +361,6 @@ class ShardedModule(torch.nn.Module):
         else:
             self.__dict__.setdefault("_plain", []).append(fqn)
         _install(self, fqn, param)
-        self.__dict__.setdefault("_registered", {})[fqn] = param
         self.__dict__.setdefault("_slots", []).append((*self._slot(fqn), param))
 
     def graph_module(self, *args: Any, **kwargs: Any) -> fx.GraphModule:

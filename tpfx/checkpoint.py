@@ -107,8 +107,8 @@ def _state(sharded: ShardedModule, optimizer: torch.optim.Optimizer | None) -> t
         osd = get_optimizer_state_dict(sharded, optimizer,
                                        options=StateDictOptions(flatten_optimizer_state_dict=True))
         for key, value in osd.items():
-            if local(value) is not value:  # moments of DTensor parameters are DTensors; tpfx gives their chunks
-                wrapped[f"optim.{key}"], value = value, local(value)
+            if (mine := local(value)) is not value:  # moments of DTensor parameters are DTensors: their chunks
+                wrapped[f"optim.{key}"], value = value, mine
             state[f"optim.{key}"] = value
             owner = _state_param(key, params)
             if owner in chunks and isinstance(value, torch.Tensor) and value.shape == params[owner].shape:

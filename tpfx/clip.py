@@ -79,6 +79,9 @@ def clip_grad_norm_(sharded: ShardedModule, max_norm: float, norm_type: float = 
     first = grads[0].dtype if grads else torch.float32
     norm = norm.to(first if first.is_floating_point else torch.float32)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's clip_grads_with_norm_, on the local views
-    if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].device)) if foreach is not False else [g.mul_(coef) for g in grads]
+    if grads and foreach is not False:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    else:
+        for g in grads:
+            g.mul_(coef.to(g.device))
     return norm
