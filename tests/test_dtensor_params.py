@@ -4,6 +4,7 @@ parameters as inputs computes what the graph reading them computes."""
 
 from __future__ import annotations
 
+import inspect
 from operator import attrgetter
 
 import models
@@ -69,5 +70,13 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
                  {id(p) for p in sharded._store.values()}]
         assert len(reads) == len(runner.slots) == len(sharded._store)
         assert not [n for n in fed.graph.nodes if n.op == "get_attr" and n.target in reads]
+        # what HF Trainer reads: the model's forward signature (on the class) and its plain attributes
+        assert type(sharded).__name__ == "ShardedLlamaForCausalLM" and isinstance(sharded, tpfx.ShardedModule)
+        assert inspect.signature(type(sharded).forward) == inspect.signature(type(ref).forward)
+        assert list(inspect.signature(sharded.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+        assert (sharded.loss_type, sharded.main_input_name) == (ref.loss_type, "input_ids")
+        with pytest.raises(AttributeError, match="unsharded"):  # a method of the unsharded model
+            sharded.get_input_embeddings()
+        assert type(sharded.lm_head) is torch.nn.Module  # submodules: the installed parameter tree
     finally:
         dist.destroy_process_group()

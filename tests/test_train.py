@@ -1,8 +1,9 @@
-"""Training at scale on real gloo ranks: tp x dp on a 2-D DeviceMesh with torch's DDP, exact clipping, and
-the torchrun example."""
+"""Training at scale on real gloo ranks: tp x dp on a 2-D DeviceMesh with torch's FSDP2 / composable DDP,
+exact clipping, the torchrun example, and HF Trainer."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,29 @@ def test_torchrun_example_dp2_x_tp2() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 3 and all("grad_norm" in s for s in steps), out.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_trainer_matches_the_unsharded_trainer(family: str, tmp_path: Path) -> None:
+    # Llama: GQA; GPT-2: fused c_attn (a _StridedShard DTensor) and tied embeddings
+    for r in launch(train_cases.hf_trainer_check, 2, family, str(tmp_path), timeout_s=400):
+        log, ref = r["log"], r["ref_log"]
+        assert len(log) == len(ref) == 5, r
+        assert all(h["grad_norm"] > train_cases.MAX_NORM / 2 for h in ref), ref  # clipping engaged every step
+        for key in ("loss", "grad_norm"):
+            assert rel_err(torch.tensor([h[key] for h in log]), torch.tensor([h[key] for h in ref])) <= TOL, r
+        assert abs(r["held"] - r["ref_held"]) <= TOL * abs(r["ref_held"]), r  # the trained models too
+        assert r["loaded"], r  # tpfx.save(sharded, optimizer=trainer.optimizer) reloads exactly
+
+
+def test_readme_trainer_example_runs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "trainer.py")], capture_output=True, text=True,
+                         timeout=500, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 5, out.stdout
+    for line in steps:  # "step k: loss A (unsharded B)  grad_norm C (unsharded D)"
+        a, b, c, d = (float(x) for x in re.findall(r"\d+\.\d+", line))
+        assert abs(a - b) <= 1e-5 * b and abs(c - d) <= 1e-5 * d, line
+    assert float(re.findall(r"rel err (\S+)", out.stdout)[0]) <= 1e-5, out.stdout

@@ -109,3 +109,54 @@ def different_batches(rank: int, world: int) -> dict[str, str]:
     loss = sharded(input_ids=same, labels=same).loss  # checked once: the next calls run unchecked
     out["checked_once"] = str(sharded.__dict__.get("_first_checked") and bool(torch.isfinite(loss)))
     return out
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """A causal-LM dataset of random token rows (labels = inputs, as Trainer's causal-LM collators give)."""
+
+    def __init__(self, vocab: int, rows: int = 40, seq: int = 12) -> None:
+        self.ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer_run(model: torch.nn.Module, out: str, max_grad_norm: float) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(model.config.vocab_size))
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer: Any) -> list[dict[str, float]]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def hf_trainer_check(rank: int, world: int, family: str, out: str) -> dict[str, Any]:
+    """transformers' Trainer, unchanged, on the unsharded model and on the sharded one (each tp rank runs it as
+    one process of the group: same batches), clipping engaged (``max_grad_norm`` below the norms)."""
+    make = {"llama": models.llama, "gpt2": models.gpt2}[family]
+    ref_log = _losses(_trainer_run(ref := make(), f"{out}/ref{rank}", MAX_NORM / 2))
+    sharded = tpfx.auto_shard(make(), world)
+    trainer = _trainer_run(sharded, f"{out}/tp{rank}", MAX_NORM / 2)
+    log = _losses(trainer)
+    # the README's save path after Trainer: tpfx.save with Trainer's optimizer, loaded into a fresh module
+    tpfx.save(sharded, f"{out}/ckpt", optimizer=trainer.optimizer)
+    fresh = tpfx.auto_shard(make(seed=3), world)
+    opt = torch.optim.AdamW(fresh.parameters())
+    tpfx.load(fresh, f"{out}/ckpt", optimizer=opt)
+    loaded = (all(torch.equal(tpfx.local(a).detach(), tpfx.local(b).detach())
+                  for a, b in zip(sharded.parameters(), fresh.parameters(), strict=True))
+              and {int(st["step"]) for st in opt.state.values()} == {5})
+    # the trained models (element-wise, AdamW turns fp32 rounding of near-zero gradients into lr-sized updates)
+    held = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        held_loss, ref_held = (float(m(input_ids=held, labels=held).loss) for m in (sharded, ref))
+    return {"log": log, "ref_log": ref_log, "held": held_loss, "ref_held": ref_held, "loaded": loaded}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import warnings
@@ -226,6 +227,21 @@ def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> No
     m.register_parameter(leaf, param)
 
 
+@functools.cache
+def _sharded_class(cls: type) -> type:
+    """``ShardedModule`` named for the model's class, with its ``forward`` signature: clients that read the
+    class's signature (HF Trainer: label names, dataset columns, loss kwargs) see the model's."""
+    if not callable(getattr(cls, "forward", None)):
+        return ShardedModule
+
+    def forward(self: ShardedModule, *args: Any, **kwargs: Any) -> Any:
+        return ShardedModule.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    name = f"Sharded{cls.__name__}"
+    return type(name, (ShardedModule,), {"forward": forward, "__qualname__": name, "__module__": __name__})
+
+
 class ShardedModule(torch.nn.Module):
     """This rank's piece of a model: original FQNs, local parameters, same call signature."""
 
@@ -253,6 +269,22 @@ class ShardedModule(torch.nn.Module):
     @property
     def plan(self) -> ShardingPlan:
         return self._plan
+
+    def __getattr__(self, name: str) -> Any:
+        """Parameters and submodules as ``nn.Module`` finds them; else the wrapped model's plain attributes
+        (``main_input_name``, ``loss_type``, ``accepts_loss_kwargs``, ...: what clients such as HF Trainer read).
+        Its methods, tensors and submodules are not forwarded: they would act on the unsharded model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None or name.startswith("__") or not hasattr(model, name):
+                raise
+            value = getattr(model, name)
+            if callable(value) or isinstance(value, torch.Tensor | torch.nn.Module):
+                raise AttributeError(f"tpfx: ShardedModule does not forward {name!r} of the unsharded "
+                                     f"{type(model).__name__} (it would act on the unsharded model)") from None
+            return value
 
     @property
     def config(self) -> Any:
@@ -519,7 +551,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
         first = (gm, planned, args, kwargs, dynamic)
         plan = planned
     _check_agreement(plan, group)
-    sharded = ShardedModule(model, plan, rank, group, compile, gather_outputs)
+    sharded = _sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs)  # type: ignore[arg-type]
     sharded.__dict__["_given_mesh"] = mesh[tp_axis] if mesh is not None else None
     if loader is not None:
         _load_params(sharded, model, plan, loader)
@@ -540,7 +572,9 @@ def _warn_plain(sharded: ShardedModule) -> None:
     warnings.warn(f"tpfx: {len(plain)} parameters (e.g. {plain[0]}) have layouts with no DTensor placement "
                   f"({', '.join(layouts)}) and are plain tensors holding this rank's slice; torch.nn.utils."
                   "clip_grad_norm_(sharded.parameters()) raises on this mix, so clip with tpfx.clip_grad_norm_"
-                  "(sharded, max_norm) (exact)", UserWarning, stacklevel=3)
+                  "(sharded, max_norm) (exact). HF Trainer and accelerate count plain tensors as whole tensors: "
+                  "their gradient norm and clipping of this model would be wrong; train it in your own loop",
+                  UserWarning, stacklevel=3)
 
 
 def _load_params(sharded: ShardedModule, model: torch.nn.Module, plan: ShardingPlan, loader: ParamLoader) -> None:
