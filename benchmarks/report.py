@@ -20,7 +20,7 @@ import _common as C
 
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
-NAMES = ("plan_time", "plan_quality", "runtime", "checkpoint", "generate", "generate_prefix")
+NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "checkpoint", "generate", "generate_prefix")
 
 
 def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
@@ -371,6 +371,27 @@ def _plot_generate(ax: Any, gen: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
+def section_train_2d(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Training step at dp=2 x tp=2\n\nNot run (`python benchmarks/train_2d.py`).\n"
+    cfg, med = d["config"], d["median_s"]
+    rows = [[name, C.fmt_ms(s), f"{d['params_local'][name]:,}"] for name, s in med.items()]
+    return "\n".join([
+        "## Training step at dp=2 x tp=2 (FSDP2 over dp)\n",
+        header(d),
+        f"Llama hidden {cfg['hidden_size']}, {d['layers']} layers, vocab {cfg['vocab_size']}, batch "
+        f"{d['batch'][0]}x{d['batch'][1]} per dp group; 4 gloo ranks, 1 thread each; one step = forward with "
+        "labels, backward, clipping at 1.0, AdamW; ms, median of "
+        f"{d['iters']} steps, max over ranks. `tpfx+fsdp2`: `auto_shard(mesh=..., tp_axis='tp')` then one "
+        "`fully_shard` over dp. `torch-recipe`: torchtitan's `parallelize_module` Megatron plan over tp, then "
+        "`fully_shard` per decoder layer and at the root. Losses of the two agree to rel "
+        f"{d['loss_rel_err']:.1e}. The torch recipe all-gathers per layer (on GPUs that overlaps with compute "
+        "and bounds the unsharded parameters to one layer); tpfx's one FSDP2 group all-gathers every parameter "
+        "before the step, so its peak parameter memory is the tp-sharded model's, not one layer's.\n",
+        md_table(["tool", "step ms", "parameters / rank"], rows),
+        "\n### Targets\n", fmt_targets(d["targets"]), ""])
+
+
 def section_checkpoint(d: dict[str, Any] | None) -> str:
     if d is None:
         return "## Checkpoints\n\nNot run (`python benchmarks/checkpoint.py`).\n"
@@ -478,6 +499,7 @@ def main() -> None:
         section_plan_time(data["plan_time"]),
         section_plan_quality(data["plan_quality"]),
         section_runtime(data["runtime"]),
+        section_train_2d(data["train_2d"]),
         section_checkpoint(data["checkpoint"]),
         section_generate(data["generate"], data["generate_prefix"]),
     ]
