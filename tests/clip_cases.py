@@ -40,9 +40,15 @@ def clip_check(rank: int, world: int, name: str, norm_type: float) -> dict[str, 
         torch_call = {"error": str(e)[:200]}
     for p, g in zip(sharded.parameters(), saved):
         tpfx.local(p.grad).copy_(g)
+    # transformers' Trainer (and accelerate) on DTensors over several meshes: one norm per mesh, no clipping
+    from transformers import Trainer
+
+    trainer_norm = Trainer._mixed_mesh_grad_norm(None, sharded, float("inf"))  # type: ignore[arg-type]
     got = tpfx.clip_grad_norm_(sharded, 0.1, norm_type)
     errs = [grad_err()]
     layouts = sorted({p.placement for p in sharded.plan.placements.values()})
     return {"norm": float(got), "want": float(want), "norm_err": rel_err(got, want), "grad_err": max(errs),
             "local_norm": local_norm, "layouts": layouts, "dtype": str(got.dtype), "torch": torch_call,
+            "trainer_norm_err": rel_err(trainer_norm, want),
+            "meshes": len({p.device_mesh for p in sharded.parameters() if isinstance(p, DTensor)}),
             "plain": [n for n, p in sharded.named_parameters() if not isinstance(p, DTensor)]}

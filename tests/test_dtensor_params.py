@@ -19,7 +19,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from tpfx.passes.placements import Replicate, Shard, shard_tensor
 
 import tpfx
-from tpfx.dtensor_params import dtensor_placement
+from tpfx.dtensor_params import dtensor_layout, dtensor_placement
 
 CASES = [
     (Replicate(), 4, DReplicate()),
@@ -46,6 +46,27 @@ def test_dtensor_placement_is_exact_or_none(pl, world: int, want) -> None:
     theirs, _ = got._split_tensor(full, world, with_padding=False)
     for r in range(world):  # DTensor's local tensor of rank r is tpfx's slice of rank r
         assert torch.equal(theirs[r], shard_tensor(full, pl, r, world)), r
+
+
+LAYOUTS_2D = [
+    (Shard(0, 2, (8,)), 4, (2, (DShard(0), DReplicate()))),  # KV heads replicated within groups of 2
+    (Shard(0, 2, (8, 8, 8)), 4, (2, (_StridedShard(0, split_factor=3), DReplicate()))),
+    (Shard(0, 4, (12,)), 4, (4, (DShard(0),))),  # the 1-D mesh where it fits
+    (Shard(0, 4, (8, 2, 2), (4, 1, 1)), 4, None),  # parts held whole: no DTensor layout
+]
+
+
+@pytest.mark.parametrize("pl,world,want", LAYOUTS_2D, ids=[str(c[0]) for c in LAYOUTS_2D])
+def test_dtensor_layout_on_the_grouped_mesh_is_exact(pl, world: int, want) -> None:
+    got = dtensor_layout(pl, world)
+    assert got == want
+    if got is None or got[0] == world:
+        return
+    k, (outer, _) = got
+    full = torch.arange(sum(pl.segs) * 3, dtype=torch.float32).view(sum(pl.segs), 3)
+    theirs, _ = outer._split_tensor(full, k, with_padding=False)
+    for r in range(world):  # rank r is at row r // (world // k) of the k x (world // k) view: that row's chunk
+        assert torch.equal(theirs[r // (world // k)], shard_tensor(full, pl, r, world)), r
 
 
 def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:

@@ -16,7 +16,15 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
-from tpfx.dtensor_params import ParamFeeder, as_dtensor, dtensor_placement, local, params_as_inputs, tp_mesh
+from tpfx.dtensor_params import (
+    ParamFeeder,
+    as_dtensor,
+    dtensor_layout,
+    grouped_mesh,
+    local,
+    params_as_inputs,
+    tp_mesh,
+)
 from tpfx.passes.emit import emit
 from tpfx.passes.pipeline import PRE_PASSES, run_passes
 from tpfx.passes.placements import Placement, Replicate, Shard
@@ -383,17 +391,25 @@ class ShardedModule(torch.nn.Module):
     def _register(self, fqn: str, param: torch.nn.Parameter) -> None:
         """Register this rank's slice ``param`` of ``fqn``: as a DTensor parameter on the tp mesh where its
         layout has a DTensor placement (``tpfx.dtensor_params``), else as it is."""
-        dpl = dtensor_placement(self.placement(fqn), self.world_size)
+        layout = dtensor_layout(self.placement(fqn), self.world_size)
         pp = self._plan.placements.get(fqn)
-        if dpl is not None:
-            if self.__dict__.get("_mesh") is None:
-                self.__dict__["_mesh"] = self.__dict__.get("_given_mesh") or tp_mesh(self._group, param.device)
+        if layout is not None:
+            k, pls = layout
             shape = tuple(pp.shape) if pp is not None else tuple(param.shape)
-            param = as_dtensor(param, dpl, self.__dict__["_mesh"], shape)
+            param = as_dtensor(param, pls, self._tp_mesh(k, param.device), shape)
         else:
             self.__dict__.setdefault("_plain", []).append(fqn)
         _install(self, fqn, param)
         self.__dict__.setdefault("_slots", []).append((*self._slot(fqn), param))
+
+    def _tp_mesh(self, k: int, device: torch.device) -> Any:
+        """The tp mesh (``k`` = the tp size), or its view as ``k`` groups of consecutive ranks; built once each."""
+        meshes = self.__dict__.setdefault("_meshes", {})
+        if self.world_size not in meshes:
+            meshes[self.world_size] = self.__dict__.get("_given_mesh") or tp_mesh(self._group, device)
+        if k not in meshes:
+            meshes[k] = grouped_mesh(meshes[self.world_size], k)
+        return meshes[k]
 
     def graph_module(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
         """The emitted per-rank GraphModule that serves these inputs (captured if needed)."""

@@ -10,8 +10,13 @@ the unsharded model's numbers. The mapping (``dtensor_placement``):
 - several equal segments each split over all ranks evenly (GPT-2's fused ``c_attn``) -> ``_StridedShard(dim,
   split_factor=segments)``: every rank holds its chunk of each segment, which is what a strided shard is.
 
-Layouts DTensor cannot express stay plain tensors holding this rank's slice: replica groups (two KV heads on
-four ranks), parts held whole, segments of different sizes or group counts. torch's ``clip_grad_norm_`` then
+- a tensor split into k < world chunks, each held by one group of consecutive ranks (two KV heads on four
+  ranks) -> ``(Shard(dim), Replicate())`` on the tp mesh viewed as k groups (``dtensor_layout``,
+  ``grouped_mesh``). torch's ``clip_grad_norm_`` refuses DTensors on two meshes; transformers' Trainer and
+  accelerate take one norm per mesh, which is exact.
+
+Layouts DTensor cannot express stay plain tensors holding this rank's slice: parts held whole next to split
+ones (Falcon's multi-query k/v), segments of different sizes or group counts. torch's ``clip_grad_norm_`` then
 raises on the mix of DTensors and tensors (never a silently local norm) and ``tpfx.clip_grad_norm_`` is the
 exact path; ``auto_shard`` warns once naming them.
 
@@ -42,7 +47,7 @@ from torch.utils._pytree import tree_structure, tree_unflatten
 
 from tpfx.passes.placements import Placement, Replicate, Shard
 
-__all__ = ["dtensor_placement", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder"]
+__all__ = ["dtensor_placement", "dtensor_layout", "grouped_mesh", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder"]
 
 
 def _chunk_sizes(size: int, world: int) -> list[int]:
@@ -67,6 +72,28 @@ def dtensor_placement(pl: Placement, world: int) -> DPlacement | None:
     return None
 
 
+def dtensor_layout(pl: Placement, world: int) -> tuple[int, tuple[DPlacement, ...]] | None:
+    """``(k, placements)``: the layout ``pl`` as DTensor placements on the tp mesh of ``world`` ranks viewed as
+    ``k`` groups of ``world // k`` consecutive ranks, or ``None``. ``k == world`` is the 1-D mesh
+    (``dtensor_placement``); a tensor split into ``k < world`` chunks, each held by the ``world // k`` ranks of
+    one group (KV heads replicated within groups), is ``(Shard-like, Replicate())`` on the 2-D view."""
+    flat = dtensor_placement(pl, world)
+    if flat is not None:
+        return world, (flat,)
+    if not isinstance(pl, Shard) or pl.sgroups is not None or pl.groups >= world or world % pl.groups:
+        return None
+    k = pl.groups
+    outer = dtensor_placement(Shard(pl.dim, k, pl.segs), k)  # rank r holds chunk r // (world // k)
+    return (k, (outer, DReplicate())) if outer is not None else None
+
+
+def grouped_mesh(mesh: DeviceMesh, k: int) -> DeviceMesh:
+    """The 1-D tp ``mesh`` viewed as ``k`` groups of consecutive ranks (a 2-D mesh under the same root, so
+    FSDP2 and DCP see one family of meshes). Collective the first time: every rank calls it in the same order."""
+    name = (mesh.mesh_dim_names or ("tp",))[0]
+    return mesh._unflatten(0, (k, mesh.size() // k), (f"{name}_groups{k}", f"{name}_within{k}"))
+
+
 def tp_mesh(group: dist.ProcessGroup | None, device: torch.device) -> DeviceMesh:
     """A 1-D ``DeviceMesh`` over the tensor-parallel group (the world when ``group`` is None)."""
     pg = group if group is not None else dist.group.WORLD
@@ -74,11 +101,12 @@ def tp_mesh(group: dist.ProcessGroup | None, device: torch.device) -> DeviceMesh
     return DeviceMesh.from_group(pg, device.type, mesh_dim_names=("tp",))
 
 
-def as_dtensor(param: torch.nn.Parameter, pl: DPlacement, mesh: DeviceMesh,
+def as_dtensor(param: torch.nn.Parameter, pls: Sequence[DPlacement], mesh: DeviceMesh,
                shape: Sequence[int]) -> torch.nn.Parameter:
     """``param`` (this rank's slice) as a DTensor parameter of the full ``shape``, sharing its storage."""
     stride = torch.empty(tuple(shape), device="meta").stride()
-    dt = DTensor.from_local(param.detach(), mesh, [pl], run_check=False, shape=torch.Size(shape), stride=stride)
+    dt = DTensor.from_local(param.detach(), mesh, list(pls), run_check=False, shape=torch.Size(shape),
+                            stride=stride)
     return torch.nn.Parameter(dt, requires_grad=param.requires_grad)
 
 
