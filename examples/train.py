@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 4 examples/train.py            # dp=2 x tp=2: gloo on CPU, NCCL on 4+ GPUs
     TP=4 torchrun --nproc-per-node 8 examples/train.py       # dp=2 x tp=4
+    SP=1 torchrun --nproc-per-node 4 examples/train.py       # with sequence parallelism over the tp axis
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 examples/train.py
 
 tpfx shards the model over the mesh's "tp" axis (its parameters become DTensors on it); torch's FSDP2
@@ -41,7 +42,7 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
     model.to("cuda" if cuda else "cpu")
-    sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp")
+    sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp", sequence_parallel=os.environ.get("SP") == "1")
     data_parallel = replicate if os.environ.get("DP") == "replicate" else fully_shard
     data_parallel(sharded, mesh=mesh["dp"])
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)  # after wrapping: the optimizer sees its shards

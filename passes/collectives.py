@@ -9,6 +9,13 @@ too large when every rank holds the same loss. The pairs here are the conjugates
     all_gather            forward: gather chunks       backward: take this rank's chunk
     scatter               forward: take own chunk      backward: zero-pad, sum over ranks
 
+Sequence parallelism (Megatron-SP) splits the residual stream on its sequence dim (``seq_shard``):
+
+    reduce_scatter        forward: sum, keep own chunk backward: all-gather
+    gather_seq            forward: all-gather          backward: reduce-scatter   (into sharded compute)
+    gather_even           forward: all-gather          backward: take own chunk   (into replicated compute)
+    split_even            forward: take own chunk      backward: all-gather
+
 Gradient conventions that make these exact: a ``Replicate`` value's gradient is the full one on
 every rank (``f`` sits where a replicated value enters sharded compute); a ``Shard`` value with
 ``groups == t`` holds exactly its chunk; with ``groups < t`` it is *partial within its replica
@@ -154,6 +161,94 @@ class _ToPartial(torch.autograd.Function):
         return g, None
 
 
+def _check_even(x: torch.Tensor, dim: int, world: int) -> None:
+    if x.shape[dim] % world:
+        raise ValueError(f"tpfx: sequence_parallel needs the sequence length ({x.shape[dim]}) divisible by the "
+                         f"tensor-parallel size ({world}); pad the batch or shard with sequence_parallel=False")
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+    _check_even(x, dim, world)
+    y = c10d.wait_tensor(c10d.reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", world, group))
+    return y.movedim(0, dim).contiguous()
+
+
+def _gather_even(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+    y = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
+    return y.movedim(0, dim).contiguous()
+
+
+def _own_chunk(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    _check_even(x, dim, world)
+    n = x.shape[dim] // world
+    return x.narrow(dim, rank * n, n).contiguous()
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, world, group):  # type: ignore[override]
+        ctx.args = (dim, world, group)
+        return _reduce_scatter(x, dim, world, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _gather_even(g, *ctx.args), None, None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, world, group):  # type: ignore[override]
+        ctx.args = (dim, world, group)
+        return _gather_even(x, dim, world, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _reduce_scatter(g, *ctx.args), None, None, None
+
+
+class _GatherEven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
+        ctx.args = (dim, rank, world)
+        return _gather_even(x, dim, world, group)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _own_chunk(g, *ctx.args), None, None, None, None
+
+
+class _SplitEven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
+        ctx.args = (dim, world, group)
+        return _own_chunk(x, dim, rank, world)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _gather_even(g, *ctx.args), None, None, None, None
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+    """Partial -> seq_shard(dim): the sum over ranks, each keeping its chunk of ``dim`` (after a row split)."""
+    return _ReduceScatter.apply(x, dim, world, group)
+
+
+def gather_seq(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+    """seq_shard(dim) -> Replicate entering sharded compute (before a column split): the gradient arriving is
+    partial on every rank, so backward reduce-scatters it (Megatron-SP's g-bar)."""
+    return _GatherSeq.apply(x, dim, world, group)
+
+
+def gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
+    """seq_shard(dim) -> Replicate entering replicated compute: backward keeps this rank's chunk."""
+    return _GatherEven.apply(x, dim, rank, world, group)
+
+
+def split_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
+    """Replicate -> seq_shard(dim): a local slice; backward gathers the chunks' gradients."""
+    return _SplitEven.apply(x, dim, rank, world, group)
+
+
 def to_partial(x: torch.Tensor, rank: int) -> torch.Tensor:
     """Replicate -> Partial: rank 0 keeps the value, the others contribute zeros (exact, no collective).
     The sum over ranks is x itself, so the gradient is the (replicated) output gradient unchanged."""
@@ -262,4 +357,6 @@ def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: in
 
 
 COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "all_reduce", all_gather: "all_gather",
-               scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad"}
+               scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad",
+               reduce_scatter: "reduce_scatter", gather_seq: "all_gather", gather_even: "all_gather",
+               split_even: "scatter"}

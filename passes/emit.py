@@ -49,6 +49,11 @@ def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
     return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
 
 
+def _even(p: Any) -> bool:
+    """A sequence split (``seq_shard``): a run-time length in equal chunks."""
+    return isinstance(p, Shard) and p.even
+
+
 def _groups_arg(p: Shard) -> int | list[int]:
     """The group count(s) a collective takes: one, or one per segment where they differ."""
     return p.groups if p.sgroups is None else list(p.sgroups)
@@ -85,9 +90,20 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         if key in cache:
             return cache[key]
         x = env[a]
+        if isinstance(want, Shard) and want.even and isinstance(have, (Partial, Replicate)):  # onto the split
+            fn = C.reduce_scatter if isinstance(have, Partial) else C.split_even
+            args = (want.dim, world, wg) if isinstance(have, Partial) else (want.dim, rank, world, wg)
+            cache[key] = call(fn, x, *args, src=a)
+            return cache[key]
+        if isinstance(have, Shard) and have.even:  # off the sequence split: whole again on every rank
+            x = call(C.gather_even, x, have.dim, rank, world, wg, src=a)
+            have = Replicate()
         if isinstance(want, Partial) and isinstance(have, Replicate):
             cache[key] = call(C.to_partial, x, rank, src=a)
             return cache[key]
+        if isinstance(want, Replicate) and isinstance(have, Replicate):
+            cache[key] = x
+            return x
         if isinstance(have, Partial):
             x = call(C.all_reduce, x, wg, src=a)
             have = Replicate()
@@ -151,8 +167,13 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
                 return a
             want = prop.wants.get((node, a))
             have = prop.placements.get(a, Replicate())
+            if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and _even(have) and _is_float(a):
+                key = (a, "gather_seq")  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
+                if key not in cache:
+                    cache[key] = call(C.gather_seq, env[a], have.dim, world, wg, src=a)
+                return cache[key]
             x = env[a] if want is None else redistribute(a, have, want)
-            if sharded and isinstance(want or have, Replicate) and _is_float(a):
+            if sharded and isinstance(want or have, Replicate) and _is_float(a) and a not in prop.partial_grad:
                 key = (a, "f")  # Megatron's f: a replicated value entering sharded compute
                 if key not in cache:
                     cache[key] = call(C.reduce_grad, x, wg, src=a)
@@ -162,6 +183,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         if node.op == "output":
             leaves, spec = tree_flatten(node.args[0])
             outs = [env[a] if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard)
+                    and not _even(prop.placements.get(a))
                     and (not gather_outputs or i in local_outputs) else mapped(a) for i, a in enumerate(leaves)]
             new.output(tree_unflatten(outs, spec))
             continue
@@ -182,6 +204,8 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         y.meta["tpfx_placement"] = prop.placements.get(node)
         if node in prop.reduced_after:
             y = call(C.all_reduce, y, wg, src=node)
+        elif node in prop.scattered_after:
+            y = call(C.reduce_scatter, y, prop.placements[node].dim, world, wg, src=node)
         env[node] = y
     out = fx.GraphModule(root, new, class_name=f"TPRank{rank}")
     out.graph.lint()

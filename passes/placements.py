@@ -13,6 +13,8 @@
   ``r * groups // t``; with ``groups < t`` each chunk is replicated on ``t / groups`` consecutive
   ranks (GQA with fewer KV heads than ranks). Gradients of such values are *partial within the
   replica group* (see ``passes/collectives.py``).
+* ``segs=()``: a dim of run-time length split evenly into ``groups`` chunks (the sequence dim of the
+  residual stream under sequence parallelism, ``seq_shard``); only activations are split so.
 * ``sgroups``: a group count per segment, where segments differ. Falcon-7B's fused
   ``query_key_value`` is ``[n*d | d | d]`` (multi-query: one key and one value head): the query
   segment is split ``t`` ways and the key/value segments are held whole (1 group) on every rank,
@@ -54,6 +56,8 @@ class Shard:
 
     def __str__(self) -> str:
         g = f"/{self.groups}"
+        if self.even:
+            return f"S({self.dim}/{self.groups} seq)"
         if len(self.segs) == 1:
             s = ""
         elif self.sgroups is None:
@@ -62,6 +66,11 @@ class Shard:
             s = "[" + "+".join(f"{n}" if k == self.groups else f"{n}/{k}"
                                for n, k in zip(self.segs, self.sgroups)) + "]"
         return f"S({self.dim}{g}{s})"
+
+    @property
+    def even(self) -> bool:
+        """A split of a run-time length into ``groups`` equal chunks (``seq_shard``): no static segments."""
+        return not self.segs
 
     @property
     def seg_groups(self) -> tuple[int, ...]:
@@ -115,6 +124,12 @@ class Shard:
         return any(s % g for s, g in zip(self.segs, self.seg_groups))
 
 
+def seq_shard(dim: int, world: int) -> Shard:
+    """The sequence split of sequence parallelism: ``dim`` (of run-time length, divisible by ``world``) in
+    ``world`` equal chunks, rank r holding chunk r."""
+    return Shard(dim, world, ())
+
+
 def group_at(segs: tuple[int, ...], groups: tuple[int, ...], offset: int) -> int:
     """The group count of the segment (of ``segs``, with ``groups``) that holds position ``offset``."""
     end = 0
@@ -128,7 +143,7 @@ def group_at(segs: tuple[int, ...], groups: tuple[int, ...], offset: int) -> int
 def is_whole(p: object) -> bool:
     """A ``Shard`` whose every segment is in 1 group: every rank holds all of it (the single key/value head of
     multi-query attention); unlike ``Replicate`` its gradient is partial over the ranks."""
-    return isinstance(p, Shard) and all(g == 1 for g in p.seg_groups)
+    return isinstance(p, Shard) and not p.even and all(g == 1 for g in p.seg_groups)
 
 
 def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:

@@ -101,6 +101,10 @@ class Propagation:
     held: list[tuple[frozenset[str], str, Any, str]] = field(default_factory=list)
     reduced_after: set[fx.Node] = field(default_factory=set)  # Partial outputs all-reduced at the producer
     origins: dict[fx.Node, frozenset[str]] = field(default_factory=dict)  # shard/partial value -> its weights
+    # sequence parallelism (``sequence_parallel.py``): partial outputs reduce-scattered at the producer
+    scattered_after: set[fx.Node] = field(default_factory=set)
+    partial_grad: set[fx.Node] = field(default_factory=set)  # reshapes of a gathered value: no f after them
+    sequence_parallel: bool = False
 
 
 def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:

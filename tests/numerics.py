@@ -9,6 +9,7 @@ checks forward outputs, gradients and three AdamW steps against the reference an
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import models
 import torch
 from torch import nn
+from tpfx.passes.emit import collective_nodes
 
 import tpfx
 
@@ -179,24 +181,37 @@ def _worst(errors: dict[str, float]) -> tuple[float, str]:
     return errors[name], name
 
 
-def run_case(rank: int, world_size: int, name: str) -> dict[str, Any]:
+# sequence parallelism needs the sequence length divisible by t (2 and 4 here)
+SP_CHECK_SHAPE = (3, 8)
+SP_TRAIN_SHAPES = ((2, 8), (3, 4), (2, 12))
+
+
+def _in_layer(node: Any) -> bool:
+    return any(re.search(r"\.\d+(\.|$)", str(v[0])) for v in node.meta.get("nn_module_stack", {}).values())
+
+
+def run_case(rank: int, world_size: int, name: str, sequence_parallel: bool = False) -> dict[str, Any]:
     """Forward, backward and 3 AdamW steps of ``CASES[name]``, sharded vs. a local unsharded reference."""
     torch.set_num_threads(1)
     case = CASES[name]
     ref = case.build()
     model = case.build()  # identical weights (seeded factory); auto_shard may consume this one
 
+    sp = {"sequence_parallel": True} if sequence_parallel else {}
     if case.pass_example:
         ex_args, ex_kwargs = case.make_inputs(1, *EXAMPLE_SHAPE)
-        sharded = tpfx.auto_shard(model, world_size, example_inputs=ex_args, example_kwargs=ex_kwargs or None)
+        sharded = tpfx.auto_shard(model, world_size, example_inputs=ex_args, example_kwargs=ex_kwargs or None, **sp)
     else:
-        sharded = tpfx.auto_shard(model, world_size)
+        sharded = tpfx.auto_shard(model, world_size, **sp)
     plan = sharded.plan
 
     params = compare_parameters(sharded, ref, plan, rank, grads=False)
 
     # Forward on a shape different from the example, then backward of the same loss.
-    args, kwargs = case.make_inputs(2, *CHECK_SHAPE)
+    args, kwargs = case.make_inputs(2, *(SP_CHECK_SHAPE if sequence_parallel else CHECK_SHAPE))
+    emitted = collective_nodes(sharded.graph_module(*args, **kwargs))
+    collectives = Counter(kind for kind, _ in emitted)
+    in_layers = Counter(kind for kind, n in emitted if _in_layer(n))  # inside a repeated block (``layers.3``)
     out = sharded(*args, **kwargs)
     ref_out = ref(*args, **kwargs)
     forward = compare_outputs(out, ref_out)
@@ -211,7 +226,7 @@ def run_case(rank: int, world_size: int, name: str) -> dict[str, Any]:
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=TRAIN_LR)
     losses: list[float] = []
     ref_losses: list[float] = []
-    for step, shape in enumerate(TRAIN_SHAPES):
+    for step, shape in enumerate(SP_TRAIN_SHAPES if sequence_parallel else TRAIN_SHAPES):
         args, kwargs = case.make_inputs(10 + step, *shape)
         for m, o, record in ((sharded, opt, losses), (ref, ref_opt, ref_losses)):
             o.zero_grad(set_to_none=True)
@@ -220,6 +235,13 @@ def run_case(rank: int, world_size: int, name: str) -> dict[str, Any]:
             o.step()
             record.append(float(step_loss.detach()))
     train_err = _max(abs(a - b) / max(abs(b), ABS_FLOOR) for a, b in zip(losses, ref_losses))
+    indivisible = None
+    if sequence_parallel:  # a sequence length t does not divide: an error on every rank, not a hang
+        args, kwargs = case.make_inputs(3, 2, 4 * world_size + 1)
+        try:
+            sharded(*args, **kwargs)
+        except ValueError as e:
+            indivisible = str(e)
 
     param_err, param_worst = _worst(params["errors"])
     grad_err, grad_worst = _worst(grads["errors"])
@@ -240,4 +262,7 @@ def run_case(rank: int, world_size: int, name: str) -> dict[str, Any]:
         "train_losses": losses,
         "ref_train_losses": ref_losses,
         "train_err": train_err,
+        "collectives": dict(collectives),
+        "in_layers": dict(in_layers),
+        "indivisible": indivisible,
     }

@@ -24,7 +24,8 @@ def dp_2d_check(rank: int, world: int, engine: str) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     model, ref = models.llama(num_kv_heads=2), models.llama(num_kv_heads=2)
-    sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp")
+    engine, _, sp = engine.partition("+")  # "fsdp+sp": with sequence parallelism over the tp axis
+    sharded = tpfx.auto_shard(model, mesh=mesh, tp_axis="tp", sequence_parallel=sp == "sp")
     tp_bytes = sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())
     (fully_shard if engine == "fsdp" else replicate)(sharded, mesh=mesh["dp"])
     local_bytes = sum(tpfx.local(p).numel() * p.element_size() for p in sharded.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -29,6 +30,7 @@ from tpfx.passes.emit import emit
 from tpfx.passes.pipeline import PRE_PASSES, run_passes
 from tpfx.passes.placements import Placement, Replicate, Shard
 from tpfx.passes.propagate import propagate
+from tpfx.passes.sequence_parallel import sequence_parallel as split_sequence
 from tpfx.plan import ShardingPlan, build_plan
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
@@ -139,9 +141,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
 
 
 def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
-                timings: dict[str, float] | None = None, fed: dict[str, Placement] | None = None) -> ShardingPlan:
+                timings: dict[str, float] | None = None, fed: dict[str, Placement] | None = None,
+                sequence_parallel: bool = False) -> ShardingPlan:
     t0 = time.perf_counter()
     prop, seeds = propagate(gm, world_size, pins, fed=fed)
+    if sequence_parallel:
+        prop = split_sequence(gm, prop)
     plan = build_plan(prop, seeds)
     plan._gm = gm
     if timings is not None:
@@ -151,8 +156,9 @@ def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
 
 def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | None = None,
          example_kwargs: dict[str, Any] | None = None, overrides: dict[str, str] | None = None,
-         timings: dict[str, float] | None = None) -> ShardingPlan:
+         timings: dict[str, float] | None = None, sequence_parallel: bool = False) -> ShardingPlan:
     """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models.
+    ``sequence_parallel``: split the residual stream by sequence between the sharded blocks (Megatron-SP).
 
     ``timings``, if given, is filled with seconds per stage: ``capture`` (torch.export), ``decompose_bias``,
     ``propagate`` (placements, styles and collective placement)."""
@@ -160,7 +166,7 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
         raise ValueError("world_size must be >= 1")
     args, kwargs = _examples(model, example_inputs, example_kwargs)
     gm, _ = capture(model, args, kwargs, timings)
-    return _plan_graph(gm, world_size, _override_pins(gm, overrides), timings)
+    return _plan_graph(gm, world_size, _override_pins(gm, overrides), timings, sequence_parallel=sequence_parallel)
 
 
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,
@@ -422,7 +428,7 @@ class ShardedModule(torch.nn.Module):
             if key in self._graphs:
                 return self._graphs[key]
         gm, dynamic = capture(self._model, args, kwargs)
-        plan = _plan_graph(gm, self.world_size, self._plan.pins())
+        plan = _plan_graph(gm, self.world_size, self._plan.pins(), sequence_parallel=self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic)
         self.add_graph(gm, plan, key)
         return self._graphs[key]
@@ -494,20 +500,23 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                example_kwargs: dict[str, Any] | None = None, rank: int | None = None,
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
-               gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp") -> ShardedModule:
+               gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp",
+               sequence_parallel: bool = False) -> ShardedModule:
     """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
 
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
     slice (e.g. vocab-split logits when only ``.loss`` is used: the loss is computed with a parallel
     cross-entropy either way, so training then never gathers the logits). ``mesh`` (a ``DeviceMesh`` with
     named axes) and ``tp_axis``: shard over that axis of the mesh; the other axes are for data parallelism
-    (wrap the result in torch's ``fully_shard`` or ``replicate`` over them)."""
+    (wrap the result in torch's ``fully_shard`` or ``replicate`` over them). ``sequence_parallel=True``:
+    Megatron sequence parallelism (norms and residual adds on sequence chunks, reduce-scatter / all-gather
+    instead of all-reduce); the sequence length must then be divisible by the tp size."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
                       group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
-                      mesh=mesh, tp_axis=tp_axis)
+                      mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel)
 
 
 def tp_group(mesh: Any, tp_axis: str, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -542,7 +551,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, loader: ParamLoader | None = None, mesh: Any = None,
-               tp_axis: str = "tp") -> ShardedModule:
+               tp_axis: str = "tp", sequence_parallel: bool = False) -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
     instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
     then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
@@ -558,12 +567,15 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     lazy = example_inputs is None and example_kwargs is None and not _is_hf(model)
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
+    if plan is not None and sequence_parallel and not plan.sequence_parallel:
+        plan = dataclasses.replace(plan, sequence_parallel=True)  # the weights' plan, activations split by sequence
+    sequence_parallel = sequence_parallel or (plan is not None and plan.sequence_parallel)
     first = None
     if plan is None or not lazy:
         args, kwargs = _examples(model, example_inputs, example_kwargs)
         gm, dynamic = capture(model, args, kwargs)
         pins = plan.pins() if plan is not None else _override_pins(gm, overrides)
-        planned = _plan_graph(gm, world_size, pins)
+        planned = _plan_graph(gm, world_size, pins, sequence_parallel=sequence_parallel)
         first = (gm, planned, args, kwargs, dynamic)
         plan = planned
     _check_agreement(plan, group)

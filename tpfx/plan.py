@@ -61,6 +61,7 @@ class ShardingPlan:
     unknown_ops: list[str] = field(default_factory=list)
     _prop: Propagation | None = field(default=None, repr=False, compare=False)
     _gm: Any = field(default=None, repr=False, compare=False)
+    sequence_parallel: bool = False  # activations only: the residual stream split by sequence between blocks
 
     # ---------------------------------------------------------------- views
     def to_tp_plan(self) -> dict[str, str]:
@@ -94,6 +95,8 @@ class ShardingPlan:
             "fallbacks": self.fallbacks,
             "unknown_ops": sorted(self.unknown_ops),
         }
+        if self.sequence_parallel:
+            d["sequence_parallel"] = True  # absent otherwise: plain-TP plans keep their JSON
         context = analyze(self)  # what the report needs from the graph (layers, attribution, b·s, h)
         if context is not None:
             d["context"] = context
@@ -109,7 +112,8 @@ class ShardingPlan:
                                     "sgroups": tuple(v["sgroups"]) if v.get("sgroups") else None})
                for k, v in d["placements"].items()}
         cols = [Collective(**c) for c in d["collectives"]]
-        plan = cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"])
+        plan = cls(d["world_size"], pls, cols, d["fallbacks"], d["unknown_ops"],
+                   sequence_parallel=d.get("sequence_parallel", False))
         if "context" in d:
             plan._context = d["context"]  # type: ignore[attr-defined]  # not a field: digest and == ignore it
         return plan
@@ -168,11 +172,12 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
         else:
             placements[fqn] = ParamPlacement("replicate", "R", shape)
     collectives: list[Collective] = [Collective("all_reduce", n.name, "*", nbytes(n)) for n in prop.reduced_after]
+    collectives += [Collective("reduce_scatter", n.name, "*", nbytes(n)) for n in prop.scattered_after]
     done: set[tuple[str, str]] = set()
     for (consumer, producer), want in prop.wants.items():
         have = prop.placements.get(producer)
         if isinstance(have, Partial):
-            kind = "all_reduce"
+            kind = "reduce_scatter" if isinstance(want, Shard) and want.even else "all_reduce"
         elif needs_gather(have, want):
             kind = "all_gather"
         else:
@@ -187,4 +192,4 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
         for r in seeds[fqn].reasons:
             fallbacks.append({"param": fqn, "reason": r})
     return ShardingPlan(prop.world, dict(sorted(placements.items())), collectives, fallbacks,
-                        sorted(prop.unknown_ops), prop)
+                        sorted(prop.unknown_ops), prop, sequence_parallel=prop.sequence_parallel)

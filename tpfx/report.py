@@ -142,16 +142,18 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
     """The collective (if any) between a producer and one of its consumers, as emission inserts it."""
-    from tpfx.passes.placements import Partial, needs_gather
+    from tpfx.passes.placements import Partial, Shard, needs_gather
 
     if producer in prop.reduced_after:
         return "all_reduce"
+    if producer in prop.scattered_after:
+        return "reduce_scatter"
     want = prop.wants.get((consumer, producer))
     if want is None:
         return None
     have = prop.placements.get(producer)
     if isinstance(have, Partial):
-        return "all_reduce"
+        return "reduce_scatter" if isinstance(want, Shard) and want.even else "all_reduce"
     if needs_gather(have, want):
         return "all_gather"
     return None
@@ -162,6 +164,12 @@ def _is_nonrep(pl: Any) -> bool:
 
     outs = pl if isinstance(pl, tuple) else (pl,)
     return any(p is not None and not isinstance(p, Replicate) for p in outs)
+
+
+def _is_seq(pl: Any) -> bool:
+    from tpfx.passes.placements import Shard
+
+    return isinstance(pl, Shard) and pl.even
 
 
 def param_behind(prop: Propagation, a: fx.Node, depth: int = 4) -> fx.Node | None:
@@ -204,7 +212,8 @@ def origin_map(gm: fx.GraphModule, prop: Propagation) -> dict[fx.Node, frozenset
             continue
         acc: set[str] = set()
         for a in node.all_input_nodes:  # not only tensors: split/chunk outputs are lists
-            if a in out and a not in prop.reduced_after and _is_nonrep(prop.placements.get(a)):
+            if a in out and a not in prop.reduced_after and _is_nonrep(prop.placements.get(a)) \
+                    and not _is_seq(prop.placements.get(a)):  # a sequence split is no weight's shard
                 acc |= out[a]
         out[node] = frozenset(acc)
     return out
@@ -272,6 +281,7 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
 
     needs = _requires_grad(gm, prop)
     consumers: dict[fx.Node, list[fx.Node]] = {}
+    kinds: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not _sharded_compute(prop, node):
             continue
@@ -280,17 +290,29 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
             want = strat.want.get(i) if strat is not None else None
             received = want if want is not None else prop.placements.get(a)
             val = a.meta.get("val")
-            if a in needs and not _is_nonrep(received) and isinstance(val, torch.Tensor) \
-                    and val.dtype.is_floating_point:
+            if a not in needs or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+                continue
+            if a in prop.partial_grad:  # a reshape of a gathered sequence split: reduce-scattered at the gather
+                a = tensor_inputs(a)[0]
+            if not _is_nonrep(received):  # Megatron's f, or under sequence parallelism its reduce-scatter
                 consumers.setdefault(a, []).append(node)
+                kinds[a] = "reduce_scatter" if _is_seq(prop.placements.get(a)) else "all_reduce"
+            elif _is_seq(received) and not _is_nonrep(prop.placements.get(a)):  # split_even: gathered back
+                consumers.setdefault(a, []).append(node)
+                kinds[a] = "all_gather"
     out = []
     for a, users in consumers.items():
         fqn = prop.param_nodes.get(a)
         srcs = [weight_module(f) for u in users for f in sharded_weights(prop, u)]
-        info = _info("all_reduce", a, users[0].name, nbytes(a), "backward", srcs or [module_of(users[0])], True)
+        info = _info(kinds[a], a, users[0].name, nbytes(a), "backward", srcs or [module_of(users[0])], True)
         if fqn is not None:
             info["module"], info["op"] = weight_module(fqn), "grad of " + fqn.rpartition(".")[2]
         out.append(info)
+    names = {n.name: n for n in gm.graph.nodes}
+    for c in plan.collectives:  # a reduce-scatter's gradient is all-gathered back
+        node = names.get(c.after)
+        if c.kind == "reduce_scatter" and c.pass_ == "forward" and node in needs:
+            out.append(_info("all_gather", node, c.before, c.bytes, "backward", [module_of(node)], True))
     for node, fqn in prop.param_nodes.items():
         p = plan.placements.get(fqn)
         pl = p.as_placement() if p is not None else None
@@ -310,8 +332,8 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
 def _hidden_and_tokens(gm: fx.GraphModule, infos: list[dict[str, Any]]) -> tuple[int | None, int | None, int]:
     """h and b·s from the forward all-reduced activations (their most common shape), b·s falling back to
     the first integer input (token ids)."""
-    shapes = Counter(tuple(i["shape"]) for i in infos
-                     if i["pass"] == "forward" and i["kind"] == "all_reduce" and len(i["shape"]) >= 2)
+    shapes = Counter(tuple(i["shape"]) for i in infos if i["pass"] == "forward"
+                     and i["kind"] in ("all_reduce", "reduce_scatter") and len(i["shape"]) >= 2)
     itemsizes = [i["itemsize"] for i in infos if i["pass"] == "forward" and i["itemsize"]]
     itemsize = Counter(itemsizes).most_common(1)[0][0] if itemsizes else 4
     if shapes:
@@ -426,6 +448,7 @@ class Report:
     replicated: list[tuple[str, str]]  # (what, why)
     has_graph: bool
     notes: list[str] = field(default_factory=list)
+    sequence_parallel: bool = False
 
     # -- totals
     @property
@@ -467,10 +490,11 @@ class Report:
 
     @property
     def megatron(self) -> int | None:
-        """Megatron-LM's forward reference: 2 all-reduces of b·s·h per layer."""
+        """Megatron-LM's forward reference: 2 all-reduces of b·s·h per layer (with sequence parallelism 2
+        reduce-scatters and 2 all-gathers, each counted, like every collective here, at its full tensor)."""
         if not self.hidden or not self.tokens or not self.n_layers:
             return None
-        return 2 * self.n_layers * self.tokens * self.hidden * self.act_itemsize
+        return (4 if self.sequence_parallel else 2) * self.n_layers * self.tokens * self.hidden * self.act_itemsize
 
 
 def _param_groups(plan: ShardingPlan, ctx: dict[str, Any] | None) -> list[ParamGroup]:
@@ -556,7 +580,8 @@ def build_report(plan: ShardingPlan, hidden: int | None = None) -> Report:
     layers = (ctx or {}).get("layers") or _layers(plan.placements)
     rep = Report(plan.world_size, params, _collective_groups(plan, ctx), layers,
                  hidden or (ctx or {}).get("hidden"), (ctx or {}).get("tokens"),
-                 int((ctx or {}).get("act_itemsize") or 4), _replicated(plan, ctx, params), ctx is not None)
+                 int((ctx or {}).get("act_itemsize") or 4), _replicated(plan, ctx, params), ctx is not None,
+                 sequence_parallel=plan.sequence_parallel)
     if ctx is None:
         rep.notes.append("plan without graph context (old JSON): collectives are not attributed to layers")
     if hidden and rep.tokens is None:
@@ -572,8 +597,9 @@ def _shape(s: tuple[int, ...]) -> str:
 
 
 def _param_table(rep: Report) -> Table:
+    sp = " · sequence parallel (residual stream split by sequence between blocks)" if rep.sequence_parallel else ""
     t = Table(title=f"tpfx sharding plan · world size {rep.world_size} · "
-                    f"{sum(g.count for g in rep.params)} parameters in {len(rep.params)} groups",
+                    f"{sum(g.count for g in rep.params)} parameters in {len(rep.params)} groups{sp}",
               title_justify="left")
     for col, just in (("parameter", "left"), ("×", "right"), ("shape", "left"), ("style", "left"),
                       ("placement", "left"), ("local shape / rank", "left"), ("bytes / rank", "right")):
@@ -623,7 +649,9 @@ def totals_lines(rep: Report) -> list[str]:
                      "(no repeated layers or no all-reduced activation to read h from; pass hidden=)")
     else:
         ours = rep.in_layers("forward")
-        lines.append(f"Megatron reference: 2 × {rep.n_layers} layers × b·s {rep.tokens} × h {rep.hidden} × "
+        ref = "Megatron-SP reference: (2 reduce-scatters + 2 all-gathers)" if rep.sequence_parallel \
+            else "Megatron reference: 2"
+        lines.append(f"{ref} × {rep.n_layers} layers × b·s {rep.tokens} × h {rep.hidden} × "
                      f"{rep.act_itemsize} B = {fmt_bytes(mega)}; tpfx in layers: {fmt_bytes(ours)} "
                      f"({ours / mega:.2f}× the reference)")
         outside = [c for c in rep.collectives if c.pass_ == "forward" and c.scope != rep.main_scope]
