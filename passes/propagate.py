@@ -400,8 +400,8 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
     -> the placement in which the caller passes it (default ``Replicate``): a decode step's KV cache arrives as
     this rank's heads, laid out as the prefill graph left it."""
     seeds: dict[str, Seed] = {}
-    for fqn in sorted(set(param_fqns(gm).values())):
-        seeds[fqn] = Seed(ALL_STYLES, world)
+    for fqn in sorted(set(param_fqns(gm).values())):  # one rank: nothing to split, the model as it is
+        seeds[fqn] = Seed(ALL_STYLES, world) if world > 1 else Seed(frozenset({"replicate"}), 1, reasons=["world_size 1"])
     for fqn, (style, pl) in (pins or {}).items():
         if fqn in seeds:
             s = seeds[fqn]

@@ -143,6 +143,8 @@ def test_tp_plan_and_override(capsys: pytest.CaptureFixture) -> None:
     pinned = tpfx.ShardingPlan.from_json(main_out(capsys, *base, "--format", "json", "--override",
                                                   "lm_head=replicate"))
     assert pinned.placements["lm_head.weight"].style == "replicate" and pinned.count("all_gather") == 0
+    sp = tpfx.ShardingPlan.from_json(main_out(capsys, *base, "--format", "json", "--sequence-parallel"))
+    assert sp.sequence_parallel and sp.count("all_reduce") == 0 and sp.count("reduce_scatter") == 5, sp.collectives
 
 
 def test_dot_html_and_explain(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

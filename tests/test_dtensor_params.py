@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import _StridedShard
+from tpfx.passes.emit import collective_nodes
 from tpfx.passes.placements import Replicate, Shard, shard_tensor
 
 import tpfx
@@ -86,6 +87,9 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
         for n, p in sharded.named_parameters():
             assert isinstance(p.grad, DTensor) and rel_err(p.grad, full[n].grad) <= TOL, n
         local, runner = next(iter(sharded._graphs.values()))
+        # one rank is the model as it is: every weight whole, no collective planned or emitted
+        assert not sharded.plan.collectives and not collective_nodes(local), collective_nodes(local)
+        assert {p.style for p in sharded.plan.placements.values()} == {"replicate"}
         fed = runner.fn
         reads = [n.target for n in local.graph.nodes if n.op == "get_attr" and id(attrgetter(n.target)(local)) in
                  {id(p) for p in sharded._store.values()}]

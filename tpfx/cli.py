@@ -239,7 +239,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, Any]:
             raise CliError("--layers/--hidden/--set apply to transformers configs, not to a module:factory")
         model, ex_args, ex_kwargs = load_factory(args.model)
         return tpfx.plan(model, args.world_size, example_inputs=ex_args, example_kwargs=ex_kwargs,
-                         overrides=overrides), model
+                         overrides=overrides, sequence_parallel=args.sequence_parallel), model
     cfg = build_config(args.model, config_overrides(args))
     dtype = DTYPES[args.dtype]
     ex = _example_ids(cfg, args.batch, args.seq) if args.batch or args.seq else None
@@ -249,7 +249,8 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, Any]:
     for i, attn in enumerate(attempts):
         model = build_hf(cfg, dtype, attn)
         try:
-            return tpfx.plan(model, args.world_size, example_kwargs=ex, overrides=overrides), model
+            return tpfx.plan(model, args.world_size, example_kwargs=ex, overrides=overrides,
+                             sequence_parallel=args.sequence_parallel), model
         except Exception as e:  # noqa: BLE001 - some attention kernels do not export; eager does
             if i + 1 == len(attempts) or isinstance(e, ValueError) and "override" in str(e):
                 raise
@@ -332,6 +333,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a transformers model type (llama, gpt2, mixtral, ...), a config.json or checkpoint "
                         "directory, or module.path:factory")
     p.add_argument("--world-size", "-t", type=int, required=True, help="tensor-parallel ranks")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="split the residual stream by sequence between blocks (Megatron-SP)")
     shape = p.add_argument_group("model shape (transformers configs)")
     shape.add_argument("--layers", type=int, help="num_hidden_layers")
     shape.add_argument("--hidden", type=int, help="hidden_size")
