@@ -25,6 +25,8 @@ weight (``reduce_grad`` over the replica group) or where it meets an ``f``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .placements import Shard, chunk_range, shard_tensor
@@ -167,76 +169,58 @@ def _check_even(x: torch.Tensor, dim: int, world: int) -> None:
                          f"tensor-parallel size ({world}); pad the batch or shard with sequence_parallel=False")
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
     _check_even(x, dim, world)
     y = c10d.wait_tensor(c10d.reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", world, group))
     return y.movedim(0, dim).contiguous()
 
 
-def _gather_even(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+def _gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
     y = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
     return y.movedim(0, dim).contiguous()
 
 
-def _own_chunk(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+def _own_chunk(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
     _check_even(x, dim, world)
     n = x.shape[dim] // world
     return x.narrow(dim, rank * n, n).contiguous()
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, world, group):  # type: ignore[override]
-        ctx.args = (dim, world, group)
-        return _reduce_scatter(x, dim, world, group)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _gather_even(g, *ctx.args), None, None, None
+SeqOp = Callable[[torch.Tensor, int, int, int, str], torch.Tensor]
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, world, group):  # type: ignore[override]
-        ctx.args = (dim, world, group)
-        return _gather_even(x, dim, world, group)
+def _conjugates(forward: SeqOp, backward: SeqOp) -> type[torch.autograd.Function]:
+    """An autograd function running ``forward`` and, on the gradient, ``backward`` (same arguments)."""
 
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _reduce_scatter(g, *ctx.args), None, None, None
+    class Pair(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
+            ctx.args = (dim, rank, world, group)
+            return forward(x, dim, rank, world, group)
 
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return backward(g, *ctx.args), None, None, None, None
 
-class _GatherEven(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
-        ctx.args = (dim, rank, world)
-        return _gather_even(x, dim, world, group)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _own_chunk(g, *ctx.args), None, None, None, None
+    Pair.__name__ = Pair.__qualname__ = f"_{forward.__name__.strip('_')}_then_{backward.__name__.strip('_')}"
+    return Pair
 
 
-class _SplitEven(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
-        ctx.args = (dim, world, group)
-        return _own_chunk(x, dim, rank, world)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _gather_even(g, *ctx.args), None, None, None, None
+_ReduceScatter = _conjugates(_reduce_scatter, _gather_even)
+_GatherSeq = _conjugates(_gather_even, _reduce_scatter)
+_GatherEven = _conjugates(_gather_even, _own_chunk)
+_SplitEven = _conjugates(_own_chunk, _gather_even)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
     """Partial -> seq_shard(dim): the sum over ranks, each keeping its chunk of ``dim`` (after a row split)."""
-    return _ReduceScatter.apply(x, dim, world, group)
+    return _ReduceScatter.apply(x, dim, 0, world, group)
 
 
 def gather_seq(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
     """seq_shard(dim) -> Replicate entering sharded compute (before a column split): the gradient arriving is
     partial on every rank, so backward reduce-scatters it (Megatron-SP's g-bar)."""
-    return _GatherSeq.apply(x, dim, world, group)
+    return _GatherSeq.apply(x, dim, 0, world, group)
 
 
 def gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
