@@ -48,7 +48,7 @@ class _Live(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        nodes = list(gm.graph.nodes)
+        self.nodes = nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(nodes)}
         self.last = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in nodes}
         layers = [C.layer_of(n) for n in nodes]
@@ -63,7 +63,7 @@ class _Live(fx.Interpreter):
         if i in self.starts:  # a boundary: what was produced earlier and is read from here on
             live = [(m, b) for m, b in self.held.items() if self.last[m] >= i]
             self.peak = max(self.peak, sum(b for _, b in live))
-            before = self.layer[list(self.index)[i - 1]]  # what the layer just finished hands on
+            before = self.layer[self.nodes[i - 1]]  # what the layer just finished hands on
             self.outputs = max(self.outputs, sum(b for m, b in live if self.layer[m] == before))
         out = super().run_node(n)
         if n.op in ("call_function", "call_method", "call_module", "placeholder"):

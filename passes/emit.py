@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
-from .placements import Partial, Placement, Replicate, Shard, is_whole, shard_tensor
+from .placements import Partial, Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .rules import WORLD
 
@@ -47,11 +47,6 @@ def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
         return True
     strat = prop.strategies.get(node)
     return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
-
-
-def _even(p: Any) -> bool:
-    """A sequence split (``seq_shard``): a run-time length in equal chunks."""
-    return isinstance(p, Shard) and p.even
 
 
 def _groups_arg(p: Shard) -> int | list[int]:
@@ -90,20 +85,17 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         if key in cache:
             return cache[key]
         x = env[a]
-        if isinstance(want, Shard) and want.even and isinstance(have, (Partial, Replicate)):  # onto the split
+        if is_seq_split(want) and isinstance(have, (Partial, Replicate)):  # onto the split
             fn = C.reduce_scatter if isinstance(have, Partial) else C.split_even
             args = (want.dim, world, wg) if isinstance(have, Partial) else (want.dim, rank, world, wg)
             cache[key] = call(fn, x, *args, src=a)
             return cache[key]
-        if isinstance(have, Shard) and have.even:  # off the sequence split: whole again on every rank
+        if is_seq_split(have):  # off the sequence split: whole again on every rank
             x = call(C.gather_even, x, have.dim, rank, world, wg, src=a)
             have = Replicate()
         if isinstance(want, Partial) and isinstance(have, Replicate):
             cache[key] = call(C.to_partial, x, rank, src=a)
             return cache[key]
-        if isinstance(want, Replicate) and isinstance(have, Replicate):
-            cache[key] = x
-            return x
         if isinstance(have, Partial):
             x = call(C.all_reduce, x, wg, src=a)
             have = Replicate()
@@ -167,7 +159,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
                 return a
             want = prop.wants.get((node, a))
             have = prop.placements.get(a, Replicate())
-            if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and _even(have) and _is_float(a):
+            if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and is_seq_split(have) and _is_float(a):
                 key = (a, "gather_seq")  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
                 if key not in cache:
                     cache[key] = call(C.gather_seq, env[a], have.dim, world, wg, src=a)
@@ -183,7 +175,7 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
         if node.op == "output":
             leaves, spec = tree_flatten(node.args[0])
             outs = [env[a] if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard)
-                    and not _even(prop.placements.get(a))
+                    and not is_seq_split(prop.placements.get(a))
                     and (not gather_outputs or i in local_outputs) else mapped(a) for i, a in enumerate(leaves)]
             new.output(tree_unflatten(outs, spec))
             continue

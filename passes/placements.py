@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypeGuard
 
 import torch
 
@@ -144,6 +145,11 @@ def is_whole(p: object) -> bool:
     """A ``Shard`` whose every segment is in 1 group: every rank holds all of it (the single key/value head of
     multi-query attention); unlike ``Replicate`` its gradient is partial over the ranks."""
     return isinstance(p, Shard) and not p.even and all(g == 1 for g in p.seg_groups)
+
+
+def is_seq_split(p: object) -> TypeGuard[Shard]:
+    """A sequence split (``seq_shard``): a run-time length cut in ``world`` equal chunks."""
+    return isinstance(p, Shard) and p.even
 
 
 def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:

@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from . import rules
 from .emit import _sharded_compute
-from .placements import Partial, Replicate, Shard, seq_shard
+from .placements import Partial, Replicate, seq_shard
 from .propagate import Propagation, _out_shapes, _shape, _tensor_inputs, _trained
 from .rules import OpCtx, Operand, Strategy, lookup
 
@@ -73,7 +73,8 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
     cur = prop.placements.get(node)
     if node.op != "call_function" or not isinstance(cur, (Replicate, Partial)) or not _on_sequence(node, seq):
         return None
-    if lookup(node.target) not in SEQ_RULES:
+    rule = lookup(node.target)
+    if rule not in SEQ_RULES:
         return None
     inputs = _tensor_inputs(node)
     split = seq_shard(SEQ_DIM, prop.world)
@@ -92,7 +93,7 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
         operands.append(Operand(a, _shape(a), val.dtype, have, None, a in trained))
     if not joined:
         return None
-    result = lookup(node.target)(OpCtx(node, operands, prop.world, _out_shapes(node)))  # type: ignore[misc]
+    result = rule(OpCtx(node, operands, prop.world, _out_shapes(node)))  # type: ignore[misc]
     if not isinstance(result, Strategy) or result.rewrite is not None or result.decide \
             or not _seq_out(result.out, prop.world):
         return None
@@ -173,7 +174,3 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation) -> Propagation:
                 prop.partial_grad.add(u)
     prop.sequence_parallel = True
     return prop
-
-
-def is_seq_split(pl: Any) -> bool:
-    return isinstance(pl, Shard) and pl.even

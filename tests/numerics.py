@@ -186,7 +186,7 @@ SP_CHECK_SHAPE = (3, 8)
 SP_TRAIN_SHAPES = ((2, 8), (3, 4), (2, 12))
 
 
-def _in_layer(node: Any) -> bool:
+def in_layer(node: Any) -> bool:
     return any(re.search(r"\.\d+(\.|$)", str(v[0])) for v in node.meta.get("nn_module_stack", {}).values())
 
 
@@ -211,7 +211,7 @@ def run_case(rank: int, world_size: int, name: str, sequence_parallel: bool = Fa
     args, kwargs = case.make_inputs(2, *(SP_CHECK_SHAPE if sequence_parallel else CHECK_SHAPE))
     emitted = collective_nodes(sharded.graph_module(*args, **kwargs))
     collectives = Counter(kind for kind, _ in emitted)
-    in_layers = Counter(kind for kind, n in emitted if _in_layer(n))  # inside a repeated block (``layers.3``)
+    in_layers = Counter(kind for kind, n in emitted if in_layer(n))  # inside a repeated block (``layers.3``)
     out = sharded(*args, **kwargs)
     ref_out = ref(*args, **kwargs)
     forward = compare_outputs(out, ref_out)

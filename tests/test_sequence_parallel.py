@@ -14,16 +14,12 @@ from typing import Any
 import models
 import pytest
 import sp_cases
-from numerics import TOL, run_case
+from numerics import TOL, in_layer, run_case
 from tpfx.passes.emit import collective_nodes
 
 import tpfx
 
 LAUNCH_TIMEOUT_S = 300
-
-
-def _in_layer(node: Any) -> bool:
-    return any(re.search(r"\.\d+(\.|$)", str(v[0])) for v in node.meta.get("nn_module_stack", {}).values())
 
 
 PLANS = {"llama": lambda: models.llama(num_kv_heads=2, layers=3), "gpt2": models.gpt2, "bert": models.bert}
@@ -47,7 +43,7 @@ def test_plan_swaps_all_reduces_for_reduce_scatter_all_gather_pairs(name: str, w
     assert tpfx.ShardingPlan.from_json(sp.to_json()).sequence_parallel
     assert "sequence_parallel" not in plain.to_json()
     for rank in range(world):
-        kinds = Counter(k for k, n in collective_nodes(tpfx.emit_rank(sp, rank)) if _in_layer(n))
+        kinds = Counter(k for k, n in collective_nodes(tpfx.emit_rank(sp, rank)) if in_layer(n))
         assert kinds["all_reduce"] == 0 and kinds["reduce_scatter"] == 2 * len(layers), kinds
         assert kinds["all_gather"] == 2 * len(layers), kinds
 

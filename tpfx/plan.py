@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-from tpfx.passes.placements import Partial, Placement, Replicate, Shard, needs_gather, shard_tensor
+from tpfx.passes.placements import (
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    is_seq_split,
+    needs_gather,
+    shard_tensor,
+)
 from tpfx.passes.propagate import Propagation, Seed, nbytes
 
 
@@ -177,7 +185,7 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
     for (consumer, producer), want in prop.wants.items():
         have = prop.placements.get(producer)
         if isinstance(have, Partial):
-            kind = "reduce_scatter" if isinstance(want, Shard) and want.even else "all_reduce"
+            kind = "reduce_scatter" if is_seq_split(want) else "all_reduce"
         elif needs_gather(have, want):
             kind = "all_gather"
         else:

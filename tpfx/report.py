@@ -28,6 +28,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tpfx.passes.placements import is_seq_split
+
 if TYPE_CHECKING:
     import torch.fx as fx
 
@@ -142,7 +144,7 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
     """The collective (if any) between a producer and one of its consumers, as emission inserts it."""
-    from tpfx.passes.placements import Partial, Shard, needs_gather
+    from tpfx.passes.placements import Partial, needs_gather
 
     if producer in prop.reduced_after:
         return "all_reduce"
@@ -153,7 +155,7 @@ def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> 
         return None
     have = prop.placements.get(producer)
     if isinstance(have, Partial):
-        return "reduce_scatter" if isinstance(want, Shard) and want.even else "all_reduce"
+        return "reduce_scatter" if is_seq_split(want) else "all_reduce"
     if needs_gather(have, want):
         return "all_gather"
     return None
@@ -164,12 +166,6 @@ def _is_nonrep(pl: Any) -> bool:
 
     outs = pl if isinstance(pl, tuple) else (pl,)
     return any(p is not None and not isinstance(p, Replicate) for p in outs)
-
-
-def _is_seq(pl: Any) -> bool:
-    from tpfx.passes.placements import Shard
-
-    return isinstance(pl, Shard) and pl.even
 
 
 def param_behind(prop: Propagation, a: fx.Node, depth: int = 4) -> fx.Node | None:
@@ -213,7 +209,7 @@ def origin_map(gm: fx.GraphModule, prop: Propagation) -> dict[fx.Node, frozenset
         acc: set[str] = set()
         for a in node.all_input_nodes:  # not only tensors: split/chunk outputs are lists
             if a in out and a not in prop.reduced_after and _is_nonrep(prop.placements.get(a)) \
-                    and not _is_seq(prop.placements.get(a)):  # a sequence split is no weight's shard
+                    and not is_seq_split(prop.placements.get(a)):  # a sequence split is no weight's shard
                 acc |= out[a]
         out[node] = frozenset(acc)
     return out
@@ -273,7 +269,8 @@ def _forward_infos(plan: ShardingPlan, nodes: dict[str, fx.Node],
     return out
 
 
-def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -> list[dict[str, Any]]:
+def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation,
+                    nodes: dict[str, fx.Node]) -> list[dict[str, Any]]:
     """Megatron's ``f`` (all-reduce of the input gradient where a replicated value enters sharded compute)
     and replica-group gradient reductions of weights split into fewer chunks than ranks."""
     from tpfx.passes.placements import Shard
@@ -296,8 +293,8 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
                 a = tensor_inputs(a)[0]
             if not _is_nonrep(received):  # Megatron's f, or under sequence parallelism its reduce-scatter
                 consumers.setdefault(a, []).append(node)
-                kinds[a] = "reduce_scatter" if _is_seq(prop.placements.get(a)) else "all_reduce"
-            elif _is_seq(received) and not _is_nonrep(prop.placements.get(a)):  # split_even: gathered back
+                kinds[a] = "reduce_scatter" if is_seq_split(prop.placements.get(a)) else "all_reduce"
+            elif is_seq_split(received) and not _is_nonrep(prop.placements.get(a)):  # split_even: gathered back
                 consumers.setdefault(a, []).append(node)
                 kinds[a] = "all_gather"
     out = []
@@ -308,9 +305,8 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation) -
         if fqn is not None:
             info["module"], info["op"] = weight_module(fqn), "grad of " + fqn.rpartition(".")[2]
         out.append(info)
-    names = {n.name: n for n in gm.graph.nodes}
     for c in plan.collectives:  # a reduce-scatter's gradient is all-gathered back
-        node = names.get(c.after)
+        node = nodes.get(c.after)
         if c.kind == "reduce_scatter" and c.pass_ == "forward" and node in needs:
             out.append(_info("all_gather", node, c.before, c.bytes, "backward", [module_of(node)], True))
     for node, fqn in prop.param_nodes.items():
@@ -365,7 +361,7 @@ def analyze(plan: ShardingPlan) -> dict[str, Any] | None:
     origins = origin_map(gm, prop)
     infos = _forward_infos(plan, nodes, origins)
     if not any(c.pass_ == "backward" for c in plan.collectives):
-        infos += _backward_infos(plan, gm, prop)
+        infos += _backward_infos(plan, gm, prop, nodes)
     hidden, tokens, act_itemsize = _hidden_and_tokens(gm, infos)
     order: list[str] = []
     itemsize: dict[str, int] = {}
