@@ -16,3 +16,7 @@ bench:
 .PHONY: coverage
 coverage:  # every transformers causal-LM family on 2 gloo ranks (tens of minutes on 2 cores)
 	TPFX_FAMILIES=all $(PYTHON) -m pytest -q -s -m slow tests/test_families.py
+
+.PHONY: fuzz
+fuzz:  # the plan fuzzer's large profile: FUZZ_N random models x world sizes 2..8 on simulated ranks
+	cd tests && $(PYTHON) fuzz.py $(or $(FUZZ_N),500)
