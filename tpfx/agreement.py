@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "describe"]
+__all__ = ["agree", "agree_quickly", "describe", "signature"]
 
 
 def describe(value: Any) -> Any:
@@ -33,6 +33,30 @@ def describe(value: Any) -> Any:
     return type(value).__name__  # streamers, logits processors: objects with per-process identity
 
 
+def signature(value: Any) -> Any:
+    """What selects a graph and sizes its collectives: the call's structure, tensor shapes and dtypes, and
+    plain values (no tensor content; cheap enough to compute on every call)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((str(k), signature(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
+    return type(value).__name__
+
+
+def agree_quickly(group: Any, what: Any, name: str, device: Any = "cpu") -> None:
+    """``agree`` in one all-reduce of two integers (max of the digest and of its negation: equal only if
+    every rank sent the same); only a disagreement pays for ``agree``'s all-gather, to name the ranks."""
+    digest = int.from_bytes(hashlib.sha256(repr(what).encode()).digest()[:7], "big")
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if int(both[0]) != -int(both[1]):
+        agree(group, what, name)
+
+
 def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
     """Raise on every rank if the ranks of ``group`` disagree on ``what`` (one small all-gather). With
     ``share_rng``, the same all-gather gives every rank the random state of the group's first rank, so that
@@ -43,7 +67,9 @@ def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
     dist.all_gather_object(got, mine, group=group)
     digests = [d for d, _ in got]
     if len(set(digests)) != 1:
-        raise RuntimeError(f"tpfx: ranks disagree on {name} (digests by rank: {digests}); every rank of a "
-                           "tensor-parallel group must make the same call with the same inputs and options")
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"tpfx: ranks disagree on {name} (ranks {odd} differ from rank 0; digests by rank: "
+                           f"{digests}); every rank of a tensor-parallel group must make the same call with the "
+                           "same inputs and options")
     if share_rng:
         torch.set_rng_state(got[0][1])

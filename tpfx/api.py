@@ -102,9 +102,37 @@ def _mutates_intermediates(graph: fx.Graph) -> bool:
     return False
 
 
+class CaptureError(RuntimeError):
+    """torch.export could not capture the model; the message says why and what to do."""
+
+
+def _capture_advice(model: torch.nn.Module, e: Exception) -> str:
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    hint = ("the model branches on a tensor's value (data-dependent control flow); make the branch static "
+            "(a config flag), or write it with torch.cond / torch.where" if "data-dependent" in str(e)
+            else "see the cause below; tpfx captures with torch.export.export(model, args, kwargs, strict=False)")
+    return (f"tpfx: torch.export could not capture {type(model).__name__} ({type(e).__name__}: {first[:300]}). "
+            f"tpfx plans from the captured graph: {hint}")
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    """Refuse what no plan can serve: quantized modules, and tensors on more than one device."""
+    for name, m in model.named_modules():
+        quantized = type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+        if quantized or any(t.is_quantized for t in m.parameters(recurse=False)):
+            raise ValueError(f"tpfx: module {name or '(root)'!r} ({type(m).__name__}) is quantized; tpfx shards float "
+                             "weights: shard the float model, then quantize each rank's module")
+    devices = {t.device.type if t.device.type == "meta" else str(t.device)
+               for t in (*model.parameters(), *model.buffers())}
+    if len(devices) > 1:
+        raise ValueError(f"tpfx: the model's parameters and buffers are on several devices ({sorted(devices)}); "
+                         "move the whole model to one device (model.to(device)) before planning or sharding")
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
             timings: dict[str, float] | None = None) -> tuple[fx.GraphModule, bool]:
     """torch.export (non-strict) with dynamic dims where the model allows; returns (graph, dynamic)."""
+    _check_model(model)
     args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     t0 = time.perf_counter()
     spec = _dynamic_spec(model, args, kwargs)
@@ -118,7 +146,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
             ep = None
     dynamic = ep is not None
     if ep is None:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001 - every export failure gets the same advice
+            raise CaptureError(_capture_advice(model, e)) from e
     functionalized = _mutates_intermediates(ep.graph)
     if functionalized:
         ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
@@ -149,6 +180,10 @@ def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
         prop = split_sequence(gm, prop)
     plan = build_plan(prop, seeds)
     plan._gm = gm
+    if world_size > 1 and plan.placements and all(p.style == "replicate" for p in plan.placements.values()):
+        widest = max((max(p.shape, default=0) for p in plan.placements.values()), default=0)
+        warnings.warn(f"tpfx: no weight is split at world_size={world_size} (the widest weight dim is {widest}; "
+                      "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=3)
     if timings is not None:
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
     return plan
@@ -434,13 +469,35 @@ class ShardedModule(torch.nn.Module):
         return self._graphs[key]
 
     check_first_call = True  # compare the first call's inputs across the group (set False to skip)
+    check_calls = True  # compare every call's shapes and structure across the group (False: skip)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = _prepare_kwargs(self._model, kwargs)
         self._check_params()
         if self.check_first_call and not self.__dict__.get("_first_checked"):
             self._check_first(args, kwargs)
-        return self._entry(args, kwargs)[1](*args, **kwargs)
+        elif self.check_calls and self.world_size > 1:
+            self._check_signature(args, kwargs)
+        local, runner = self._entry(args, kwargs)
+        try:
+            return runner(*args, **kwargs)
+        except RuntimeError as e:  # a collective that failed: name its node (tpfx.faults)
+            from tpfx.faults import describe_failure
+
+            msg = describe_failure(e, local, self.rank)
+            if msg is None:
+                raise
+            raise RuntimeError(msg) from e
+
+    def _check_signature(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Ranks called with other shapes or another structure (one passes ``labels``, one a longer sequence)
+        would deadlock or mix wrong sizes in the next collective. Every call digests its shapes and structure
+        and compares the digest across the group in one all-reduce of two integers (a per-call skip would not
+        be symmetric: a rank whose call did not change would not join the check of one whose call did)."""
+        from tpfx.agreement import agree_quickly, signature
+
+        agree_quickly(self._group, signature((args, kwargs)), "the shapes and structure of this call's inputs",
+                      self.device)
 
     def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """The first call's inputs, digested and compared across the tensor-parallel group (one small

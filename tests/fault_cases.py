@@ -1,0 +1,81 @@
+"""Rank-side bodies of the fault tests (tests/test_faults.py): ranks that disagree on a call, a peer that
+stalls past the group's timeout, a rank that raises mid-backward or is killed mid-forward."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+from typing import Any
+
+import models
+import torch
+import torch.distributed as dist
+
+import tpfx
+
+
+def _mlp(group: Any = None) -> Any:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    return tpfx.auto_shard(model, example_inputs=(torch.randn(4, 16),), group=group)
+
+
+def _error_of(fn: Any) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e), time.perf_counter() - t0
+    return "", time.perf_counter() - t0
+
+
+def differing_calls(rank: int, world: int) -> dict[str, Any]:
+    """Same first call; then another sequence length on rank 1; then labels on rank 0 only; then the cost
+    of the check on steady-state calls."""
+    sharded = tpfx.auto_shard(models.llama(layers=2))
+    ids = models.token_inputs(models.TINY_VOCAB, 2, 8, seed=1)
+    sharded(input_ids=ids)
+    longer = models.token_inputs(models.TINY_VOCAB, 2, 8 + rank, seed=2)
+    seq_err, seq_s = _error_of(lambda: sharded(input_ids=longer))
+    labels = {"labels": ids} if rank == 0 else {}
+    labels_err, labels_s = _error_of(lambda: sharded(input_ids=ids, **labels))
+    after = sharded(input_ids=ids).logits  # the group is still usable after the refused calls
+    times = {}
+    for check in (True, False, True, False):  # interleaved: the box is noisy
+        sharded.check_calls = check
+        t0 = time.perf_counter()
+        for _ in range(20):
+            sharded(input_ids=ids)
+        times[check] = min(times.get(check, 1e9), (time.perf_counter() - t0) / 20)
+    return {"seq": seq_err, "seq_s": seq_s, "labels": labels_err, "labels_s": labels_s,
+            "after": tuple(after.shape), "with_check_us": 1e6 * times[True], "without_us": 1e6 * times[False]}
+
+
+def stalled_peer(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 stalls past the tp group's 3 s timeout: rank 0's first collective times out, named."""
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
+    sharded = _mlp(group)
+    sharded.check_first_call = sharded.check_calls = False  # the forward's own first collective times out
+    if rank != 0:
+        time.sleep(8)
+        return {}
+    err, s = _error_of(lambda: sharded(torch.randn(4, 16)))
+    return {"error": err, "seconds": s}
+
+
+def dies_mid_backward(rank: int, world: int) -> None:
+    sharded = _mlp()
+    out = sharded(torch.randn(4, 16))
+    if rank == 1:
+        out.register_hook(lambda g: (_ for _ in ()).throw(ValueError("rank 1 dies in backward")))
+    out.square().sum().backward()
+
+
+def killed_mid_forward(rank: int, world: int) -> None:
+    sharded = _mlp()
+    sharded(torch.randn(4, 16))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    sharded(torch.randn(4, 16))

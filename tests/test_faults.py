@@ -1,0 +1,56 @@
+"""Faults on real gloo ranks: disagreeing calls raise on every rank; a stalled peer times out with the
+collective named; a rank that raises or is killed mid-step surfaces as its own error, first, in bounded time."""
+
+from __future__ import annotations
+
+import time
+
+import fault_cases
+import pytest
+
+from tpfx.launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_ranks_called_differently_raise_on_every_rank() -> None:
+    res = launch(fault_cases.differing_calls, 2, timeout_s=300)
+    for r in res:
+        assert "ranks disagree on the shapes and structure of this call's inputs" in r["seq"], r
+        assert "ranks disagree on the shapes and structure" in r["labels"], r
+        assert r["after"][:2] == (2, 8), r  # the group goes on after the refused calls
+        assert "ranks [1] differ from rank 0" in r["seq"], r
+    r0 = res[0]
+    print(f"\ncall check: forward {r0['with_check_us']:.0f} us with it, {r0['without_us']:.0f} us without; "
+          f"a disagreement raised in {max(r['seq_s'] for r in res) * 1e3:.1f} ms")
+
+
+def test_a_stalled_peer_times_out_naming_the_collective() -> None:
+    (r0, _) = launch(fault_cases.stalled_peer, 2, timeout_s=300)
+    assert r0["error"].startswith("tpfx: rank 0: all_reduce") and " after " in r0["error"], r0
+    assert 2.5 < r0["seconds"] < 30, r0
+    print("\n" + r0["error"][:300])
+
+
+@pytest.mark.parametrize("body", [fault_cases.dies_mid_backward, fault_cases.killed_mid_forward])
+def test_a_failing_rank_is_reported_first_in_bounded_time(body) -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        launch(body, 2, timeout_s=300)
+    msg = str(info.value)
+    assert msg.startswith("tpfx.launch: rank 1 failed"), msg
+    assert "rank 1 dies in backward" in msg or "signal" in msg.lower() or "SIGKILL" in msg, msg
+    assert "did not finish within" not in msg and time.monotonic() - start < 120, msg
+
+
+def test_readme_faults_example_runs() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "faults.py")], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if "ranks disagree on the shapes and structure" in ln]
+    assert sorted(ln[:6] for ln in lines) == ["rank 0", "rank 1"], out.stdout
