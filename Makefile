@@ -19,4 +19,4 @@ coverage:  # every transformers causal-LM family on 2 gloo ranks (tens of minute
 
 .PHONY: fuzz
 fuzz:  # the plan fuzzer's large profile: FUZZ_N random models x world sizes 2..8 on simulated ranks
-	cd tests && $(PYTHON) fuzz.py $(or $(FUZZ_N),500)
+	cd tests && $(PYTHON) fuzz.py $(or $(FUZZ_N),500) $(if $(FUZZ_SP),--sp,)

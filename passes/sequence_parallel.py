@@ -90,7 +90,9 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
         elif not isinstance(have, Replicate):
             return None  # a shard or partial sum this pass does not reason about
         val = a.meta["val"]
-        operands.append(Operand(a, _shape(a), val.dtype, have, None, a in trained))
+        # a replicated operand joins by its own chunk (split_even: its gradient is all-gathered back, whole on
+        # every rank), so the rules' guard against column splits meeting a trained replicated value is moot
+        operands.append(Operand(a, _shape(a), val.dtype, have, None, a in trained and not isinstance(have, Replicate)))
     if not joined:
         return None
     result = rule(OpCtx(node, operands, prop.world, _out_shapes(node)))  # type: ignore[misc]

@@ -1,6 +1,7 @@
 """The plan fuzzer's check: one random model (tests/fuzz_models.py), captured once, planned for each world size,
 emitted per rank and run on simulated ranks (tests/simulate.py); forward and gradients against the unsharded
-model. ``python tests/fuzz.py [N]`` runs the large profile and prints the figure (``make fuzz``)."""
+model. ``python tests/fuzz.py [N] [--sp]`` runs the large profile and prints the figure (``make fuzz``; ``--sp``:
+plans with sequence parallelism)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fuzz_models import FuzzModel, Spec, inputs
+from fuzz_models import SEQ, FuzzModel, Spec, inputs
 from numerics import ABS_FLOOR, GRAD_FLOOR_FRACTION, TOL, rel_err
 from simulate import emit_all, run_ranks
 
@@ -38,30 +39,30 @@ def _objective(out: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
     return out if out.ndim == 0 else (out * probe).sum()
 
 
-def check(spec: Spec, worlds: tuple[int, ...] = WORLDS, dtype: torch.dtype = torch.float32) -> list[Outcome]:
+def check(spec: Spec, worlds: tuple[int, ...] = WORLDS, dtype: torch.dtype = torch.float32,
+          sequence_parallel: bool = False) -> list[Outcome]:
     """Plan, emit and run ``spec`` at each world size; errors of every rank's output and local gradients.
-    ``dtype=torch.float64`` tells a rounding difference (vanishes) from a wrong plan (stays)."""
+    ``dtype=torch.float64`` tells a rounding difference (vanishes) from a wrong plan (stays).
+    ``sequence_parallel``: plans split the residual stream by sequence (length 2t, so that t divides it)."""
     torch.set_num_threads(1)
     model = FuzzModel(spec).to(dtype)
     ex_args, ex_kwargs = inputs(spec, 1, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm, _ = capture(model, ex_args, ex_kwargs)
-    args, kwargs = inputs(spec, 2, dtype)
-    ref = model(*args, **kwargs)
-    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=dtype) if ref.ndim else None
-    _objective(ref, probe).backward()
-    params = dict(model.named_parameters())
-    scale = max(float(p.grad.abs().max()) for p in params.values() if p.grad is not None)
-    floor = max(ABS_FLOOR, GRAD_FLOOR_FRACTION * scale)
+        gm, dynamic = capture(model, ex_args, ex_kwargs)
     outcomes = []
     for world in worlds:
+        seq = 2 * world if sequence_parallel else SEQ
+        args, kwargs, ref, probe, floor = _reference(model, spec, seq, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = _plan_graph(gm, world, None)
+            if not dynamic and seq != SEQ:  # a static capture serves only its own shapes
+                gm = capture(model, *inputs(spec, 1, dtype, seq))[0]
+            plan = _plan_graph(gm, world, None, sequence_parallel=sequence_parallel)
         fwd, grad, worst = 0.0, 0.0, ""
+        params = dict(model.named_parameters())
         for rank, (out, grads) in enumerate(_run(plan, args, kwargs, probe)):
-            fwd = max(fwd, rel_err(out, ref.detach()))
+            fwd = max(fwd, rel_err(out, ref))
             for fqn, g in grads.items():
                 full = params[fqn].grad if params[fqn].grad is not None else torch.zeros_like(params[fqn])
                 err = rel_err(g, plan.shard(fqn, full, rank), floor)
@@ -70,6 +71,19 @@ def check(spec: Spec, worlds: tuple[int, ...] = WORLDS, dtype: torch.dtype = tor
         split = any(p.style != "replicate" for p in plan.placements.values())
         outcomes.append(Outcome(world, fwd, grad, worst, len(plan.fallbacks), split))
     return outcomes
+
+
+def _reference(model: torch.nn.Module, spec: Spec, seq: int, dtype: torch.dtype
+               ) -> tuple[tuple, dict[str, Any], torch.Tensor, torch.Tensor | None, float]:
+    """Fresh inputs of length ``seq``, the unsharded output and gradients (left in ``.grad``), the objective's
+    probe and the gradient error floor."""
+    args, kwargs = inputs(spec, 2, dtype, seq)
+    model.zero_grad(set_to_none=True)
+    ref = model(*args, **kwargs)
+    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=dtype) if ref.ndim else None
+    _objective(ref, probe).backward()
+    scale = max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None)
+    return args, kwargs, ref.detach(), probe, max(ABS_FLOOR, GRAD_FLOOR_FRACTION * scale)
 
 
 def _run(plan: Any, args: tuple, kwargs: dict[str, Any], probe: torch.Tensor | None
@@ -100,10 +114,11 @@ class Verdict:
     rounding: list[str]
 
 
-def verdict(spec: Spec, worlds: tuple[int, ...] = WORLDS) -> Verdict:
-    outcomes = check(spec, worlds)
+def verdict(spec: Spec, worlds: tuple[int, ...] = WORLDS, sequence_parallel: bool = False) -> Verdict:
+    outcomes = check(spec, worlds, sequence_parallel=sequence_parallel)
     off = [o for o in outcomes if not o.ok]
-    recheck = {o.world: o for o in check(spec, tuple(o.world for o in off), torch.float64)} if off else {}
+    recheck = {o.world: o for o in check(spec, tuple(o.world for o in off), torch.float64,
+                                         sequence_parallel)} if off else {}
     wrong, rounding = [], []
     for o in off:
         o64 = recheck[o.world]
@@ -118,7 +133,7 @@ def figure(models: int, plans: int, split: int, wrong: int, rounding: int) -> st
             f"{wrong} mismatches; {rounding} fp32 results above {TOL:g} that are float64-exact (summation order)")
 
 
-def main(n: int) -> None:
+def main(n: int, sequence_parallel: bool = False) -> None:
     from fuzz_models import specs
     from hypothesis import HealthCheck, given, settings
 
@@ -129,7 +144,7 @@ def main(n: int) -> None:
     def one(spec: Spec) -> None:
         tried[0] += 1
         try:
-            v = verdict(spec)
+            v = verdict(spec, sequence_parallel=sequence_parallel)
         except Exception as e:  # noqa: BLE001  (a crash is a finding too)
             bad.append(f"{spec.describe()}: {type(e).__name__}: {e}")
             return
@@ -144,12 +159,14 @@ def main(n: int) -> None:
         print("MISMATCH", line)
     for line in rounding:
         print("ROUNDING", line)
-    print(figure(tried[0], plans[0], split[0], len(bad), len(rounding)) + f" in {time.perf_counter() - t0:.0f} s")
+    sp = " (sequence parallel)" if sequence_parallel else ""
+    print(figure(tried[0], plans[0], split[0], len(bad), len(rounding)) + f"{sp} in {time.perf_counter() - t0:.0f} s")
     sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 500)
+    numbers = [a for a in sys.argv[1:] if a.isdigit()]
+    main(int(numbers[0]) if numbers else 500, sequence_parallel="--sp" in sys.argv)
 
 
 def run_on_ranks(rank: int, world_size: int, sample: list[Spec]) -> list[dict[str, Any]]:

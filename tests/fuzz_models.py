@@ -303,11 +303,11 @@ class FuzzModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def inputs(spec: Spec, seed: int, dtype: torch.dtype = torch.float32
+def inputs(spec: Spec, seed: int, dtype: torch.dtype = torch.float32, seq: int = SEQ
            ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     if spec.vocab:
-        ids = torch.randint(0, spec.vocab, (BATCH, SEQ), generator=g)
-        labels = torch.randint(0, spec.vocab, (BATCH, SEQ), generator=g)
+        ids = torch.randint(0, spec.vocab, (BATCH, seq), generator=g)
+        labels = torch.randint(0, spec.vocab, (BATCH, seq), generator=g)
         return (ids,), ({"labels": labels} if spec.in_model_loss else {})
-    return (torch.randn(BATCH, SEQ, spec.features, generator=g, dtype=dtype),), {}
+    return (torch.randn(BATCH, seq, spec.features, generator=g, dtype=dtype),), {}

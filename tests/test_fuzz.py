@@ -22,14 +22,17 @@ import tpfx
 from tpfx.launch import launch
 
 EXAMPLES = int(os.environ.get("TPFX_FUZZ_EXAMPLES", "60"))
-_tally = {"models": 0, "plans": 0, "split": 0, "wrong": 0, "rounding": 0}
+SP_EXAMPLES = EXAMPLES // 3  # the same models' kind with sequence_parallel=True
+_tally = {"models": 0, "plans": 0, "split": 0, "wrong": 0, "rounding": 0, "sp_models": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _figure() -> Iterator[None]:
     yield
     if _tally["models"]:
-        conftest.FIGURES.append(fuzz.figure(**_tally))
+        sp = _tally.pop("sp_models")
+        conftest.FIGURES.append(fuzz.figure(**_tally) + (f"; {sp} more models with sequence_parallel=True, "
+                                                         "0 mismatches" if sp else ""))
 
 
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -42,6 +45,15 @@ def test_random_models_reassemble_to_the_unsharded_result(spec: Spec) -> None:
     _tally["split"] += v.split
     _tally["wrong"] += len(v.wrong)
     _tally["rounding"] += len(v.rounding)
+    assert not v.wrong, "\n".join(v.wrong)
+
+
+@settings(max_examples=SP_EXAMPLES, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(specs())
+def test_random_models_with_sequence_parallelism(spec: Spec) -> None:
+    v = fuzz.verdict(spec, sequence_parallel=True)
+    _tally["sp_models"] += 1
     assert not v.wrong, "\n".join(v.wrong)
 
 
@@ -114,3 +126,19 @@ def test_random_models_on_gloo_ranks(world: int) -> None:
     for rank, per_model in enumerate(results):
         for r in per_model:
             assert r["forward"] <= fuzz.TOL and r["grads"] <= fuzz.TOL and not r["missing"], (rank, r)
+
+
+def test_sequence_parallel_joins_a_replicated_branch_by_its_chunk() -> None:
+    """Found by the fuzzer (sequence_parallel=True, t=6): a parallel block whose MLP stayed replicated (hidden 12)
+    added its replicated output to the sequence-split residual. The rule refused (a trained replicated value
+    meeting a split), so the sum was taken as a reduce-scatter seed: full-length + chunk, a shape error. A
+    replicated operand now joins by its own chunk (split_even, gradient all-gathered back)."""
+    attn = {"heads": 4, "kv": 4, "head_dim": 3, "bias": False, "fused": "split", "split_heads": "reshape",
+            "order": "transpose", "repeat": "expand", "core": "sdpa", "causal": True, "merge": "flatten"}
+    mlp = {"ffn": 16, "act": "relu", "bias": False, "gate": "chunk"}
+    tail = {"heads": 1, "kv": 1, "head_dim": 2, "bias": True, "fused": "none", "split_heads": "view",
+            "order": "transpose", "repeat": "expand", "core": "sdpa", "causal": False, "merge": "flatten"}
+    spec = Spec(12, 50, 6, False, False, (Block("parallel", "none", {"attn": attn, "mlp": mlp}),
+                                          Block("attn", "rms", tail)), seed=0)
+    (o,) = fuzz.check(spec, (6,), sequence_parallel=True)
+    assert o.ok and o.split, o
