@@ -20,8 +20,9 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
-from .placements import Partial, Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
+from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .propagate import Propagation, group_of, is_guards
+from .redistribute import Groups, Step, plan_redistribution
 from .rules import WORLD
 
 aten = torch.ops.aten
@@ -49,9 +50,31 @@ def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
     return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
 
 
-def _groups_arg(p: Shard) -> int | list[int]:
-    """The group count(s) a collective takes: one, or one per segment where they differ."""
-    return p.groups if p.sgroups is None else list(p.sgroups)
+def _arg(groups: Groups | None) -> int | list[int] | None:
+    return list(groups) if isinstance(groups, tuple) else groups
+
+
+def _step(call: Callable[..., fx.Node], step: Step, x: fx.Node, rank: int, world: int, wg: str,
+          src: fx.Node) -> fx.Node:
+    """The graph node of one redistribution step (``passes/redistribute.py``) applied to ``x``."""
+    k, dim, segs = step.kind, step.dim, list(step.segs)
+    if k == "reduce_scatter":
+        return call(C.reduce_scatter, x, dim, world, wg, src=src)
+    if k in ("split_even", "gather_even"):
+        return call(C.split_even if k == "split_even" else C.gather_even, x, dim, rank, world, wg, src=src)
+    if k == "to_partial":
+        return call(C.to_partial, x, rank, src=src)
+    if k == "all_reduce":
+        return call(C.all_reduce, x, wg, src=src)
+    if k == "refine":
+        return call(C.refine, x, dim, segs, _arg(step.src_groups), _arg(step.dst_groups), rank, world, src=src)
+    if k == "unwhole":
+        return call(C.unwhole, x, world, src=src)
+    if k == "all_gather":
+        extra = () if step.src_groups is None else (_arg(step.src_groups),)
+        return call(C.all_gather, x, dim, segs, rank, world, wg, *extra, src=src)
+    assert k == "scatter", k
+    return call(C.scatter, x, dim, _arg(step.dst_groups), segs, rank, world, wg, src=src)
 
 
 def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int) -> torch.nn.Parameter:
@@ -82,45 +105,12 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
 
     def redistribute(a: fx.Node, have: Placement, want: Placement) -> fx.Node:
         key = (a, want)
-        if key in cache:
-            return cache[key]
-        x = env[a]
-        if is_seq_split(want) and isinstance(have, (Partial, Replicate)):  # onto the split
-            fn = C.reduce_scatter if isinstance(have, Partial) else C.split_even
-            args = (want.dim, world, wg) if isinstance(have, Partial) else (want.dim, rank, world, wg)
-            cache[key] = call(fn, x, *args, src=a)
-            return cache[key]
-        if is_seq_split(have):  # off the sequence split: whole again on every rank
-            x = call(C.gather_even, x, have.dim, rank, world, wg, src=a)
-            have = Replicate()
-        if isinstance(want, Partial) and isinstance(have, Replicate):
-            cache[key] = call(C.to_partial, x, rank, src=a)
-            return cache[key]
-        if isinstance(have, Partial):
-            x = call(C.all_reduce, x, wg, src=a)
-            have = Replicate()
-        if isinstance(have, Shard) and isinstance(want, Shard) and (have.dim, have.segs) == (want.dim, want.segs) \
-                and all(w % h == 0 for h, w in zip(have.seg_groups, want.seg_groups)) \
-                and not have.uneven and not want.uneven:
-            x = call(C.refine, x, have.dim, list(have.segs), _groups_arg(have), _groups_arg(want), rank, world, src=a)
-        elif is_whole(have):  # every rank holds it all: nothing moves, its gradient is shared out
-            x = call(C.unwhole, x, world, src=a)
-            if isinstance(want, Shard):
-                x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
-        elif isinstance(have, Shard):
-            if have.groups == world or have.uneven or have.sgroups is not None:
-                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, _groups_arg(have), src=a)
-            elif all(s % world == 0 for s in have.segs):  # refine locally first: less data to move
-                x = call(C.refine, x, have.dim, list(have.segs), have.groups, world, rank, world, src=a)
-                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, src=a)
-            else:  # e.g. 10 columns in 2 chunks on 4 ranks: gather the chunks as they are
-                x = call(C.all_gather, x, have.dim, list(have.segs), rank, world, wg, have.groups, src=a)
-            if isinstance(want, Shard):
-                x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
-        elif isinstance(want, Shard):
-            x = call(C.scatter, x, want.dim, _groups_arg(want), list(want.segs), rank, world, wg, src=a)
-        cache[key] = x
-        return x
+        if key not in cache:
+            x = env[a]
+            for step in plan_redistribution(have, want, world):
+                x = _step(call, step, x, rank, world, wg, a)
+            cache[key] = x
+        return cache[key]
 
     for node in gm.graph.nodes:
         if node.op == "get_attr":

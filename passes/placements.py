@@ -161,15 +161,6 @@ def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:
     return None
 
 
-def needs_gather(have: object, want: object) -> bool:
-    """Whether redistributing a ``Shard`` ``have`` to ``want`` gathers (a refinement to a finer shard of the same
-    layout is a local narrow; a value held whole on every rank moves nothing)."""
-    if not isinstance(have, Shard) or is_whole(have):
-        return False
-    return not isinstance(want, Shard) or (want.dim, want.segs) != (have.dim, have.segs) \
-        or any(w % h for h, w in zip(have.seg_groups, want.seg_groups))
-
-
 def chunk_range(size: int, groups: int, j: int) -> tuple[int, int]:
     """(start, length) of chunk ``j`` of ``size`` split ``groups`` ways, balanced like ``torch.tensor_split``:
     the first ``size % groups`` chunks are one longer (uneven splits, e.g. a vocab of 50257 on 2 ranks)."""

@@ -62,9 +62,9 @@ from .placements import (
     Shard,
     group_at,
     is_whole,
-    needs_gather,
     whole_mark,
 )
+from .redistribute import forward_collective
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from .shapes import shape_of
 
@@ -568,8 +568,7 @@ def _replicated(pl: Any) -> bool:
 def _cost(prop: Propagation) -> tuple[int, int]:
     """(bytes of forward all-reduces and gathers, parameter bytes per rank) of a propagation."""
     comm = sum(nbytes(p) for (c, p), w in prop.wants.items()
-               if isinstance(w, Replicate) and (isinstance(have := prop.placements.get(p), Partial)
-                                                or needs_gather(have, w)))
+               if isinstance(w, Replicate) and forward_collective(prop.placements.get(p), w, prop.world))
     comm += sum(nbytes(n) for n in prop.reduced_after)
     params = 0
     for node, fqn in prop.param_nodes.items():

@@ -11,15 +11,13 @@ from typing import Any
 import torch
 
 from tpfx.passes.placements import (
-    Partial,
     Placement,
     Replicate,
     Shard,
-    is_seq_split,
-    needs_gather,
     shard_tensor,
 )
 from tpfx.passes.propagate import Propagation, Seed, nbytes
+from tpfx.passes.redistribute import forward_collective
 
 
 @dataclass(frozen=True)
@@ -183,12 +181,8 @@ def build_plan(prop: Propagation, seeds: dict[str, Seed]) -> ShardingPlan:
     collectives += [Collective("reduce_scatter", n.name, "*", nbytes(n)) for n in prop.scattered_after]
     done: set[tuple[str, str]] = set()
     for (consumer, producer), want in prop.wants.items():
-        have = prop.placements.get(producer)
-        if isinstance(have, Partial):
-            kind = "reduce_scatter" if is_seq_split(want) else "all_reduce"
-        elif needs_gather(have, want):
-            kind = "all_gather"
-        else:
+        kind = forward_collective(prop.placements.get(producer), want, prop.world)
+        if kind is None:
             continue
         if (producer.name, str(want)) in done:
             continue  # one collective per producer and target placement, shared by its consumers

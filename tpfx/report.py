@@ -144,7 +144,7 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
     """The collective (if any) between a producer and one of its consumers, as emission inserts it."""
-    from tpfx.passes.placements import Partial, needs_gather
+    from tpfx.passes.redistribute import forward_collective
 
     if producer in prop.reduced_after:
         return "all_reduce"
@@ -153,12 +153,7 @@ def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> 
     want = prop.wants.get((consumer, producer))
     if want is None:
         return None
-    have = prop.placements.get(producer)
-    if isinstance(have, Partial):
-        return "reduce_scatter" if is_seq_split(want) else "all_reduce"
-    if needs_gather(have, want):
-        return "all_gather"
-    return None
+    return forward_collective(prop.placements.get(producer), want, prop.world)
 
 
 def _is_nonrep(pl: Any) -> bool:
