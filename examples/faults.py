@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
-
 import torch
-import torch.distributed as dist
 
 import tpfx
 
@@ -13,8 +10,7 @@ import tpfx
 def main(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
-    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=60))  # bounds every wait
-    sharded = tpfx.auto_shard(model, example_inputs=(torch.randn(4, 16),), group=group)
+    sharded = tpfx.auto_shard(model, example_inputs=(torch.randn(4, 16),), timeout=60)  # bounds every wait (s)
     sharded(torch.randn(4, 16))
     try:
         sharded(torch.randn(4 + rank, 16))  # rank 1 was handed a larger batch

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import tpfx
 
 
-def _mlp(group: Any = None) -> Any:
+def _mlp(**kwargs: Any) -> Any:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
-    return tpfx.auto_shard(model, example_inputs=(torch.randn(4, 16),), group=group)
+    return tpfx.auto_shard(model, example_inputs=(torch.randn(4, 16),), **kwargs)
 
 
 def _error_of(fn: Any) -> tuple[str, float]:
@@ -53,10 +53,13 @@ def differing_calls(rank: int, world: int) -> dict[str, Any]:
             "after": tuple(after.shape), "with_check_us": 1e6 * times[True], "without_us": 1e6 * times[False]}
 
 
-def stalled_peer(rank: int, world: int) -> dict[str, Any]:
-    """Rank 1 stalls past the tp group's 3 s timeout: rank 0's first collective times out, named."""
-    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
-    sharded = _mlp(group)
+def stalled_peer(rank: int, world: int, via_group: bool) -> dict[str, Any]:
+    """Rank 1 stalls past the tp group's 3 s timeout (``auto_shard(timeout=3)``, or a group created with one):
+    rank 0's first collective times out, named."""
+    if via_group:
+        sharded = _mlp(group=dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3)))
+    else:
+        sharded = _mlp(timeout=3)
     sharded.check_first_call = sharded.check_calls = False  # the forward's own first collective times out
     if rank != 0:
         time.sleep(8)

@@ -25,8 +25,9 @@ def test_ranks_called_differently_raise_on_every_rank() -> None:
           f"a disagreement raised in {max(r['seq_s'] for r in res) * 1e3:.1f} ms")
 
 
-def test_a_stalled_peer_times_out_naming_the_collective() -> None:
-    (r0, _) = launch(fault_cases.stalled_peer, 2, timeout_s=300)
+@pytest.mark.parametrize("via_group", [False, True], ids=["auto_shard-timeout", "group-timeout"])
+def test_a_stalled_peer_times_out_naming_the_collective(via_group: bool) -> None:
+    (r0, _) = launch(fault_cases.stalled_peer, 2, via_group, timeout_s=300)
     assert r0["error"].startswith("tpfx: rank 0: all_reduce") and " after " in r0["error"], r0
     assert 2.5 < r0["seconds"] < 30, r0
     print("\n" + r0["error"][:300])

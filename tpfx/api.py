@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import inspect
 import time
@@ -232,10 +233,10 @@ def _override_pins(gm: fx.GraphModule, overrides: dict[str, str] | None) -> dict
 # ----------------------------------------------------------------------------- sharded module
 
 
-def _group_namer(group: dist.ProcessGroup | None, world: int) -> Any:
-    """Map a tuple of (group-local) ranks to a process-group name, creating subgroups as needed.
-
-    Every rank creates every subgroup of the plan in the same order (``new_group`` is collective)."""
+def _group_namer(group: dist.ProcessGroup | None, world: int, timeout: float | None = None) -> Any:
+    """Map a tuple of (group-local) ranks to a process-group name, creating subgroups as needed (with
+    ``timeout`` seconds, if given). Every rank creates every subgroup of the plan in the same order
+    (``new_group`` is collective)."""
     base = group or dist.group.WORLD
     names: dict[tuple[int, ...], str] = {tuple(range(world)): base.group_name}  # type: ignore[union-attr]
     globals_ = dist.get_process_group_ranks(base)
@@ -248,7 +249,8 @@ def _group_namer(group: dist.ProcessGroup | None, world: int) -> Any:
     def prepare(all_groups: list[tuple[int, ...]]) -> None:
         for ranks in sorted(set(all_groups)):
             if ranks not in names:
-                pg = dist.new_group([globals_[r] for r in ranks])  # collective: every rank calls it
+                limit = None if timeout is None else datetime.timedelta(seconds=timeout)
+                pg = dist.new_group([globals_[r] for r in ranks], timeout=limit)  # collective: every rank calls it
                 if isinstance(pg, dist.ProcessGroup):  # non-members get a sentinel
                     names[ranks] = pg.group_name
 
@@ -303,7 +305,7 @@ class ShardedModule(torch.nn.Module):
     _group: Any
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
-                 compile: bool, gather_outputs: bool = True) -> None:
+                 compile: bool, gather_outputs: bool = True, timeout: float | None = None) -> None:
         super().__init__()
         self.__dict__["_model"] = model
         self.__dict__["_graphs"] = {}
@@ -312,7 +314,7 @@ class ShardedModule(torch.nn.Module):
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
         self._gather_outputs = gather_outputs
         self.__dict__["_group"] = group
-        self.__dict__["_namer"] = _group_namer(group, plan.world_size)
+        self.__dict__["_namer"] = _group_namer(group, plan.world_size, timeout)
         self._namer.prepare(_replica_groups(plan))
 
     @property
@@ -558,7 +560,7 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp",
-               sequence_parallel: bool = False) -> ShardedModule:
+               sequence_parallel: bool = False, timeout: float | None = None) -> ShardedModule:
     """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
 
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
@@ -567,13 +569,16 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     named axes) and ``tp_axis``: shard over that axis of the mesh; the other axes are for data parallelism
     (wrap the result in torch's ``fully_shard`` or ``replicate`` over them). ``sequence_parallel=True``:
     Megatron sequence parallelism (norms and residual adds on sequence chunks, reduce-scatter / all-gather
-    instead of all-reduce); the sequence length must then be divisible by the tp size."""
+    instead of all-reduce); the sequence length must then be divisible by the tp size. ``timeout`` (seconds):
+    how long any collective of the tp group may wait for a peer before raising on this rank (sets the group's
+    timeout; default: the group's own, 30 min on gloo and 10 min on NCCL unless ``init_process_group(timeout=)``
+    said otherwise)."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
                       group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
-                      mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel)
+                      mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel, timeout=timeout)
 
 
 def tp_group(mesh: Any, tp_axis: str, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -608,7 +613,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, loader: ParamLoader | None = None, mesh: Any = None,
-               tp_axis: str = "tp", sequence_parallel: bool = False) -> ShardedModule:
+               tp_axis: str = "tp", sequence_parallel: bool = False, timeout: float | None = None) -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
     instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
     then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
@@ -621,6 +626,10 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     if world_size != group_size:
         raise ValueError(f"tpfx: world_size={world_size} but the process group has {group_size} ranks")
     rank = dist.get_rank(group) if rank is None else rank
+    if timeout is not None:
+        from tpfx.faults import set_timeout
+
+        set_timeout(group, timeout)
     lazy = example_inputs is None and example_kwargs is None and not _is_hf(model)
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
@@ -636,7 +645,8 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
         first = (gm, planned, args, kwargs, dynamic)
         plan = planned
     _check_agreement(plan, group)
-    sharded = _sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs)  # type: ignore[arg-type]
+    sharded = _sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs,  # type: ignore[arg-type]
+                                          timeout)
     sharded.__dict__["_given_mesh"] = mesh[tp_axis] if mesh is not None else None
     if loader is not None:
         _load_params(sharded, model, plan, loader)

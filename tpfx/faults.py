@@ -8,9 +8,12 @@ with the backend's message kept as the cause. Anything else is left alone.
 
 from __future__ import annotations
 
+import datetime
 import re
 import traceback
+from typing import Any
 
+import torch.distributed as dist
 import torch.fx as fx
 
 from tpfx.passes.emit import collective_nodes
@@ -41,3 +44,12 @@ def describe_failure(error: BaseException, gm: fx.GraphModule, rank: int) -> str
     return (f"tpfx: rank {rank}: {kind} {node.name}{after} failed: {type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''} (a peer rank died or stalled; "
             "with tpfx.launch the failing rank's own error is reported first)")
+
+
+def set_timeout(group: Any, seconds: float) -> None:
+    """Bound every wait of ``group``'s collectives (torch's own setter; it is not in torch's public API yet)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    if seconds <= 0:
+        raise ValueError(f"tpfx: timeout must be positive seconds, got {seconds}")
+    _set_pg_timeout(datetime.timedelta(seconds=seconds), group or dist.group.WORLD)
