@@ -88,110 +88,139 @@ def emit(gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupName
     """Build ``rank``'s GraphModule. ``store`` (fqn -> local Parameter) is reused across captures.
     ``gather_outputs=False`` returns split outputs (e.g. vocab-split logits) as this rank's slice;
     ``local_outputs`` does so for the outputs at these positions of the flattened output (a KV cache)."""
-    world = prop.world
-    wg = group_name(tuple(range(world)))
-    store = {} if store is None else store
-    new = fx.Graph()
-    new._codegen = copy.deepcopy(gm.graph._codegen)
-    env: dict[fx.Node, fx.Node] = {}
-    root: dict[str, Any] = {}
-    cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+    return _Emitter(gm, prop, rank, group_name, {} if store is None else store, gather_outputs,
+                    local_outputs).run()
 
-    def call(fn: Any, *args: Any, src: fx.Node | None = None) -> fx.Node:
-        n = new.call_function(fn, tuple(args))
+
+class _Emitter:
+    """One rank's graph, built node by node: parameters become local slices, operands are redistributed to
+    what their consumer wants (with Megatron's autograd pairs), partial sums are reduced where planned."""
+
+    def __init__(self, gm: fx.GraphModule, prop: Propagation, rank: int, group_name: GroupNamer,
+                 store: dict[str, torch.nn.Parameter], gather_outputs: bool, local_outputs: frozenset[int]) -> None:
+        self.gm, self.prop, self.rank, self.world = gm, prop, rank, prop.world
+        self.group_name, self.store = group_name, store
+        self.gather_outputs, self.local_outputs = gather_outputs, local_outputs
+        self.wg = group_name(tuple(range(prop.world)))
+        self.new = fx.Graph()
+        self.new._codegen = copy.deepcopy(gm.graph._codegen)
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.root: dict[str, Any] = {}
+        self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                self.env[node] = self.attribute(node)
+            elif is_guards(node) and any(not isinstance(self.prop.placements.get(a), Replicate)
+                                         for a in node.all_input_nodes):
+                continue  # export's checks of full-shape inputs; this rank is fed its slices (a split KV cache)
+            elif node.op == "output":
+                self.output(node)
+            else:
+                self.compute(node)
+        out = fx.GraphModule(self.root, self.new, class_name=f"TPRank{self.rank}")
+        out.graph.lint()
+        return out
+
+    def call(self, fn: Any, *args: Any, src: fx.Node | None = None) -> fx.Node:
+        n = self.new.call_function(fn, tuple(args))
         if src is not None and "nn_module_stack" in src.meta:  # attribute the collective to its layer
             n.meta["nn_module_stack"] = src.meta["nn_module_stack"]
         return n
 
-    def redistribute(a: fx.Node, have: Placement, want: Placement) -> fx.Node:
+    def redistribute(self, a: fx.Node, have: Placement, want: Placement) -> fx.Node:
         key = (a, want)
-        if key not in cache:
-            x = env[a]
-            for step in plan_redistribution(have, want, world):
-                x = _step(call, step, x, rank, world, wg, a)
-            cache[key] = x
-        return cache[key]
+        if key not in self.cache:
+            x = self.env[a]
+            for step in plan_redistribution(have, want, self.world):
+                x = _step(self.call, step, x, self.rank, self.world, self.wg, a)
+            self.cache[key] = x
+        return self.cache[key]
 
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            obj = _fetch(gm, node.target)
-            fqn = prop.param_nodes.get(node)
-            if fqn is None:
-                root[node.target] = obj
-                env[node] = new.node_copy(node, lambda a: env[a])
-                continue
-            _, pl = prop.decided.get(fqn, ("replicate", Replicate()))
-            if fqn not in store:
-                store[fqn] = local_param(obj, pl, rank, world)
-            root[node.target] = store[fqn]
-            x = new.node_copy(node, lambda a: env[a])
-            x.meta["tpfx_placement"] = pl
-            if isinstance(pl, Shard) and pl.sgroups is not None:  # segments in different replica groups
-                local, spans = pl.local_segs(rank, world), []
-                for k, (g, ranks) in enumerate(zip(pl.seg_groups, pl.replica_groups(rank, world))):
-                    if g < world:
-                        spans.append((sum(local[:k]), local[k], group_name(ranks)))
-                x = call(C.reduce_grad_spans, x, pl.dim, spans)
-            elif isinstance(pl, Shard) and pl.groups < world:
-                x = call(C.reduce_grad, x, group_name(group_of(pl, rank, world)))
-            env[node] = x
-            continue
-        if is_guards(node) and any(not isinstance(prop.placements.get(a), Replicate) for a in node.all_input_nodes):
-            continue  # export's checks of full-shape inputs; this rank is fed its slices (a split KV cache)
+    def once(self, a: fx.Node, tag: str, fn: Any, *args: Any) -> fx.Node:
+        """``fn(*args)`` for operand ``a``, emitted once and shared by its consumers."""
+        if (a, tag) not in self.cache:
+            self.cache[(a, tag)] = self.call(fn, *args, src=a)
+        return self.cache[(a, tag)]
+
+    def attribute(self, node: fx.Node) -> fx.Node:
+        """A parameter becomes this rank's slice; one split into fewer chunks than ranks gets its gradient
+        reduced over its replica group."""
+        name = str(node.target)
+        obj, fqn, rank, world = _fetch(self.gm, name), self.prop.param_nodes.get(node), self.rank, self.world
+        if fqn is None:
+            self.root[name] = obj
+            return self.new.node_copy(node, lambda a: self.env[a])
+        _, pl = self.prop.decided.get(fqn, ("replicate", Replicate()))
+        if fqn not in self.store:
+            self.store[fqn] = local_param(obj, pl, rank, world)
+        self.root[name] = self.store[fqn]
+        x = self.new.node_copy(node, lambda a: self.env[a])
+        x.meta["tpfx_placement"] = pl
+        if isinstance(pl, Shard) and pl.sgroups is not None:  # segments in different replica groups
+            local, spans = pl.local_segs(rank, world), []
+            for k, (g, ranks) in enumerate(zip(pl.seg_groups, pl.replica_groups(rank, world))):
+                if g < world:
+                    spans.append((sum(local[:k]), local[k], self.group_name(ranks)))
+            return self.call(C.reduce_grad_spans, x, pl.dim, spans)
+        if isinstance(pl, Shard) and pl.groups < world:
+            return self.call(C.reduce_grad, x, self.group_name(group_of(pl, rank, world)))
+        return x
+
+    def operand(self, a: Any, node: fx.Node, sharded: bool) -> Any:
+        """Operand ``a`` of ``node`` as the node's strategy wants it (``sharded``: the node computes on splits)."""
+        if not isinstance(a, fx.Node):
+            return a
+        prop = self.prop
+        want, have = prop.wants.get((node, a)), prop.placements.get(a, Replicate())
+        if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and is_seq_split(have) \
+                and _is_float(a):  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
+            return self.once(a, "gather_seq", C.gather_seq, self.env[a], have.dim, self.world, self.wg)
+        x = self.env[a] if want is None else self.redistribute(a, have, want)
+        if sharded and isinstance(want or have, Replicate) and _is_float(a) and a not in prop.partial_grad:
+            return self.once(a, "f", C.reduce_grad, x, self.wg)  # Megatron's f: replicated into sharded compute
+        return x
+
+    def output(self, node: fx.Node) -> None:
+        leaves, spec = tree_flatten(node.args[0])
+        outs = []
+        for i, a in enumerate(leaves):
+            pl = self.prop.placements.get(a) if isinstance(a, fx.Node) else None
+            local = isinstance(pl, Shard) and not is_seq_split(pl) and (not self.gather_outputs
+                                                                       or i in self.local_outputs)
+            outs.append(self.env[a] if local else self.operand(a, node, False))
+        self.new.output(tree_unflatten(outs, spec))
+
+    def compute(self, node: fx.Node) -> None:
+        """A placeholder, module call or op: operands redistributed, the op rewritten where its strategy says
+        (local view constants, the vocab-parallel embedding), its partial sum reduced where planned."""
+        prop, world, wg = self.prop, self.world, self.wg
         if node.op == "call_module":
-            root[node.target] = _fetch(gm, node.target)
+            self.root[str(node.target)] = _fetch(self.gm, str(node.target))
         if node.op == "call_function" and node.target is torch.set_grad_enabled:
-            cache.clear()  # a redistribution made under no_grad carries no gradient: redo it after a switch
-        sharded = node.op != "output" and _sharded_compute(prop, node)
-
-        def mapped(a: Any, node: fx.Node = node, sharded: bool = sharded) -> Any:
-            if not isinstance(a, fx.Node):
-                return a
-            want = prop.wants.get((node, a))
-            have = prop.placements.get(a, Replicate())
-            if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and is_seq_split(have) and _is_float(a):
-                key = (a, "gather_seq")  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
-                if key not in cache:
-                    cache[key] = call(C.gather_seq, env[a], have.dim, world, wg, src=a)
-                return cache[key]
-            x = env[a] if want is None else redistribute(a, have, want)
-            if sharded and isinstance(want or have, Replicate) and _is_float(a) and a not in prop.partial_grad:
-                key = (a, "f")  # Megatron's f: a replicated value entering sharded compute
-                if key not in cache:
-                    cache[key] = call(C.reduce_grad, x, wg, src=a)
-                return cache[key]
-            return x
-
-        if node.op == "output":
-            leaves, spec = tree_flatten(node.args[0])
-            outs = [env[a] if isinstance(a, fx.Node) and isinstance(prop.placements.get(a), Shard)
-                    and not is_seq_split(prop.placements.get(a))
-                    and (not gather_outputs or i in local_outputs) else mapped(a) for i, a in enumerate(leaves)]
-            new.output(tree_unflatten(outs, spec))
-            continue
-        args, kwargs = tree_map(mapped, node.args), tree_map(mapped, dict(node.kwargs))
+            self.cache.clear()  # a redistribution made under no_grad carries no gradient: redo it after a switch
+        sharded = _sharded_compute(prop, node)
+        args = tree_map(lambda a: self.operand(a, node, sharded), node.args)
+        kwargs = tree_map(lambda a: self.operand(a, node, sharded), dict(node.kwargs))
         strat = prop.strategies.get(node)
         target = node.meta.get("tpfx_retarget", node.target) if strat is not None and strat.rewrite else node.target
         if strat is not None and strat.rewrite is not None:
-            args, kwargs = strat.rewrite(args, kwargs, rank, world)
+            args, kwargs = strat.rewrite(args, kwargs, self.rank, world)
             args = tuple(wg if a == WORLD else a for a in args)
             if node.target is aten.embedding.default:
                 target = C.vocab_embedding
         elif node.op == "placeholder":
-            env[node] = new.node_copy(node, lambda a: env[a])
-            continue
-        y = new.create_node(node.op, target, args, kwargs, name=node.name)
-        y.meta = {k: v for k, v in node.meta.items()
-                  if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
+            self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
+            return
+        y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
+        y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
         if node in prop.reduced_after:
-            y = call(C.all_reduce, y, wg, src=node)
+            y = self.call(C.all_reduce, y, wg, src=node)
         elif node in prop.scattered_after:
-            y = call(C.reduce_scatter, y, prop.placements[node].dim, world, wg, src=node)
-        env[node] = y
-    out = fx.GraphModule(root, new, class_name=f"TPRank{rank}")
-    out.graph.lint()
-    return out
+            y = self.call(C.reduce_scatter, y, prop.placements[node].dim, world, wg, src=node)
+        self.env[node] = y
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
