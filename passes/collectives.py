@@ -26,6 +26,7 @@ weight (``reduce_grad`` over the replica group) or where it meets an ``f``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,6 +37,19 @@ c10d = torch.ops._c10d_functional
 
 def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
+
+
+def _named(kind: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, a collective of a backward: a failure (a peer died, a timeout) raises naming it. Autograd
+    runs backward outside any graph this rank's forward could name a node of."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"tpfx: rank {rank}: {kind} in the backward failed: {type(e).__name__}: {first} (a "
+                           "peer rank died or stalled; with tpfx.launch the failing rank's own error is reported "
+                           "first)") from e
 
 
 def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,
@@ -77,7 +91,7 @@ class _ReduceGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return _all_reduce(g, ctx.group), None
+        return _named("all_reduce of reduce_grad (Megatron's f)", _all_reduce, g, ctx.group), None
 
 
 def _per_seg(groups: int | list[int] | tuple[int, ...], segs: tuple[int, ...]) -> tuple[int, ...]:
@@ -124,7 +138,7 @@ class _Scatter(torch.autograd.Function):
             full.narrow(dim, off + start, n).copy_(g.narrow(dim, loc, n))
             off += s
             loc += n
-        return _all_reduce(full, group), None, None, None, None, None, None
+        return _named("all_reduce of scatter", _all_reduce, full, group), None, None, None, None, None, None
 
 
 class _Unwhole(torch.autograd.Function):
@@ -149,7 +163,8 @@ class _ReduceGradSpans(torch.autograd.Function):
         dim, spans = ctx.args
         g = g.clone()
         for start, n, group in spans:
-            g.narrow(dim, start, n).copy_(_all_reduce(g.narrow(dim, start, n), group))
+            g.narrow(dim, start, n).copy_(_named("all_reduce of reduce_grad_spans", _all_reduce,
+                                                 g.narrow(dim, start, n), group))
         return g, None, None
 
 
@@ -200,7 +215,7 @@ def _conjugates(forward: SeqOp, backward: SeqOp) -> type[torch.autograd.Function
 
         @staticmethod
         def backward(ctx, g):  # type: ignore[override]
-            return backward(g, *ctx.args), None, None, None, None
+            return _named(Pair.__name__, backward, g, *ctx.args), None, None, None, None
 
     Pair.__name__ = Pair.__qualname__ = f"_{forward.__name__.strip('_')}_then_{backward.__name__.strip('_')}"
     return Pair

@@ -68,6 +68,16 @@ def stalled_peer(rank: int, world: int, via_group: bool) -> dict[str, Any]:
     return {"error": err, "seconds": s}
 
 
+def stalled_in_backward(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 stalls in its backward past the 3 s timeout: rank 0's backward collective times out, named."""
+    sharded = _mlp(timeout=3)
+    out = sharded(torch.randn(4, 16, requires_grad=True))  # its gradient is Megatron's f: an all-reduce
+    if rank == 1:
+        out.register_hook(lambda g: time.sleep(8))
+    err, s = _error_of(lambda: out.square().sum().backward())
+    return {"error": err, "seconds": s}
+
+
 def dies_mid_backward(rank: int, world: int) -> None:
     sharded = _mlp()
     out = sharded(torch.randn(4, 16))

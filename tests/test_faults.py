@@ -33,6 +33,12 @@ def test_a_stalled_peer_times_out_naming_the_collective(via_group: bool) -> None
     print("\n" + r0["error"][:300])
 
 
+def test_a_peer_stalled_in_backward_times_out_naming_the_collective() -> None:
+    r0, _ = launch(fault_cases.stalled_in_backward, 2, timeout_s=300)
+    assert r0["error"].startswith("tpfx: rank 0: all_reduce of reduce_grad (Megatron's f) in the backward failed"), r0
+    assert 2.5 < r0["seconds"] < 30, r0
+
+
 @pytest.mark.parametrize("body", [fault_cases.dies_mid_backward, fault_cases.killed_mid_forward])
 def test_a_failing_rank_is_reported_first_in_bounded_time(body) -> None:
     start = time.monotonic()
@@ -41,6 +47,7 @@ def test_a_failing_rank_is_reported_first_in_bounded_time(body) -> None:
     msg = str(info.value)
     assert msg.startswith("tpfx.launch: rank 1 failed"), msg
     assert "rank 1 dies in backward" in msg or "signal" in msg.lower() or "SIGKILL" in msg, msg
+
     assert "did not finish within" not in msg and time.monotonic() - start < 120, msg
 
 
