@@ -10,6 +10,7 @@ from pathlib import Path
 import ckpt_cases
 import pytest
 import torch
+from example_runs import run_example
 from numerics import TOL, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -186,13 +187,7 @@ def test_save_pretrained_failures_raise_and_leave_nothing(tmp_path: Path) -> Non
 
 
 def test_readme_checkpoint_example_runs(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "examples" / "checkpoint.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=500, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = out.stdout.strip().splitlines()[-1]
+    stdout = run_example("checkpoint.py", str(tmp_path))
+    line = stdout.strip().splitlines()[-1]
     losses = [float(x.split(";")[0]) for x in line.split(": ")[1:4]]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), line

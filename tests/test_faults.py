@@ -7,6 +7,7 @@ import time
 
 import fault_cases
 import pytest
+from example_runs import run_example
 
 from tpfx.launch import launch
 
@@ -52,13 +53,6 @@ def test_a_failing_rank_is_reported_first_in_bounded_time(body) -> None:
 
 
 def test_readme_faults_example_runs() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "examples" / "faults.py")], capture_output=True, text=True,
-                         timeout=300, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [ln for ln in out.stdout.splitlines() if "ranks disagree on the shapes and structure" in ln]
-    assert sorted(ln[:6] for ln in lines) == ["rank 0", "rank 1"], out.stdout
+    stdout = run_example("faults.py", timeout=300)
+    lines = [ln for ln in stdout.splitlines() if "ranks disagree on the shapes and structure" in ln]
+    assert sorted(ln[:6] for ln in lines) == ["rank 0", "rank 1"], stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gen_cases
 import pytest
+from example_runs import run_example
 
 from tpfx.launch import launch
 
@@ -55,14 +56,7 @@ def test_compiled_decode_step_compiles_once() -> None:
 
 
 def test_readme_generate_example_runs() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "examples" / "generate.py")], capture_output=True, text=True,
-                         timeout=500, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = [line for line in out.stdout.splitlines() if "equal to unsharded" in line]
-    assert len(runs) == 3 and all(line.endswith("True") for line in runs), out.stdout
-    assert "KV cache per rank" in out.stdout, out.stdout
+    stdout = run_example("generate.py")
+    runs = [line for line in stdout.splitlines() if "equal to unsharded" in line]
+    assert len(runs) == 3 and all(line.endswith("True") for line in runs), stdout
+    assert "KV cache per rank" in stdout, stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import train_cases
+from example_runs import run_example
 from numerics import TOL, rel_err
 
 from tpfx.launch import launch
@@ -82,13 +83,10 @@ def test_hf_trainer_matches_the_unsharded_trainer(family: str, tmp_path: Path) -
 
 
 def test_readme_trainer_example_runs() -> None:
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "examples" / "trainer.py")], capture_output=True, text=True,
-                         timeout=500, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 5, out.stdout
+    stdout = run_example("trainer.py")
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 5, stdout
     for line in steps:  # "step k: loss A (unsharded B)  grad_norm C (unsharded D)"
         a, b, c, d = (float(x) for x in re.findall(r"\d+\.\d+", line))
         assert abs(a - b) <= 1e-5 * b and abs(c - d) <= 1e-5 * d, line
-    assert float(re.findall(r"rel err (\S+)", out.stdout)[0]) <= 1e-5, out.stdout
+    assert float(re.findall(r"rel err (\S+)", stdout)[0]) <= 1e-5, stdout
