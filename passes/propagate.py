@@ -212,147 +212,201 @@ RuleCache = dict[Any, tuple[Any, Any]]
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
              reduce_now: frozenset[str] = frozenset(), cache: RuleCache | None = None,
              fed: dict[str, Placement] | None = None) -> Propagation:
-    params = param_fqns(gm)
-    prop = Propagation(world, {}, {}, {}, {}, params, [], set(), [])
-    trained = _trained(gm, params)
-    origins: dict[fx.Node, frozenset[str]] = {}
-    tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
-    tainted_seeds: set[str] = set()
-    # weights seen through layout ops (transpose, numpy_T, casts) stay free until a real consumer decides:
-    # node -> (fqn, output dim -> parameter dim, the get_attr node)
-    derived: dict[fx.Node, tuple[str, tuple[int, ...], fx.Node]] = {}
-    chains: dict[str, list[fx.Node]] = {}
+    """One propagation round in graph order (see ``_Round``)."""
+    return _Round(gm, world, seeds, reduce_now, cache, fed).run()
 
-    def materialize(fqn: str) -> None:
+
+class _Round:
+    """One round: every node gets a placement from its rule, given its operands' placements; the first
+    consumer of a free weight decides its layout; a rule's fallback records a demand on the weights that
+    produced the shard (the next round honours it)."""
+
+    def __init__(self, gm: fx.GraphModule, world: int, seeds: dict[str, Seed], reduce_now: frozenset[str],
+                 cache: RuleCache | None, fed: dict[str, Placement] | None) -> None:
+        self.gm, self.world, self.seeds, self.reduce_now, self.cache, self.fed = gm, world, seeds, reduce_now, cache, fed
+        self.params = param_fqns(gm)
+        self.prop = Propagation(world, {}, {}, {}, {}, self.params, [], set(), [])
+        self.trained = _trained(gm, self.params)
+        self.origins: dict[fx.Node, frozenset[str]] = {}
+        self.tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
+        self.tainted_seeds: set[str] = set()
+        # weights seen through layout ops (transpose, numpy_T, casts) stay free until a real consumer decides:
+        # node -> (fqn, output dim -> parameter dim, the get_attr node)
+        self.derived: dict[fx.Node, tuple[str, tuple[int, ...], fx.Node]] = {}
+        self.chains: dict[str, list[fx.Node]] = {}
+
+    def run(self) -> Propagation:
+        for node in self.gm.graph.nodes:
+            if self._leaf(node) or self._layout(node):
+                continue
+            operands = self._operands(node)
+            if is_guards(node):  # export's input checks: they read the inputs as the caller passes them
+                self.prop.strategies[node] = Strategy({i: o.placement for i, o in enumerate(operands)}, R)
+                self.prop.placements[node] = R
+                continue
+            replicated_out: Any = tuple([R] * n) if (n := _multi(node)) else R
+            result = self._strategy(node, operands, replicated_out)
+            if isinstance(result, Fallback):
+                result = self._fall_back(node, operands, result, replicated_out)
+            self._apply(node, operands, result)
+        for fqn in list(self.chains):  # layout ops of weights no rule consumed: replicated
+            self.prop.decided.setdefault(fqn, ("replicate", R))
+            self.materialize(fqn)
+        self.prop.origins = self.origins
+        return self.prop
+
+    def materialize(self, fqn: str) -> None:
         """Placements of the layout ops between a just-decided weight and its consumers."""
+        prop = self.prop
         pl = prop.decided[fqn][1]
-        for c in chains.pop(fqn, []):
-            _, m, root = derived[c]
+        for c in self.chains.pop(fqn, []):
+            _, m, root = self.derived[c]
             src: Any = c.args[0]
             have = prop.placements.get(src, pl) if src is not root else pl
             mine = pl.moved(m.index(pl.dim)) if isinstance(pl, Shard) else R
             prop.placements[c] = mine
             prop.strategies[c] = Strategy({0: have}, mine)
             if isinstance(pl, Shard):
-                origins[c] = frozenset({fqn})
+                self.origins[c] = frozenset({fqn})
 
-    for node in gm.graph.nodes:
+    def _leaf(self, node: fx.Node) -> bool:
+        """Placeholders, weights, the output and ``getitem`` of a multi-output node (True: handled)."""
+        prop = self.prop
         if node.op == "placeholder":  # replicated unless the caller feeds this rank's slice (a split KV cache)
-            prop.placements[node] = (fed or {}).get(node.name, R)
-            continue
+            prop.placements[node] = (self.fed or {}).get(node.name, R)
+            return True
         if node.op == "get_attr":
-            fqn = params.get(node)
+            fqn = self.params.get(node)
             prop.placements[node] = prop.decided[fqn][1] if fqn in prop.decided else R
             if fqn in prop.decided:
-                origins[node] = frozenset({fqn})
-            continue
+                self.origins[node] = frozenset({fqn})  # type: ignore[arg-type]
+            return True
         if node.op == "output":
             for a in _tensor_inputs(node):
                 prop.wants[(node, a)] = R
-            continue
-        if any(a in tainted for a in node.all_input_nodes):
-            tainted.add(node)
+            return True
+        if any(a in self.tainted for a in node.all_input_nodes):
+            self.tainted.add(node)
         if node.target is operator.getitem:
             src, i = node.args
-            pl = prop.placements.get(src, R)
-            prop.placements[node] = pl[i] if isinstance(pl, tuple) else pl
-            origins[node] = origins.get(src, frozenset())
-            continue
+            pl = prop.placements.get(src, R)  # type: ignore[arg-type]
+            prop.placements[node] = pl[i] if isinstance(pl, tuple) else pl  # type: ignore[index]
+            self.origins[node] = self.origins.get(src, frozenset())  # type: ignore[arg-type]
+            return True
+        return False
+
+    def _layout(self, node: fx.Node) -> bool:
+        """A layout op of a still-free weight: it joins the weight's chain (True) until a consumer decides."""
         inputs = _tensor_inputs(node)
-        if node.op == "call_function" and len(inputs) == 1 and len(node.all_input_nodes) == 1:
-            a = inputs[0]
-            base = (params[a], tuple(range(a.meta["val"].ndim)), a) if a in params else derived.get(a)
-            m = _layout_map(node, a.meta["val"].ndim)
-            if base is not None and base[0] not in prop.decided and m is not None:
-                derived[node] = (base[0], tuple(base[1][i] for i in m), base[2])
-                chains.setdefault(base[0], []).append(node)
-                continue
+        if node.op != "call_function" or len(inputs) != 1 or len(node.all_input_nodes) != 1:
+            return False
+        a = inputs[0]
+        base = (self.params[a], tuple(range(a.meta["val"].ndim)), a) if a in self.params else self.derived.get(a)
+        m = _layout_map(node, a.meta["val"].ndim)
+        if base is None or base[0] in self.prop.decided or m is None:
+            return False
+        self.derived[node] = (base[0], tuple(base[1][i] for i in m), base[2])
+        self.chains.setdefault(base[0], []).append(node)
+        return True
+
+    def _operands(self, node: fx.Node) -> list[Operand]:
         operands = []
-        for a in inputs:
-            fqn = params.get(a)
+        for a in _tensor_inputs(node):
+            fqn = self.params.get(a)
             dim_map = None
-            if fqn is None and a in derived:
-                fqn, dim_map, _ = derived[a]
+            if fqn is None and a in self.derived:
+                fqn, dim_map, _ = self.derived[a]
             free = None
-            if fqn is not None and fqn not in prop.decided:
-                s = seeds[fqn]
+            if fqn is not None and fqn not in self.prop.decided:
+                s = self.seeds[fqn]
                 free = FreeParam(fqn, s.styles, s.groups, s.segs, s.sgroups, dim_map)
-            elif fqn is not None and fqn in chains:
-                materialize(fqn)
+            elif fqn is not None and fqn in self.chains:
+                self.materialize(fqn)
             val = a.meta["val"]
-            operands.append(Operand(a, _shape(a), val.dtype, prop.placements.get(a, R), free,  # type: ignore[arg-type]
-                                    a in trained))
-        if is_guards(node):  # export's input checks: they read the inputs as the caller passes them
-            prop.strategies[node] = Strategy({i: o.placement for i, o in enumerate(operands)}, R)
-            prop.placements[node] = R
-            continue
-        n_out = _multi(node)
-        replicated_out: Any = tuple([R] * n_out) if n_out else R
+            operands.append(Operand(a, _shape(a), val.dtype, self.prop.placements.get(a, R), free,  # type: ignore[arg-type]
+                                    a in self.trained))
+        return operands
+
+    def _strategy(self, node: fx.Node, operands: list[Operand], replicated_out: Any) -> Strategy | Fallback:
+        """The node's rule on these operands (cached by operand layouts), or the replicated default."""
         rule = lookup(node.target) if node.op == "call_function" else None
         busy = any(not isinstance(o.placement, Replicate) for o in operands)
         has_free = any(o.free is not None for o in operands)
         if not busy and (rule is None or not has_free):
-            result: Strategy | Fallback = Strategy({i: R for i in range(len(operands))}, replicated_out)
-        elif busy and not has_free and all(isinstance(o.placement, Replicate) or is_whole(o.placement)
-                                           for o in operands):
-            result = _on_whole(node, operands)
-        elif rule is None:
+            return Strategy({i: R for i in range(len(operands))}, replicated_out)
+        if busy and not has_free and all(isinstance(o.placement, Replicate) or is_whole(o.placement)
+                                         for o in operands):
+            return _on_whole(node, operands)
+        if rule is None:
             name = str(node.target)
-            prop.unknown_ops.add(name)
-            result = Fallback(f"no sharding rule for {name}")
-        else:
-            out_shapes = _out_shapes(node)
-            key = _rule_key(node, operands, out_shapes) if cache is not None else None
-            node.meta.pop("tpfx_retarget", None)  # set again by the rule (or the cache) when it applies
-            if key is not None and cache is not None and key in cache:
-                result, retarget = cache[key]
-                if retarget is not None:
-                    node.meta["tpfx_retarget"] = retarget
-            else:
-                result = rule(OpCtx(node, operands, world, out_shapes))
-                if key is not None and cache is not None:
-                    cache[key] = (result, node.meta.get("tpfx_retarget"))
-        if isinstance(result, Fallback):
-            culprits = [result.operand] if result.operand is not None else [
-                i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
-            src = frozenset().union(*[origins.get(operands[i].node, frozenset()) for i in culprits])
-            kind = "groups" if result.groups else "segs" if result.segs else "replicate"
-            value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else None)
-            movable = frozenset(f for f in src if not seeds[f].pinned and f not in tainted_seeds)
-            if movable and (node not in tainted or result.groups or result.segs):
-                prop.demands.append((movable, kind, value, f"{node.name}: {result.reason}"))
-            elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
-                prop.held.append((unpinned, kind, value, f"{node.name}: {result.reason}"))
-            if any(isinstance(o.placement, Shard) for o in operands):
-                prop.fallbacks.append((node.name, result.reason))
-            result = Strategy({i: R for i in range(len(operands))}, replicated_out)
-            tainted.add(node)
+            self.prop.unknown_ops.add(name)
+            return Fallback(f"no sharding rule for {name}")
+        out_shapes, cache = _out_shapes(node), self.cache
+        key = _rule_key(node, operands, out_shapes) if cache is not None else None
+        node.meta.pop("tpfx_retarget", None)  # set again by the rule (or the cache) when it applies
+        if key is not None and cache is not None and key in cache:
+            result, retarget = cache[key]
+            if retarget is not None:
+                node.meta["tpfx_retarget"] = retarget
+            return result
+        result = rule(OpCtx(node, operands, self.world, out_shapes))
+        if key is not None and cache is not None:
+            cache[key] = (result, node.meta.get("tpfx_retarget"))
+        return result
+
+    def _fall_back(self, node: fx.Node, operands: list[Operand], result: Fallback, replicated_out: Any) -> Strategy:
+        """Replicate here, and ask the weights whose shard arrived for a layout this op can take."""
+        prop, seeds = self.prop, self.seeds
+        culprits = [result.operand] if result.operand is not None else [
+            i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
+        src = frozenset().union(*[self.origins.get(operands[i].node, frozenset()) for i in culprits])
+        kind = "groups" if result.groups else "segs" if result.segs else "replicate"
+        value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else None)
+        movable = frozenset(f for f in src if not seeds[f].pinned and f not in self.tainted_seeds)
+        if movable and (node not in self.tainted or result.groups or result.segs):
+            prop.demands.append((movable, kind, value, f"{node.name}: {result.reason}"))
+        elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
+            prop.held.append((unpinned, kind, value, f"{node.name}: {result.reason}"))
+        if any(isinstance(o.placement, Shard) for o in operands):
+            prop.fallbacks.append((node.name, result.reason))
+        self.tainted.add(node)
+        return Strategy({i: R for i in range(len(operands))}, replicated_out)
+
+    def _decide(self, node: fx.Node, o: Operand, result: Strategy, i: int) -> None:
+        """The first consumer of free weight ``o`` decides its layout (and that of its layout ops)."""
+        assert o.free is not None
+        prop = self.prop
+        style, pl = result.decide.get(i, ("replicate", R))
+        if isinstance(pl, Replicate):
+            style = "replicate"
+        param_pl: Placement = pl
+        if o.free.dim_map is not None and isinstance(pl, Shard):
+            d = o.free.dim_map[pl.dim]
+            assert d is not None  # a split dim of a layout op maps to a parameter dim
+            param_pl = pl.moved(d)
+        prop.decided[o.free.fqn] = (style, param_pl)
+        if node in self.tainted:
+            self.tainted_seeds.add(o.free.fqn)
+        if o.node in self.derived:
+            root = self.derived[o.node][2]
+            prop.placements[root] = param_pl
+            if isinstance(param_pl, Shard):
+                self.origins[root] = frozenset({o.free.fqn})
+            self.materialize(o.free.fqn)
+        prop.placements[o.node] = pl
+        o.placement = pl
+        if not isinstance(pl, Replicate):
+            self.origins[o.node] = frozenset({o.free.fqn})
+
+    def _apply(self, node: fx.Node, operands: list[Operand], result: Strategy) -> None:
+        """Record the strategy: decisions, redistributions wanted, the output's placement and origins."""
+        prop = self.prop
         prop.strategies[node] = result
         out_origins: set[str] = set()
         for i, o in enumerate(operands):
             want = result.want.get(i, R)
             if o.free is not None:
-                style, pl = result.decide.get(i, ("replicate", R))
-                if isinstance(pl, Replicate):
-                    style = "replicate"
-                param_pl: Placement = pl
-                if o.free.dim_map is not None and isinstance(pl, Shard):
-                    d = o.free.dim_map[pl.dim]
-                    assert d is not None  # a split dim of a layout op maps to a parameter dim
-                    param_pl = pl.moved(d)
-                prop.decided[o.free.fqn] = (style, param_pl)
-                if node in tainted:
-                    tainted_seeds.add(o.free.fqn)
-                if o.node in derived:
-                    root = derived[o.node][2]
-                    prop.placements[root] = param_pl
-                    if isinstance(param_pl, Shard):
-                        origins[root] = frozenset({o.free.fqn})
-                    materialize(o.free.fqn)
-                prop.placements[o.node] = pl
-                o.placement = pl
-                if not isinstance(pl, Replicate):
-                    origins[o.node] = frozenset({o.free.fqn})
+                self._decide(node, o, result, i)
             if want != o.placement:
                 prop.wants[(node, o.node)] = want
             # a shard or partial sum flows into the output; after a redistribution (reduce, gather) its
@@ -360,18 +414,13 @@ def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
             kept = want == o.placement or (isinstance(want, Shard) and isinstance(o.placement, Shard)
                                            and (want.dim, want.segs) == (o.placement.dim, o.placement.segs))
             if not isinstance(want, Replicate) and kept:
-                out_origins |= origins.get(o.node, frozenset())
+                out_origins |= self.origins.get(o.node, frozenset())
         prop.placements[node] = result.out
-        if node.name in reduce_now and isinstance(result.out, Partial):
+        if node.name in self.reduce_now and isinstance(result.out, Partial):
             prop.placements[node] = R  # reduced once, right after the producer, for every consumer
             prop.reduced_after.add(node)
         outs = prop.placements[node] if isinstance(prop.placements[node], tuple) else (prop.placements[node],)
-        origins[node] = frozenset(out_origins) if any(not isinstance(o, Replicate) for o in outs) else frozenset()
-    for fqn in list(chains):  # layout ops of weights no rule consumed: replicated
-        prop.decided.setdefault(fqn, ("replicate", R))
-        materialize(fqn)
-    prop.origins = origins
-    return prop
+        self.origins[node] = frozenset(out_origins) if any(not isinstance(o, Replicate) for o in outs) else frozenset()
 
 
 def is_guards(node: fx.Node) -> bool:
