@@ -851,32 +851,7 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
     if not shard_letters:
-        for k, (spec, o) in enumerate(zip(specs, ops)):
-            if o.free is None or "colwise" not in o.free.styles:
-                continue
-            for d, L in enumerate(spec):
-                if L in out and all(L not in s for j, s in enumerate(specs) if j != k):
-                    size = as_int(o.shape[d])
-                    if size is None:
-                        break
-                    segs = o.free.segs or (size,)
-                    if sum(segs) != size:
-                        break
-                    caps = o.free.sgroups or (o.free.groups,) * len(segs)
-                    gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
-                    g = max(gs)
-                    if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
-                        g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds)
-                    if g < 2:
-                        break
-                    sh = Shard(d, g, segs, gs)
-                    decide[idx[k]] = ("colwise", sh)
-                    want[idx[k]] = sh
-                    return Strategy(want, sh.moved(out.index(L)), decide)
-        for k, o in enumerate(ops):
-            if o.free is not None:
-                decide[idx[k]] = ("replicate", R)
-        return Strategy(want, R, decide)
+        return _colwise_or_replicated(specs, out, idx, ops, want, decide)
     (L, shards), = shard_letters.items()
     # held whole on every rank beside operands split on L (one key/value head against the query heads): it stays
     # as it is, its gradient partial over the ranks like any value several ranks hold (cut to L's shard if it
@@ -904,6 +879,38 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
         elif o.free is not None:
             decide[idx[k]] = ("replicate", R)
     return Strategy(want, P if contracted else best.moved(out.index(L)), decide)
+
+
+def _colwise_or_replicated(specs: list[str], out: str, idx: list[int], ops: list[Operand],
+                           want: dict[int, Placement], decide: dict[int, tuple[str, Placement]]) -> Strategy:
+    """Nothing arrives split: the first free weight with an output-only letter is split column-wise on it
+    (by parts where it has them, in as many groups as divide each part), else everything stays replicated."""
+    for k, (spec, o) in enumerate(zip(specs, ops)):
+        if o.free is None or "colwise" not in o.free.styles:
+            continue
+        for d, L in enumerate(spec):
+            if L in out and all(L not in s for j, s in enumerate(specs) if j != k):
+                size = as_int(o.shape[d])
+                if size is None:
+                    break
+                segs = o.free.segs or (size,)
+                if sum(segs) != size:
+                    break
+                caps = o.free.sgroups or (o.free.groups,) * len(segs)
+                gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
+                g = max(gs)
+                if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
+                    g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds)
+                if g < 2:
+                    break
+                sh = Shard(d, g, segs, gs)
+                decide[idx[k]] = ("colwise", sh)
+                want[idx[k]] = sh
+                return Strategy(want, sh.moved(out.index(L)), decide)
+    for k, o in enumerate(ops):
+        if o.free is not None:
+            decide[idx[k]] = ("replicate", R)
+    return Strategy(want, R, decide)
 
 
 @register(aten.linear)
