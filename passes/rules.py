@@ -118,8 +118,12 @@ REGISTRY: dict[Any, Rule] = {}
 
 
 def register(*targets: Any) -> Callable[[Rule], Rule]:
+    """One rule per op: a second registration is an error (a rule refining another calls it explicitly)."""
+
     def deco(fn: Rule) -> Rule:
         for t in targets:
+            if t in REGISTRY:
+                raise RuntimeError(f"tpfx: {t} already has the rule {REGISTRY[t].__qualname__}")
             REGISTRY[t] = fn
         return fn
 
@@ -324,8 +328,7 @@ def _pass_partial(ctx: OpCtx) -> Strategy | None:
     return None
 
 
-@register(aten.view, aten.reshape, aten._unsafe_view)
-def view(ctx: OpCtx) -> Result:
+def view(ctx: OpCtx) -> Result:  # registered by rules_nn.view, which refines its reasons
     if (s := _pass_partial(ctx)) is not None:
         return s
     x = ctx.operands[0]
@@ -611,8 +614,8 @@ def slice_scatter(ctx: OpCtx) -> Result:
     return Strategy({i: best for i in range(len(ctx.operands))}, best)
 
 
-@register(aten.flatten, aten.unflatten)
-def flatten(ctx: OpCtx) -> Result:
+@register(aten.flatten)
+def flatten(ctx: OpCtx) -> Result:  # also unflatten's base (rules_nn.unflatten)
     """flatten/unflatten are views whose output shape is known: move the shard like a view."""
     if (s := _pass_partial(ctx)) is not None:
         return s
@@ -794,8 +797,8 @@ def along_dim(ctx: OpCtx) -> Result:
     return r
 
 
-@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm)
-def norm(ctx: OpCtx) -> Result:
+@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def norm(ctx: OpCtx) -> Result:  # also group_norm's base (rules_nn.group_norm)
     x = ctx.operands[0]
     nd = x.ndim
     if ctx.node.target in (aten.group_norm.default,):

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import rules
 from .placements import P, Partial, Placement, R, Shard, chunk_range, shard_tensor
 from .rules import (
-    REGISTRY,
     Fallback,
     OpCtx,
     Operand,
@@ -289,9 +289,6 @@ def batch_norm(ctx: OpCtx) -> Result:
     return Strategy(want, p.moved(1), decide, rewrite=rw)
 
 
-_base_norm = REGISTRY[aten.group_norm]
-
-
 @register(aten.group_norm)
 @uniform_only
 def group_norm(ctx: OpCtx) -> Result:
@@ -299,7 +296,7 @@ def group_norm(ctx: OpCtx) -> Result:
     x = ctx.operands[0]
     p = x.placement
     if not (isinstance(p, Shard) and p.dim == 1):
-        return _base_norm(ctx)
+        return rules.norm(ctx)
     G = ctx.arg("num_groups")
     C = as_int(x.shape[1])
     if not isinstance(G, int) or C is None:
@@ -366,14 +363,11 @@ def fused_attention(ctx: OpCtx) -> Result:
 
 # ----------------------------------------------------------------------------- refinements of rules.py
 
-_base_unflatten = REGISTRY[aten.unflatten]
-
-
 @register(aten.unflatten)
 def unflatten(ctx: OpCtx) -> Result:
     """As ``rules.flatten``; when the sharded dim of a single-segment shard is unflattened into ``[n, ..]``
     parts (a fused q/k/v projection ``[.., 3E] -> [.., 3, E]``), ask for ``n`` segments (each part split)."""
-    r = _base_unflatten(ctx)
+    r = rules.flatten(ctx)
     if not isinstance(r, Fallback) or r.groups or r.segs:
         return r
     x = ctx.operands[0]
@@ -387,13 +381,10 @@ def unflatten(ctx: OpCtx) -> Result:
     return r
 
 
-_base_view = REGISTRY[aten.view]
-
-
 @register(aten.view, aten.reshape, aten._unsafe_view)
 def view(ctx: OpCtx) -> Result:
     """As ``rules.view``, with a precise reason when the sharded dim is folded together with a run-time size."""
-    r = _base_view(ctx)
+    r = rules.view(ctx)
     if not isinstance(r, Fallback) or r.groups:
         return r
     x = ctx.operands[0]
