@@ -204,12 +204,11 @@ class _Emitter:
         args = tree_map(lambda a: self.operand(a, node, sharded), node.args)
         kwargs = tree_map(lambda a: self.operand(a, node, sharded), dict(node.kwargs))
         strat = prop.strategies.get(node)
-        target = node.meta.get("tpfx_retarget", node.target) if strat is not None and strat.rewrite else node.target
+        target = node.target
         if strat is not None and strat.rewrite is not None:
             args, kwargs = strat.rewrite(args, kwargs, self.rank, world)
             args = tuple(wg if a == WORLD else a for a in args)
-            if node.target is aten.embedding.default:
-                target = C.vocab_embedding
+            target = strat.target or node.target
         elif node.op == "placeholder":
             self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
             return

@@ -206,7 +206,7 @@ def _rule_key(node: fx.Node, operands: list[Operand], out_shapes: Any) -> Any:
     return (node.target, ops, _freeze(node.args, index), _freeze(dict(node.kwargs), index), outs, dtype)
 
 
-RuleCache = dict[Any, tuple[Any, Any]]
+RuleCache = dict[Any, Any]  # rule key -> the rule's result (rules are pure: the key decides it)
 
 
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
@@ -343,15 +343,11 @@ class _Round:
             return Fallback(f"no sharding rule for {name}")
         out_shapes, cache = _out_shapes(node), self.cache
         key = _rule_key(node, operands, out_shapes) if cache is not None else None
-        node.meta.pop("tpfx_retarget", None)  # set again by the rule (or the cache) when it applies
         if key is not None and cache is not None and key in cache:
-            result, retarget = cache[key]
-            if retarget is not None:
-                node.meta["tpfx_retarget"] = retarget
-            return result
+            return cache[key]
         result = rule(OpCtx(node, operands, self.world, out_shapes))
         if key is not None and cache is not None:
-            cache[key] = (result, node.meta.get("tpfx_retarget"))
+            cache[key] = result
         return result
 
     def _fall_back(self, node: fx.Node, operands: list[Operand], result: Fallback, replicated_out: Any) -> Strategy:

@@ -65,6 +65,7 @@ class Strategy:
     out: Any  # Placement or tuple of Placements
     decide: dict[int, tuple[str, Placement]] = field(default_factory=dict)
     rewrite: Rewrite | None = None
+    target: Any = None  # with ``rewrite``: the op emitted in the node's place (None: the node's own)
 
 
 @dataclass
@@ -552,7 +553,7 @@ def split(ctx: OpCtx) -> Result:
 
     strat.rewrite = rw
     if ctx.node.target is not aten.split_with_sizes.default:
-        ctx.node.meta["tpfx_retarget"] = aten.split_with_sizes.default
+        strat.target = aten.split_with_sizes.default
     return strat
 
 
@@ -761,12 +762,11 @@ def reduce_(ctx: OpCtx) -> Result:
             if size is None:
                 return Fallback("mean over a sharded dim with a run-time size", 0)
             n *= size
-        ctx.node.meta["tpfx_retarget"] = partial_mean
 
         def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
             return (args[0], list(dims), keepdim, n), {}
 
-        return Strategy({0: p}, P, rewrite=rw)
+        return Strategy({0: p}, P, rewrite=rw, target=partial_mean)
     return _reduce(ctx, dims, keepdim, linear=False)
 
 
@@ -1013,7 +1013,7 @@ def embedding(ctx: OpCtx) -> Result:
         g = w.free.groups  # uneven vocab splits are fine (balanced chunks, masked lookup)
         if "vocab" in w.free.styles and g == ctx.world and vocab is not None and vocab >= 2 * g:
             sh = Shard(0, g, (vocab,))  # type: ignore[arg-type]
-            return Strategy({0: sh, 1: R}, P, {0: ("vocab", sh)}, rewrite=_vocab_rewrite(sh))
+            return Strategy({0: sh, 1: R}, P, {0: ("vocab", sh)}, rewrite=_vocab_rewrite(sh), target=_vocab_op())
         cols = as_int(w.shape[1])
         if "vocab" not in w.free.styles and "shard" in w.free.styles and cols is not None and cols % g == 0:
             # split on the embedding dim (T5's relative position bias: one column per head, looked up straight
@@ -1023,10 +1023,16 @@ def embedding(ctx: OpCtx) -> Result:
         return Strategy({0: R, 1: R}, R, {0: ("replicate", R)})
     p = w.placement
     if isinstance(p, Shard) and p.dim == 0 and p.groups == ctx.world and len(p.segs) == 1:
-        return Strategy({0: p, 1: R}, P, rewrite=_vocab_rewrite(p))
+        return Strategy({0: p, 1: R}, P, rewrite=_vocab_rewrite(p), target=_vocab_op())
     if isinstance(p, Shard) and p.dim == 1:
         return Strategy({0: p, 1: R}, p.moved(nd - 1))
     return Strategy({0: R, 1: R}, R)
+
+
+def _vocab_op() -> Any:
+    from .collectives import vocab_embedding
+
+    return vocab_embedding
 
 
 def _vocab_rewrite(p: Shard) -> Rewrite:
@@ -1049,14 +1055,13 @@ def loss(ctx: OpCtx) -> Result:
             and not isinstance(ctx.operands[1].placement, Shard)):
         # vocab-parallel cross-entropy: max, sum-exp and target logit reduced over ranks (3 all-reduces of
         # N values), never the logits
-        ctx.node.meta["tpfx_retarget"] = _parallel_ce()
         reduction, ignore = ctx.arg("reduction", 1), ctx.arg("ignore_index", -100)
 
         def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
             start, _ = chunk_range(p.segs[0], p.groups, p.chunk(rank, world))
             return (args[0], args[1], start, reduction, ignore, WORLD), {}
 
-        return Strategy({0: p, 1: R}, R, rewrite=rw)
+        return Strategy({0: p, 1: R}, R, rewrite=rw, target=_parallel_ce())
     if any(isinstance(o.placement, Shard) for o in ctx.operands):
         return Fallback("the loss needs the full class dim", 0)
     return Strategy(keep(ctx), R)

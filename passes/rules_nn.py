@@ -276,7 +276,6 @@ def batch_norm(ctx: OpCtx) -> Result:
         if (err := _param_want(ctx, idx[name], sh, want, decide)) is not None:
             return Fallback(err, 0)
     want[0] = p
-    ctx.node.meta["tpfx_retarget"] = sharded_instance_norm if instance else sharded_batch_norm
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
         names = ("input", "weight", "bias", "running_mean", "running_var",
@@ -286,7 +285,8 @@ def batch_norm(ctx: OpCtx) -> Result:
                 for k, n in enumerate(names)]
         return tuple(full) + (list(p.segs), p.groups, rank, world), {}
 
-    return Strategy(want, p.moved(1), decide, rewrite=rw)
+    return Strategy(want, p.moved(1), decide, rewrite=rw,
+                    target=sharded_instance_norm if instance else sharded_batch_norm)
 
 
 @register(aten.group_norm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
 PASSES = Path(__file__).resolve().parents[1] / "passes"
 
@@ -31,7 +32,6 @@ def test_one_registry_whatever_the_import_order() -> None:
 
     import pytest
     import torch
-
     from tpfx.passes.rules import register
 
     outs = {first: subprocess.run([sys.executable, "-c", f"import {first}; {_REGISTRY}"], capture_output=True,
@@ -40,3 +40,25 @@ def test_one_registry_whatever_the_import_order() -> None:
     assert len(set(outs.values())) == 1 and "rules_nn.view" in outs["tpfx.report"], outs
     with pytest.raises(RuntimeError, match="already has the rule"):
         register(torch.ops.aten.view)(lambda ctx: None)
+
+
+def test_propagation_leaves_the_graph_as_it_found_it() -> None:
+    """Rules are pure: a rule's target op travels in its Strategy, not in node.meta. What propagation keeps on
+    nodes are memoized shapes and operand lists (``tpfx_shape``, ``tpfx_inputs``), the same for any world size:
+    planning at t=4 with sequence parallelism between two plans at t=2 changes no node's meta and not the plan."""
+    import models
+
+    from tpfx.api import _plan_graph, _synthesize, capture
+
+    def meta(gm: Any) -> dict[str, Any]:
+        return {n.name: {k: repr(v) for k, v in n.meta.items() if k.startswith("tpfx_") or k == "val"}
+                for n in gm.graph.nodes}
+
+    for model in (models.gpt2(layers=1), models.llama(num_kv_heads=2, layers=1)):
+        gm, _ = capture(model, *_synthesize(model))
+        first = _plan_graph(gm, 2, None).digest()
+        before = meta(gm)
+        assert not any("tpfx_retarget" in m for m in before.values())
+        _plan_graph(gm, 4, None, sequence_parallel=True)
+        assert _plan_graph(gm, 2, None).digest() == first
+        assert meta(gm) == before
