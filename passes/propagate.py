@@ -85,6 +85,17 @@ class Seed:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Demand:
+    """A fallback's request on the weights whose shard reached it: ``kind`` "groups" (split into fewer chunks:
+    ``value`` the count), "segs" (split by parts: ``value`` (segs, sgroups, within)) or "replicate"."""
+
+    fqns: frozenset[str]
+    kind: str
+    value: Any
+    reason: str
+
+
 @dataclass
 class Propagation:
     world: int
@@ -95,10 +106,10 @@ class Propagation:
     param_nodes: dict[fx.Node, str]
     fallbacks: list[tuple[str, str]]  # (node name, reason) of gathers kept
     unknown_ops: set[str]
-    demands: list[tuple[frozenset[str], str, Any, str]]
+    demands: list[Demand]
     rounds: int = 0
     # demands held back because the fallback sits downstream of another one this round (maybe transient)
-    held: list[tuple[frozenset[str], str, Any, str]] = field(default_factory=list)
+    held: list[Demand] = field(default_factory=list)
     reduced_after: set[fx.Node] = field(default_factory=set)  # Partial outputs all-reduced at the producer
     origins: dict[fx.Node, frozenset[str]] = field(default_factory=dict)  # shard/partial value -> its weights
     # sequence parallelism (``sequence_parallel.py``): partial outputs reduce-scattered at the producer
@@ -116,7 +127,7 @@ def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return {n: alias[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in alias}  # type: ignore[index]
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """The node's tensor-valued inputs, in argument order (``all_input_nodes`` is in that order)."""
     cached = node.meta.get("tpfx_inputs")
     if cached is not None and len(cached) <= len(node.all_input_nodes):
@@ -282,7 +293,7 @@ class _Round:
                 self.origins[node] = frozenset({fqn})  # type: ignore[arg-type]
             return True
         if node.op == "output":
-            for a in _tensor_inputs(node):
+            for a in tensor_inputs(node):
                 prop.wants[(node, a)] = R
             return True
         if any(a in self.tainted for a in node.all_input_nodes):
@@ -297,7 +308,7 @@ class _Round:
 
     def _layout(self, node: fx.Node) -> bool:
         """A layout op of a still-free weight: it joins the weight's chain (True) until a consumer decides."""
-        inputs = _tensor_inputs(node)
+        inputs = tensor_inputs(node)
         if node.op != "call_function" or len(inputs) != 1 or len(node.all_input_nodes) != 1:
             return False
         a = inputs[0]
@@ -311,7 +322,7 @@ class _Round:
 
     def _operands(self, node: fx.Node) -> list[Operand]:
         operands = []
-        for a in _tensor_inputs(node):
+        for a in tensor_inputs(node):
             fqn = self.params.get(a)
             dim_map = None
             if fqn is None and a in self.derived:
@@ -360,9 +371,9 @@ class _Round:
         value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else None)
         movable = frozenset(f for f in src if not seeds[f].pinned and f not in self.tainted_seeds)
         if movable and (node not in self.tainted or result.groups or result.segs):
-            prop.demands.append((movable, kind, value, f"{node.name}: {result.reason}"))
+            prop.demands.append(Demand(movable, kind, value, f"{node.name}: {result.reason}"))
         elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
-            prop.held.append((unpinned, kind, value, f"{node.name}: {result.reason}"))
+            prop.held.append(Demand(unpinned, kind, value, f"{node.name}: {result.reason}"))
         if any(isinstance(o.placement, Shard) for o in operands):
             prop.fallbacks.append((node.name, result.reason))
         self.tainted.add(node)
@@ -486,25 +497,25 @@ def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: Rul
         prop.unknown_ops = set(unknown)
         prop.rounds = rounds
         changed = False
-        refine = [d for d in prop.demands if d[1] != "replicate"]
-        for fqns, kind, value, reason in refine or prop.demands:
-            for f in sorted(fqns):
-                changed |= _apply(seeds[f], prop, f, kind, value, reason)
+        refine = [d for d in prop.demands if d.kind != "replicate"]
+        for d in refine or prop.demands:
+            for f in sorted(d.fqns):
+                changed |= _apply(seeds[f], prop, f, d.kind, d.value, d.reason)
         if not changed:
             # a Partial value that one consumer reduces and another carries on as Partial would be
             # reduced twice further down: reduce it once, at its producer, for everyone
             reduced = {p.name for (c, p), w in prop.wants.items()
                        if isinstance(prop.placements.get(p), Partial) and isinstance(w, Replicate)}
-            carried = {a.name for n, st in prop.strategies.items() for i, a in enumerate(_tensor_inputs(n))
+            carried = {a.name for n, st in prop.strategies.items() for i, a in enumerate(tensor_inputs(n))
                        if isinstance(prop.placements.get(a), Partial) and isinstance(st.want.get(i), Partial)}
             if (reduced & carried) - reduce_now:
                 reduce_now |= reduced & carried
                 continue
             # at the fixpoint a held-back demand is no longer transient: apply it rather than keep a gather
             held = False
-            for fqns, kind, value, reason in prop.held:
-                for f in sorted(fqns):
-                    held |= _apply(seeds[f], prop, f, kind, value, reason)
+            for d in prop.held:
+                for f in sorted(d.fqns):
+                    held |= _apply(seeds[f], prop, f, d.kind, d.value, d.reason)
             if held:
                 continue
             return prop
@@ -595,7 +606,7 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
             continue
         row_op[fqn] = min(row_op.get(fqn, len(pos)), *(pos[u] for u in ops))
         for u in ops:
-            for a in _tensor_inputs(u):
+            for a in tensor_inputs(u):
                 for c in prop.origins.get(a, frozenset()):
                     if prop.decided.get(c, ("",))[0] == "colwise" and not seeds[c].pinned:
                         fed.setdefault(c, set()).add(fqn)

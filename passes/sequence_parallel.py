@@ -40,7 +40,7 @@ import torch.fx as fx
 from . import rules
 from .emit import _sharded_compute
 from .placements import Partial, Replicate, seq_shard
-from .propagate import Propagation, _out_shapes, _shape, _tensor_inputs, _trained
+from .propagate import Propagation, _out_shapes, _shape, _trained, tensor_inputs
 from .rules import OpCtx, Operand, Strategy, lookup
 
 SEQ_RULES = frozenset({rules.pointwise, rules.norm, rules.reduce_, rules.sum_})
@@ -76,7 +76,7 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
     rule = lookup(node.target)
     if rule not in SEQ_RULES:
         return None
-    inputs = _tensor_inputs(node)
+    inputs = tensor_inputs(node)
     split = seq_shard(SEQ_DIM, prop.world)
     # partial sums are reduce-scattered on the way in only where the plan reduces them anyway (a replicated
     # node) or where the node meets the region: a partial node keeps summing partials (one reduction, later)
@@ -103,7 +103,7 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
 
 
 def _join(node: fx.Node, strat: Strategy, prop: Propagation) -> None:
-    for i, a in enumerate(_tensor_inputs(node)):
+    for i, a in enumerate(tensor_inputs(node)):
         want = strat.want.get(i, Replicate())
         if want == prop.placements.get(a, Replicate()):
             prop.wants.pop((node, a), None)
@@ -122,7 +122,7 @@ RESHAPES = frozenset({aten.view, aten.reshape, aten._unsafe_view, aten.flatten, 
 def _reshapes_into_split(u: fx.Node, prop: Propagation) -> bool:
     """``u`` only reshapes the gathered value for sharded compute (GPT-2's Conv1D flattens ``(B, S, H)`` to
     ``(B*S, H)`` before ``addmm``): its gradient may stay partial, to be reduce-scattered at the gather."""
-    return getattr(u.target, "overloadpacket", None) in RESHAPES and len(_tensor_inputs(u)) == 1 and bool(u.users) \
+    return getattr(u.target, "overloadpacket", None) in RESHAPES and len(tensor_inputs(u)) == 1 and bool(u.users) \
         and all(_sharded_compute(prop, w) and w.op != "output" for w in u.users)
 
 
@@ -131,7 +131,7 @@ def _planned_want(prop: Propagation, consumer: fx.Node, a: fx.Node) -> Any:
     strat = prop.strategies.get(consumer)
     if strat is None or consumer.op == "output":
         return Replicate()
-    i = _tensor_inputs(consumer).index(a)
+    i = tensor_inputs(consumer).index(a)
     return strat.want.get(i, Replicate())
 
 

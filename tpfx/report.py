@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tpfx.passes.placements import is_seq_split
+from tpfx.passes.propagate import tensor_inputs
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -134,12 +135,6 @@ def fmt_bytes(n: int | float | None) -> str:
 
 
 # ------------------------------------------------------------------------------- graph analysis
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    from tpfx.passes.propagate import _tensor_inputs
-
-    return _tensor_inputs(node)
 
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
