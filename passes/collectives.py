@@ -39,6 +39,13 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
+def failure_message(rank: int, what: str, error: BaseException) -> str:
+    """``what`` (a collective, where it sits) failed on ``rank``: the backend's first line, and why it happens."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return (f"tpfx: rank {rank}: {what} failed: {type(error).__name__}: {first} (a peer rank died or stalled; "
+            "with tpfx.launch the failing rank's own error is reported first)")
+
+
 def _named(kind: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``fn(*args)``, a collective of a backward: a failure (a peer died, a timeout) raises naming it. Autograd
     runs backward outside any graph this rank's forward could name a node of."""
@@ -46,10 +53,7 @@ def _named(kind: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tens
         return fn(*args)
     except RuntimeError as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise RuntimeError(f"tpfx: rank {rank}: {kind} in the backward failed: {type(e).__name__}: {first} (a "
-                           "peer rank died or stalled; with tpfx.launch the failing rank's own error is reported "
-                           "first)") from e
+        raise RuntimeError(failure_message(rank, f"{kind} in the backward", e)) from e
 
 
 def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,

@@ -61,7 +61,8 @@ def test_parameters_on_several_devices_are_refused() -> None:
 
 def _simulated_error(plan: tpfx.ShardingPlan, model: torch.nn.Module, x: torch.Tensor) -> float:
     ref = model(x).detach()
-    outs = run_ranks(plan.world_size, lambda r: emit_all(plan)[r][0](x).detach())
+    ranks = emit_all(plan)
+    outs = run_ranks(plan.world_size, lambda r: ranks[r][0](x).detach())
     return max(float((o - ref).abs().max()) for o in outs)
 
 

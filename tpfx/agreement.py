@@ -8,6 +8,7 @@ all-gather of a digest (tensors by shape, dtype and content) turns that into an 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,35 +17,36 @@ import torch.distributed as dist
 __all__ = ["agree", "agree_quickly", "describe", "signature"]
 
 
-def describe(value: Any) -> Any:
-    """A rank-independent description of a call argument (tensors by shape, dtype and content)."""
+def _walk(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
+    """A rank-independent description of a call argument, tensors described by ``tensor``."""
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().reshape(-1)
-        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        return ("tensor", tuple(value.shape), str(value.dtype), hashlib.sha256(raw).hexdigest())
+        return tensor(value)
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):
-        return [describe(v) for v in value]
+        return [_walk(v, tensor) for v in value]
     if isinstance(value, dict):
-        return {str(k): describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): _walk(v, tensor) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if hasattr(value, "to_diff_dict"):  # GenerationConfig
-        return describe(value.to_diff_dict())
+        return _walk(value.to_diff_dict(), tensor)
     return type(value).__name__  # streamers, logits processors: objects with per-process identity
+
+
+def _content(value: torch.Tensor) -> Any:
+    data = value.detach().cpu().contiguous().reshape(-1)
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return ("tensor", tuple(value.shape), str(value.dtype), hashlib.sha256(raw).hexdigest())
+
+
+def describe(value: Any) -> Any:
+    """A rank-independent description of a call argument (tensors by shape, dtype and content)."""
+    return _walk(value, _content)
 
 
 def signature(value: Any) -> Any:
     """What selects a graph and sizes its collectives: the call's structure, tensor shapes and dtypes, and
     plain values (no tensor content; cheap enough to compute on every call)."""
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype)
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return tuple(signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((str(k), signature(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
-    return type(value).__name__
+    return _walk(value, lambda t: (tuple(t.shape), t.dtype))
 
 
 def agree_quickly(group: Any, what: Any, name: str, device: Any = "cpu") -> None:

@@ -16,34 +16,33 @@ from typing import Any
 import torch.distributed as dist
 import torch.fx as fx
 
+from tpfx.passes.collectives import failure_message
 from tpfx.passes.emit import collective_nodes
 from tpfx.report import module_of
 
 _ASSIGN = re.compile(r"^\s*(\w+)\s*=")
 
 
-def failed_collective(error: BaseException, gm: fx.GraphModule) -> fx.Node | None:
-    """The collective node of ``gm`` whose generated line raised ``error`` (innermost such frame), if any."""
-    kinds = {n.name: n for _, n in collective_nodes(gm)}
+def failed_collective(error: BaseException, gm: fx.GraphModule) -> tuple[str, fx.Node] | None:
+    """(kind, node) of the collective of ``gm`` whose generated line raised ``error`` (innermost such frame)."""
+    by_name = {n.name: (kind, n) for kind, n in collective_nodes(gm)}
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         if frame.filename.startswith("<eval_with_key>"):
             m = _ASSIGN.match(frame.line or "")
-            return kinds.get(m.group(1)) if m else None
+            return by_name.get(m.group(1)) if m else None
     return None
 
 
 def describe_failure(error: BaseException, gm: fx.GraphModule, rank: int) -> str | None:
     """A message naming the collective, the node it follows and that node's module; None if ``error`` did
     not come from a collective of ``gm``."""
-    node = failed_collective(error, gm)
-    if node is None:
+    found = failed_collective(error, gm)
+    if found is None:
         return None
-    kind = dict((n, k) for k, n in collective_nodes(gm))[node]
-    src = next((a for a in node.all_input_nodes), None)
+    kind, node = found
+    src = node.all_input_nodes[0] if node.all_input_nodes else None
     after = f" after {src.name} ({module_of(src) or 'the model'})" if src is not None else ""
-    return (f"tpfx: rank {rank}: {kind} {node.name}{after} failed: {type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''} (a peer rank died or stalled; "
-            "with tpfx.launch the failing rank's own error is reported first)")
+    return failure_message(rank, f"{kind} {node.name}{after}", error)
 
 
 def set_timeout(group: Any, seconds: float) -> None:

@@ -10,12 +10,7 @@ from typing import Any
 
 import torch
 
-from tpfx.passes.placements import (
-    Placement,
-    Replicate,
-    Shard,
-    shard_tensor,
-)
+from tpfx.passes.placements import Placement, Replicate, Shard, shard_tensor
 from tpfx.passes.propagate import Propagation, Seed, nbytes
 from tpfx.passes.redistribute import forward_collective
 
