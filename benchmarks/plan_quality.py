@@ -162,7 +162,7 @@ def megatron(model: torch.nn.Module, layer_keys: list[str], bsh_bytes: int) -> d
 
 
 def analyse_plan(plan: Any, model: torch.nn.Module, t: int, bs: int) -> dict[str, Any]:
-    gm = plan._gm
+    gm = plan.derivation.gm
     h = int(model.config.hidden_size)
     bsh_bytes = bs * h * 4
     layer_keys = sorted(C.layer_signatures(gm), key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])))

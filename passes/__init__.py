@@ -1,8 +1,22 @@
-"""tpfx compiler passes: placements, op rules, propagation, per-rank emission."""
+"""tpfx's compiler: capture, normalize, propagate placements, build the plan, emit one graph per rank.
 
-from .placements import Partial, Placement, Replicate, Shard, shard_tensor
-from .propagate import Propagation, propagate
+``stages.py`` reads top to bottom. This package's names are the surface ``tpfx`` uses; the modules' other
+names are the compiler's own."""
+
+from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rules)
+from .backward import GradCollective, backward_collectives, sharded_compute
+from .capture import Captured, CaptureError, check_model, dynamic_spec
+from .collectives import failure_message
+from .emit import GroupNamer, collective_nodes, emit
+from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
+from .plan_data import Collective, ParamPlacement, PlanData, build_plan
+from .propagate import Propagation, Seed, is_guards, nbytes, propagate, tensor_inputs, trained
+from .redistribute import forward_collective
 from .rules import REGISTRY
+from .stages import Derivation, Stages
 
-__all__ = ["Partial", "Placement", "Replicate", "Shard", "shard_tensor", "Propagation", "propagate", "REGISTRY"]
-from . import rules_nn  # noqa: E402,F401  (registers the nn-module rules)
+__all__ = ["GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
+           "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
+           "build_plan", "check_model", "collective_nodes", "dynamic_spec", "emit", "failure_message",
+           "forward_collective", "is_guards", "is_seq_split", "nbytes", "propagate", "shard_tensor",
+           "tensor_inputs"]

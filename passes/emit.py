@@ -20,7 +20,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
-from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
+from .backward import operand_grad, sharded_compute
+from .placements import Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Groups, Step, plan_redistribution
 from .rules import WORLD
@@ -34,20 +35,6 @@ def _fetch(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _is_float(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
-
-
-def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
-    out = prop.placements.get(node)
-    outs = out if isinstance(out, tuple) else (out,)
-    if any(isinstance(o, (Shard, Partial)) for o in outs):
-        return True
-    strat = prop.strategies.get(node)
-    return strat is not None and any(not isinstance(w, Replicate) for w in strat.want.values())
 
 
 def _arg(groups: Groups | None) -> int | list[int] | None:
@@ -172,13 +159,13 @@ class _Emitter:
         """Operand ``a`` of ``node`` as the node's strategy wants it (``sharded``: the node computes on splits)."""
         if not isinstance(a, fx.Node):
             return a
-        prop = self.prop
-        want, have = prop.wants.get((node, a)), prop.placements.get(a, Replicate())
-        if (sharded or node in prop.partial_grad) and isinstance(want, Replicate) and is_seq_split(have) \
-                and _is_float(a):  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
+        want, have = self.prop.wants.get((node, a)), self.prop.placements.get(a, Replicate())
+        grad = operand_grad(self.prop, node, a, sharded)  # the backward collective it needs (backward.py)
+        if grad == "gather_seq":  # Megatron-SP: all-gather in, reduce-scatter of the gradient back
+            assert isinstance(have, Shard)
             return self.once(a, "gather_seq", C.gather_seq, self.env[a], have.dim, self.world, self.wg)
         x = self.env[a] if want is None else self.redistribute(a, have, want)
-        if sharded and isinstance(want or have, Replicate) and _is_float(a) and a not in prop.partial_grad:
+        if grad == "f":
             return self.once(a, "f", C.reduce_grad, x, self.wg)  # Megatron's f: replicated into sharded compute
         return x
 
@@ -200,7 +187,7 @@ class _Emitter:
             self.root[str(node.target)] = _fetch(self.gm, str(node.target))
         if node.op == "call_function" and node.target is torch.set_grad_enabled:
             self.cache.clear()  # a redistribution made under no_grad carries no gradient: redo it after a switch
-        sharded = _sharded_compute(prop, node)
+        sharded = sharded_compute(prop, node)
         args = tree_map(lambda a: self.operand(a, node, sharded), node.args)
         kwargs = tree_map(lambda a: self.operand(a, node, sharded), dict(node.kwargs))
         strat = prop.strategies.get(node)

@@ -1,4 +1,5 @@
-"""The ordered pass list: plain ``GraphModule -> GraphModule`` functions, linted and timed."""
+"""The normalize stage's passes: plain ``GraphModule -> GraphModule`` functions, run in ``CLEANUPS`` order by
+``run_passes``, which lints the graph after each and times it (``stages.Stages.normalize``)."""
 
 from __future__ import annotations
 
@@ -495,7 +496,20 @@ def decompose_variance(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def relax_views(gm: fx.GraphModule) -> fx.GraphModule:
+    """``view`` -> ``reshape`` in a functionalized graph (run only on those: see ``stages.normalize``).
+
+    Functionalization turns reshapes into views where the traced strides allowed it; a rank's local tensors
+    may be laid out otherwise, and with no writes left in the graph a view may as well be a reshape."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    gm.recompile()
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float] | None = None) -> fx.GraphModule:
+    """Each pass in order, the graph linted after it; ``timings[pass name]`` += its seconds."""
     for p in passes:
         t0 = time.perf_counter()
         gm = p(gm)
@@ -507,5 +521,5 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass], timings: dict[str, float]
     return gm
 
 
-PRE_PASSES: list[Pass] = [inline_grad_regions, canonicalize_aliases, simplify_value_ops, index_to_slice, decompose_bias,
-                          decompose_variance, unflatten_batched_matmuls]
+CLEANUPS: list[Pass] = [inline_grad_regions, canonicalize_aliases, simplify_value_ops, index_to_slice, decompose_bias,
+                        decompose_variance, unflatten_batched_matmuls]

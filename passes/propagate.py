@@ -181,12 +181,16 @@ def _layout_map(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
     return None
 
 
-def _trained(gm: fx.GraphModule, params: dict[fx.Node, str]) -> set[fx.Node]:
-    """Nodes whose value depends on a parameter (they carry gradients)."""
+def trained(gm: fx.GraphModule, params: dict[fx.Node, str], floating: bool = False) -> set[fx.Node]:
+    """Nodes whose value depends on a parameter (they carry gradients); ``floating``: only those with a
+    floating-point output (an integer result carries none)."""
     out: set[fx.Node] = set(params)
     for node in gm.graph.nodes:
         if node.op == "call_function" and any(a in out for a in node.all_input_nodes):
-            out.add(node)
+            val = node.meta.get("val")
+            vals = val if isinstance(val, (list, tuple)) else (val,)
+            if not floating or any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in vals):
+                out.add(node)
     return out
 
 
@@ -237,7 +241,7 @@ class _Round:
         self.gm, self.world, self.seeds, self.reduce_now, self.cache, self.fed = gm, world, seeds, reduce_now, cache, fed
         self.params = param_fqns(gm)
         self.prop = Propagation(world, {}, {}, {}, {}, self.params, [], set(), [])
-        self.trained = _trained(gm, self.params)
+        self.trained = trained(gm, self.params)
         self.origins: dict[fx.Node, frozenset[str]] = {}
         self.tainted: set[fx.Node] = set()  # downstream of a fallback in this round: its state may be transient
         self.tainted_seeds: set[str] = set()

@@ -38,9 +38,9 @@ import torch
 import torch.fx as fx
 
 from . import rules
-from .emit import _sharded_compute
+from .backward import sharded_compute
 from .placements import Partial, Replicate, seq_shard
-from .propagate import Propagation, _out_shapes, _shape, _trained, tensor_inputs
+from .propagate import Propagation, _out_shapes, _shape, tensor_inputs, trained
 from .rules import OpCtx, Operand, Strategy, lookup
 
 SEQ_RULES = frozenset({rules.pointwise, rules.norm, rules.reduce_, rules.sum_})
@@ -123,7 +123,7 @@ def _reshapes_into_split(u: fx.Node, prop: Propagation) -> bool:
     """``u`` only reshapes the gathered value for sharded compute (GPT-2's Conv1D flattens ``(B, S, H)`` to
     ``(B*S, H)`` before ``addmm``): its gradient may stay partial, to be reduce-scattered at the gather."""
     return getattr(u.target, "overloadpacket", None) in RESHAPES and len(tensor_inputs(u)) == 1 and bool(u.users) \
-        and all(_sharded_compute(prop, w) and w.op != "output" for w in u.users)
+        and all(sharded_compute(prop, w) and w.op != "output" for w in u.users)
 
 
 def _planned_want(prop: Propagation, consumer: fx.Node, a: fx.Node) -> Any:
@@ -140,7 +140,7 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation) -> Propagation:
     seq = sequence_length(gm)
     if prop.world == 1 or seq is None:
         return prop
-    trained = _trained(gm, prop.param_nodes)
+    carry = trained(gm, prop.param_nodes)
     split = seq_shard(SEQ_DIM, prop.world)
     region: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -149,7 +149,7 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation) -> Propagation:
             prop.placements[node] = pl[node.args[1]] if isinstance(pl, tuple) else pl
             region.add(node)
             continue
-        strat = _try_join(node, prop, region, seq, trained)
+        strat = _try_join(node, prop, region, seq, carry)
         if strat is not None:
             _join(node, strat, prop)
             region.add(node)

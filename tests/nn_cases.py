@@ -219,17 +219,17 @@ def inputs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @contextmanager
 def static_capture(on: bool) -> Any:
     """Make ``tpfx`` capture without dynamic dims (its capture tries dynamic dims first)."""
-    import tpfx.api
+    import tpfx.passes.capture
 
-    if not hasattr(tpfx.api, "_dynamic_spec"):
-        raise RuntimeError("tpfx.api._dynamic_spec is gone: update nn_cases.static_capture")
-    saved = tpfx.api._dynamic_spec
+    if not hasattr(tpfx.passes.capture, "dynamic_spec"):
+        raise RuntimeError("tpfx.passes.capture.dynamic_spec is gone: update nn_cases.static_capture")
+    saved = tpfx.passes.capture.dynamic_spec
     if on:
-        tpfx.api._dynamic_spec = lambda *a, **k: None  # type: ignore[assignment]
+        tpfx.passes.capture.dynamic_spec = lambda *a, **k: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        tpfx.api._dynamic_spec = saved  # type: ignore[assignment]
+        tpfx.passes.capture.dynamic_spec = saved  # type: ignore[assignment]
 
 
 def _objective(y: torch.Tensor, seed: int = 1234) -> torch.Tensor:

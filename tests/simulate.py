@@ -98,7 +98,7 @@ def emit_all(plan: Any) -> list[tuple[torch.fx.GraphModule, dict[str, torch.nn.P
     out = []
     for rank in range(plan.world_size):
         store: dict[str, torch.nn.Parameter] = {}
-        gm = emit(plan._gm, plan._prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)), store)
+        gm = emit(plan.derivation.gm, plan.derivation.prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)), store)
         out.append((gm, store))
     return out
 

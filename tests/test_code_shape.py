@@ -1,4 +1,5 @@
-"""The compiler reads top to bottom: no function of passes/ longer than a screen and a half (80 lines)."""
+"""The compiler reads top to bottom: no function of passes/ over 80 lines, one registry, pure rules, no import
+cycle, tpfx using only the passes surface, the plan as plain data, stages timed by the runner."""
 
 from __future__ import annotations
 
@@ -62,3 +63,123 @@ def test_propagation_leaves_the_graph_as_it_found_it() -> None:
         _plan_graph(gm, 4, None, sequence_parallel=True)
         assert _plan_graph(gm, 2, None).digest() == first
         assert meta(gm) == before
+
+
+ROOT = PASSES.parent
+
+
+def _module_name(path: Path) -> str:
+    pkg = "tpfx.passes" if path.parent.name == "passes" else "tpfx"
+    return pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+
+
+def _imports(path: Path) -> set[str]:
+    """The tpfx modules ``path`` imports when it runs (top level and inside functions; ``TYPE_CHECKING``
+    blocks excluded: they never run)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                   for stmt in n.body for x in ast.walk(stmt)}
+    me = _module_name(path)
+    package = me if path.stem == "__init__" else me.rpartition(".")[0]
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if id(n) in typing_only:
+            continue
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            base = (package + ("." + n.module if n.module else "")) if n.level else (n.module or "")
+            out |= {f"{base}.{a.name}" for a in n.names} if not n.module else {base}
+    return {m for m in out if m.startswith("tpfx") and m != me}
+
+
+def test_no_import_cycle() -> None:
+    """No tpfx module imports, at run time, a module that imports it back (type-only imports excluded)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for path in [*sorted((ROOT / "tpfx").glob("*.py")), *sorted(PASSES.glob("*.py"))]:
+        g.add_edges_from((_module_name(path), m) for m in _imports(path))
+    assert g.number_of_edges() > 50
+    assert list(nx.simple_cycles(g)) == []
+
+
+def test_tpfx_uses_only_the_passes_surface() -> None:
+    """tpfx's modules import the compiler from ``tpfx.passes`` (its ``__all__``), never from its submodules."""
+    import tpfx.passes
+
+    bad = []
+    for path in sorted((ROOT / "tpfx").glob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tpfx.passes"):
+                names = {a.name for a in n.names} - set(tpfx.passes.__all__)
+                if n.module != "tpfx.passes" or names:
+                    bad.append(f"{path.name}:{n.lineno} from {n.module} import {sorted(names)}")
+    assert not bad, bad
+
+
+def test_the_plan_is_plain_data() -> None:
+    """A plan's compared fields hold strings, numbers, tuples, lists and dicts (no graph nodes); the graph it
+    came from is one explicit ``derivation``; nothing else is attached after construction; JSON round-trips."""
+    import dataclasses
+    import json
+
+    import models
+
+    import tpfx
+
+    plan = tpfx.plan(models.llama(num_kv_heads=2, layers=1), 2)
+
+    def plain(v: Any) -> bool:
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return True
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return dataclasses.is_dataclass(v) and plain(dataclasses.asdict(v))  # type: ignore[arg-type]
+
+    fields = {f.name: f for f in dataclasses.fields(plan)}
+    assert {n for n, f in fields.items() if not f.compare} == {"derivation", "context"}
+    assert all(plain(getattr(plan, n)) for n, f in fields.items() if f.compare)
+    text = plan.to_json()
+    assert set(vars(plan)) == set(fields)  # no attribute set from outside
+    again = tpfx.ShardingPlan.from_json(text)
+    assert again == plan and again.derivation is None and again.to_json() == text
+    assert json.loads(text)["context"] == plan.context  # computed once, kept
+
+
+def test_stages_are_timed_by_the_runner() -> None:
+    import models
+    from tpfx.passes.pipeline import CLEANUPS
+
+    import tpfx
+
+    timings: dict[str, float] = {}
+    plan = tpfx.plan(models.llama(num_kv_heads=2, layers=1), 2, timings=timings)
+    tpfx.emit_rank(plan, 1, timings)
+    assert {"capture", "propagate", "build_plan", "emit", *(p.__name__ for p in CLEANUPS)} <= set(timings)
+    assert all(v >= 0 for v in timings.values()) and timings["capture"] > 0
+
+
+def test_emission_adds_exactly_the_planned_backward_collectives() -> None:
+    """``backward_collectives`` is what emission builds: per rank, one ``reduce_grad`` per Megatron f and per
+    weight with replica groups, one ``gather_seq`` per sequence-parallel gather (GQA at t=4: KV heads whole)."""
+    from collections import Counter
+
+    import models
+    from tpfx.passes import backward_collectives, collective_nodes
+    from tpfx.passes.collectives import gather_seq, reduce_grad, reduce_grad_spans
+
+    import tpfx
+
+    for model, sp in ((models.llama(num_kv_heads=2, layers=2), False), (models.llama(num_kv_heads=2, layers=2), True),
+                      (models.gpt2(layers=1), True)):
+        plan = tpfx.plan(model, 4, sequence_parallel=sp)
+        assert plan.derivation is not None
+        planned = Counter(c.via for c in backward_collectives(plan.derivation.gm, plan.derivation.prop))
+        assert planned["f" if not sp else "gather_seq"] > 0 and (sp or planned["replicas"] > 0)
+        for rank in (0, 3):
+            emitted = Counter(n.target for _, n in collective_nodes(tpfx.emit_rank(plan, rank)))
+            assert emitted[gather_seq] == planned["gather_seq"]
+            assert emitted[reduce_grad] + emitted[reduce_grad_spans] == planned["f"] + planned["replicas"]

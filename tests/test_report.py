@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from collections import Counter
+from typing import Any
 
 import models
 import plan_cases
@@ -346,3 +347,55 @@ def test_auto_shard_with_a_saved_plan_matches_the_unsharded_model() -> None:
         assert res["logits"] <= TOL and res["loss"] <= TOL and res["grad"] <= TOL, res
         assert res["same_digest"] and res["lm_head"] == "replicate", res
         assert res["lm_head_local"] == (models.HF_VOCAB, 64)  # the saved pin, not the default vocab split
+
+
+def _parallel_block_model() -> tuple[torch.nn.Module, tuple]:
+    """The fuzzer's parallel block whose replicated MLP output joins the sequence-split residual (test_fuzz)."""
+    from fuzz_models import Block, FuzzModel, Spec, inputs
+
+    attn = {"heads": 4, "kv": 4, "head_dim": 3, "bias": False, "fused": "split", "split_heads": "reshape",
+            "order": "transpose", "repeat": "expand", "core": "sdpa", "causal": True, "merge": "flatten"}
+    mlp = {"ffn": 16, "act": "relu", "bias": False, "gate": "chunk"}
+    spec = Spec(12, 50, 6, False, False, (Block("parallel", "none", {"attn": attn, "mlp": mlp}),), seed=0)
+    return FuzzModel(spec), inputs(spec, 1)
+
+
+def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
+    """Each backward-communicating node emission builds on a value that carries gradients appears in the report
+    with its kind, once per value and kind: a value that enters one op through Megatron's f and joins the
+    sequence split elsewhere (split_even) has both, an all-reduce and an all-gather (the report used to keep only
+    the last kind it saw); a scatter after a gather has its gradient all-reduce."""
+    from tpfx.passes import backward_collectives, collective_nodes, trained
+    from tpfx.passes import collectives as C
+
+    from tpfx.api import _plan_graph, capture
+    from tpfx.families import tiny_causal_lm
+
+    backward = {C.reduce_grad: "all_reduce", C.reduce_grad_spans: "all_reduce", C.gather_seq: "reduce_scatter",
+                C.split_even: "all_gather", C.reduce_scatter: "all_gather", C.scatter: "all_reduce"}
+    forward = set(C.COLLECTIVES)
+    block, block_inputs = _parallel_block_model()
+    cases: list[tuple[torch.nn.Module, Any, int, bool]] = [(block, block_inputs, 6, True), (models.llama(num_kv_heads=2, layers=1), None, 4, True),
+             (models.gpt2(layers=1), None, 2, True), (models.llama(num_kv_heads=2, layers=1), None, 4, False),
+             (FlipMLP(), ((torch.randn(2, 3, 16),), {}), 2, False), (tiny_causal_lm("deepseek_v3"), None, 2, False)]
+    seen: Counter[str] = Counter()
+    for model, ins, t, sp in cases:
+        gm, _ = capture(model, *(ins if ins is not None else tpfx.api._synthesize(model)))
+        plan = _plan_graph(gm, t, None, sequence_parallel=sp)
+        assert plan.derivation is not None and plan.context is None
+        names = {n.name for n in trained(gm, plan.derivation.prop.param_nodes, floating=True)}
+        ctx = plan.report_context()
+        assert ctx is not None
+        listed = Counter((c["kind"], c["after"]) for c in ctx["collectives"] if c["pass"] == "backward")
+        for rank in (0, t - 1):
+            emitted: Counter[tuple[str, str]] = Counter()
+            for _, n in collective_nodes(tpfx.emit_rank(plan, rank)):
+                src = n.args[0]
+                while src.op == "call_function" and src.target in forward:  # back to the planned graph's value
+                    src = src.args[0]
+                if n.target in backward and src.name in names:
+                    emitted[(backward[n.target], src.name)] += 1
+            assert emitted == listed, (type(model).__name__, t, sp, emitted - listed, listed - emitted)
+        seen.update(k for k, _ in listed)
+        seen.update(c.via for c in backward_collectives(gm, plan.derivation.prop))
+    assert min(seen[k] for k in ("all_reduce", "all_gather", "reduce_scatter", "scatter", "split_even")) > 0, seen

@@ -3,7 +3,7 @@
 import sys as _sys
 
 from tpfx import passes as _passes  # type: ignore[attr-defined]  # noqa: F401  (tpfx.passes, from passes/)
-from tpfx.api import ShardedModule, auto_shard, emit_rank, plan, shard_tensor
+from tpfx.api import CaptureError, ShardedModule, auto_shard, emit_rank, plan, shard_tensor
 from tpfx.checkpoint import load, save
 from tpfx.clip import clip_grad_norm_, grad_norm
 from tpfx.compare import Comparison, compare
@@ -11,12 +11,13 @@ from tpfx.data_parallel import dp_sampler
 from tpfx.dtensor_params import local
 from tpfx.explain import Explanation
 from tpfx.launch import launch
+from tpfx.loading import from_pretrained
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
-from tpfx.pretrained import CheckpointError, from_pretrained
+from tpfx.pretrained import CheckpointError
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
            "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm",
-           "dp_sampler", "local"]
+           "dp_sampler", "local", "CaptureError"]
 __version__ = "0.1.0"
 del _sys

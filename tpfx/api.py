@@ -6,7 +6,6 @@ import dataclasses
 import datetime
 import functools
 import inspect
-import time
 import warnings
 from collections.abc import Callable
 from operator import attrgetter
@@ -15,8 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.export import Dim
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from tpfx.dtensor_params import (
     ParamFeeder,
@@ -27,12 +25,9 @@ from tpfx.dtensor_params import (
     params_as_inputs,
     tp_mesh,
 )
-from tpfx.passes.emit import emit
-from tpfx.passes.pipeline import PRE_PASSES, run_passes
-from tpfx.passes.placements import Placement, Replicate, Shard
-from tpfx.passes.propagate import propagate
-from tpfx.passes.sequence_parallel import sequence_parallel as split_sequence
-from tpfx.plan import ShardingPlan, build_plan
+from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
+from tpfx.passes import Derivation, Placement, PlanData, Replicate, Shard, Stages
+from tpfx.plan import ShardingPlan
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
                "`torchrun --nproc-per-node N script.py` and call `torch.distributed.init_process_group('gloo')`, "
@@ -71,123 +66,42 @@ def _synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
     return (), kwargs
 
 
-def _dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError:
-        return None
-    spec: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD or kind is inspect.Parameter.VAR_POSITIONAL:
-            return None
-        spec[name] = tree_map(lambda v: {i: Dim.AUTO for i in range(v.ndim)} if isinstance(v, torch.Tensor)
-                              and v.ndim > 0 else None, value)
-    return spec
-
-
-def _mutates_intermediates(graph: fx.Graph) -> bool:
-    """True if an op writes into a value computed inside the graph (``x[..., :d].copy_(y)``, ``h.add_(r)``).
-
-    Sharding such a graph as it is would be unsafe: a redistributed operand is a new tensor, and the write
-    would miss the value that later nodes read. Such graphs are functionalized first. Writes into inputs and
-    buffers (BatchNorm running statistics) are kept: export records them as buffer mutations."""
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
-            continue
-        for arg, value in zip(schema.arguments, node.args, strict=False):
-            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node) \
-                    and value.op != "placeholder":
-                return True
-    return False
-
-
-class CaptureError(RuntimeError):
-    """torch.export could not capture the model; the message says why and what to do."""
-
-
-def _capture_advice(model: torch.nn.Module, e: Exception) -> str:
-    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    hint = ("the model branches on a tensor's value (data-dependent control flow); make the branch static "
-            "(a config flag), or write it with torch.cond / torch.where" if "data-dependent" in str(e)
-            else "see the cause below; tpfx captures with torch.export.export(model, args, kwargs, strict=False)")
-    return (f"tpfx: torch.export could not capture {type(model).__name__} ({type(e).__name__}: {first[:300]}). "
-            f"tpfx plans from the captured graph: {hint}")
-
-
-def _check_model(model: torch.nn.Module) -> None:
-    """Refuse what no plan can serve: quantized modules, and tensors on more than one device."""
-    for name, m in model.named_modules():
-        quantized = type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
-        if quantized or any(t.is_quantized for t in m.parameters(recurse=False)):
-            raise ValueError(f"tpfx: module {name or '(root)'!r} ({type(m).__name__}) is quantized; tpfx shards float "
-                             "weights: shard the float model, then quantize each rank's module")
-    devices = {t.device.type if t.device.type == "meta" else str(t.device)
-               for t in (*model.parameters(), *model.buffers())}
-    if len(devices) > 1:
-        raise ValueError(f"tpfx: the model's parameters and buffers are on several devices ({sorted(devices)}); "
-                         "move the whole model to one device (model.to(device)) before planning or sharding")
-
-
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
-            timings: dict[str, float] | None = None) -> tuple[fx.GraphModule, bool]:
-    """torch.export (non-strict) with dynamic dims where the model allows; returns (graph, dynamic)."""
-    _check_model(model)
-    args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
-    t0 = time.perf_counter()
-    spec = _dynamic_spec(model, args, kwargs)
-    ep = None
-    if spec is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
-        except Exception:  # noqa: BLE001 - fall back to a static capture per shape
-            ep = None
-    dynamic = ep is not None
-    if ep is None:
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
-        except Exception as e:  # noqa: BLE001 - every export failure gets the same advice
-            raise CaptureError(_capture_advice(model, e)) from e
-    functionalized = _mutates_intermediates(ep.graph)
-    if functionalized:
-        ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
-    gm = ep.module()
-    if functionalized:
-        # decomposition turned reshapes into views where the traced strides allowed it; a rank's local
-        # tensors may be laid out otherwise, and with no writes left a view may as well be a reshape
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in (torch.ops.aten.view.default,
-                                                               torch.ops.aten._unsafe_view.default):
-                node.target = torch.ops.aten.reshape.default
-        gm.recompile()
-    if timings is not None:
-        timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
-    gm = run_passes(gm, PRE_PASSES, timings)  # type: ignore[arg-type]
-    return gm, dynamic  # type: ignore[return-value]
+            stages: Stages | None = None) -> tuple[fx.GraphModule, bool]:
+    """The model's normalized ATen graph for these inputs (``stages``: capture, normalize); returns (graph,
+    dynamic)."""
+    stages = Stages() if stages is None else stages
+    captured = stages.capture(model, args, kwargs)
+    return stages.normalize(captured), captured.dynamic
 
 
 # ----------------------------------------------------------------------------- planning
 
 
-def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None,
-                timings: dict[str, float] | None = None, fed: dict[str, Placement] | None = None,
-                sequence_parallel: bool = False) -> ShardingPlan:
-    t0 = time.perf_counter()
-    prop, seeds = propagate(gm, world_size, pins, fed=fed)
-    if sequence_parallel:
-        prop = split_sequence(gm, prop)
-    plan = build_plan(prop, seeds)
-    plan._gm = gm
+def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None, stages: Stages | None = None,
+                fed: dict[str, Placement] | None = None, sequence_parallel: bool = False) -> ShardingPlan:
+    """``stages``' propagate and build_plan on a normalized graph."""
+    stages = Stages() if stages is None else stages
+    d = stages.propagate(gm, world_size, pins, fed, sequence_parallel)
+    return _derived(stages.build_plan(d), d)
+
+
+def _derived(data: PlanData, d: Derivation) -> ShardingPlan:
+    plan = ShardingPlan.derived(data, d)
+    world_size = plan.world_size
     if world_size > 1 and plan.placements and all(p.style == "replicate" for p in plan.placements.values()):
         widest = max((max(p.shape, default=0) for p in plan.placements.values()), default=0)
         warnings.warn(f"tpfx: no weight is split at world_size={world_size} (the widest weight dim is {widest}; "
-                      "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=3)
-    if timings is not None:
-        timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
+                      "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=4)
     return plan
+
+
+def _derive(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world_size: int, pins: dict | None,
+            sequence_parallel: bool, stages: Stages | None = None) -> tuple[ShardingPlan, bool]:
+    """The plan for these inputs (``Stages.derive``) and whether its graph serves other shapes."""
+    d, data, dynamic = (Stages() if stages is None else stages).derive(model, args, kwargs, world_size, pins,
+                                                                       sequence_parallel=sequence_parallel)
+    return _derived(data, d), dynamic
 
 
 def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | None = None,
@@ -196,13 +110,13 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
     """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models.
     ``sequence_parallel``: split the residual stream by sequence between the sharded blocks (Megatron-SP).
 
-    ``timings``, if given, is filled with seconds per stage: ``capture`` (torch.export), ``decompose_bias``,
-    ``propagate`` (placements, styles and collective placement)."""
+    ``timings``, if given, is filled with seconds per stage (``tpfx.passes.stages``): ``capture``
+    (torch.export), each normalize pass by name (``decompose_bias``, ...), ``propagate``, ``build_plan``."""
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
     args, kwargs = _examples(model, example_inputs, example_kwargs)
-    gm, _ = capture(model, args, kwargs, timings)
-    return _plan_graph(gm, world_size, _override_pins(gm, overrides), timings, sequence_parallel=sequence_parallel)
+    return _derive(model, args, kwargs, world_size, _override_pins(model, overrides), sequence_parallel,
+                   Stages(timings))[0]
 
 
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,
@@ -214,12 +128,12 @@ def _examples(model: torch.nn.Module, example_inputs: tuple | None,
     return args, _prepare_kwargs(model, kwargs)
 
 
-def _override_pins(gm: fx.GraphModule, overrides: dict[str, str] | None) -> dict | None:
+def _override_pins(model: torch.nn.Module, overrides: dict[str, str] | None) -> dict | None:
     if not overrides:
         return None
     import fnmatch
 
-    names = [n for n, _ in gm.named_parameters()]
+    names = [n for n, _ in model.named_parameters()]
     pins: dict[str, tuple[str, Any]] = {}
     for pattern, style in overrides.items():
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".weight")]
@@ -404,14 +318,15 @@ class ShardedModule(torch.nn.Module):
                        else v for v in flat)
         return (str(spec), leaves)
 
-    def add_graph(self, gm: fx.GraphModule, plan: ShardingPlan, key: Any,
-                  local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
-        """Emit this rank's graph for ``gm`` (planned with this module's weight placements) and serve ``key``
-        with it. ``local_outputs``: positions in the flattened output returned as this rank's slice."""
+    def add_graph(self, plan: ShardingPlan, key: Any, local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
+        """Emit this rank's graph for ``plan``'s derivation (planned with this module's weight placements) and
+        serve ``key`` with it. ``local_outputs``: positions in the flattened output returned as this rank's slice."""
         if plan.digest() != self._plan.digest():
             raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
-        local = emit(gm, plan._prop, self.rank, self._namer, self._store,  # type: ignore[arg-type]
-                     gather_outputs=self._gather_outputs, local_outputs=local_outputs)
+        if plan.derivation is None:
+            raise ValueError("tpfx: add_graph needs a plan derived in this process")
+        local = Stages().emit_rank(plan.derivation, self.rank, self._namer, self._store, self._gather_outputs,
+                                   local_outputs)
         installed = dict(self.named_parameters())
         for fqn, p in self._store.items():
             if fqn not in installed:
@@ -464,10 +379,10 @@ class ShardedModule(torch.nn.Module):
             key = self._key(args, kwargs, dynamic)
             if key in self._graphs:
                 return self._graphs[key]
-        gm, dynamic = capture(self._model, args, kwargs)
-        plan = _plan_graph(gm, self.world_size, self._plan.pins(), sequence_parallel=self._plan.sequence_parallel)
+        plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
+                                self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic)
-        self.add_graph(gm, plan, key)
+        self.add_graph(plan, key)
         return self._graphs[key]
 
     check_first_call = True  # compare the first call's inputs across the group (set False to skip)
@@ -634,15 +549,14 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
     if plan is not None and sequence_parallel and not plan.sequence_parallel:
-        plan = dataclasses.replace(plan, sequence_parallel=True)  # the weights' plan, activations split by sequence
+        plan = dataclasses.replace(plan, sequence_parallel=True, context=None)  # type: ignore[call-arg]  # the weights' plan, activations split by sequence
     sequence_parallel = sequence_parallel or (plan is not None and plan.sequence_parallel)
     first = None
     if plan is None or not lazy:
         args, kwargs = _examples(model, example_inputs, example_kwargs)
-        gm, dynamic = capture(model, args, kwargs)
-        pins = plan.pins() if plan is not None else _override_pins(gm, overrides)
-        planned = _plan_graph(gm, world_size, pins, sequence_parallel=sequence_parallel)
-        first = (gm, planned, args, kwargs, dynamic)
+        pins = plan.pins() if plan is not None else _override_pins(model, overrides)
+        planned, dynamic = _derive(model, args, kwargs, world_size, pins, sequence_parallel)
+        first = (planned, args, kwargs, dynamic)
         plan = planned
     _check_agreement(plan, group)
     sharded = _sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs,  # type: ignore[arg-type]
@@ -651,8 +565,8 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     if loader is not None:
         _load_params(sharded, model, plan, loader)
     if first is not None:
-        gm, planned, args, kwargs, dynamic = first
-        sharded.add_graph(gm, planned, sharded._key(args, kwargs, dynamic))
+        planned, args, kwargs, dynamic = first
+        sharded.add_graph(planned, sharded._key(args, kwargs, dynamic))
     _warn_plain(sharded)
     return sharded
 
@@ -696,13 +610,9 @@ def emit_rank(plan: ShardingPlan, rank: int, timings: dict[str, float] | None = 
     """``rank``'s GraphModule for a plan from ``tpfx.plan`` without a process group (for inspection and
     tests: collectives name a placeholder group ``"fake:<ranks>"`` and cannot run). ``timings["emit"]``
     gets the seconds spent."""
-    if plan._prop is None or plan._gm is None:
+    if plan.derivation is None:
         raise ValueError("emit_rank needs a plan derived in this process (not one loaded from JSON)")
-    t0 = time.perf_counter()
-    gm = emit(plan._gm, plan._prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)))
-    if timings is not None:
-        timings["emit"] = timings.get("emit", 0.0) + time.perf_counter() - t0
-    return gm
+    return Stages(timings).emit_rank(plan.derivation, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)))
 
 
 def shard_tensor(plan: ShardingPlan, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:

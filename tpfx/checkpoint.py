@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tpfx.dtensor_params import local
-from tpfx.passes.placements import Shard
+from tpfx.passes import Shard
 
 if TYPE_CHECKING:
     from tpfx.api import ShardedModule

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tpfx.dtensor_params import local
-from tpfx.passes.placements import Placement, Shard
+from tpfx.passes import Placement, Shard
 
 if TYPE_CHECKING:
     from tpfx.api import ShardedModule

@@ -187,10 +187,10 @@ def _inside(node: fx.Node, module: str) -> bool:
 
 
 def _theirs_bytes(plan: ShardingPlan, tp_plan: dict[str, str], notes: list[str]) -> int | None:
-    if plan._gm is None:
+    if plan.derivation is None:
         notes.append("their collective bytes need the planned graph (plan loaded from JSON)")
         return None
-    sizes = module_output_bytes(plan._gm)
+    sizes = module_output_bytes(plan.derivation.gm)
     total = 0
     unknown = sorted({s for s in tp_plan.values() if s not in ALL_REDUCE | ALL_GATHER | FREE})
     if unknown:

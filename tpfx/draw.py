@@ -41,7 +41,7 @@ from tpfx.report import (
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from tpfx.passes.propagate import Propagation
+    from tpfx.passes import Propagation
     from tpfx.plan import ShardingPlan
 
 Source = tuple[str, str, "int | None"]  # (graph id, placement label, layer index of the source)
@@ -59,7 +59,7 @@ DOT_MISSING = ("tpfx: rendering needs the Graphviz `dot` program, which is not i
 
 
 def _need_graph(plan: ShardingPlan) -> None:
-    if plan._prop is None or plan._gm is None:
+    if plan.derivation is None:
         raise ValueError("tpfx: drawing needs a plan derived in this process (tpfx.plan), not one loaded from "
                          "JSON: the dataflow graph is not saved")
 
@@ -76,9 +76,9 @@ class _Builder:
     def __init__(self, plan: ShardingPlan) -> None:
         from tpfx.report import analyze
 
-        assert plan._prop is not None and plan._gm is not None
-        self.plan, self.gm = plan, plan._gm
-        self.prop: Propagation = plan._prop
+        assert plan.derivation is not None
+        self.plan, self.gm = plan, plan.derivation.gm
+        self.prop: Propagation = plan.derivation.prop
         self.g = nx.DiGraph()
         ctx = analyze(plan) or {}
         self.layers: dict[str, int] = ctx.get("layers", {})
@@ -340,7 +340,7 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
 
 
 def _graph_section(plan: ShardingPlan) -> str:
-    if plan._prop is None or plan._gm is None:
+    if plan.derivation is None:
         return '<p class="muted">No drawing: this plan was loaded without its graph (re-plan to draw it).</p>'
     if has_dot():
         return f'<div class="graph">{to_svg(plan)}</div>'

@@ -45,7 +45,7 @@ from torch.distributed.tensor.placement_types import Placement as DPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._pytree import tree_structure, tree_unflatten
 
-from tpfx.passes.placements import Placement, Replicate, Shard
+from tpfx.passes import Placement, Replicate, Shard
 
 __all__ = ["dtensor_placement", "dtensor_layout", "grouped_mesh", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder"]
 

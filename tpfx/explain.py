@@ -35,7 +35,7 @@ from tpfx.report import (
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from tpfx.passes.propagate import Propagation
+    from tpfx.passes import Propagation
     from tpfx.plan import ShardingPlan
 
 MAX_PATH = 8
@@ -117,9 +117,9 @@ def _squash(ops: list[str]) -> list[str]:
 def _consumers(plan: ShardingPlan, fqn: str) -> tuple[list[fx.Node], set[fx.Node]]:
     """(ops where the weight meets activations, in graph order; the weight and its reshapes). Ops that only
     reshape the weight itself (``transpose`` of a fused expert tensor) are looked through."""
-    prop = plan._prop
-    assert prop is not None
-    order = {n: i for i, n in enumerate(plan._gm.graph.nodes)}
+    assert plan.derivation is not None
+    prop = plan.derivation.prop
+    order = {n: i for i, n in enumerate(plan.derivation.gm.graph.nodes)}
     chain = {node for node, f in prop.param_nodes.items() if f == fqn}
     uses: set[fx.Node] = set()
     frontier = list(chain)
@@ -139,7 +139,7 @@ def _consumers(plan: ShardingPlan, fqn: str) -> tuple[list[fx.Node], set[fx.Node
 
 
 def _nonrep(prop: Propagation, node: fx.Node) -> bool:
-    from tpfx.passes.placements import Replicate
+    from tpfx.passes import Replicate
 
     pl = prop.placements.get(node)
     outs = pl if isinstance(pl, tuple) else (pl,)
@@ -169,8 +169,8 @@ def walk_up(prop: Propagation, start: fx.Node, order: dict[fx.Node, int]) -> tup
 
 def walk_down(plan: ShardingPlan, start: fx.Node) -> list[Resolution]:
     """Follow ``start``'s non-replicated output to the collectives or weights that resolve it."""
-    prop = plan._prop
-    assert prop is not None
+    assert plan.derivation is not None
+    prop = plan.derivation.prop
     sizes = {(c.kind, c.after): c.bytes for c in plan.collectives}
     found: dict[tuple[str, str], Resolution] = {}
     frontier: list[tuple[fx.Node, tuple[str, ...]]] = [(start, ())]
@@ -251,7 +251,7 @@ def _resolution_text(r: Resolution) -> str:
 
 def _stored_resolutions(plan: ShardingPlan, fqn: str) -> list[Resolution]:
     """Forward collectives the stored report context attributes to this weight's module."""
-    ctx = getattr(plan, "_context", None) or {}
+    ctx = plan.context or {}
     module = weight_module(fqn)
     out = []
     for c in ctx.get("collectives", []):
@@ -267,7 +267,7 @@ def explain(plan: ShardingPlan, name: str) -> Explanation:
     p = plan.placements[fqn]
     ex = Explanation(fqn, p.style, p.placement, p.shape, p.local_shape())
     ex.reasons = [f["reason"] for f in plan.fallbacks if f.get("param") == fqn]
-    if plan._prop is None or plan._gm is None:
+    if plan.derivation is None:
         ex.derived = False
         ex.steps = ["plan loaded without its graph (e.g. from JSON): the chain of ops is not available; "
                     "re-plan the model with tpfx.plan to see it"] + _layout_notes(plan, fqn)
@@ -279,14 +279,14 @@ def explain(plan: ShardingPlan, name: str) -> Explanation:
 
 
 def _trace(plan: ShardingPlan, fqn: str, ex: Explanation) -> None:
-    prop = plan._prop
-    assert prop is not None
+    assert plan.derivation is not None
+    prop = plan.derivation.prop
     consumers, chain = _consumers(plan, fqn)
     if not consumers:
         ex.steps = ["no op consumes it in the captured graph"]
         return
     first = consumers[0]
-    order = {n: i for i, n in enumerate(plan._gm.graph.nodes)}
+    order = {n: i for i, n in enumerate(plan.derivation.gm.graph.nodes)}
     ex.consumer = _where(first)
     strat = prop.strategies.get(first)
     acts = [(i, a) for i, a in enumerate(tensor_inputs(first)) if a not in chain and a not in prop.param_nodes]

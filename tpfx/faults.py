@@ -16,8 +16,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.fx as fx
 
-from tpfx.passes.collectives import failure_message
-from tpfx.passes.emit import collective_nodes
+from tpfx.passes import collective_nodes, failure_message
 from tpfx.report import module_of
 
 _ASSIGN = re.compile(r"^\s*(\w+)\s*=")

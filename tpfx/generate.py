@@ -40,9 +40,8 @@ from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tpfx.agreement import agree, describe
-from tpfx.api import _plan_graph, capture
-from tpfx.passes.placements import Placement, Replicate, Shard
-from tpfx.passes.propagate import is_guards
+from tpfx.passes import Placement, Replicate, Shard, Stages, is_guards
+from tpfx.plan import ShardingPlan
 
 __all__ = ["SplitCache", "generate"]
 
@@ -207,11 +206,14 @@ class Decoder:
                 return sm._graphs[key][1], self.guards.get(key)
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
-        gm, dynamic = capture(self.step, args, kwargs)
-        key = base if dynamic else exact
+        stages = Stages()
+        captured = stages.capture(self.step, args, kwargs)
+        gm = stages.normalize(captured)
+        key = base if captured.dynamic else exact
         fed = self._fed(gm, batch) if phase == "decode" else None
-        plan = _plan_graph(gm, sm.world_size, sm._plan.pins(), fed=fed)
-        layout, local, full = _cache_outputs(gm, plan._prop)
+        d = stages.propagate(gm, sm.world_size, sm._plan.pins(), fed)
+        plan = ShardingPlan.derived(stages.build_plan(d), d)
+        layout, local, full = _cache_outputs(gm, d.prop)
         if phase == "prefill":
             self.cache_layout[batch], self.full_sizes[batch] = layout, full
             agree(sm.group, [str(p) for p in layout], "the KV cache layout")
@@ -222,7 +224,7 @@ class Decoder:
         guard = next((n for n in gm.graph.nodes if is_guards(n)), None)
         if fed and guard is not None:  # emission drops it (it reads full shapes): run it on meta stand-ins
             self.guards[key] = (gm.get_submodule("_guards_fn"), [a.name for a in guard.args])
-        sm.add_graph(gm, plan, key, local_outputs=local)
+        sm.add_graph(plan, key, local_outputs=local)
         return sm._graphs[key][1], self.guards.get(key)
 
     def _full(self, past: tuple[torch.Tensor, ...], device: Any) -> tuple[torch.Tensor, ...]:

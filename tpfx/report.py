@@ -28,13 +28,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tpfx.passes.placements import is_seq_split
-from tpfx.passes.propagate import tensor_inputs
+from tpfx.passes import backward_collectives, is_seq_split, nbytes, tensor_inputs, trained
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from tpfx.passes.propagate import Propagation
+    from tpfx.passes import Propagation
     from tpfx.plan import ShardingPlan
 
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
@@ -94,7 +93,7 @@ def relative(name: str, scope: str) -> str:
 
 def describe_placement(pl: Any, ndim: int | None = None, world: int | None = None) -> str:
     """``Shard(2, 2, (64,))`` on a 3-d value -> ``S(-1)``; groups and segments are spelled out."""
-    from tpfx.passes.placements import Partial, Shard
+    from tpfx.passes import Partial, Shard
 
     if isinstance(pl, tuple):
         return "(" + ", ".join(describe_placement(p, None, world) for p in pl) + ")"
@@ -139,7 +138,7 @@ def fmt_bytes(n: int | float | None) -> str:
 
 def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> str | None:
     """The collective (if any) between a producer and one of its consumers, as emission inserts it."""
-    from tpfx.passes.redistribute import forward_collective
+    from tpfx.passes import forward_collective
 
     if producer in prop.reduced_after:
         return "all_reduce"
@@ -152,7 +151,7 @@ def edge_collective(prop: Propagation, producer: fx.Node, consumer: fx.Node) -> 
 
 
 def _is_nonrep(pl: Any) -> bool:
-    from tpfx.passes.placements import Replicate
+    from tpfx.passes import Replicate
 
     outs = pl if isinstance(pl, tuple) else (pl,)
     return any(p is not None and not isinstance(p, Replicate) for p in outs)
@@ -205,27 +204,6 @@ def origin_map(gm: fx.GraphModule, prop: Propagation) -> dict[fx.Node, frozenset
     return out
 
 
-def _requires_grad(gm: fx.GraphModule, prop: Propagation) -> set[fx.Node]:
-    """Values that depend on a parameter (what gradients flow through)."""
-    needs: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node in prop.param_nodes:
-            needs.add(node)
-        elif node.op == "call_function" and any(a in needs for a in node.all_input_nodes):
-            val = node.meta.get("val")
-            vals = val if isinstance(val, (list, tuple)) else (val,)
-            if any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in vals):
-                needs.add(node)
-    return needs
-
-
-def _sharded_compute(prop: Propagation, node: fx.Node) -> bool:
-    if _is_nonrep(prop.placements.get(node)):
-        return True
-    strat = prop.strategies.get(node)
-    return strat is not None and any(_is_nonrep(w) for w in strat.want.values())
-
-
 def _scope(sources: Iterable[str], fallback: str) -> tuple[str, int | None]:
     """The layer of the weights a collective serves; the layer it sits in if they span several."""
     layers = {layer_of(s) for s in sources}
@@ -261,58 +239,40 @@ def _forward_infos(plan: ShardingPlan, nodes: dict[str, fx.Node],
 
 def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation,
                     nodes: dict[str, fx.Node]) -> list[dict[str, Any]]:
-    """Megatron's ``f`` (all-reduce of the input gradient where a replicated value enters sharded compute)
-    and replica-group gradient reductions of weights split into fewer chunks than ranks."""
-    from tpfx.passes.placements import Shard
-    from tpfx.passes.propagate import nbytes
-
-    needs = _requires_grad(gm, prop)
-    consumers: dict[fx.Node, list[fx.Node]] = {}
-    kinds: dict[fx.Node, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not _sharded_compute(prop, node):
-            continue
-        strat = prop.strategies.get(node)
-        for i, a in enumerate(tensor_inputs(node)):
-            want = strat.want.get(i) if strat is not None else None
-            received = want if want is not None else prop.placements.get(a)
-            val = a.meta.get("val")
-            if a not in needs or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
-                continue
-            if a in prop.partial_grad:  # a reshape of a gathered sequence split: reduce-scattered at the gather
-                a = tensor_inputs(a)[0]
-            if not _is_nonrep(received):  # Megatron's f, or under sequence parallelism its reduce-scatter
-                consumers.setdefault(a, []).append(node)
-                kinds[a] = "reduce_scatter" if is_seq_split(prop.placements.get(a)) else "all_reduce"
-            elif is_seq_split(received) and not _is_nonrep(prop.placements.get(a)):  # split_even: gathered back
-                consumers.setdefault(a, []).append(node)
-                kinds[a] = "all_gather"
+    """The backward collectives emission adds (``tpfx.passes.backward_collectives``) on values that carry
+    gradients: Megatron's ``f`` and its sequence-parallel forms, and replica-group gradient reductions."""
+    needs = trained(gm, prop.param_nodes, floating=True)
     out = []
-    for a, users in consumers.items():
-        fqn = prop.param_nodes.get(a)
-        srcs = [weight_module(f) for u in users for f in sharded_weights(prop, u)]
-        info = _info(kinds[a], a, users[0].name, nbytes(a), "backward", srcs or [module_of(users[0])], True)
-        if fqn is not None:
-            info["module"], info["op"] = weight_module(fqn), "grad of " + fqn.rpartition(".")[2]
-        out.append(info)
-    for c in plan.collectives:  # a reduce-scatter's gradient is all-gathered back
-        node = nodes.get(c.after)
-        if c.kind == "reduce_scatter" and c.pass_ == "forward" and node in needs:
-            out.append(_info("all_gather", node, c.before, c.bytes, "backward", [module_of(node)], True))
-    for node, fqn in prop.param_nodes.items():
-        p = plan.placements.get(fqn)
-        pl = p.as_placement() if p is not None else None
-        if p is None or not isinstance(pl, Shard) or min(pl.seg_groups) >= plan.world_size:
-            continue
-        gs = pl.seg_groups
-        local = numel(p.local_shape()) * node.meta["val"].element_size()
-        if pl.sgroups is not None:  # only the rows of segments held by several ranks are reduced
-            rows = pl.local_segs()
-            local = local * sum(n for n, g in zip(rows, gs) if g < plan.world_size) // sum(rows)
-        info = _info("all_reduce", node, f"grad:{fqn}", local, "backward", [weight_module(fqn)], True)
-        info["module"], info["op"] = weight_module(fqn), f"grad in groups of {plan.world_size // min(gs)}"
-        out.append(info)
+    for c in backward_collectives(gm, prop):
+        if c.via == "replicas":
+            out.append(_replica_info(plan, c.value, prop.param_nodes[c.value]))
+        elif c.via in ("scattered", "scatter"):  # the backward of a forward redistribution step
+            if c.value in needs:
+                before = c.consumers[0].name if c.consumers else "*"
+                out.append(_info(c.kind, c.value, before, nbytes(c.value), "backward", [module_of(c.value)], True))
+        elif c.value in needs:
+            fqn = prop.param_nodes.get(c.value)
+            srcs = [weight_module(f) for u in c.consumers for f in sharded_weights(prop, u)]
+            info = _info(c.kind, c.value, c.consumers[0].name, nbytes(c.value), "backward",
+                         srcs or [module_of(c.consumers[0])], True)
+            if fqn is not None:
+                info["module"], info["op"] = weight_module(fqn), "grad of " + fqn.rpartition(".")[2]
+            out.append(info)
     return out
+
+
+def _replica_info(plan: ShardingPlan, node: fx.Node, fqn: str) -> dict[str, Any]:
+    """A weight split into fewer chunks than ranks: its gradient summed over each replica group."""
+    p = plan.placements[fqn]
+    pl = p.as_placement()
+    gs = pl.seg_groups
+    local = numel(p.local_shape()) * node.meta["val"].element_size()
+    if pl.sgroups is not None:  # only the rows of segments held by several ranks are reduced
+        rows = pl.local_segs()
+        local = local * sum(n for n, g in zip(rows, gs) if g < plan.world_size) // sum(rows)
+    info = _info("all_reduce", node, f"grad:{fqn}", local, "backward", [weight_module(fqn)], True)
+    info["module"], info["op"] = weight_module(fqn), f"grad in groups of {plan.world_size // min(gs)}"
+    return info
 
 
 def _hidden_and_tokens(gm: fx.GraphModule, infos: list[dict[str, Any]]) -> tuple[int | None, int | None, int]:
@@ -344,9 +304,9 @@ def _layers(names: Iterable[str]) -> dict[str, int]:
 def analyze(plan: ShardingPlan) -> dict[str, Any] | None:
     """The JSON-able facts the report needs (stored by ``to_json``); None for a plan with no graph and no
     stored context."""
-    gm, prop = plan._gm, plan._prop
-    if gm is None or prop is None:
-        return getattr(plan, "_context", None)
+    if plan.derivation is None:
+        return plan.context
+    gm, prop = plan.derivation.gm, plan.derivation.prop
     nodes = {n.name: n for n in gm.graph.nodes}
     origins = origin_map(gm, prop)
     infos = _forward_infos(plan, nodes, origins)

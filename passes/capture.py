@@ -1,0 +1,112 @@
+"""Capture: ``torch.export`` (non-strict) of a module on example inputs, into an ATen ``GraphModule``.
+
+Dynamic dims are tried first (``Dim.AUTO`` on every dim of every tensor input), so one capture serves
+every batch and sequence length the model allows; a model that refuses them is captured statically
+(one graph per input shape). A graph that writes into values it computed itself is functionalized,
+because a redistributed operand is a new tensor a write would miss (``normalize`` then relaxes its views).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+from torch.utils._pytree import tree_map
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the model; the message says why and what to do."""
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    dynamic: bool  # captured with dynamic dims (serves other shapes)
+    functionalized: bool  # in-graph writes were turned into functional ops
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse what no plan can serve: quantized modules, and tensors on more than one device."""
+    for name, m in model.named_modules():
+        quantized = type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+        if quantized or any(t.is_quantized for t in m.parameters(recurse=False)):
+            raise ValueError(f"tpfx: module {name or '(root)'!r} ({type(m).__name__}) is quantized; tpfx shards float "
+                             "weights: shard the float model, then quantize each rank's module")
+    devices = {t.device.type if t.device.type == "meta" else str(t.device)
+               for t in (*model.parameters(), *model.buffers())}
+    if len(devices) > 1:
+        raise ValueError(f"tpfx: the model's parameters and buffers are on several devices ({sorted(devices)}); "
+                         "move the whole model to one device (model.to(device)) before planning or sharding")
+
+
+def dynamic_spec(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``Dim.AUTO`` for every dim of every tensor argument; None where the signature cannot be bound."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    spec: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD or kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        spec[name] = tree_map(lambda v: {i: Dim.AUTO for i in range(v.ndim)} if isinstance(v, torch.Tensor)
+                              and v.ndim > 0 else None, value)
+    return spec
+
+
+def mutates_intermediates(graph: fx.Graph) -> bool:
+    """True if an op writes into a value computed inside the graph (``x[..., :d].copy_(y)``, ``h.add_(r)``).
+
+    Sharding such a graph as it is would be unsafe: a redistributed operand is a new tensor, and the write
+    would miss the value that later nodes read. Such graphs are functionalized first. Writes into inputs and
+    buffers (BatchNorm running statistics) are kept: export records them as buffer mutations."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, node.args, strict=False):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node) \
+                    and value.op != "placeholder":
+                return True
+    return False
+
+
+def _advice(model: torch.nn.Module, e: Exception) -> str:
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    hint = ("the model branches on a tensor's value (data-dependent control flow); make the branch static "
+            "(a config flag), or write it with torch.cond / torch.where" if "data-dependent" in str(e)
+            else "see the cause below; tpfx captures with torch.export.export(model, args, kwargs, strict=False)")
+    return (f"tpfx: torch.export could not capture {type(model).__name__} ({type(e).__name__}: {first[:300]}). "
+            f"tpfx plans from the captured graph: {hint}")
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    spec = dynamic_spec(model, args, kwargs)
+    if spec is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False), True
+        except Exception:  # noqa: BLE001 - fall back to a static capture per shape
+            pass
+    try:
+        return torch.export.export(model, args, kwargs, strict=False), False
+    except Exception as e:  # noqa: BLE001 - every export failure gets the same advice
+        raise CaptureError(_advice(model, e)) from e
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Captured:
+    """The model's ATen graph for these example inputs (the inputs are cloned: export may write into them)."""
+    check_model(model)
+    args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    ep, dynamic = _export(model, args, kwargs)
+    functionalized = mutates_intermediates(ep.graph)
+    if functionalized:
+        ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
+    return Captured(ep.module(), dynamic, functionalized)  # type: ignore[arg-type]

@@ -1,0 +1,89 @@
+"""The compiler, top to bottom. Every stage is timed by the runner (``Stages.timings``, seconds by name):
+
+    capture      torch.export (non-strict) on example inputs -> ATen GraphModule        (capture.py)
+    normalize    clean-up passes, linted after each: functionalized views relaxed, grad regions inlined,
+                 aliases canonical, biases split off, variance decomposed, ...          (pipeline.py)
+    propagate    a placement for every value and a style for every weight, to a fixpoint (propagate.py);
+                 with sequence parallelism, the residual stream split by sequence       (sequence_parallel.py)
+    build_plan   the plan as plain data: placements by FQN, collectives by node name    (plan_data.py)
+    emit_rank    one GraphModule per rank, holding that rank's slices, with Megatron's
+                 autograd collectives                                                   (emit.py)
+
+``derive`` runs the first four; the graph state they leave (the normalized graph and its propagation) is a
+``Derivation``, which emission and the plan's views read. A plan loaded from JSON has none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.fx as fx
+
+from . import capture as _capture
+from . import pipeline
+from .emit import GroupNamer, emit
+from .placements import Placement
+from .plan_data import PlanData, build_plan
+from .propagate import Propagation, Seed, propagate
+from .sequence_parallel import sequence_parallel as split_sequence
+
+T = TypeVar("T")
+
+
+@dataclass
+class Derivation:
+    """The graph a plan was derived from and its propagation (node-keyed: not part of the plan's data)."""
+
+    gm: fx.GraphModule
+    prop: Propagation
+    seeds: dict[str, Seed] = field(default_factory=dict)
+
+
+class Stages:
+    """Runs the stages and adds each one's seconds to ``timings`` (a caller's dict, or a new one)."""
+
+    def __init__(self, timings: dict[str, float] | None = None) -> None:
+        self.timings: dict[str, float] = {} if timings is None else timings
+
+    def timed(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def capture(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured:
+        return self.timed("capture", _capture.capture, model, args, kwargs)
+
+    def normalize(self, captured: _capture.Captured) -> fx.GraphModule:
+        passes = ([pipeline.relax_views] if captured.functionalized else []) + pipeline.CLEANUPS
+        return pipeline.run_passes(captured.gm, passes, self.timings)  # each pass timed by name
+
+    def propagate(self, gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
+                  fed: dict[str, Placement] | None = None, sequence_parallel: bool = False) -> Derivation:
+        prop, seeds = self.timed("propagate", propagate, gm, world, pins, fed=fed)
+        if sequence_parallel:
+            prop = self.timed("sequence_parallel", split_sequence, gm, prop)
+        return Derivation(gm, prop, seeds)
+
+    def build_plan(self, d: Derivation) -> PlanData:
+        return self.timed("build_plan", build_plan, d.prop, d.seeds)
+
+    def emit_rank(self, d: Derivation, rank: int, group_name: GroupNamer,
+                  store: dict[str, torch.nn.Parameter] | None = None, gather_outputs: bool = True,
+                  local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
+        return self.timed("emit", emit, d.gm, d.prop, rank, group_name, store, gather_outputs, local_outputs)
+
+    def derive(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world: int,
+               pins: dict[str, tuple[str, Placement | None]] | None = None, fed: dict[str, Placement] | None = None,
+               sequence_parallel: bool = False) -> tuple[Derivation, PlanData, bool]:
+        """capture -> normalize -> propagate -> build_plan; returns the derivation, the plan's data and whether
+        the capture has dynamic dims."""
+        captured = self.capture(model, args, kwargs)
+        gm = self.normalize(captured)
+        d = self.propagate(gm, world, pins, fed, sequence_parallel)
+        return d, self.build_plan(d), captured.dynamic

@@ -1,0 +1,141 @@
+"""``from_pretrained``: a transformers checkpoint loaded straight into this rank's slices (``tpfx.pretrained``
+reads them; its docstring says how memory stays bounded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from tpfx.api import LAUNCH_HINT, ShardedModule, shard_with, tp_group
+from tpfx.passes import Placement, shard_tensor
+from tpfx.pretrained import (
+    _ST_DTYPES,
+    CheckpointError,
+    TensorEntry,
+    convert_full,
+    index_checkpoint,
+    match_tensors,
+    read_slice,
+)
+
+__all__ = ["from_pretrained"]
+
+
+def _default_dtype(config: Any, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """transformers' ``dtype="auto"``: the config's dtype, else the first floating-point weight's."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str) and dt != "auto":
+        dt = getattr(torch, dt)
+    if isinstance(dt, torch.dtype):
+        return dt
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    for e in entries.values():
+        if names.get(e.dtype, torch.int64).is_floating_point:
+            return names[e.dtype]
+    return torch.float32
+
+
+def _device_for(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _build_empty(model_cls: Any, config: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The model with parameters that hold no memory and buffers computed for real on ``device``.
+
+    Parameters are fake tensors on ``device`` (``FakeTensorMode``: shapes, dtypes and device, no storage), not
+    meta tensors: model code that branches on the device (transformers' MoE routing takes an integer
+    ``histc`` path off the CPU) is then captured as it runs on ``device``. Tied parameters stay one object."""
+    from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    build = getattr(model_cls, "from_config", None) or model_cls._from_config  # Auto* classes or a model class
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # as transformers does once the weights are in
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in fakes:
+                    with mode:
+                        fake = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    fakes[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                module._parameters[name] = fakes[id(p)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, model_cls: Any = None,
+                    torch_dtype: torch.dtype | None = None, **auto_shard_kwargs: Any) -> ShardedModule:
+    """Load a transformers checkpoint directory straight into this rank's sharded module.
+
+    The model is built from ``config.json`` on the meta device, planned, and each rank reads only its own
+    slices of each ``*.safetensors`` file (one file or ``model.safetensors.index.json`` with several).
+    ``model_cls`` defaults to ``AutoModelForCausalLM``; ``torch_dtype`` defaults to transformers' "auto" (the
+    config's dtype, else the checkpoint's). Other keyword arguments go to ``tpfx.auto_shard``. Needs an
+    initialized process group (``tpfx.launch`` or ``torchrun``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(LAUNCH_HINT)
+    root = Path(path)
+    entries = index_checkpoint(root)  # local checks first: every rank sees the same files and raises alike
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"tpfx.from_pretrained: no config.json in {str(root)!r}")
+    config = AutoConfig.from_pretrained(root)
+    dtype = torch_dtype or _default_dtype(config, entries)
+    group = tp_group(auto_shard_kwargs.get("mesh"), auto_shard_kwargs.get("tp_axis", "tp"),
+                     auto_shard_kwargs.get("group"))
+    device = _device_for(group)
+    model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+    found, converted = match_tensors(model, entries, str(root))
+    _load_buffers(model, entries, device)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    params = dict(model.named_parameters())
+    pending: dict[str, torch.Tensor] = {}  # full tensors a conversion yielded that are not loaded yet
+
+    def loader(fqn: str, pl: Placement) -> torch.Tensor:
+        if fqn in found:
+            return read_slice(found[fqn], pl, rank, world, params[fqn].dtype, device)
+        if fqn not in pending:
+            pending.update(convert_full(model, converted[fqn], entries, params[fqn].dtype))
+        full = pending.pop(fqn)
+        if tuple(full.shape) != tuple(params[fqn].shape):
+            raise CheckpointError(f"tpfx.from_pretrained: {fqn!r} converted from {converted[fqn].sources[0][0]!r} "
+                                  f"... in {str(root)!r} has shape {list(full.shape)}, the model built from "
+                                  f"config.json expects {list(params[fqn].shape)}")
+        return shard_tensor(full, pl, rank, world).to(device).clone()  # a copy: the full tensor is dropped
+
+    sharded = shard_with(model, world_size, loader=loader, **auto_shard_kwargs)
+    return sharded
+
+
+def _load_buffers(model: torch.nn.Module, entries: dict[str, TensorEntry], device: torch.device) -> None:
+    """Persistent buffers saved in the checkpoint are loaded whole (transformers does the same); the rest keep
+    the values the constructor computed."""
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():
+        if name in entries and name in persistent and buf is not None:
+            with safe_open(entries[name].file, "pt") as f:
+                raw = f.get_tensor(name)
+                value = torch.empty(raw.shape, dtype=buf.dtype, device=device).copy_(raw)
+            if tuple(value.shape) != tuple(buf.shape):
+                raise CheckpointError(f"tpfx.from_pretrained: buffer {name!r} in {entries[name].file!r} has shape "
+                                      f"{list(value.shape)}, the model expects {list(buf.shape)}")
+            module, _, leaf = name.rpartition(".")
+            model.get_submodule(module)._buffers[leaf] = value
+
+
+# ----------------------------------------------------------------------------------------- saving
