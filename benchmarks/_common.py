@@ -29,22 +29,26 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _use_checkout() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    if (
-        "tpfx" in sys.modules
-        or "tpfx.passes" in sys.modules
-        or not (ROOT / "passes" / "__init__.py").exists()
-    ):
-        return
-    spec = importlib.util.spec_from_file_location(
-        "tpfx.passes", ROOT / "passes" / "__init__.py", submodule_search_locations=[str(ROOT / "passes")]
-    )
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["tpfx.passes"] = mod
-    spec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    return spec, mod
+
+
+def _use_checkout() -> None:
+    """``tpfx`` and ``tpfx.passes`` (from ``passes/``) of this checkout, whatever is installed: the compiler
+    first (it imports nothing of ``tpfx``), then the package, which imports the compiler's surface."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if "tpfx" in sys.modules or "tpfx.passes" in sys.modules or not (ROOT / "passes" / "__init__.py").exists():
+        return
+    tpfx_spec, tpfx_mod = _load("tpfx", ROOT / "tpfx")
+    passes_spec, passes_mod = _load("tpfx.passes", ROOT / "passes")
+    tpfx_mod.passes = passes_mod
+    passes_spec.loader.exec_module(passes_mod)
+    tpfx_spec.loader.exec_module(tpfx_mod)
 
 
 _use_checkout()
