@@ -39,21 +39,89 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
-def failure_message(rank: int, what: str, error: BaseException) -> str:
-    """``what`` (a collective, where it sits) failed on ``rank``: the backend's first line, and why it happens."""
+ROLL_CALL_S = 2.0  # how long ranks wait for each other to check in after a failed collective
+_rolls: dict[str, int] = {}
+
+
+def _silent_ranks(group: str, wait_s: float) -> list[int] | str | None:
+    """After a failed collective of ``group``, every rank that reaches its failure checks in on the process
+    group's store; the group ranks that have not checked in after ``wait_s`` seconds (dead, or stuck outside
+    this collective). A string where the store itself is gone; None where there is no group or store to ask."""
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d_
+
+    try:
+        pg = c10d_._resolve_process_group(group)  # type: ignore[arg-type]
+        ranks, store = dist.get_process_group_ranks(pg), c10d_._get_default_store()
+    except Exception:  # noqa: BLE001 - no process group (a simulated one), or torch moved its internals
+        return None
+    n = _rolls[group] = _rolls.get(group, -1) + 1  # the n-th failure on this group: same on every survivor
+    keys = {r: f"tpfx/roll_call/{group}/{n}/{r}" for r in ranks}
+    try:
+        store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [dist.get_group_rank(pg, r) for r in ranks if not store.check([keys[r]])]
+            if not silent or time.monotonic() >= deadline:
+                return silent
+            time.sleep(0.05)
+    except Exception as e:  # noqa: BLE001 - the store's host is gone too
+        return f"the group's store is unreachable ({type(e).__name__}): the process hosting it (rank 0 or the launcher) died"
+
+
+def peers_note(group: str | None, wait_s: float = ROLL_CALL_S) -> str:
+    """Which ranks of ``group`` did not check in after a failure (a roll call on the store, ``wait_s`` at most)."""
+    found = _silent_ranks(group, wait_s) if group else None
+    if found is None:
+        return ""
+    if isinstance(found, str):
+        return f"; {found}"
+    if not found:
+        return "; every rank of the group reached a failed collective (none died: see the first rank's error)"
+    return (f"; rank{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} of the group did not check in within "
+            f"{wait_s:g} s: dead, or stuck outside this collective")
+
+
+def module_of(node: Any) -> str:
+    """The innermost module an fx node was traced in ("" for the root)."""
+    import re
+
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    if path.startswith("_empty") or path == "L['self']":
+        return ""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def where_of(node: Any) -> str:
+    """``node`` and its module, as a backward failure names them: ``add_3 (model.layers.0.mlp)``."""
+    return f"{node.name} ({module_of(node) or 'the model'})"
+
+
+def failure_message(rank: int, what: str, error: BaseException, group: str | None = None) -> str:
+    """``what`` (a collective, where it sits) failed on ``rank``: the backend's first line, the ranks of
+    ``group`` that did not answer a roll call (``peers_note``), and why it happens."""
     first = (str(error).strip().splitlines() or [""])[0]
-    return (f"tpfx: rank {rank}: {what} failed: {type(error).__name__}: {first} (a peer rank died or stalled; "
-            "with tpfx.launch the failing rank's own error is reported first)")
+    return (f"tpfx: rank {rank}: {what} failed: {type(error).__name__}: {first}{peers_note(group)} (a peer rank "
+            "died or stalled; with tpfx.launch the failing rank's own error is reported first)")
 
 
-def _named(kind: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``fn(*args)``, a collective of a backward: a failure (a peer died, a timeout) raises naming it. Autograd
-    runs backward outside any graph this rank's forward could name a node of."""
+def _named(kind: str, where: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, a collective of a backward: a failure (a peer died, a timeout) raises naming it and
+    ``where`` (the forward node it pairs with, and its module: emission passes it, autograd runs backward
+    outside any graph this rank's forward could name a node of)."""
     try:
         return fn(*args)
     except RuntimeError as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        raise RuntimeError(failure_message(rank, f"{kind} in the backward", e)) from e
+        group = next((a for a in reversed(args) if isinstance(a, str)), None)  # the collective's group name
+        at = f" for {where}" if where else ""
+        raise RuntimeError(failure_message(rank, f"{kind}{at} in the backward", e, group)) from e
 
 
 def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,
@@ -89,13 +157,13 @@ class _AllReduce(torch.autograd.Function):
 
 class _ReduceGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group: str, where: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.group, ctx.where = group, where
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return _named("all_reduce of reduce_grad (Megatron's f)", _all_reduce, g, ctx.group), None
+        return _named("all_reduce of reduce_grad (Megatron's f)", ctx.where, _all_reduce, g, ctx.group), None, None
 
 
 def _per_seg(groups: int | list[int] | tuple[int, ...], segs: tuple[int, ...]) -> tuple[int, ...]:
@@ -126,10 +194,10 @@ class _AllGather(torch.autograd.Function):
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, groups, segs, rank, world, group):  # type: ignore[override]
+    def forward(ctx, x, dim, groups, segs, rank, world, group, where):  # type: ignore[override]
         segs = tuple(segs)
         gs = _per_seg(groups, segs)
-        ctx.args = (x.shape, dim, gs, segs, rank, world, group)
+        ctx.args, ctx.where = (x.shape, dim, gs, segs, rank, world, group), where
         return shard_tensor(x, Shard(dim, max(gs), segs, gs), rank, world).contiguous()
 
     @staticmethod
@@ -142,7 +210,7 @@ class _Scatter(torch.autograd.Function):
             full.narrow(dim, off + start, n).copy_(g.narrow(dim, loc, n))
             off += s
             loc += n
-        return _named("all_reduce of scatter", _all_reduce, full, group), None, None, None, None, None, None
+        return _named("all_reduce of scatter", ctx.where, _all_reduce, full, group), *(None,) * 7
 
 
 class _Unwhole(torch.autograd.Function):
@@ -158,8 +226,8 @@ class _Unwhole(torch.autograd.Function):
 
 class _ReduceGradSpans(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, spans):  # type: ignore[override]
-        ctx.args = (dim, spans)
+    def forward(ctx, x, dim, spans, where):  # type: ignore[override]
+        ctx.args, ctx.where = (dim, spans), where
         return x.view_as(x)
 
     @staticmethod
@@ -167,9 +235,9 @@ class _ReduceGradSpans(torch.autograd.Function):
         dim, spans = ctx.args
         g = g.clone()
         for start, n, group in spans:
-            g.narrow(dim, start, n).copy_(_named("all_reduce of reduce_grad_spans", _all_reduce,
+            g.narrow(dim, start, n).copy_(_named("all_reduce of reduce_grad_spans", ctx.where, _all_reduce,
                                                  g.narrow(dim, start, n), group))
-        return g, None, None
+        return g, None, None, None
 
 
 class _ToPartial(torch.autograd.Function):
@@ -213,13 +281,13 @@ def _conjugates(forward: SeqOp, backward: SeqOp) -> type[torch.autograd.Function
 
     class Pair(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, dim, rank, world, group):  # type: ignore[override]
-            ctx.args = (dim, rank, world, group)
+        def forward(ctx, x, dim, rank, world, group, where):  # type: ignore[override]
+            ctx.args, ctx.where = (dim, rank, world, group), where
             return forward(x, dim, rank, world, group)
 
         @staticmethod
         def backward(ctx, g):  # type: ignore[override]
-            return _named(Pair.__name__, backward, g, *ctx.args), None, None, None, None
+            return _named(Pair.__name__, ctx.where, backward, g, *ctx.args), None, None, None, None, None
 
     Pair.__name__ = Pair.__qualname__ = f"_{forward.__name__.strip('_')}_then_{backward.__name__.strip('_')}"
     return Pair
@@ -231,25 +299,26 @@ _GatherEven = _conjugates(_gather_even, _own_chunk)
 _SplitEven = _conjugates(_own_chunk, _gather_even)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
-    """Partial -> seq_shard(dim): the sum over ranks, each keeping its chunk of ``dim`` (after a row split)."""
-    return _ReduceScatter.apply(x, dim, 0, world, group)
+def reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str, where: str = "") -> torch.Tensor:
+    """Partial -> seq_shard(dim): the sum over ranks, each keeping its chunk of ``dim`` (after a row split).
+    ``where`` (here and below): the node it follows, named if the backward's collective fails."""
+    return _ReduceScatter.apply(x, dim, 0, world, group, where)
 
 
-def gather_seq(x: torch.Tensor, dim: int, world: int, group: str) -> torch.Tensor:
+def gather_seq(x: torch.Tensor, dim: int, world: int, group: str, where: str = "") -> torch.Tensor:
     """seq_shard(dim) -> Replicate entering sharded compute (before a column split): the gradient arriving is
     partial on every rank, so backward reduce-scatters it (Megatron-SP's g-bar)."""
-    return _GatherSeq.apply(x, dim, 0, world, group)
+    return _GatherSeq.apply(x, dim, 0, world, group, where)
 
 
-def gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
+def gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str, where: str = "") -> torch.Tensor:
     """seq_shard(dim) -> Replicate entering replicated compute: backward keeps this rank's chunk."""
-    return _GatherEven.apply(x, dim, rank, world, group)
+    return _GatherEven.apply(x, dim, rank, world, group, where)
 
 
-def split_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
+def split_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str, where: str = "") -> torch.Tensor:
     """Replicate -> seq_shard(dim): a local slice; backward gathers the chunks' gradients."""
-    return _SplitEven.apply(x, dim, rank, world, group)
+    return _SplitEven.apply(x, dim, rank, world, group, where)
 
 
 def to_partial(x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -263,9 +332,9 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return _AllReduce.apply(x, group)
 
 
-def reduce_grad(x: torch.Tensor, group: str) -> torch.Tensor:
+def reduce_grad(x: torch.Tensor, group: str, where: str = "") -> torch.Tensor:
     """Identity forward, sum of gradients over ``group`` backward (Megatron's f)."""
-    return _ReduceGrad.apply(x, group)
+    return _ReduceGrad.apply(x, group, where)
 
 
 def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str,
@@ -275,9 +344,9 @@ def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int
 
 
 def scatter(x: torch.Tensor, dim: int, groups: int | list[int], segs: list[int], rank: int, world: int,
-            group: str) -> torch.Tensor:
+            group: str, where: str = "") -> torch.Tensor:
     """Replicate -> Shard(dim, groups, segs): a local slice; gradients are summed back."""
-    return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group)
+    return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group, where)
 
 
 def unwhole(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -286,11 +355,11 @@ def unwhole(x: torch.Tensor, world: int) -> torch.Tensor:
     return _Unwhole.apply(x, world)
 
 
-def reduce_grad_spans(x: torch.Tensor, dim: int, spans: list[tuple[int, int, str]]) -> torch.Tensor:
+def reduce_grad_spans(x: torch.Tensor, dim: int, spans: list[tuple[int, int, str]], where: str = "") -> torch.Tensor:
     """Identity forward; backward sums the gradient of each local span ``(start, length, group)`` along ``dim``
     over its group: a fused weight whose segments are held by different replica groups (Falcon's whole
     key/value heads beside split query heads)."""
-    return _ReduceGradSpans.apply(x, dim, spans)
+    return _ReduceGradSpans.apply(x, dim, spans, where)
 
 
 def refine(x: torch.Tensor, dim: int, segs: list[int], src_groups: int | list[int], dst_groups: int | list[int],
@@ -363,3 +432,5 @@ COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "al
                scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad",
                reduce_scatter: "reduce_scatter", gather_seq: "all_gather", gather_even: "all_gather",
                split_even: "scatter"}
+# the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure
+NAMED_BACKWARD = {reduce_grad, reduce_grad_spans, scatter, reduce_scatter, gather_seq, gather_even, split_even}

@@ -110,8 +110,13 @@ class _Emitter:
         out.graph.lint()
         return out
 
-    def call(self, fn: Any, *args: Any, src: fx.Node | None = None) -> fx.Node:
-        n = self.new.call_function(fn, tuple(args))
+    def call(self, fn: Any, *args: Any, src: fx.Node | None = None, where: str | None = None) -> fx.Node:
+        """``fn(*args)`` after ``src``; a collective whose backward communicates is told ``where`` it sits (default:
+        ``src`` and its module), to name it if that backward fails."""
+        if where is None and src is not None:
+            where = C.where_of(src)
+        kwargs: dict[str, Any] = {"where": where} if fn in C.NAMED_BACKWARD and where else {}
+        n = self.new.call_function(fn, tuple(args), kwargs)
         if src is not None and "nn_module_stack" in src.meta:  # attribute the collective to its layer
             n.meta["nn_module_stack"] = src.meta["nn_module_stack"]
         return n
@@ -150,9 +155,10 @@ class _Emitter:
             for k, (g, ranks) in enumerate(zip(pl.seg_groups, pl.replica_groups(rank, world))):
                 if g < world:
                     spans.append((sum(local[:k]), local[k], self.group_name(ranks)))
-            return self.call(C.reduce_grad_spans, x, pl.dim, spans)
+            return self.call(C.reduce_grad_spans, x, pl.dim, spans, where=f"the gradient of {fqn}")
         if isinstance(pl, Shard) and pl.groups < world:
-            return self.call(C.reduce_grad, x, self.group_name(group_of(pl, rank, world)))
+            return self.call(C.reduce_grad, x, self.group_name(group_of(pl, rank, world)),
+                             where=f"the gradient of {fqn}")
         return x
 
     def operand(self, a: Any, node: fx.Node, sharded: bool) -> Any:

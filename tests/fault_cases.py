@@ -92,3 +92,42 @@ def killed_mid_forward(rank: int, world: int) -> None:
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     sharded(torch.randn(4, 16))
+
+
+def peer_killed_mid_forward(rank: int, world: int) -> None:
+    """The last rank is killed mid-forward; each survivor prints the error its next forward raises (run with
+    plain processes: a launcher would stop the survivors first, as a second node's launcher would not)."""
+    import json
+
+    sharded = _mlp()
+    sharded.check_first_call = sharded.check_calls = False  # the forward's own collectives fail
+    sharded(torch.randn(4, 16))
+    if rank == world - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    err, s = _error_of(lambda: sharded(torch.randn(4, 16)))
+    print(json.dumps({"rank": rank, "error": err, "seconds": s}), flush=True)
+
+
+def run_plain(body: str, world: int, timeout: float = 120) -> list[tuple[int, str]]:
+    """``fault_cases.<body>(rank, world)`` on ``world`` plain gloo processes (env:// rendezvous, no launcher
+    watching them): each one's exit code and stdout."""
+    import subprocess
+    import sys
+
+    from tpfx.launch import _free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)}
+    code = ("import torch.distributed as dist, fault_cases, os; dist.init_process_group('gloo'); "
+            f"fault_cases.{body}(int(os.environ['RANK']), {world})")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, text=True,
+                              cwd=os.path.dirname(__file__), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    out = []
+    for p in procs:
+        try:
+            stdout, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, _ = p.communicate()
+        out.append((p.returncode, stdout))
+    return out

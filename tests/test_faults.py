@@ -30,13 +30,17 @@ def test_ranks_called_differently_raise_on_every_rank() -> None:
 def test_a_stalled_peer_times_out_naming_the_collective(via_group: bool) -> None:
     (r0, _) = launch(fault_cases.stalled_peer, 2, via_group, timeout_s=300)
     assert r0["error"].startswith("tpfx: rank 0: all_reduce") and " after " in r0["error"], r0
+    assert "rank 1 of the group did not check in within 2 s: dead, or stuck" in r0["error"], r0  # it sleeps
     assert 2.5 < r0["seconds"] < 30, r0
     print("\n" + r0["error"][:300])
 
 
 def test_a_peer_stalled_in_backward_times_out_naming_the_collective() -> None:
     r0, _ = launch(fault_cases.stalled_in_backward, 2, timeout_s=300)
-    assert r0["error"].startswith("tpfx: rank 0: all_reduce of reduce_grad (Megatron's f) in the backward failed"), r0
+    # the forward node the pair sits after (the MLP's input entering its column-split linear), the silent peer
+    assert r0["error"].startswith("tpfx: rank 0: all_reduce of reduce_grad (Megatron's f) for input_1 (the model) "
+                                  "in the backward failed"), r0
+    assert "rank 1 of the group did not check in within 2 s" in r0["error"], r0
     assert 2.5 < r0["seconds"] < 30, r0
 
 
@@ -56,3 +60,20 @@ def test_readme_faults_example_runs() -> None:
     stdout = run_example("faults.py", timeout=300)
     lines = [ln for ln in stdout.splitlines() if "ranks disagree on the shapes and structure" in ln]
     assert sorted(ln[:6] for ln in lines) == ["rank 0", "rank 1"], stdout
+
+
+def test_survivors_name_the_rank_that_died() -> None:
+    """Without a launcher to report it (a peer on another node): rank 2 of 3 is SIGKILLed mid-forward; both
+    survivors raise naming their failed collective and, after a roll call on the store, rank 2."""
+    import json
+
+    runs = fault_cases.run_plain("peer_killed_mid_forward", 3)
+    assert runs[2][0] == -9, runs[2]
+    for rank, (rc, stdout) in enumerate(runs[:2]):
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("{")), None)
+        assert line is not None, (rank, rc, stdout[-2000:])
+        r = json.loads(line)
+        assert r["error"].startswith(f"tpfx: rank {rank}: all_reduce"), r
+        assert "rank 2 of the group did not check in within 2 s" in r["error"], r
+        assert r["seconds"] < 60, r
+        print(f"\nrank {rank} ({r['seconds']:.1f} s): {r['error'][:400]}")

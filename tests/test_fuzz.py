@@ -69,7 +69,7 @@ def test_simulated_ranks_catch_a_wrong_collective(monkeypatch: pytest.MonkeyPatc
     spec = Spec(16, 0, 8, False, False, (Block("mlp", "rms", {"ffn": 8, "act": "silu", "bias": True,
                                                               "gate": "none"}),), seed=1)
     assert all(o.ok for o in fuzz.check(spec, (2,)))
-    twice = staticmethod(lambda ctx, g: (2 * collectives._all_reduce(g, ctx.group), None))
+    twice = staticmethod(lambda ctx, g: (2 * collectives._all_reduce(g, ctx.group), None, None))
     monkeypatch.setattr(collectives._ReduceGrad, "backward", twice)
     bad = fuzz.check(spec, (2,))[0]
     assert bad.forward <= fuzz.TOL and bad.grads > 0.1, bad

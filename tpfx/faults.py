@@ -16,8 +16,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.fx as fx
 
-from tpfx.passes import collective_nodes, failure_message
-from tpfx.report import module_of
+from tpfx.passes import collective_nodes, failure_message, module_of
 
 _ASSIGN = re.compile(r"^\s*(\w+)\s*=")
 
@@ -41,7 +40,8 @@ def describe_failure(error: BaseException, gm: fx.GraphModule, rank: int) -> str
     kind, node = found
     src = node.all_input_nodes[0] if node.all_input_nodes else None
     after = f" after {src.name} ({module_of(src) or 'the model'})" if src is not None else ""
-    return failure_message(rank, f"{kind} {node.name}{after}", error)
+    group = next((a for a in reversed(node.args) if isinstance(a, str)), None)  # the collective's group name
+    return failure_message(rank, f"{kind} {node.name}{after}", error, group)
 
 
 def set_timeout(group: Any, seconds: float) -> None:

@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tpfx.passes import backward_collectives, is_seq_split, nbytes, tensor_inputs, trained
+from tpfx.passes import backward_collectives, is_seq_split, module_of, nbytes, tensor_inputs, trained
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -54,18 +54,6 @@ def layer_of(name: str) -> tuple[str, int] | None:
     """``model.layers.17.mlp`` -> ``("model.layers", 17)``: the first indexed container of a name."""
     m = _INDEX.search(name)
     return (name[:m.start()], int(m.group(1))) if m else None
-
-
-def module_of(node: fx.Node) -> str:
-    """The innermost module a graph node was traced in ("" for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    if path.startswith("_empty") or path == "L['self']":
-        return ""
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
 def op_name(node: fx.Node) -> str:
