@@ -1,8 +1,9 @@
 """Family coverage check: shard every transformers causal-LM family and compare with the unsharded model.
 
 ``check_family(model_type, rank, world)`` runs on a gloo rank (inside ``tpfx.launch``): builds the tiny
-random-init model twice, shards one, and returns forward/loss/gradient relative errors, the plan's
-collective counts and fallbacks, or the error that stopped it (reported, never dropped).
+random-init model twice, shards one (``sequence_parallel=True``: with Megatron sequence parallelism), and
+returns forward/loss/gradient relative errors, the plan's collective counts and fallbacks, or the error that
+stopped it (reported, never dropped).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-7) ->
     return float((a.detach().double() - b.detach().double()).abs().max() / max(float(b.abs().max()), floor))
 
 
-def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: int = 3) -> dict[str, Any]:
+def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: int = 3,
+                 sequence_parallel: bool = False) -> dict[str, Any]:
     import tpfx
     from tpfx.families import default_config_error, tiny_causal_lm
 
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"family": model_type, "world": world}
+    res: dict[str, Any] = {"family": model_type, "world": world, "sequence_parallel": sequence_parallel}
     try:
         # eval mode: no dropout, no sampled routing (e.g. PhiMoE's sparsemixer); gradients still flow
         ref = tiny_causal_lm(model_type).eval()
@@ -58,7 +60,7 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sharded = tpfx.auto_shard(model, world)
+            sharded = tpfx.auto_shard(model, world, sequence_parallel=sequence_parallel)
             out = sharded(input_ids=ids, labels=labels)
         out.loss.backward()
     except Exception as e:  # noqa: BLE001
@@ -80,6 +82,7 @@ def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: in
         grad_worst=worst,
         all_reduce=plan.count("all_reduce"),
         all_gather=plan.count("all_gather"),
+        reduce_scatter=plan.count("reduce_scatter"),
         fallbacks=[f for f in plan.fallbacks if not f["reason"].startswith("segments")],
         unknown_ops=plan.unknown_ops,
         param_ratio=local / total,
@@ -158,9 +161,10 @@ def hf_agreement(plan: Any, model: torch.nn.Module) -> dict[str, list[str]]:
     return {"agree": agree, "differ": differ}
 
 
-def run_families(rank: int, world: int, families: list[str]) -> list[dict[str, Any]]:
+def run_families(rank: int, world: int, families: list[str], sequence_parallel: bool = False) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
-    return [check_family(f, rank, world) for f in families]
+    seq = 6 if 6 % world == 0 or not sequence_parallel else 2 * world  # SP splits the sequence evenly
+    return [check_family(f, rank, world, seq, sequence_parallel=sequence_parallel) for f in families]
 
 
 def combine_ranks(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
