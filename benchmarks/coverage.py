@@ -55,13 +55,14 @@ def render(results: list[dict[str, Any]], world: int, sp: bool = False) -> str:
     exact = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= tolerance(r)]
     strict = [r for r in ok if max(r["logits"], r["loss"], r["grad"]) <= 1e-5]
     megatron = [r for r in ok if r.get("layers") and r["all_reduce"] == 1 + 2 * r["layers"]]
-    if sp:  # Megatron-SP: 2 reduce-scatters and 2 all-gathers per layer (+1 each: embedding, LM head), no all-reduce
+    if sp:  # Megatron-SP: 2 reduce-scatters and 2 all-gathers per layer; outside them a reduce-scatter after the
+        # embedding, an all-gather before the LM head and the logits' gather (outputs are gathered); no all-reduce
         megatron = [r for r in ok if r.get("layers") and r.get("reduce_scatter") == 1 + 2 * r["layers"]
-                    and r["all_gather"] == 1 + 2 * r["layers"] and r["all_reduce"] == 0]
+                    and r["all_gather"] == 2 + 2 * r["layers"] and r["all_reduce"] == 0]
     agree = sum(len(r["hf_agree"]) for r in ok)
     differ = sum(len(r["hf_differ"]) for r in ok)
     title = f"# Family coverage at t={world}" + (" with sequence parallelism" if sp else "")
-    reference = ("Megatron-SP's 1 + 2L reduce-scatters and 1 + 2L all-gathers, no all-reduce" if sp
+    reference = ("Megatron-SP's 1 + 2L reduce-scatters and 2 + 2L all-gathers, no all-reduce" if sp
                  else "Megatron's 1 + 2L forward all-reduces")
     lines = [title, "",
              f"{len(results)} families enumerated from transformers; {len(ok)} sharded, {len(exact)} of them equal "
@@ -82,7 +83,7 @@ def render(results: list[dict[str, Any]], world: int, sp: bool = False) -> str:
             lines.append(f"| {r['family']} | {r['status']}: {error} | | | | | | | | |"
                          + (" |" if sp else ""))
             continue
-        counts = (f"{_per_layer(r, 'reduce_scatter', 1):.1f} | {_per_layer(r, 'all_gather', 1):.1f} | {r['all_reduce']}"
+        counts = (f"{_per_layer(r, 'reduce_scatter', 1):.1f} | {_per_layer(r, 'all_gather', 2):.1f} | {r['all_reduce']}"
                   if sp else f"{_per_layer(r, 'all_reduce', 1):.1f} | {r['all_gather']}")
         fb = "; ".join(sorted({f["reason"].split(": ", 2)[-1][:60] for f in r["fallbacks"]}))[:160]
         hf = f"{len(r['hf_agree'])}/{len(r['hf_agree']) + len(r['hf_differ'])}"
