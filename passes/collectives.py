@@ -21,11 +21,17 @@ every rank (``f`` sits where a replicated value enters sharded compute); a ``Sha
 ``groups == t`` holds exactly its chunk; with ``groups < t`` it is *partial within its replica
 group* (backward is linear, so that stays true through any op), which is reduced only at the
 weight (``reduce_grad`` over the replica group) or where it meets an ``f``.
+
+A check the ranks of a group run before they communicate (``checked_before_collectives``: the runtime's
+comparison of a call's shapes, issued asynchronously when the call starts) is settled by the first of these
+collectives in eager mode, so its round trip overlaps the compute before it instead of delaying the call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,7 +41,33 @@ from .placements import Shard, chunk_range, shard_tensor
 c10d = torch.ops._c10d_functional
 
 
+_pending = threading.local()  # .check: see checked_before_collectives (per thread: a simulated world's ranks)
+
+
+def _settle() -> None:
+    """Run the pending check (once) before this thread's next collective: eager code only; a compiled graph
+    never sees one (its caller settles it before the call)."""
+    if not torch.compiler.is_compiling() and getattr(_pending, "check", None) is not None:
+        check, _pending.check = _pending.check, None
+        check()
+
+
+@contextmanager
+def checked_before_collectives(check: Callable[[], None] | None) -> Iterator[None]:
+    """Within the block, ``check`` runs right before the first collective of this process, or at the block's
+    end if none came (every rank runs it: the ranks of a group issue the same collectives). A check still
+    pending when the block raises is dropped: the error is already on its way."""
+    _pending.check = check
+    try:
+        yield
+    except BaseException:
+        _pending.check = None
+        raise
+    _settle()
+
+
 def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    _settle()
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
@@ -135,6 +167,7 @@ def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...
         pad_shape = list(x.shape)
         pad_shape[dim] = width - mine
         x = torch.cat([x, x.new_zeros(pad_shape)], dim)
+    _settle()
     full = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
     chunks = full.chunk(world, 0)
     out = []
@@ -258,11 +291,13 @@ def _check_even(x: torch.Tensor, dim: int, world: int) -> None:
 
 def _reduce_scatter(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
     _check_even(x, dim, world)
+    _settle()
     y = c10d.wait_tensor(c10d.reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", world, group))
     return y.movedim(0, dim).contiguous()
 
 
 def _gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str) -> torch.Tensor:
+    _settle()
     y = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group))
     return y.movedim(0, dim).contiguous()
 
@@ -388,6 +423,7 @@ class _ParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, start, reduction, ignore_index, group):  # type: ignore[override]
         x = logits.float()
         n = x.shape[1]
+        _settle()
         gmax = c10d.wait_tensor(c10d.all_reduce(x.detach().amax(1).contiguous(), "max", group))
         z = x - gmax.unsqueeze(1)
         e = z.exp()

@@ -43,14 +43,27 @@ def differing_calls(rank: int, world: int) -> dict[str, Any]:
     labels_err, labels_s = _error_of(lambda: sharded(input_ids=ids, **labels))
     after = sharded(input_ids=ids).logits  # the group is still usable after the refused calls
     times = {}
-    for check in (True, False, True, False):  # interleaved: the box is noisy
+    for check in (True, False) * 4:  # interleaved: the box is noisy
         sharded.check_calls = check
         t0 = time.perf_counter()
         for _ in range(20):
             sharded(input_ids=ids)
         times[check] = min(times.get(check, 1e9), (time.perf_counter() - t0) / 20)
     return {"seq": seq_err, "seq_s": seq_s, "labels": labels_err, "labels_s": labels_s,
-            "after": tuple(after.shape), "with_check_us": 1e6 * times[True], "without_us": 1e6 * times[False]}
+            "after": tuple(after.shape), "with_check_us": 1e6 * times[True], "without_us": 1e6 * times[False],
+            **_twin_checks(sharded._group or dist.group.WORLD, rank)}
+
+
+def _twin_checks(group: Any, rank: int) -> dict[str, Any]:
+    """The check's host group: a gloo group is its own; a gloo twin (what a plain NCCL group gets) agrees and
+    disagrees like the group it twins."""
+    from tpfx.agreement import agree_later, gloo_twin, host_group
+
+    twin = gloo_twin(group)
+    agree_later(twin, ("same", 1), "a test value")()
+    twin_err, _ = _error_of(lambda: agree_later(twin, ("rank", rank), "a test value")())
+    return {"host_is_group": host_group(group, "cpu") == (group, "cpu"), "twin_err": twin_err,
+            "twin_ranks": dist.get_process_group_ranks(twin)}
 
 
 def stalled_peer(rank: int, world: int, via_group: bool) -> dict[str, Any]:

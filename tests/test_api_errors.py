@@ -9,7 +9,7 @@ import torch.distributed as dist
 from simulate import emit_all, run_ranks
 
 import tpfx
-from tpfx.api import CaptureError
+from tpfx.api import CaptureError, _plan_graph, capture
 
 
 @pytest.mark.parametrize("world_size", [2, None])
@@ -69,8 +69,13 @@ def _simulated_error(plan: tpfx.ShardingPlan, model: torch.nn.Module, x: torch.T
 def test_a_world_size_wider_than_every_weight_warns_and_stays_exact() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
     x = torch.randn(2, 3)
-    with pytest.warns(UserWarning, match=r"no weight is split at world_size=8 \(the widest weight dim is 3"):
+    with pytest.warns(UserWarning, match=r"no weight is split at world_size=8 \(the widest weight dim is 3") as got:
         plan = tpfx.plan(model, 8, example_inputs=(x,))
+    assert got[0].filename == __file__  # the warning points at the caller's line
+    gm, _ = capture(model, (x,), {})
+    with pytest.warns(UserWarning, match="no weight is split") as got:
+        _plan_graph(gm, 8, None)
+    assert got[0].filename == __file__
     assert {p.style for p in plan.placements.values()} == {"replicate"}
     assert _simulated_error(plan, model, x) == 0.0
 

@@ -21,6 +21,8 @@ def test_ranks_called_differently_raise_on_every_rank() -> None:
         assert "ranks disagree on the shapes and structure" in r["labels"], r
         assert r["after"][:2] == (2, 8), r  # the group goes on after the refused calls
         assert "ranks [1] differ from rank 0" in r["seq"], r
+        assert r["host_is_group"] and r["twin_ranks"] == [0, 1], r
+        assert "ranks disagree on a test value (ranks [1] differ" in r["twin_err"], r
     r0 = res[0]
     print(f"\ncall check: forward {r0['with_check_us']:.0f} us with it, {r0['without_us']:.0f} us without; "
           f"a disagreement raised in {max(r['seq_s'] for r in res) * 1e3:.1f} ms")

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "agree_quickly", "describe", "signature"]
+__all__ = ["Disagreement", "agree", "agree_later", "describe", "gloo_twin", "host_group", "signature"]
+
+
+class Disagreement(RuntimeError):
+    """The ranks of a group were called with different inputs (raised on every rank of the group)."""
 
 
 def _walk(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
@@ -49,14 +53,41 @@ def signature(value: Any) -> Any:
     return _walk(value, lambda t: (tuple(t.shape), t.dtype))
 
 
-def agree_quickly(group: Any, what: Any, name: str, device: Any = "cpu") -> None:
+def host_group(group: Any, device: Any) -> tuple[Any, Any]:
+    """Where a check's few integers travel: (group, "cpu") where ``group`` has a CPU backend (gloo, or
+    ``"cpu:gloo,cuda:nccl"``), else a gloo twin of it made once by its own ranks (``gloo_twin``), so that reading
+    the answer waits on no device stream; (group, device) if no twin can be made."""
+    try:
+        group._get_backend(torch.device("cpu"))
+        return group, "cpu"
+    except Exception:  # noqa: BLE001 - no CPU backend on this group (plain NCCL)
+        pass
+    try:
+        return gloo_twin(group), "cpu"
+    except Exception:  # noqa: BLE001 - no gloo in this build or network: the device it is
+        return group, device
+
+
+def gloo_twin(group: Any) -> Any:
+    """A gloo group over ``group``'s ranks, created by those ranks alone (other groups of the mesh need not
+    call it at the same time)."""
+    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True)
+
+
+def agree_later(group: Any, what: Any, name: str, device: Any = "cpu") -> Callable[[], None]:
     """``agree`` in one all-reduce of two integers (max of the digest and of its negation: equal only if
-    every rank sent the same); only a disagreement pays for ``agree``'s all-gather, to name the ranks."""
+    every rank sent the same), issued now without waiting; the returned call waits for it and raises on every
+    rank if they differ (then ``agree``'s all-gather names the ranks)."""
     digest = int.from_bytes(hashlib.sha256(repr(what).encode()).digest()[:7], "big")
     both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    if int(both[0]) != -int(both[1]):
-        agree(group, what, name)
+    work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def settle() -> None:
+        work.wait()
+        if int(both[0]) != -int(both[1]):
+            agree(group, what, name)
+
+    return settle
 
 
 def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
@@ -70,7 +101,7 @@ def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
     digests = [d for d, _ in got]
     if len(set(digests)) != 1:
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise RuntimeError(f"tpfx: ranks disagree on {name} (ranks {odd} differ from rank 0; digests by rank: "
+        raise Disagreement(f"tpfx: ranks disagree on {name} (ranks {odd} differ from rank 0; digests by rank: "
                            f"{digests}); every rank of a tensor-parallel group must make the same call with the "
                            "same inputs and options")
     if share_rng:

@@ -26,7 +26,7 @@ from tpfx.dtensor_params import (
     tp_mesh,
 )
 from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
-from tpfx.passes import Derivation, Placement, PlanData, Replicate, Shard, Stages
+from tpfx.passes import Derivation, Placement, PlanData, Replicate, Shard, Stages, checked_before_collectives
 from tpfx.plan import ShardingPlan
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
@@ -83,16 +83,18 @@ def _plan_graph(gm: fx.GraphModule, world_size: int, pins: dict | None, stages: 
     """``stages``' propagate and build_plan on a normalized graph."""
     stages = Stages() if stages is None else stages
     d = stages.propagate(gm, world_size, pins, fed, sequence_parallel)
-    return _derived(stages.build_plan(d), d)
+    return _derived(stages.build_plan(d), d, stacklevel=3)
 
 
-def _derived(data: PlanData, d: Derivation) -> ShardingPlan:
+def _derived(data: PlanData, d: Derivation, stacklevel: int = 4) -> ShardingPlan:
+    """The plan of a derivation; warns (at the frame ``stacklevel`` names: the caller of tpfx.plan or
+    auto_shard by default) when no weight is split."""
     plan = ShardingPlan.derived(data, d)
     world_size = plan.world_size
     if world_size > 1 and plan.placements and all(p.style == "replicate" for p in plan.placements.values()):
         widest = max((max(p.shape, default=0) for p in plan.placements.values()), default=0)
         warnings.warn(f"tpfx: no weight is split at world_size={world_size} (the widest weight dim is {widest}; "
-                      "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=4)
+                      "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=stacklevel)
     return plan
 
 
@@ -374,11 +376,18 @@ class ShardedModule(torch.nn.Module):
         kwargs = _prepare_kwargs(self._model, kwargs)
         return self._entry(args, kwargs)[0]
 
-    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
+    def _cached(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any] | None:
+        """The graph that already serves these inputs, if any (dynamic first, then static)."""
         for dynamic in (True, False):
             key = self._key(args, kwargs, dynamic)
             if key in self._graphs:
                 return self._graphs[key]
+        return None
+
+    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
+        found = self._cached(args, kwargs)
+        if found is not None:
+            return found
         plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
                                 self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic)
@@ -389,15 +398,21 @@ class ShardedModule(torch.nn.Module):
     check_calls = True  # compare every call's shapes and structure across the group (False: skip)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from tpfx.agreement import Disagreement
+
         kwargs = _prepare_kwargs(self._model, kwargs)
         self._check_params()
-        if self.check_first_call and not self.__dict__.get("_first_checked"):
-            self._check_first(args, kwargs)
-        elif self.check_calls and self.world_size > 1:
-            self._check_signature(args, kwargs)
-        local, runner = self._entry(args, kwargs)
+        check = self._check_call(args, kwargs)
+        entry = self._cached(args, kwargs)
+        if check is not None and (entry is None or self._compile):
+            check()  # before a capture (it communicates) or a compiled graph (it cannot settle one): now
+            check = None
+        local, runner = entry or self._entry(args, kwargs)
         try:
-            return runner(*args, **kwargs)
+            with checked_before_collectives(check):
+                return runner(*args, **kwargs)
+        except Disagreement:
+            raise
         except RuntimeError as e:  # a collective that failed: name its node (tpfx.faults)
             from tpfx.faults import describe_failure
 
@@ -406,15 +421,25 @@ class ShardedModule(torch.nn.Module):
                 raise
             raise RuntimeError(msg) from e
 
-    def _check_signature(self, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _check_call(self, args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
         """Ranks called with other shapes or another structure (one passes ``labels``, one a longer sequence)
-        would deadlock or mix wrong sizes in the next collective. Every call digests its shapes and structure
-        and compares the digest across the group in one all-reduce of two integers (a per-call skip would not
-        be symmetric: a rank whose call did not change would not join the check of one whose call did)."""
-        from tpfx.agreement import agree_quickly, signature
+        would deadlock or mix wrong sizes in the next collective. The first call compares its inputs' contents
+        (``_check_first``, once); every later call digests its shapes and structure and issues one all-reduce of
+        two integers without waiting: the returned check, settled right before the forward's first collective
+        (``checked_before_collectives``), so its round trip overlaps the compute before it. A per-call skip
+        would not be symmetric: a rank whose call did not change would not join the check of one whose did."""
+        from tpfx.agreement import agree_later, host_group, signature
 
-        agree_quickly(self._group, signature((args, kwargs)), "the shapes and structure of this call's inputs",
-                      self.device)
+        if self.check_first_call and not self.__dict__.get("_first_checked"):
+            self._check_first(args, kwargs)
+            return None
+        if not self.check_calls or self.world_size == 1:
+            return None
+        if "_host" not in self.__dict__:  # every rank of the group gets here at the same call
+            self.__dict__["_host"] = host_group(self._group or dist.group.WORLD, self.device)
+        group, device = self.__dict__["_host"]
+        return agree_later(group, signature((args, kwargs)), "the shapes and structure of this call's inputs",
+                           device)
 
     def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """The first call's inputs, digested and compared across the tensor-parallel group (one small
