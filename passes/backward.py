@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from .placements import Partial, Replicate, Shard, is_seq_split
-from .propagate import Propagation, tensor_inputs
+from .propagate import Propagation, moves, tensor_inputs
 from .redistribute import plan_redistribution
 
 
@@ -88,11 +88,11 @@ def _step_pairs(prop: Propagation) -> list[GradCollective]:
     back (after a node, or on the way to a consumer that wants the sequence split), a scattered one's is summed
     over the ranks. One per value and target, as the plan counts the forward collectives."""
     found = {(n, "*"): GradCollective("all_gather", "scattered", n) for n in prop.scattered_after}
-    for (consumer, producer), want in prop.wants.items():
-        for step in plan_redistribution(prop.placements.get(producer), want, prop.world):
+    for m in moves(prop):
+        for step in m.steps:
             if step.kind in _STEP_BACKWARD:
                 kind, via = _STEP_BACKWARD[step.kind]
-                found.setdefault((producer, str(want)), GradCollective(kind, via, producer, (consumer,)))
+                found.setdefault((m.producer, str(m.want)), GradCollective(kind, via, m.producer, (m.consumer,)))
     return sorted(found.values(), key=lambda c: (c.value.name, c.consumers[0].name if c.consumers else "*"))
 
 

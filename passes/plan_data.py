@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from .placements import Placement, Replicate, Shard, shard_tensor
-from .propagate import Propagation, Seed, nbytes
-from .redistribute import forward_collective
+from .propagate import Propagation, Seed, moves, nbytes
+from .redistribute import COMMS
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,10 @@ def _placements(prop: Propagation) -> dict[str, ParamPlacement]:
 def _collectives(prop: Propagation) -> list[Collective]:
     collectives: list[Collective] = [Collective("all_reduce", n.name, "*", nbytes(n)) for n in prop.reduced_after]
     collectives += [Collective("reduce_scatter", n.name, "*", nbytes(n)) for n in prop.scattered_after]
-    done: set[tuple[str, str]] = set()
-    for (consumer, producer), want in prop.wants.items():
-        kind = forward_collective(prop.placements.get(producer), want, prop.world)
-        if kind is None:
-            continue
-        if (producer.name, str(want)) in done:
-            continue  # one collective per producer and target placement, shared by its consumers
-        done.add((producer.name, str(want)))
-        collectives.append(Collective(kind, producer.name, consumer.name, nbytes(producer)))
+    for m in moves(prop):
+        kind = next((COMMS[s.kind] for s in m.steps if s.kind in COMMS), None)
+        if kind is not None:  # one collective per producer and target placement, shared by its consumers
+            collectives.append(Collective(kind, m.producer.name, m.consumer.name, nbytes(m.producer)))
     collectives.sort(key=lambda c: (c.after, c.before))
     return collectives
 

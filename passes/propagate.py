@@ -64,7 +64,7 @@ from .placements import (
     is_whole,
     whole_mark,
 )
-from .redistribute import forward_collective
+from .redistribute import Step, forward_collective, plan_redistribution
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from .shapes import shape_of
 
@@ -116,6 +116,29 @@ class Propagation:
     scattered_after: set[fx.Node] = field(default_factory=set)
     partial_grad: set[fx.Node] = field(default_factory=set)  # reshapes of a gathered value: no f after them
     sequence_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class Move:
+    """One redistribution of a propagation: ``producer``'s value moved to ``want``, built once and shared by
+    every consumer that wants it (``consumer`` is the first)."""
+
+    producer: fx.Node
+    want: Placement
+    consumer: fx.Node
+    steps: tuple[Step, ...]
+
+
+def moves(prop: Propagation) -> list[Move]:
+    """Every distinct (producer, wanted placement) of ``prop.wants``, in first-want order, with its steps
+    (``plan_redistribution``): what the plan counts in the forward and ``backward`` pairs in the backward."""
+    found: dict[tuple[fx.Node, str], Move] = {}
+    for (consumer, producer), want in prop.wants.items():
+        key = (producer, str(want))
+        if key not in found:
+            steps = tuple(plan_redistribution(prop.placements.get(producer), want, prop.world))
+            found[key] = Move(producer, want, consumer, steps)
+    return list(found.values())
 
 
 def param_fqns(gm: fx.GraphModule) -> dict[fx.Node, str]:
