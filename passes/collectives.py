@@ -469,4 +469,41 @@ COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "al
                reduce_scatter: "reduce_scatter", gather_seq: "all_gather", gather_even: "all_gather",
                split_even: "scatter"}
 # the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure
+DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
+
+
+def _full_noise(x: torch.Tensor, op: Any, p: float, dim: int, full: int, order: tuple[int, ...]) -> Any:
+    """``op`` (a dropout) of ones shaped like the unsharded value (``full`` along ``dim``, its memory order
+    ``order``, outermost first): the noise the unsharded run multiplies by, drawn as it draws it."""
+    shape = list(x.shape)
+    shape[dim] = full
+    ones = x.new_ones([shape[d] for d in order]).permute([order.index(d) for d in range(x.dim())])
+    return op(ones, p, True)
+
+
+def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, groups: int, segs: tuple[int, ...],
+                  sgroups: tuple[int, ...] | None, order: tuple[int, ...], rank: int, world: int,
+                  native: bool = False) -> Any:
+    """A training dropout of this rank's chunk ``x`` of a split value, exactly the unsharded run's: every rank
+    draws the full value's noise (the same on every rank of the group, whose generators then advance as the
+    unsharded run's does) and multiplies its chunk by its chunk of it. Drawing only a chunk would repeat one
+    mask across chunks (every rank's generator is in the same state). Costs the full value's random numbers
+    and one transient tensor of its size."""
+    op = torch.ops.aten.native_dropout.default if native else torch.ops.aten.dropout.default
+    if not train or p == 0:
+        return op(x, p, train)
+    pl = Shard(dim, groups, tuple(segs), tuple(sgroups) if sgroups else None)
+
+    def chunk(full: torch.Tensor) -> torch.Tensor:
+        if pl.even:
+            n = x.shape[dim]
+            return full.narrow(dim, rank * n, n)
+        return shard_tensor(full, pl, rank, world)
+
+    noise = _full_noise(x, op, p, dim, x.shape[dim] * world if pl.even else sum(segs), order)
+    if native:
+        return x * chunk(noise[0]), chunk(noise[1])
+    return x * chunk(noise)
+
+
 NAMED_BACKWARD = {reduce_grad, reduce_grad_spans, scatter, reduce_scatter, gather_seq, gather_even, split_even}

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import collectives as C
 from .backward import operand_grad, sharded_compute
-from .placements import Placement, Replicate, Shard, is_seq_split, shard_tensor
+from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Groups, Step, plan_redistribution
 from .rules import WORLD
@@ -205,6 +205,8 @@ class _Emitter:
         elif node.op == "placeholder":
             self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
             return
+        elif target in C.DROPOUTS:
+            target, args, kwargs = _dropout(node, args, kwargs, prop, self.rank, world)
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
@@ -213,6 +215,26 @@ class _Emitter:
         elif node in prop.scattered_after:
             y = self.call(C.reduce_scatter, y, prop.placements[node].dim, world, wg, src=node)
         self.env[node] = y
+
+
+def _memory_order(val: Any) -> tuple[int, ...]:
+    """The dims of a (fake) tensor, outermost in memory first."""
+    strides = [int(s) for s in val.stride()]
+    return tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
+
+
+def _dropout(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
+             world: int) -> tuple[Any, Any, dict[str, Any]]:
+    """A dropout of a split value becomes ``C.dropout_chunk`` (the unsharded run's noise, this rank's chunk);
+    one of a value every rank holds whole draws the whole noise already and stays."""
+    pl = prop.placements.get(node)  # the chunk it computes on (its input as it arrives: redistributed maybe)
+    pl = pl[0] if isinstance(pl, (list, tuple)) else pl  # native_dropout: (out, mask), placed alike
+    if not isinstance(pl, Shard) or is_whole(pl) or kwargs:
+        return node.target, args, kwargs
+    x, p, train = args
+    order = _memory_order(node.args[0].meta["val"])  # type: ignore[union-attr]
+    native = node.target is torch.ops.aten.native_dropout.default
+    return C.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world, native), {}
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:

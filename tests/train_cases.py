@@ -161,3 +161,53 @@ def hf_trainer_check(rank: int, world: int, family: str, out: str) -> dict[str, 
     with torch.no_grad():
         held_loss, ref_held = (float(m(input_ids=held, labels=held).loss) for m in (sharded, ref))
     return {"log": log, "ref_log": ref_log, "held": held_loss, "ref_held": ref_held, "loaded": loaded}
+
+
+def _dropout_gpt2() -> Any:
+    """GPT-2 with its default dropouts (0.1 on embeddings, attention probabilities and the residual stream)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=models.TINY_VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    config._attn_implementation = "eager"
+    return GPT2LMHeadModel(config).train()
+
+
+def dropout_check(rank: int, world: int, sp: bool) -> dict[str, Any]:
+    """Training with dropout > 0: ranks seeded differently (the first call gives them rank 0's random state);
+    then, seeded alike with the unsharded model, 3 AdamW steps' losses and the first step's gradients; then an
+    eval-mode call (no dropout) and a train-mode one again (each mode has its graph)."""
+    torch.manual_seed(100 + rank)
+    sharded, ref = tpfx.auto_shard(_dropout_gpt2(), sequence_parallel=sp), _dropout_gpt2()
+    ids = models.token_inputs(models.TINY_VOCAB, 2, 8, seed=1)
+    sharded(input_ids=ids)  # the first call: every rank now draws what rank 0 draws
+    first = torch.get_rng_state()
+    opt, ref_opt = torch.optim.AdamW(sharded.parameters(), lr=LR), torch.optim.AdamW(ref.parameters(), lr=LR)
+    losses, ref_losses, grad_err, full = [], [], 0.0, {}
+    for step in range(STEPS):
+        for model, optim, out in ((sharded, opt, losses), (ref, ref_opt, ref_losses)):
+            torch.manual_seed(10 + step)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            out.append(float(loss))
+            if step == 0 and model is sharded:
+                full = {n: p.grad.full_tensor() for n, p in sharded.named_parameters(remove_duplicate=False)
+                        if p.grad is not None}  # tied weights under either name
+            elif step == 0:
+                grads = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False) if p.grad is not None}
+                common = full.keys() & grads.keys()  # all but a tied alias one side lists under one name
+                assert len(common) >= len(grads) - 1, sorted(full.keys() ^ grads.keys())
+                grad_err = max(float((full[n] - grads[n]).abs().max() / grads[n].abs().max()) for n in common)
+            optim.step()
+            optim.zero_grad()
+    modes = {}
+    for mode in ("eval", "train"):
+        sharded.train(mode == "train")
+        ref.train(mode == "train")
+        got = []
+        for model in (sharded, ref):
+            torch.manual_seed(20)
+            with torch.no_grad():
+                got.append(model(input_ids=ids).logits)
+        modes[mode] = float((got[0] - got[1]).abs().max() / got[1].abs().max())
+    return {"first_state": first, "losses": losses, "ref_losses": ref_losses, "grad_err": grad_err, **modes}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -228,6 +229,7 @@ class ShardedModule(torch.nn.Module):
         self.__dict__["_store"] = {}
         self.__dict__["_plan"] = plan
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
+        self.training = model.training  # the first graph is captured in the model's mode; .train()/.eval() switch
         self._gather_outputs = gather_outputs
         self.__dict__["_group"] = group
         self.__dict__["_namer"] = _group_namer(group, plan.world_size, timeout)
@@ -318,7 +320,7 @@ class ShardedModule(torch.nn.Module):
         flat, spec = tree_flatten((args, kwargs))
         leaves = tuple((v.dtype, v.ndim) + (() if dynamic else tuple(v.shape)) if isinstance(v, torch.Tensor)
                        else v for v in flat)
-        return (str(spec), leaves)
+        return (self.training, str(spec), leaves)  # a graph per mode: train-mode graphs hold the dropouts
 
     def add_graph(self, plan: ShardingPlan, key: Any, local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
         """Emit this rank's graph for ``plan``'s derivation (planned with this module's weight placements) and
@@ -376,6 +378,17 @@ class ShardedModule(torch.nn.Module):
         kwargs = _prepare_kwargs(self._model, kwargs)
         return self._entry(args, kwargs)[0]
 
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """The wrapped model in this module's mode (``train()`` / ``eval()``) while a graph is captured: a
+        train-mode graph holds the dropouts, an eval-mode one does not; graphs are keyed by the mode."""
+        was = self._model.training
+        self._model.train(self.training)
+        try:
+            yield
+        finally:
+            self._model.train(was)
+
     def _cached(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any] | None:
         """The graph that already serves these inputs, if any (dynamic first, then static)."""
         for dynamic in (True, False):
@@ -388,8 +401,9 @@ class ShardedModule(torch.nn.Module):
         found = self._cached(args, kwargs)
         if found is not None:
             return found
-        plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
-                                self._plan.sequence_parallel)
+        with self.capturing():
+            plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
+                                    self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic)
         self.add_graph(plan, key)
         return self._graphs[key]
@@ -444,13 +458,15 @@ class ShardedModule(torch.nn.Module):
     def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """The first call's inputs, digested and compared across the tensor-parallel group (one small
         all-gather, once): ranks of one group fed different batches (a data loader not keyed by the
-        data-parallel axis) raise on every rank instead of training a silently wrong model."""
+        data-parallel axis) raise on every rank instead of training a silently wrong model. The same all-gather
+        gives every rank the group's first rank's random state: the ranks of a group draw the same dropout
+        masks (seeded alike or not), as one unsharded process would."""
         from tpfx.agreement import agree, describe
 
         self.__dict__["_first_checked"] = True
         if self.world_size > 1:
             agree(self._group, describe((args, kwargs)), "the inputs of the first call (every rank of one "
-                  "tensor-parallel group must be fed the same batch: see tpfx.dp_sampler)")
+                  "tensor-parallel group must be fed the same batch: see tpfx.dp_sampler)", share_rng=True)
 
     def _check_params(self) -> None:
         """The graphs compute with the parameters registered at call time. A data-parallel wrapper may swap

@@ -199,7 +199,7 @@ class Decoder:
         """The runner serving these inputs and the export guards it must pass (captured on first use)."""
         sm, (ids, past) = self.sharded, args
         batch = int(ids.shape[0])
-        base = ("generate", phase, batch, int(ids.shape[1]) == 1)
+        base = ("generate", sm.training, phase, batch, int(ids.shape[1]) == 1)
         exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
         for key in (base, exact):
             if key in sm._graphs:
@@ -207,7 +207,8 @@ class Decoder:
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
         stages = Stages()
-        captured = stages.capture(self.step, args, kwargs)
+        with sm.capturing():
+            captured = stages.capture(self.step, args, kwargs)
         gm = stages.normalize(captured)
         key = base if captured.dynamic else exact
         fed = self._fed(gm, batch) if phase == "decode" else None
