@@ -410,9 +410,11 @@ def section_sequence_parallel(d: dict[str, Any] | None) -> str:
         "stream), measured by running the emitted per-rank graph node by node. *All live*: everything held at a "
         "layer boundary, with the causal mask `(B, 1, S, S)` and the rotary tables, which no layer produces and "
         "both tools hold whole. *Saved for backward*: what autograd keeps from one training forward (parameters "
-        "excluded); the gathered inputs of the column-split matmuls are saved whole in both tools (Megatron "
-        "re-gathers them in backward instead; tpfx does not yet), so this falls less than 1/t. Step = forward, "
-        "backward, AdamW, median ms: on CPU the split costs more calls and copies than it saves.\n",
+        "excluded); with sequence parallelism the gathered inputs of the column-split matmuls are kept as this "
+        "rank's chunk and re-gathered in backward (as Megatron-SP does); attention's head-split internals and the "
+        "MLP's column-split intermediates are the same size in both tools, so this falls less than 1/t. Step = "
+        "forward, backward, AdamW, median ms, one run each on a noisy 2-core box (an earlier run, of the code "
+        "before the re-gather, measured 1.27x on another CPU model).\n",
         md_table(["tool", "between layers", "all live", "saved for backward", "step ms"], rows),
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
 

@@ -342,8 +342,66 @@ def reduce_scatter(x: torch.Tensor, dim: int, world: int, group: str, where: str
 
 def gather_seq(x: torch.Tensor, dim: int, world: int, group: str, where: str = "") -> torch.Tensor:
     """seq_shard(dim) -> Replicate entering sharded compute (before a column split): the gradient arriving is
-    partial on every rank, so backward reduce-scatters it (Megatron-SP's g-bar)."""
-    return _GatherSeq.apply(x, dim, 0, world, group, where)
+    partial on every rank, so backward reduce-scatters it (Megatron-SP's g-bar). Inside
+    ``regathered_in_backward`` the gathered value is not kept for backward: its chunk is, re-gathered there."""
+    y = _GatherSeq.apply(x, dim, 0, world, group, where)
+    if getattr(_regather, "on", False) and not torch.compiler.is_compiling():
+        y._tpfx_chunk = _Chunk(x.detach(), dim, world, group)  # type: ignore[attr-defined]
+    return y
+
+
+_regather = threading.local()  # .on: inside regathered_in_backward
+
+
+class _Chunk:
+    """What autograd keeps of a value ``gather_seq`` gathered (and of its views): this rank's chunk, all-gathered
+    again at the first unpack in backward and shared by every consumer that saved it."""
+
+    def __init__(self, chunk: torch.Tensor, dim: int, world: int, group: str) -> None:
+        self.chunk, self.dim, self.world, self.group = chunk, dim, world, group
+        self.kept: Any = None  # the chunk as the outer saved-tensor hooks packed it (or the chunk)
+        self.full: torch.Tensor | None = None
+
+    def pack(self, outer: Any) -> _Chunk:
+        if self.kept is None:
+            self.kept = (outer[0](self.chunk) if outer else self.chunk,)
+            self.chunk = None  # type: ignore[assignment]  # held once, as packed
+        return self
+
+    def unpack(self, outer: Any) -> torch.Tensor:
+        if self.full is None:
+            chunk = outer[1](self.kept[0]) if outer else self.kept[0]
+            self.full = _gather_even(chunk, self.dim, 0, self.world, self.group)
+        return self.full
+
+
+@contextmanager
+def regathered_in_backward() -> Iterator[None]:
+    """Megatron-SP's memory saving: within the block, a value ``gather_seq`` gathered before a column split is
+    saved for backward as this rank's chunk and all-gathered again in backward (once, for every consumer),
+    instead of whole. Composes with saved-tensor hooks already active (they see what is kept)."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+    def pack(t: torch.Tensor) -> Any:
+        base = t if hasattr(t, "_tpfx_chunk") else t._base
+        if base is None or not hasattr(base, "_tpfx_chunk"):
+            return (outer[0](t) if outer else t,)
+        view = None if t is base else (t.size(), t.stride(), t.storage_offset())
+        return (base._tpfx_chunk.pack(outer), view)  # type: ignore[attr-defined]
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if len(packed) == 1:
+            return outer[1](packed[0]) if outer else packed[0]
+        chunk, view = packed
+        full = chunk.unpack(outer)
+        return full if view is None else full.as_strided(*view)
+
+    _regather.on = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _regather.on = False
 
 
 def gather_even(x: torch.Tensor, dim: int, rank: int, world: int, group: str, where: str = "") -> torch.Tensor:

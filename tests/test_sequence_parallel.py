@@ -82,3 +82,12 @@ def test_sequence_parallel_compiles_to_one_graph_and_stays_exact() -> None:
 def test_generate_on_a_sequence_parallel_module_gives_the_unsharded_tokens() -> None:
     for res in tpfx.launch(sp_cases.generate_check, 2, timeout_s=LAUNCH_TIMEOUT_S):
         assert res["equal"] and res["new_tokens"] == 6, res
+
+
+def test_gathered_inputs_are_kept_as_chunks_and_regathered_in_backward() -> None:
+    for r in tpfx.launch(sp_cases.regather_check, 2, timeout_s=LAUNCH_TIMEOUT_S):
+        assert r["gathers"] == 4, r  # attention's and the MLP's input, per layer
+        assert r["backward_gathers"] == {False: 0, True: r["gathers"]}, r  # one re-gather per gathered value
+        saved = r["kept"][False] - r["kept"][True]  # each gathered value kept as its half instead of whole
+        assert saved == r["gathers"] * r["gathered_bytes"] // 2, r
+        assert r["grad_err"] == 0.0, r  # the same gradients, bit for bit

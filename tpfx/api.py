@@ -27,7 +27,16 @@ from tpfx.dtensor_params import (
     tp_mesh,
 )
 from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
-from tpfx.passes import Derivation, Placement, PlanData, Replicate, Shard, Stages, checked_before_collectives
+from tpfx.passes import (
+    Derivation,
+    Placement,
+    PlanData,
+    Replicate,
+    Shard,
+    Stages,
+    checked_before_collectives,
+    regathered_in_backward,
+)
 from tpfx.plan import ShardingPlan
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
@@ -423,7 +432,7 @@ class ShardedModule(torch.nn.Module):
             check = None
         local, runner = entry or self._entry(args, kwargs)
         try:
-            with checked_before_collectives(check):
+            with checked_before_collectives(check), self._saving():
                 return runner(*args, **kwargs)
         except Disagreement:
             raise
@@ -434,6 +443,16 @@ class ShardedModule(torch.nn.Module):
             if msg is None:
                 raise
             raise RuntimeError(msg) from e
+
+    regather_in_backward = True  # sequence parallel: keep gathered inputs as chunks for backward (Megatron-SP)
+
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
+        """How a training forward keeps values for backward: with sequence parallelism (eager graphs), the
+        all-gathered inputs of column-split matmuls as this rank's chunk, re-gathered in backward."""
+        if self._plan.sequence_parallel and self.regather_in_backward and not self._compile \
+                and torch.is_grad_enabled():
+            return regathered_in_backward()
+        return contextlib.nullcontext()
 
     def _check_call(self, args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
         """Ranks called with other shapes or another structure (one passes ``labels``, one a longer sequence)
