@@ -211,3 +211,8 @@ def dropout_check(rank: int, world: int, sp: bool) -> dict[str, Any]:
                 got.append(model(input_ids=ids).logits)
         modes[mode] = float((got[0] - got[1]).abs().max() / got[1].abs().max())
     return {"first_state": first, "losses": losses, "ref_losses": ref_losses, "grad_err": grad_err, **modes}
+
+
+def dropout_checks(rank: int, world: int) -> list[dict[str, Any]]:
+    """``dropout_check`` with plain tensor parallelism, then with sequence parallelism."""
+    return [dropout_check(rank, world, sp) for sp in (False, True)]
