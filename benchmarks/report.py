@@ -79,9 +79,11 @@ def section_plan_time(d: dict[str, Any] | None) -> str:
         "## Plan time (compile time of the planner)\n",
         header(d),
         "Llama shapes on the meta device; seconds. `export alone` = `torch.export.export` with the same "
-        "dynamic dims (median of the runs interleaved with the plans); `capture` = tpfx's export + "
+        "dynamic dims (median of the runs interleaved with the plans); `static export` = plain "
+        "`torch.export.export` without dims, what a user who calls it pays (issue 15's reference: tpfx's "
+        "dynamic-dim capture of every layer costs several times it); `capture` = tpfx's export + "
         "unlifting; `emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + "
-        "emit) / export alone.\n",
+        "emit) / export alone; total/static = the same over static export.\n",
         md_table(
             C.PLAN_TIME_COLUMNS,
             rows,
