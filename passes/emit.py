@@ -218,8 +218,9 @@ class _Emitter:
 
 
 def _memory_order(val: Any) -> tuple[int, ...]:
-    """The dims of a (fake) tensor, outermost in memory first."""
-    strides = [int(s) for s in val.stride()]
+    """The dims of a (fake) tensor, outermost in memory first (by the strides' hints: no guard is added, so
+    no dynamic dim is specialized)."""
+    strides = [(s.node.hint or 0) if isinstance(s, torch.SymInt) else int(s) for s in val.stride()]
     return tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
 
 

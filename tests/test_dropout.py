@@ -71,5 +71,9 @@ def test_dropouts_of_split_values_are_emitted_as_chunks_of_the_full_noise(sp: bo
         gm = emit(d.gm, d.prop, rank, lambda ranks: "fake:" + ",".join(map(str, ranks)), {})
         chunked = {n.name for n in gm.graph.nodes if n.target is dropout_chunk}
         assert chunked == split
+    ids = next(n.meta["val"] for n in d.gm.graph.find_nodes(op="placeholder")
+               if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.long)
+    seq = ids.shape[1]  # input_ids (B, S): S dynamic, and emission specialized nothing
+    assert isinstance(seq, torch.SymInt) and not seq.node.shape_env.replacements
     evaluated = [n for n in tpfx.plan(_gpt2(0.1).eval(), 2).derivation.gm.graph.nodes if "dropout" in str(n.target)]
     assert evaluated and all(n.args[2] is False for n in evaluated)  # an eval capture's dropouts do nothing
