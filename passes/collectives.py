@@ -526,7 +526,6 @@ COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "al
                scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad",
                reduce_scatter: "reduce_scatter", gather_seq: "all_gather", gather_even: "all_gather",
                split_even: "scatter"}
-# the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure
 DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
 
 
@@ -551,17 +550,11 @@ def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, group
     if not train or p == 0:
         return op(x, p, train)
     pl = Shard(dim, groups, tuple(segs), tuple(sgroups) if sgroups else None)
-
-    def chunk(full: torch.Tensor) -> torch.Tensor:
-        if pl.even:
-            n = x.shape[dim]
-            return full.narrow(dim, rank * n, n)
-        return shard_tensor(full, pl, rank, world)
-
     noise = _full_noise(x, op, p, dim, x.shape[dim] * world if pl.even else sum(segs), order)
     if native:
-        return x * chunk(noise[0]), chunk(noise[1])
-    return x * chunk(noise)
+        return x * shard_tensor(noise[0], pl, rank, world), shard_tensor(noise[1], pl, rank, world)
+    return x * shard_tensor(noise, pl, rank, world)
 
 
+# the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure
 NAMED_BACKWARD = {reduce_grad, reduce_grad_spans, scatter, reduce_scatter, gather_seq, gather_even, split_even}

@@ -178,9 +178,12 @@ def is_shard(p: object) -> bool:
 
 
 def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.Tensor:
-    """This rank's local piece of the full tensor ``x`` under placement ``p``."""
+    """This rank's local piece of the full tensor ``x`` under placement ``p`` (a sequence split included)."""
     if not isinstance(p, Shard):
         return x
+    if p.even:  # ``groups`` equal chunks of a run-time length
+        n = x.shape[p.dim] // p.groups
+        return x.narrow(p.dim, p.chunk(rank, world) * n, n)
     pieces = [x.narrow(p.dim, start, n) for start, n, _ in p.pieces(rank, world)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, p.dim)
 

@@ -13,7 +13,7 @@ import torch
 
 from .placements import Placement, Replicate, Shard, shard_tensor
 from .propagate import Propagation, Seed, moves, nbytes
-from .redistribute import COMMS
+from .redistribute import steps_collective
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def _collectives(prop: Propagation) -> list[Collective]:
     collectives: list[Collective] = [Collective("all_reduce", n.name, "*", nbytes(n)) for n in prop.reduced_after]
     collectives += [Collective("reduce_scatter", n.name, "*", nbytes(n)) for n in prop.scattered_after]
     for m in moves(prop):
-        kind = next((COMMS[s.kind] for s in m.steps if s.kind in COMMS), None)
+        kind = steps_collective(m.steps)
         if kind is not None:  # one collective per producer and target placement, shared by its consumers
             collectives.append(Collective(kind, m.producer.name, m.consumer.name, nbytes(m.producer)))
     collectives.sort(key=lambda c: (c.after, c.before))

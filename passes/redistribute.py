@@ -17,6 +17,7 @@ that communicate (``forward_collective``). A step is a collective (``COMMS``) or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .placements import Partial, Placement, Replicate, Shard, is_seq_split, is_whole
@@ -80,4 +81,9 @@ def plan_redistribution(have: Placement | None, want: Placement, world: int) -> 
 
 def forward_collective(have: Placement | None, want: Placement, world: int) -> str | None:
     """The collective (if any) that moving ``have`` to ``want`` costs in the forward."""
-    return next((COMMS[s.kind] for s in plan_redistribution(have, want, world) if s.kind in COMMS), None)
+    return steps_collective(plan_redistribution(have, want, world))
+
+
+def steps_collective(steps: Iterable[Step]) -> str | None:
+    """The collective (if any) among redistribution ``steps``."""
+    return next((COMMS[s.kind] for s in steps if s.kind in COMMS), None)

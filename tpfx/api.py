@@ -407,9 +407,10 @@ class ShardedModule(torch.nn.Module):
         return None
 
     def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
-        found = self._cached(args, kwargs)
-        if found is not None:
-            return found
+        return self._cached(args, kwargs) or self._capture(args, kwargs)
+
+    def _capture(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
+        """Capture, plan and emit a graph for these inputs (no graph serves them yet)."""
         with self.capturing():
             plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
                                     self._plan.sequence_parallel)
@@ -430,7 +431,7 @@ class ShardedModule(torch.nn.Module):
         if check is not None and (entry is None or self._compile):
             check()  # before a capture (it communicates) or a compiled graph (it cannot settle one): now
             check = None
-        local, runner = entry or self._entry(args, kwargs)
+        local, runner = entry or self._capture(args, kwargs)
         try:
             with checked_before_collectives(check), self._saving():
                 return runner(*args, **kwargs)
