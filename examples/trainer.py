@@ -1,6 +1,6 @@
 """HF Trainer, unchanged, on a sharded model: 2 gloo ranks, 5 clipped AdamW steps, checked against the
-unsharded model trained by the same Trainer; then the trained model saved and reloaded with transformers
-(``python examples/trainer.py``)."""
+unsharded model trained by the same Trainer; Trainer's checkpoints (``tpfx.TrainerCheckpoints``), resumed by a
+fresh sharded model; then the trained model saved and reloaded with transformers (``python examples/trainer.py``)."""
 
 from __future__ import annotations
 
@@ -30,20 +30,26 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def train(model: torch.nn.Module, out: str) -> list[dict[str, float]]:
+def train(model: torch.nn.Module, out: str, resume: str | None = None) -> list[dict[str, float]]:
+    sharded = isinstance(model, tpfx.ShardedModule)
     args = TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_grad_norm=0.5, logging_steps=1, save_strategy="no", report_to=[],
-                             use_cpu=True, seed=0, disable_tqdm=True, log_level="error")
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens())
-    trainer.train()
+                             max_grad_norm=0.5, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, log_level="error",
+                             save_strategy="steps" if sharded else "no", save_steps=3)
+    callbacks = [tpfx.TrainerCheckpoints()] if sharded else []  # Trainer's checkpoints of a sharded model
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
 def main(rank: int, world_size: int, out: str) -> None:
     sharded = tpfx.auto_shard(build(), world_size)
-    log = train(sharded, f"{out}/tp{rank}")                   # every rank runs Trainer: one tp group
+    log = train(sharded, f"{out}/tp")                         # every rank runs Trainer: one tp group
     unsharded = build()
     ref = train(unsharded, f"{out}/ref{rank}")
+    torch.manual_seed(1)
+    fresh = tpfx.auto_shard(build(), world_size)              # resumed from Trainer's checkpoint at step 3
+    resumed = train(fresh, f"{out}/tp", resume=f"{out}/tp/checkpoint-3")
     sharded.save_pretrained(f"{out}/trained")                 # collective: the full model, transformers' layout
     ids = Tokens().ids[:2]
     with torch.no_grad():
@@ -56,6 +62,7 @@ def main(rank: int, world_size: int, out: str) -> None:
             reloaded = LlamaForCausalLM.from_pretrained(f"{out}/trained")(input_ids=ids).logits
         err = float((reloaded - logits).abs().max() / logits.abs().max())
         print(f"reloaded checkpoint vs the trained sharded model: rel err {err:.1e}")
+        print(f"resumed from checkpoint-3: steps 4-5 as the uninterrupted run: {resumed[3:] == log[3:]}")
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as out:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from numerics import rel_err
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -186,3 +187,37 @@ def save_failures(rank: int, world: int, blocked: str, out: str) -> dict[str, st
         time.sleep(8)  # alive, but not saving: rank 0's barrier must time out naming this rank
         res["missing_rank"] = "did not call"
     return res
+
+
+def full_state_dict_check(rank: int, world: int) -> dict[str, Any]:
+    """``ShardedModule.load_state_dict`` with the unsharded model's state dict, into a sharded module of other
+    weights: GPT-2 (fused ``c_attn``, a _StridedShard DTensor; the tied LM head under its alias) and Falcon
+    (a plain per-part parameter). Each must then hold exactly the slices ``auto_shard`` cuts from that model,
+    and give its outputs; strict mode reports a missing key, and a wrong shape raises."""
+    from tpfx.families import tiny_causal_lm
+
+    out: dict[str, Any] = {}
+    for name, make in (("gpt2", lambda seed: tiny_causal_lm("gpt2", seed=seed)),
+                       ("falcon", lambda seed: tiny_causal_lm("falcon", seed=seed))):
+        source = make(0)
+        full = source.state_dict()
+        target = tpfx.auto_shard(make(5), world)
+        result = target.load_state_dict(full)
+        expected = tpfx.auto_shard(source, world)
+        x = ids(source.config.vocab_size)
+        with torch.no_grad():
+            err = rel_err(target(input_ids=x).logits, expected(input_ids=x).logits)
+        first = next(k for k in full if ".0." in k)  # a layer weight (no tied alias loads it)
+        partial = {k: v for k, v in full.items() if k != first}
+        wrong = {first: torch.zeros(3, 3)}
+        out[name] = {
+            "keys": (result.missing_keys, result.unexpected_keys),
+            "equal": all(torch.equal(tpfx.local(a), tpfx.local(b))
+                         for a, b in zip(target.parameters(), expected.parameters(), strict=True)),
+            "logits_err": err,
+            "plain": [n for n, p in target.named_parameters() if not isinstance(p, DTensor)],
+            "strict_missing": _expect_error(lambda t=target, p=partial: t.load_state_dict(p)),
+            "lenient_missing": target.load_state_dict(partial, strict=False).missing_keys,
+            "wrong_shape": _expect_error(lambda t=target, w=wrong: t.load_state_dict(w, strict=False)),
+        }
+    return out

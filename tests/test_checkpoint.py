@@ -191,3 +191,14 @@ def test_readme_checkpoint_example_runs(tmp_path: Path) -> None:
     line = stdout.strip().splitlines()[-1]
     losses = [float(x.split(";")[0]) for x in line.split(": ")[1:4]]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), line
+
+
+def test_load_state_dict_takes_the_unsharded_models_tensors() -> None:
+    # what HF Trainer's resume does: load_state_dict(safetensors.load_file(model.safetensors)) of the full model
+    for res in launch(ckpt_cases.full_state_dict_check, 2, timeout_s=300):
+        for name, r in res.items():
+            assert r["keys"] == ([], []), (name, r)  # the tied lm_head.weight loads through its alias
+            assert r["equal"] and r["logits_err"] == 0.0, (name, r)
+            assert "missing keys" in r["strict_missing"] and len(r["lenient_missing"]) == 1, (name, r)
+            assert "is (" in r["wrong_shape"] and "in full" in r["wrong_shape"], (name, r)
+        assert res["falcon"]["plain"], res["falcon"]  # a plain per-part parameter was among those loaded

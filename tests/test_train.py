@@ -91,6 +91,19 @@ def test_hf_trainer_matches_the_unsharded_trainer(family: str, tmp_path: Path) -
         assert r["loaded"], r  # tpfx.save(sharded, optimizer=trainer.optimizer) reloads exactly
 
 
+def test_trainer_checkpoints_resume_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    # tpfx.TrainerCheckpoints: Trainer's save steps (2 of 6, save_total_limit=2) write checkpoints Trainer resumes
+    # from; GPT-2 with dropout 0.1, so the random state must come back too (without it steps 5-6 differ)
+    for r in launch(train_cases.trainer_resume_check, 2, str(tmp_path), timeout_s=400):
+        assert r["kept"] == ["checkpoint-4", "checkpoint-6"], r["kept"]
+        log, resumed = r["log"], r["resumed"]
+        assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6], resumed  # steps 1-4 from checkpoint-4's state
+        assert all(h["grad_norm"] > train_cases.MAX_NORM / 2 for h in log), log  # clipping engaged
+        assert resumed == log, (resumed, log)  # steps 5-6 trained again: the same losses, grad norms, lr
+        assert r["same_weights"]  # bit for bit
+        assert r["reload_err"] == 0.0  # checkpoint-6 read back by from_pretrained is the trained model
+
+
 def test_readme_trainer_example_runs() -> None:
     stdout = run_example("trainer.py")
     steps = [line for line in stdout.splitlines() if line.startswith("step ")]
@@ -98,4 +111,5 @@ def test_readme_trainer_example_runs() -> None:
     for line in steps:  # "step k: loss A (unsharded B)  grad_norm C (unsharded D)"
         a, b, c, d = (float(x) for x in re.findall(r"\d+\.\d+", line))
         assert abs(a - b) <= 1e-5 * b and abs(c - d) <= 1e-5 * d, line
+    assert "steps 4-5 as the uninterrupted run: True" in stdout, stdout
     assert float(re.findall(r"rel err (\S+)", stdout)[0]) <= 1e-5, stdout

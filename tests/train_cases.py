@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import models
@@ -125,14 +126,16 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _trainer_run(model: torch.nn.Module, out: str, max_grad_norm: float) -> Any:
+def _trainer_run(model: torch.nn.Module, out: str, max_grad_norm: float, callbacks: list | None = None,
+                 resume: str | None = None, **kw: Any) -> Any:
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(model.config.vocab_size))
-    trainer.train()
+    options = {"max_steps": 5, "save_strategy": "no", **kw}
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             data_seed=0, disable_tqdm=True, **options)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(model.config.vocab_size), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -163,11 +166,34 @@ def hf_trainer_check(rank: int, world: int, family: str, out: str) -> dict[str, 
     return {"log": log, "ref_log": ref_log, "held": held_loss, "ref_held": ref_held, "loaded": loaded}
 
 
-def _dropout_gpt2() -> Any:
+def trainer_resume_check(rank: int, world: int, out: str) -> dict[str, Any]:
+    """Trainer checkpoints through ``tpfx.TrainerCheckpoints`` (every 2 of 6 steps, 2 kept), GPT-2 with its
+    dropouts; then a fresh sharded model (other weights) resumed by Trainer from checkpoint-4 trains steps 5
+    and 6: their losses, grad norms and the final weights against the uninterrupted run's, and the checkpoint
+    read back by ``from_pretrained``."""
+    from transformers import GPT2LMHeadModel
+
+    options = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 2}
+    run = _trainer_run(sharded := tpfx.auto_shard(_dropout_gpt2()), f"{out}/run", MAX_NORM / 2,
+                       [tpfx.TrainerCheckpoints()], **options)
+    kept = sorted(os.listdir(f"{out}/run"))
+    fresh = tpfx.auto_shard(_dropout_gpt2(seed=3))
+    resumed = _trainer_run(fresh, f"{out}/run", MAX_NORM / 2, [tpfx.TrainerCheckpoints()],
+                           resume=f"{out}/run/checkpoint-4", **options)
+    same = all(torch.equal(tpfx.local(a), tpfx.local(b))
+               for a, b in zip(sharded.parameters(), fresh.parameters(), strict=True))
+    ours = {n: p.detach().full_tensor() for n, p in sharded.named_parameters()}  # collective
+    reloaded = GPT2LMHeadModel.from_pretrained(f"{out}/run/checkpoint-6").state_dict()
+    reload_err = max(float((reloaded[n] - p).abs().max()) for n, p in ours.items())
+    return {"log": _losses(run), "resumed": _losses(resumed), "kept": kept, "same_weights": same,
+            "reload_err": reload_err}
+
+
+def _dropout_gpt2(seed: int = 0) -> Any:
     """GPT-2 with its default dropouts (0.1 on embeddings, attention probabilities and the residual stream)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = GPT2Config(vocab_size=models.TINY_VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     config._attn_implementation = "eager"
     return GPT2LMHeadModel(config).train()

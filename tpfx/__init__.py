@@ -18,6 +18,15 @@ from tpfx.pretrained import CheckpointError
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
            "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm",
-           "dp_sampler", "local", "CaptureError"]
+           "dp_sampler", "local", "CaptureError", "TrainerCheckpoints"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``tpfx.TrainerCheckpoints`` is imported on first use: it imports transformers' Trainer (0.7 s)."""
+    if name == "TrainerCheckpoints":
+        from tpfx.trainer import TrainerCheckpoints
+
+        return TrainerCheckpoints
+    raise AttributeError(f"module 'tpfx' has no attribute {name!r}")
 del _sys

@@ -8,7 +8,7 @@ import datetime
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from operator import attrgetter
 from typing import Any
 
@@ -314,8 +314,16 @@ class ShardedModule(torch.nn.Module):
             self.__dict__["_warned_state_dict"] = True
             warnings.warn("tpfx: ShardedModule.state_dict() holds only this rank's slices of split parameters; "
                           "use sharded.save_pretrained(dir) for the full model or tpfx.save(sharded, dir) for a "
-                          "resumable checkpoint", UserWarning, stacklevel=2)
+                          "resumable checkpoint (HF Trainer's checkpoints: Trainer(..., "
+                          "callbacks=[tpfx.TrainerCheckpoints()]))", UserWarning, stacklevel=2)
         return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's ``load_state_dict``, also taking the unsharded model's tensors (full shapes, tied aliases):
+        each is cut to this rank's slice. See ``tpfx.full_state_dict``."""
+        from tpfx.full_state_dict import load_state_dict
+
+        return load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def save_pretrained(self, save_directory: str, *, max_shard_size: int | str = "5GB",
                         timeout_s: float = 300.0) -> None:
