@@ -147,7 +147,7 @@ def write_json(name: str, data: dict[str, Any], quick: bool) -> Path:
 
 PLAN_TIME_COLUMNS = ["model", "params", "t", "nodes", "layers", "unique layers", "export alone", "static export",
                      "capture", "other passes", "propagate", "emit/rank", "prop+emit", "total", "total/export",
-                     "total/static"]
+                     "total/static", "plan", "plan/static"]
 
 
 def plan_time_cells(r: dict[str, Any]) -> list[str]:
@@ -155,7 +155,8 @@ def plan_time_cells(r: dict[str, Any]) -> list[str]:
     return [r["model"], f"{r['params'] / 1e9:.1f}B", str(r["t"]), str(r["nodes"]), str(r["layers"]),
             str(r["unique_layers"]), f"{r['export']:.2f}", _opt(r.get("static_export"), "{:.2f}"),
             f"{r['capture']:.2f}", f"{sum(r['passes'].values()):.3f}", f"{r['propagate']:.3f}", f"{r['emit']:.3f}",
-            f"{r['prop_emit']:.3f}", f"{r['total']:.2f}", f"{r['ratio']:.2f}x", _opt(r.get("ratio_static"), "{:.2f}x")]
+            f"{r['prop_emit']:.3f}", f"{r['total']:.2f}", f"{r['ratio']:.2f}x", _opt(r.get("ratio_static"), "{:.2f}x"),
+            _opt(r.get("plan_wall"), "{:.2f}"), _opt(r.get("plan_ratio_static"), "{:.2f}x")]
 
 
 def _opt(v: float | None, fmt: str) -> str:

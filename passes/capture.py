@@ -8,7 +8,9 @@ because a redistributed operand is a new tensor a write would miss (``normalize`
 
 from __future__ import annotations
 
+import copy
 import inspect
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ class Captured:
     gm: fx.GraphModule
     dynamic: bool  # captured with dynamic dims (serves other shapes)
     functionalized: bool  # in-graph writes were turned into functional ops
+    whole_because: str | None = None  # why a stack of layers was captured whole (blocks.py), if it was
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -101,6 +104,33 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
         raise CaptureError(_advice(model, e)) from e
 
 
+_SUFFIX = re.compile(r"^(.*?)(?:_\d+)?$")
+
+
+def canonical_names(gm: fx.GraphModule) -> fx.GraphModule:
+    """Name every computed node by its op and a dense counter in graph order (``mul``, ``mul_1``, ...), so a
+    graph's names depend on its nodes alone: export's counters skip names where its tracing made nodes it
+    later dropped, and not at the same places in every layer (``blocks.stitch`` relies on this). Placeholders,
+    weights (named by their FQN) and the output keep their names."""
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen  # the pytree calling convention of export's module
+    counts: dict[str, int] = {}
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        name = n.name
+        if n.op in ("call_function", "call_method", "call_module") and n.name != "_guards_fn":
+            base = m.group(1) if (m := _SUFFIX.match(n.name)) else n.name
+            k = counts.get(base, 0)
+            counts[base] = k + 1
+            name = f"{base}_{k}" if k else base
+        new = graph.create_node(n.op, n.target, fx.map_arg(n.args, env.__getitem__),
+                                fx.map_arg(n.kwargs, env.__getitem__), name, n.type)
+        new.meta = copy.copy(n.meta)
+        env[n] = new
+    gm.graph = graph
+    return gm
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Captured:
     """The model's ATen graph for these example inputs (the inputs are cloned: export may write into them)."""
     check_model(model)
@@ -109,4 +139,4 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Capt
     functionalized = mutates_intermediates(ep.graph)
     if functionalized:
         ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
-    return Captured(ep.module(), dynamic, functionalized)  # type: ignore[arg-type]
+    return Captured(canonical_names(ep.module()), dynamic, functionalized)  # type: ignore[arg-type]

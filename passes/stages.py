@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.fx as fx
 
+from . import blocks as _blocks
 from . import capture as _capture
 from . import pipeline
 from .emit import GroupNamer, emit
@@ -46,8 +47,10 @@ class Derivation:
 class Stages:
     """Runs the stages and adds each one's seconds to ``timings`` (a caller's dict, or a new one)."""
 
-    def __init__(self, timings: dict[str, float] | None = None) -> None:
+    def __init__(self, timings: dict[str, float] | None = None, blocks: bool | None = None) -> None:
         self.timings: dict[str, float] = {} if timings is None else timings
+        # capture a stack of identical layers through three of them (blocks.py); default: blocks.ENABLED
+        self.blocks = _blocks.ENABLED if blocks is None else blocks
 
     def timed(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         t0 = time.perf_counter()
@@ -57,7 +60,17 @@ class Stages:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def capture(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured:
-        return self.timed("capture", _capture.capture, model, args, kwargs)
+        """The model's graph: through two layers of its stack and stitched (``blocks``), else whole, with the
+        reason the stack could not be used in ``Captured.whole_because``."""
+        why = None
+        if self.blocks:
+            got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
+            if isinstance(got, _capture.Captured):
+                return got
+            why = None if got.startswith(_blocks.NO_STACK) else got
+        captured = self.timed("capture", _capture.capture, model, args, kwargs)
+        captured.whole_because = why
+        return captured
 
     def normalize(self, captured: _capture.Captured) -> fx.GraphModule:
         passes = ([pipeline.relax_views] if captured.functionalized else []) + pipeline.CLEANUPS
@@ -86,4 +99,7 @@ class Stages:
         captured = self.capture(model, args, kwargs)
         gm = self.normalize(captured)
         d = self.propagate(gm, world, pins, fed, sequence_parallel)
-        return d, self.build_plan(d), captured.dynamic
+        data = self.build_plan(d)
+        if captured.whole_because:
+            data.fallbacks.insert(0, {"capture": "whole model", "reason": captured.whole_because})
+        return d, data, captured.dynamic

@@ -118,9 +118,13 @@ def _derive(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world_s
 
 def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | None = None,
          example_kwargs: dict[str, Any] | None = None, overrides: dict[str, str] | None = None,
-         timings: dict[str, float] | None = None, sequence_parallel: bool = False) -> ShardingPlan:
+         timings: dict[str, float] | None = None, sequence_parallel: bool = False,
+         blocks: bool | None = None) -> ShardingPlan:
     """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models.
     ``sequence_parallel``: split the residual stream by sequence between the sharded blocks (Megatron-SP).
+    ``blocks``: capture a stack of identical layers through three of them and stitch the rest in
+    (``tpfx.passes.blocks``; default ``tpfx.passes.blocks.ENABLED``, on), the same graph in a fraction of the
+    time; a stack it cannot prove identical is captured whole, with the reason first in ``plan.fallbacks``.
 
     ``timings``, if given, is filled with seconds per stage (``tpfx.passes.stages``): ``capture``
     (torch.export), each normalize pass by name (``decompose_bias``, ...), ``propagate``, ``build_plan``."""
@@ -128,7 +132,7 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
         raise ValueError("world_size must be >= 1")
     args, kwargs = _examples(model, example_inputs, example_kwargs)
     return _derive(model, args, kwargs, world_size, _override_pins(model, overrides), sequence_parallel,
-                   Stages(timings))[0]
+                   Stages(timings, blocks))[0]
 
 
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,

@@ -206,7 +206,7 @@ class Decoder:
                 return sm._graphs[key][1], self.guards.get(key)
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
-        stages = Stages()
+        stages = Stages(blocks=False)  # each layer reads its own cache inputs, which stitching does not map
         with sm.capturing():
             captured = stages.capture(self.step, args, kwargs)
         gm = stages.normalize(captured)

@@ -1,0 +1,193 @@
+"""Block capture (passes/blocks.py): a stack of identical layers exported through 3 of them and stitched back
+must give the graph a whole capture gives, node for node; what it cannot prove falls back with a reason.
+Tier 2: no process group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import models
+import pytest
+import torch
+import torch.fx as fx
+from simulate import emit_all, run_ranks
+from torch.utils._pytree import tree_flatten
+from tpfx.passes import blocks
+from tpfx.passes import capture as whole
+from tpfx.passes.stages import Stages
+
+import tpfx
+
+
+def _graph(gm: fx.GraphModule) -> list[tuple]:
+    """Every node as plain data: op, name, target, arguments by name, module path, shape."""
+    out = []
+    for n in gm.graph.nodes:
+        args = tuple(a.name if isinstance(a, fx.Node) else repr(a) for a in tree_flatten((n.args, n.kwargs))[0])
+        path = tuple(p for p, _ in n.meta.get("nn_module_stack", {}).values())
+        val = n.meta.get("val")
+        out.append((n.op, n.name, str(n.target), args, path, str(val.shape) if isinstance(val, torch.Tensor) else None))
+    return out
+
+
+def _kwargs(vocab: int, seq: int = 8) -> dict[str, Any]:
+    return {"input_ids": torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),
+            "use_cache": False}
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.up, self.down, self.scale = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * self.down(torch.relu(self.up(x)))
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, n: int = 6, d: int = 16, scales: list[float] | None = None) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Block(d, s) for s in (scales or [1.0] * n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class IndexedBlock(Block):
+    """A block that knows its index (as transformers layers keep ``layer_idx``) and doubles its branch in one."""
+
+    def __init__(self, d: int, idx: int, special: int) -> None:
+        super().__init__(d)
+        self.idx, self.special = idx, special
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.down(torch.relu(self.up(x))) * (1 if s is None else s)
+        return x + (2 * y if self.idx == self.special else y)
+
+
+class Loop(torch.nn.Module):
+    """A stack whose loop treats one layer specially: ``how`` = "scale" (an op between two layers), "skip"
+    (one layer not called), "input" (one layer's input is changed), "other" (one layer gets another tensor
+    besides it), "index" (the layer itself branches)."""
+
+    def __init__(self, how: str, n: int = 6, d: int = 16) -> None:
+        super().__init__()
+        self.how = how
+        self.layers = torch.nn.ModuleList(IndexedBlock(d, i, 4 if how == "index" else -1) for i in range(n))
+        self.bias = torch.nn.Parameter(torch.zeros(2, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s0, s1 = self.bias[0], self.bias[1] + 1
+        for i, layer in enumerate(self.layers):
+            if self.how == "skip" and i == 4:
+                continue
+            if self.how == "other":
+                x = layer(x, s1 if i == 4 else s0)
+                continue
+            x = layer(x + self.bias[1] if self.how == "input" and i == 4 else x)
+            if self.how == "scale" and i == 4:
+                x = x * 0.5
+        return x
+
+
+CASES = {"llama": lambda: models.llama(layers=6), "gpt2": lambda: models.gpt2(layers=5)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stitched_graph_is_the_whole_capture(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = CASES[name]()
+    kwargs = _kwargs(model.config.vocab_size)
+    full = whole.capture(model, (), kwargs)
+    found = blocks.find_stack(model)
+    assert not isinstance(found, str), found
+    traced: list[int] = []  # how many layers each export saw
+    real = whole.capture
+
+    def spy(m: torch.nn.Module, a: tuple, k: dict) -> Any:
+        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found[0])))
+        return real(m, a, k)
+
+    monkeypatch.setattr(whole, "capture", spy)
+    stitched = blocks.capture_blocks(model, (), kwargs)
+    assert isinstance(stitched, whole.Captured), stitched
+    assert traced == [blocks.CUT]  # export traced 3 layers, not all of them
+    assert _graph(stitched.gm) == _graph(full.gm)
+    assert len(list(model.modules())) == len(list(CASES[name]().modules()))  # the stack is put back
+
+
+def test_the_plan_and_every_ranks_numbers_are_the_whole_captures() -> None:
+    model = models.llama(layers=6)
+    kwargs = _kwargs(model.config.vocab_size)
+    plans = []
+    for use in (True, False):
+        d, data, _ = Stages(blocks=use).derive(model, (), kwargs, 2)
+        plans.append((data.data_dict(), d))
+    assert plans[0][0] == plans[1][0]  # placements, collectives (by node name), fallbacks
+    plan = tpfx.plan(model, 2, blocks=True)
+    assert not any("capture" in f for f in plan.fallbacks)
+    ref = model(**kwargs).logits.detach()
+
+    def body(rank: int) -> torch.Tensor:
+        local, _ = ranks[rank]
+        return local(**kwargs).logits.detach()
+
+    ranks = emit_all(plan)
+    for out in run_ranks(2, body):
+        assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_plain_stack_stitches_and_attributes_that_differ_fall_back() -> None:
+    x = torch.randn(2, 16)
+    model = Stack()
+    got = blocks.capture_blocks(model, (x,), {})
+    assert isinstance(got, whole.Captured)
+    assert _graph(got.gm) == _graph(whole.capture(model, (x,), {}).gm)
+    odd = Stack(scales=[1.0, 1.0, 1.0, 1.0, 0.5, 1.0])  # one layer scales its branch differently
+    assert blocks.capture_blocks(odd, (x,), {}) == "layers: the layers differ in scale"
+    plan = tpfx.plan(odd, 2, example_inputs=(x,), blocks=True)
+    assert plan.fallbacks[0] == {"capture": "whole model", "reason": "layers: the layers differ in scale"}
+    assert blocks.capture_blocks(Stack(n=3), (x,), {}).startswith(blocks.NO_STACK)  # too short to gain
+    assert not any("capture" in f for f in tpfx.plan(Stack(n=3), 2, example_inputs=(x,), blocks=True).fallbacks)
+    assert not any("capture" in f for f in tpfx.plan(odd, 2, example_inputs=(x,), blocks=False).fallbacks)
+
+
+def test_hybrid_layer_kinds_fall_back() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=2)
+    model = Qwen2ForCausalLM(config)
+    why = blocks.capture_blocks(model, (), _kwargs(128))
+    assert isinstance(why, str) and why.startswith("model.layers: "), why  # sliding and full attention layers
+
+
+def test_canonical_names_are_dense_per_op() -> None:
+    gm = whole.capture(models.llama(layers=2), (), _kwargs(models.HF_VOCAB)).gm
+    muls = sorted(int(n.name.rpartition("_")[2] or 0) if n.name != "mul" else 0
+                  for n in gm.graph.nodes if n.name == "mul" or n.name.startswith("mul_"))
+    assert muls == list(range(len(muls)))  # export's own counters skip (mul_8 -> mul_17)
+
+
+@pytest.mark.parametrize(("how", "why"), [
+    ("scale", "layer 5 does not read the output of the layer before it"),  # it reads layer 4's output halved
+    ("skip", "the layers were called in the order [2, 3, 5]"),
+    ("input", "layer 4 does not read the output of the layer before it"),
+    ("other", "layer 4 is called with other inputs than layer 2"),
+    ("index", "layer 4 runs other ops than layer 2"),
+])
+def test_a_layer_treated_differently_after_the_traced_ones_falls_back(how: str, why: str) -> None:
+    # what the three traced layers cannot show: the loop or a layer's own index singles out layer 4
+    x = torch.randn(2, 16)
+    model = Loop(how)
+    got = blocks.capture_blocks(model, (x,), {})
+    assert isinstance(got, str) and got.startswith("layers: ") and why in got, got
+    plan = tpfx.plan(model, 2, example_inputs=(x,), blocks=True)
+    assert plan.fallbacks[0]["capture"] == "whole model"
+    ref = model(x)
+    ranks = emit_all(plan)
+    for out in run_ranks(2, lambda r: ranks[r][0](x).detach()):
+        assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5  # the whole capture, exact
