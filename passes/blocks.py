@@ -3,16 +3,18 @@
 torch.export's cost grows with depth (with dynamic dims, about 0.19 s of SymInt bookkeeping per Llama-70B
 decoder layer), while the layers of a stack run one computation on different weights. So:
 
-1. ``find_stack``: the model's stack is its longest ``ModuleList`` of at least 4 distinct modules that are
-   structurally identical: the same module classes, parameter and buffer names, shapes, dtypes and
+1. ``find_stack``: the model's stack is its longest ``ModuleList``; its identical run is the run of layers
+   that ends it (at least 4) with the same module classes, parameter and buffer names, shapes, dtypes and
    ``requires_grad``, and the same plain attributes (configuration constants such as a sliding window), except
-   attributes that hold each layer's own index. A config list with one entry per layer that is not constant
-   (``layer_types`` of a hybrid) means the layers are not all one kind.
-2. ``capture_blocks``: the model is exported with layers 0-2 real and every later layer replaced by a
-   stand-in, which records its call and returns a ``tpfx::stand_in`` op of its hidden input in the traced
-   layers' output structure (the list is put back afterwards). Export so traces 3 layers, and the parent's
-   loop over all of them. Layer 0 can hold nodes made on first use (a mask sliced once and reused by later
-   layers), so layers 1 and 2 are the pair compared.
+   attributes that hold each layer's own index. Layers before the run (DeepSeek's first dense layers) are
+   traced as they are. A config list with one entry per layer that is not constant over the run
+   (``layer_types`` of a hybrid) means its layers are not all one kind.
+2. ``capture_blocks``: the model is exported with the layers up to the run's third real and every later
+   layer replaced by a stand-in, which records its call and returns a ``tpfx::stand_in`` op of its hidden
+   input in the traced layers' output structure (the list is put back afterwards). Export so traces 3 layers
+   of the run, and the parent's loop over all of them. The run's first layer can hold nodes made on first use
+   (a mask sliced once and reused by later layers), so its next two (below: layers 1 and 2) are the pair
+   compared.
 3. Proof that every stand-in stands for a copy of layer 2:
    - the calls: each stand-in is called once, in order, with layer 2's input structure, constants and tensors
      (the same objects: masks, rotary tables), reading the previous layer's output where layer 2 read layer 1's;
@@ -36,6 +38,7 @@ code (the same ops on inputs or constants the checks do not see), which no finit
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -43,7 +46,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._export.utils import _compiling_state_context
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, maybe_get_fake_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -53,7 +56,9 @@ from . import capture as _capture
 # every model whole (auto_shard included)
 ENABLED = True
 MIN_LAYERS = 4
-CUT = 3  # layers kept in the capture: layer 0 may hold first-use nodes (a mask sliced once), 1 and 2 do not
+# layers traced past the start of the identical run: its first may hold first-use nodes (a mask sliced once),
+# the next two do not and are the pair compared
+TRACED = 3
 NO_STACK = "no ModuleList"
 _NAME = re.compile(r"^(.*?)(?:_(\d+))?$")
 
@@ -70,6 +75,8 @@ def _plain_attrs(module: torch.nn.Module) -> dict[str, Any]:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return a is b  # a tensor attribute (not a parameter or buffer) becomes a graph constant: same object only
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # one made per layer (activations)
+        return _same(a.func, b.func) and _same(a.args, b.args) and _same(a.keywords, b.keywords)
     try:
         return bool(type(a) is type(b) and a == b)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not proven equal
@@ -84,11 +91,8 @@ def _layout(module: torch.nn.Module) -> tuple:
     return mods, params, bufs
 
 
-def _differs(layers: list[torch.nn.Module]) -> str | None:
-    """Why the layers are not one kind (None: they are)."""
-    ref = _layout(layers[0])
-    if any(_layout(m) != ref for m in layers[1:]):
-        return "the layers differ in modules, parameter shapes or dtypes"
+def _attrs_differ(layers: list[torch.nn.Module]) -> str | None:
+    """Why layers of one layout are not one kind: a plain attribute that differs, other than their index."""
     subs = [dict(m.named_modules()) for m in layers]
     for name, sub in subs[0].items():
         for key, value in _plain_attrs(sub).items():
@@ -106,17 +110,19 @@ def _is_index(values: list[Any]) -> bool:
     return all(type(v) is int for v in values) and values == list(range(values[0], values[0] + len(values)))
 
 
-def _config_kinds(model: torch.nn.Module, n: int) -> str | None:
-    """A configuration list with one entry per layer that varies: the layers are of several kinds."""
+def _config_kinds(model: torch.nn.Module, n: int, start: int) -> str | None:
+    """A configuration list with one entry per layer that varies from layer ``start`` on: those layers are of
+    several kinds."""
     config = getattr(model, "config", None)
     for key, value in (vars(config).items() if config is not None else ()):
-        if isinstance(value, list | tuple) and len(value) == n and len({repr(v) for v in value}) > 1:
-            return f"config.{key} varies across the {n} layers"
+        if isinstance(value, list | tuple) and len(value) == n and len({repr(v) for v in value[start:]}) > 1:
+            return f"config.{key} varies across layers {start}..{n - 1}"
     return None
 
 
-def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | str:
-    """The model's stack of identical layers (its FQN and the list), or why there is none."""
+def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, int] | str:
+    """The model's stack (its FQN and the list) and the first layer of its run of identical layers to the end
+    (layers before it, such as DeepSeek's first dense ones, are traced as they are); or why there is none."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
              and len(m) >= MIN_LAYERS and name]
     if not lists:
@@ -125,8 +131,14 @@ def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | str:
     layers = list(stack)
     if len({id(m) for m in layers}) < len(layers):
         return f"{name} holds one module several times"
-    why = _differs(layers) or _config_kinds(model, len(layers))
-    return f"{name}: {why}" if why else (name, stack)
+    layouts = [_layout(m) for m in layers]
+    start = len(layers) - 1  # the run of one layout that ends the stack
+    while start > 0 and layouts[start - 1] == layouts[-1]:
+        start -= 1
+    if len(layers) - start < MIN_LAYERS:
+        return f"{name}: the layers differ in modules, parameter shapes or dtypes"
+    why = _attrs_differ(layers[start:]) or _config_kinds(model, len(layers), start)
+    return f"{name}: {why}" if why else (name, stack, start)
 
 
 # ------------------------------------------------------------------------------------ stand-in layers
@@ -196,10 +208,10 @@ class _StandIn(torch.nn.Module):
         return tree_unflatten([new if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
 
 
-def _traced_hooks(layer: torch.nn.Module, before: torch.nn.Module, calls: _Calls) -> list[Any]:
+def _traced_hooks(layer: torch.nn.Module, before: torch.nn.Module, calls: _Calls, cut: int) -> list[Any]:
     """Hooks on the last traced layer (its call and output) and the one before it (the hidden state it hands on)."""
     def pre(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        calls.record(CUT - 1, args, kwargs)
+        calls.record(cut - 1, args, kwargs)
 
     def post(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
         calls.out, calls.hidden = out, _hidden_leaf(out)
@@ -213,16 +225,16 @@ def _traced_hooks(layer: torch.nn.Module, before: torch.nn.Module, calls: _Calls
             layer.register_forward_hook(post, with_kwargs=True), before.register_forward_hook(handed)]
 
 
-def _uniform_calls(calls: _Calls, n: int) -> str | None:
+def _uniform_calls(calls: _Calls, n: int, cut: int) -> str | None:
     """Why the stand-ins were not called as the last traced layer was (None: they were)."""
     if calls.problem:
         return calls.problem
-    if [c[0] for c in calls.calls] != list(range(CUT - 1, n)):
+    if [c[0] for c in calls.calls] != list(range(cut - 1, n)):
         return f"the layers were called in the order {[c[0] for c in calls.calls]}"
     first = calls.signature(0)
     for i in range(1, len(calls.calls)):
         if calls.signature(i) != first or first is None:
-            return f"layer {calls.calls[i][0]} is called with other inputs than layer {CUT - 1}"
+            return f"layer {calls.calls[i][0]} is called with other inputs than layer {cut - 1}"
     return None
 
 
@@ -250,27 +262,29 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _op_logs_differ(layers: list[torch.nn.Module], call: tuple[tuple, Any]) -> str | None:
+def _op_logs_differ(layers: list[torch.nn.Module], call: tuple[tuple, Any], start: int, cut: int) -> str | None:
     """Run every layer once on static fake copies of the last traced layer's inputs and compare the ops each
     runs (with their shapes and constants): a layer that branches on its own index runs other ops."""
     leaves, spec = call
     meta = all(t.device.type == "meta" for m in layers for t in (*m.parameters(), *m.buffers()))
     logs = []
-    fake = contextlib.nullcontext() if meta else FakeTensorMode(allow_non_fake_inputs=True)
+    own = [f for f in {maybe_get_fake_mode(t) for m in layers for t in m.parameters()} if f is not None]
+    fake: Any = (contextlib.nullcontext() if meta else own[0] if len(own) == 1  # tpfx.from_pretrained's mode
+                 else FakeTensorMode(allow_non_fake_inputs=True))
     try:  # meta tensors where the weights are (plan on a meta model: 4x cheaper), else fake ones; in export's
         # own compiling state, so that models take the paths they take under export (MoE experts' kernels)
         with _compiling_state_context(), fake, torch.no_grad():
             args, kwargs = tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves], spec)
-            for layer in layers[1:]:
+            for layer in layers[start + 1:]:
                 with _OpLog() as log:
                     layer(*args, **kwargs)
                 logs.append(log.ops)
     except Exception as e:  # noqa: BLE001 - a layer that cannot run on fake inputs is not proven uniform
         return f"a layer does not run on fake inputs ({type(e).__name__}: {str(e)[:120]})"
-    ref = logs[CUT - 2]
-    for k, log in enumerate(logs, start=1):
+    ref = logs[cut - 2 - start]
+    for k, log in enumerate(logs, start=start + 1):
         if log != ref:
-            return f"layer {k} runs other ops than layer {CUT - 1}"
+            return f"layer {k} runs other ops than layer {cut - 1}"
     return None
 
 
@@ -298,8 +312,8 @@ def _leaves(node: fx.Node) -> list[Any]:
 class _Layers:
     """Layers 0 and 1 of the cut graph, checked to be copies, with the counter step of every name."""
 
-    def __init__(self, gm: fx.GraphModule, path: str) -> None:
-        self.gm, self.p0, self.p1 = gm, f"{path}.{CUT - 2}", f"{path}.{CUT - 1}"
+    def __init__(self, gm: fx.GraphModule, path: str, cut: int) -> None:
+        self.gm, self.cut, self.p0, self.p1 = gm, cut, f"{path}.{cut - 2}", f"{path}.{cut - 1}"
         nodes = list(gm.graph.nodes)
         self.l0 = [n for n in nodes if n.op != "get_attr" and _in(n, self.p0)]
         self.l1 = [n for n in nodes if n.op != "get_attr" and _in(n, self.p1)]
@@ -309,20 +323,20 @@ class _Layers:
 
     def check(self) -> str | None:
         if len(self.l0) != len(self.l1) or not self.l0:
-            return f"layers {CUT - 2} and {CUT - 1} have different node counts"
+            return f"layers {self.cut - 2} and {self.cut - 1} have different node counts"
         for span in (self.l0, self.l1):
             idx = [self.pos[n] for n in span]
             if idx != list(range(idx[0], idx[0] + len(idx))):
                 return "a layer's nodes are not contiguous in the graph"
         if self.pos[self.l0[-1]] + 1 != self.pos[self.l1[0]]:
-            return f"nodes between layers {CUT - 2} and {CUT - 1}"
+            return f"nodes between layers {self.cut - 2} and {self.cut - 1}"
         for x, y in zip(self.l0, self.l1, strict=True):
             why = self._pair(x, y)
             if why:
                 return f"{y.name} is not a copy of {x.name}: {why}"
         for x in self.l0:
             if any(u not in self.in0 and u not in self.in1 for u in x.users):
-                return f"{x.name} of layer {CUT - 2} is read after layer {CUT - 1}"
+                return f"{x.name} of layer {self.cut - 2} is read after layer {self.cut - 1}"
         return None
 
     def _pair(self, x: fx.Node, y: fx.Node) -> str | None:
@@ -401,24 +415,24 @@ def _retarget_stack(meta: dict[str, Any], p1: str, pk: str) -> dict[str, Any]:
 
 
 def _markers(gm: fx.GraphModule, layers: _Layers, n: int) -> list[fx.Node] | str:
-    """The stand-in nodes of layers CUT..n-1, checked to follow the last traced layer and each other."""
+    """The stand-in nodes of the untraced layers, checked to follow the last traced layer and each other."""
     marks = [m for m in gm.graph.nodes if m.op == "call_function" and m.target is torch.ops.tpfx.stand_in.default]
-    if [m.args[1] for m in marks] != list(range(CUT, n)):
+    if [m.args[1] for m in marks] != list(range(layers.cut, n)):
         return "the stand-in layers are not all in the graph, in order"
     if marks[0].args[0] not in layers.in1 or any(m.args[0] is not p for p, m in zip(marks, marks[1:])):
         return "a layer does not read the output of the layer before it"
     if any(layers.pos[m] != layers.pos[layers.l1[-1]] + 1 + i for i, m in enumerate(marks)):
         return "nodes between layers"
     if any(u not in layers.in1 and u is not marks[0] for y in layers.l1 for u in y.users):
-        return f"values of layer {CUT - 1} are read after the next layer"
+        return f"values of layer {layers.cut - 1} are read after the next layer"
     return marks
 
 
-def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int) -> str | None:
-    """Turn ``gm`` (the model captured with the first ``CUT`` layers of its ``n``-layer stack at ``path`` and
+def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int, cut: int = TRACED) -> str | None:
+    """Turn ``gm`` (the model captured with the first ``cut`` layers of its ``n``-layer stack at ``path`` and
     ``stand_in`` nodes for the others) into the whole model's graph in place; or return why it cannot (``gm`` is
     then unchanged)."""
-    layers = _Layers(gm, path)
+    layers = _Layers(gm, path, cut)
     why = layers.check()
     marks = _markers(gm, layers, n) if why is None else why
     if isinstance(marks, str):
@@ -432,7 +446,7 @@ def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int) -> str
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     for run in _runs(weights):
         anchor = run[-1]
-        for k in range(CUT, n):
+        for k in range(cut, n):
             pk = f"{path}.{k}"
             for w in run:
                 target = pk + str(w.target)[len(p1):]
@@ -445,7 +459,7 @@ def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int) -> str
     prev = dict(layers.iso)  # node of the layer before the last traced one -> the previous layer's copy of it
     anchor = layers.l1[-1]
     copy: dict[fx.Node, fx.Node] = {}
-    for k in range(CUT, n):
+    for k in range(cut, n):
         pk = f"{path}.{k}"
         copy = {}
 
@@ -473,27 +487,27 @@ def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int) -> str
 
 
 def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured | str:
-    """The model's capture through its stack's first ``CUT`` layers and stand-ins for the others, stitched to
-    all of them; or why not."""
+    """The model's capture through the layers up to ``TRACED`` past the start of its identical run, with
+    stand-ins for the others, stitched to all of them; or why not."""
     found = find_stack(model)
     if isinstance(found, str):
         return found
-    path, stack = found
-    layers = list(stack)
+    path, stack, start = found
+    layers, cut = list(stack), start + TRACED
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path)
     calls = _Calls()
-    hooks = _traced_hooks(layers[CUT - 1], layers[CUT - 2], calls)
+    hooks = _traced_hooks(layers[cut - 1], layers[cut - 2], calls, cut)
     hooks.append(layers[0].register_forward_pre_hook(lambda *_: calls.reset()))  # a new trace starts afresh
-    setattr(parent, attr, torch.nn.ModuleList(layers[:CUT] + [_StandIn(k, calls) for k in range(CUT, len(layers))]))
+    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, calls) for k in range(cut, len(layers))]))
     try:
         captured = _capture.capture(model, args, kwargs)
     except _capture.CaptureError as e:
-        return f"{path}: the model with stand-ins after layer {CUT - 1} did not capture ({str(e)[:200]})"
+        return f"{path}: the model with stand-ins after layer {cut - 1} did not capture ({str(e)[:200]})"
     finally:
         setattr(parent, attr, stack)
         for h in hooks:
             h.remove()
-    why = _uniform_calls(calls, len(layers)) or _op_logs_differ(layers, calls.calls[0][1:3])
-    why = why or stitch(captured.gm, model, path, len(layers))
+    why = _uniform_calls(calls, len(layers), cut) or _op_logs_differ(layers, calls.calls[0][1:3], start, cut)
+    why = why or stitch(captured.gm, model, path, len(layers), cut)
     return captured if why is None else f"{path}: {why}"

@@ -221,3 +221,12 @@ def full_state_dict_check(rank: int, world: int) -> dict[str, Any]:
             "wrong_shape": _expect_error(lambda t=target, w=wrong: t.load_state_dict(w, strict=False)),
         }
     return out
+
+
+def blocks_load_check(rank: int, world: int, path: str) -> dict[str, Any]:
+    """``tpfx.from_pretrained`` of a 5-layer Llama: its parameters are fake tensors, and block capture runs its
+    layers in their fake mode; the plan must come from the stitched capture (no capture fallback)."""
+    sharded = tpfx.from_pretrained(path, world)
+    x = ids(sharded.config.vocab_size)
+    out = sharded(input_ids=x, labels=x)
+    return {"fallbacks": sharded.plan.fallbacks, "logits": out.logits.detach(), "loss": float(out.loss)}

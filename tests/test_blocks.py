@@ -112,7 +112,7 @@ def test_stitched_graph_is_the_whole_capture(name: str, monkeypatch: pytest.Monk
     monkeypatch.setattr(whole, "capture", spy)
     stitched = blocks.capture_blocks(model, (), kwargs)
     assert isinstance(stitched, whole.Captured), stitched
-    assert traced == [blocks.CUT]  # export traced 3 layers, not all of them
+    assert traced == [blocks.TRACED]  # export traced 3 layers, not all of them
     assert _graph(stitched.gm) == _graph(full.gm)
     assert len(list(model.modules())) == len(list(CASES[name]().modules()))  # the stack is put back
 
@@ -151,6 +151,19 @@ def test_plain_stack_stitches_and_attributes_that_differ_fall_back() -> None:
     assert blocks.capture_blocks(Stack(n=3), (x,), {}).startswith(blocks.NO_STACK)  # too short to gain
     assert not any("capture" in f for f in tpfx.plan(Stack(n=3), 2, example_inputs=(x,), blocks=True).fallbacks)
     assert not any("capture" in f for f in tpfx.plan(odd, 2, example_inputs=(x,), blocks=False).fallbacks)
+
+
+def test_a_stack_that_starts_with_other_layers_traces_them_and_stitches_the_rest() -> None:
+    # DeepSeek-V3's layout: the first layers dense, the others MoE (first_k_dense_replace)
+    from tpfx.families import tiny_causal_lm
+
+    model = tiny_causal_lm("deepseek_v3", num_hidden_layers=6, first_k_dense_replace=2)
+    found = blocks.find_stack(model)
+    assert not isinstance(found, str) and found[2] == 2, found
+    kwargs = _kwargs(model.config.vocab_size)
+    got = blocks.capture_blocks(model, (), kwargs)
+    assert isinstance(got, whole.Captured), got
+    assert _graph(got.gm) == _graph(whole.capture(model, (), kwargs).gm)
 
 
 def test_hybrid_layer_kinds_fall_back() -> None:

@@ -202,3 +202,14 @@ def test_load_state_dict_takes_the_unsharded_models_tensors() -> None:
             assert "missing keys" in r["strict_missing"] and len(r["lenient_missing"]) == 1, (name, r)
             assert "is (" in r["wrong_shape"] and "in full" in r["wrong_shape"], (name, r)
         assert res["falcon"]["plain"], res["falcon"]  # a plain per-part parameter was among those loaded
+
+
+def test_from_pretrained_plans_through_block_capture(tmp_path: Path) -> None:
+    model = ckpt_cases.llama(num_hidden_layers=5)
+    model.save_pretrained(tmp_path)
+    x = ckpt_cases.ids(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(input_ids=x, labels=x)
+    for res in launch(ckpt_cases.blocks_load_check, 2, str(tmp_path), timeout_s=300):
+        assert not any("capture" in f for f in res["fallbacks"]), res["fallbacks"]  # layers 3-4 stitched
+        assert rel_err(res["logits"], ref.logits) <= 1e-5 and abs(res["loss"] - float(ref.loss)) <= 1e-5
