@@ -1,0 +1,100 @@
+"""Block capture against whole capture, every causal-LM family: the stitched graph must be the whole one.
+
+For every family of ``tpfx.families.causal_lm_families()``: its tiny random-init model with 5 layers (per-layer
+config lists such as ``layer_types`` repeated to 5), captured whole (``passes.capture.capture``) and through
+block capture (``passes.blocks.capture_blocks``). Where block capture stitches, every node is compared (op,
+name, target, arguments by name, module path, shape): ``diffs`` counts the nodes that differ (goal 0). Where it
+falls back, the reason is recorded; where the harness cannot build the model, the error.
+
+    python benchmarks/blocks_check.py [--families a,b] [--layers 5]
+
+Writes ``benchmarks/results/blocks_check.json`` and prints the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+HERE = Path(__file__).resolve().parent
+
+
+def graph_rows(gm: fx.GraphModule) -> list[tuple]:
+    """Every node as plain data: op, name, target, arguments by name, module path, shape."""
+    out = []
+    for n in gm.graph.nodes:
+        args = tuple(a.name if isinstance(a, fx.Node) else repr(a) for a in tree_flatten((n.args, n.kwargs))[0])
+        path = tuple(p for p, _ in n.meta.get("nn_module_stack", {}).values())
+        val = n.meta.get("val")
+        out.append((n.op, n.name, str(n.target), args, path, str(val.shape) if isinstance(val, torch.Tensor) else None))
+    return out
+
+
+def build(family: str, layers: int) -> torch.nn.Module:
+    """The family's tiny model with ``layers`` layers (its per-layer config lists repeated to that length)."""
+    from tpfx.families import LAYER_COUNTS, tiny_causal_lm
+
+    tiny = tiny_causal_lm(family)
+    key = next((k for k in LAYER_COUNTS if isinstance(getattr(tiny.config, k, None), int)), None)
+    if key is None:
+        return tiny
+    n = getattr(tiny.config, key)
+    lists = {k: list(v) for k, v in vars(tiny.config).items() if isinstance(v, list | tuple) and len(v) == n > 1}
+    return tiny_causal_lm(family, **{key: layers, **{k: (v * layers)[:layers] for k, v in lists.items()}})
+
+
+def check(family: str, layers: int) -> dict[str, Any]:
+    from tpfx.passes import blocks
+    from tpfx.passes import capture as whole
+
+    t0 = time.perf_counter()
+    try:
+        model = build(family, layers)
+    except Exception as e:  # noqa: BLE001 - the harness could not build it: recorded, not a verdict
+        return {"harness_error": f"{type(e).__name__}: {str(e)[:160]}"}
+    kwargs = {"input_ids": torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0)),
+              "use_cache": False}
+    try:
+        full = whole.capture(model, (), kwargs)
+    except Exception as e:  # noqa: BLE001 - a model tpfx cannot capture at all
+        return {"capture_error": f"{type(e).__name__}: {str(e)[:160]}"}
+    got = blocks.capture_blocks(model, (), kwargs)
+    if isinstance(got, str):
+        return {"fallback": got, "s": round(time.perf_counter() - t0, 1)}
+    a, b = graph_rows(full.gm), graph_rows(got.gm)
+    diffs = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+    return {"nodes": len(a), "diffs": diffs, "s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    from tpfx.families import causal_lm_families
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default=None)
+    ap.add_argument("--layers", type=int, default=5)
+    args = ap.parse_args()
+    families = args.families.split(",") if args.families else causal_lm_families()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for family in families:
+        out[family] = check(family, args.layers)
+        print(family, out[family], flush=True)
+    (HERE / "results" / "blocks_check.json").write_text(json.dumps(out, indent=1) + "\n")
+    stitched = [f for f, r in out.items() if "diffs" in r]
+    print(f"blocks: {len(out)} families x {args.layers} layers: {len(stitched)} stitched, "
+          f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "
+          f"{sum('fallback' in r for r in out.values())} captured whole (reason recorded), "
+          f"{sum('harness_error' in r or 'capture_error' in r for r in out.values())} not built or not capturable")
+
+
+if __name__ == "__main__":
+    main()
