@@ -21,21 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch.utils._pytree import tree_flatten
 
 HERE = Path(__file__).resolve().parent
-
-
-def graph_rows(gm: fx.GraphModule) -> list[tuple]:
-    """Every node as plain data: op, name, target, arguments by name, module path, shape."""
-    out = []
-    for n in gm.graph.nodes:
-        args = tuple(a.name if isinstance(a, fx.Node) else repr(a) for a in tree_flatten((n.args, n.kwargs))[0])
-        path = tuple(p for p, _ in n.meta.get("nn_module_stack", {}).values())
-        val = n.meta.get("val")
-        out.append((n.op, n.name, str(n.target), args, path, str(val.shape) if isinstance(val, torch.Tensor) else None))
-    return out
 
 
 def build(family: str, layers: int) -> torch.nn.Module:
@@ -69,7 +56,7 @@ def check(family: str, layers: int) -> dict[str, Any]:
     got = blocks.capture_blocks(model, (), kwargs)
     if isinstance(got, str):
         return {"fallback": got, "s": round(time.perf_counter() - t0, 1)}
-    a, b = graph_rows(full.gm), graph_rows(got.gm)
+    a, b = blocks.graph_rows(full.gm), blocks.graph_rows(got.gm)
     diffs = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
     return {"nodes": len(a), "diffs": diffs, "s": round(time.perf_counter() - t0, 1)}
 

@@ -486,6 +486,18 @@ def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int, cut: i
     return None
 
 
+def graph_rows(gm: fx.GraphModule) -> list[tuple]:
+    """Every node as plain data (op, name, target, arguments by name, module path, shape): two captures of a
+    model are the same graph when these are equal (tests, benchmarks/blocks_check.py)."""
+    out = []
+    for n in gm.graph.nodes:
+        args = tuple(a.name if isinstance(a, fx.Node) else repr(a) for a in _leaves(n))
+        path = tuple(p for p, _ in n.meta.get("nn_module_stack", {}).values())
+        val = n.meta.get("val")
+        out.append((n.op, n.name, str(n.target), args, path, str(val.shape) if isinstance(val, torch.Tensor) else None))
+    return out
+
+
 def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured | str:
     """The model's capture through the layers up to ``TRACED`` past the start of its identical run, with
     stand-ins for the others, stitched to all of them; or why not."""

@@ -9,25 +9,14 @@ from typing import Any
 import models
 import pytest
 import torch
-import torch.fx as fx
 from simulate import emit_all, run_ranks
-from torch.utils._pytree import tree_flatten
 from tpfx.passes import blocks
 from tpfx.passes import capture as whole
 from tpfx.passes.stages import Stages
 
 import tpfx
 
-
-def _graph(gm: fx.GraphModule) -> list[tuple]:
-    """Every node as plain data: op, name, target, arguments by name, module path, shape."""
-    out = []
-    for n in gm.graph.nodes:
-        args = tuple(a.name if isinstance(a, fx.Node) else repr(a) for a in tree_flatten((n.args, n.kwargs))[0])
-        path = tuple(p for p, _ in n.meta.get("nn_module_stack", {}).values())
-        val = n.meta.get("val")
-        out.append((n.op, n.name, str(n.target), args, path, str(val.shape) if isinstance(val, torch.Tensor) else None))
-    return out
+_graph = blocks.graph_rows
 
 
 def _kwargs(vocab: int, seq: int = 8) -> dict[str, Any]:
