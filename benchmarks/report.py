@@ -21,7 +21,7 @@ import _common as C
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
 NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "sequence_parallel", "checkpoint", "generate",
-         "generate_prefix")
+         "generate_prefix", "call_check")
 
 
 def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
@@ -512,6 +512,23 @@ def _prefix_text(prefix: dict[str, Any] | None) -> str:
         md_table(["prompt", "tpfx ms / token", "unsharded ms / token"], rows), ""])
 
 
+def section_call_check(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Per-call agreement check\n\nNot run (`python benchmarks/call_check.py`).\n"
+    rows = [[r["model"], f"{r['batch'][0]}x{r['batch'][1]}", r["what"], C.fmt_ms(r["on_s"]), C.fmt_ms(r["off_s"]),
+             f"{r['cost_ms']:+.2f}", f"{r['ratio']:.3f}x", f"{r['noise_ms']:.2f}"] for r in d["rows"]]
+    return "\n".join([
+        "## Per-call agreement check (what `check_calls` costs)\n",
+        header(d),
+        "Llama models on 2 ranks (gloo, 1 thread each, on this machine); the same `auto_shard` module with "
+        "`check_calls` on and off, interleaved, a barrier before each call; ms, median of "
+        f"{d['iters']} calls, max over ranks. `noise` = how far two series of the same setting (on) differ. "
+        "The check all-reduces two integers per call, issued when the call starts and settled before the "
+        "forward's first collective (tpfx/agreement.py).\n",
+        md_table(["model", "batch", "call", "with check ms", "without ms", "cost ms", "ratio", "noise ms"], rows),
+        "\n### Targets\n", fmt_targets(d["targets"]), ""])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="prefer the *_quick.json results")
@@ -532,6 +549,7 @@ def main() -> None:
         section_sequence_parallel(data["sequence_parallel"]),
         section_checkpoint(data["checkpoint"]),
         section_generate(data["generate"], data["generate_prefix"]),
+        section_call_check(data["call_check"]),
     ]
     OUT_MD.write_text("\n".join(parts))
     plotted = plot(data["plan_time"], data["runtime"], data["generate"])

@@ -1,32 +1,36 @@
-"""Block capture: export a deep model through three layers of its stack and stitch the other layers in.
+"""Block capture: export a deep model through a few layers of each kind in its stack and stitch the others in.
 
 torch.export's cost grows with depth (with dynamic dims, about 0.19 s of SymInt bookkeeping per Llama-70B
-decoder layer), while the layers of a stack run one computation on different weights. So:
+decoder layer), while the layers of a stack run a few computations on different weights. So:
 
-1. ``find_stack``: the model's stack is its longest ``ModuleList``; its identical run is the run of layers
-   that ends it (at least 4) with the same module classes, parameter and buffer names, shapes, dtypes and
-   ``requires_grad``, and the same plain attributes (configuration constants such as a sliding window), except
-   attributes that hold each layer's own index. Layers before the run (DeepSeek's first dense layers) are
-   traced as they are. A config list with one entry per layer that is not constant over the run
-   (``layer_types`` of a hybrid) means its layers are not all one kind.
-2. ``capture_blocks``: the model is exported with the layers up to the run's third real and every later
-   layer replaced by a stand-in, which records its call and returns a ``tpfx::stand_in`` op of its hidden
-   input in the traced layers' output structure (the list is put back afterwards). Export so traces 3 layers
-   of the run, and the parent's loop over all of them. The run's first layer can hold nodes made on first use
-   (a mask sliced once and reused by later layers), so its next two (below: layers 1 and 2) are the pair
-   compared.
-3. Proof that every stand-in stands for a copy of layer 2:
-   - the calls: each stand-in is called once, in order, with layer 2's input structure, constants and tensors
-     (the same objects: masks, rotary tables), reading the previous layer's output where layer 2 read layer 1's;
-   - the graph: layer 2's nodes (those whose ``nn_module_stack`` names layer 2) copy layer 1's: the same ops,
-     constants and shapes, the same values from before layer 1, their own weights, and layer 1's nodes only
-     where layer 1 read values from before it (the residual stream handed on); the stand-ins follow layer 2
-     directly (the loop computes nothing between layers) and only the first reads it;
-   - the layers themselves: every layer runs once on static meta (or fake) copies of layer 2's inputs, and the
-     ops each runs, with their shapes and constants, must be layer 2's: a layer that branches on its own index
-     (``if self.layer_idx == last``) runs other ops.
-4. ``stitch``: layer 2's nodes are copied once per stand-in, reading that layer's weights and the layer
-   before it, and what read the last stand-in reads the last copy. Names then come from
+1. ``find_stack``: the model's stack is its longest ``ModuleList``. Its layers are grouped into *kinds*: two
+   layers are of one kind when they have the same module classes, parameter and buffer names, shapes, dtypes
+   and ``requires_grad``, the same plain attributes (configuration constants such as a sliding window, also
+   inside modules held outside the module tree), except attributes that hold each layer's own index, and the
+   same entries in every config list with one entry per layer (``layer_types``). A plain Llama has one kind;
+   Gemma 3 two (sliding and full attention), DeepSeek-V3 two (its first dense layers, then MoE), a hybrid one
+   per layer type. The *cut* is the first layer from which on every layer's kind has 3 layers before it:
+   the layers before the cut are traced, the others stand in. Each kind's last traced layer is its
+   *template*, the one before it of its kind its *sibling* (a kind's first layer can hold nodes made on first
+   use, a mask sliced once and reused later, so it is neither).
+2. ``capture_blocks``: the model is exported with the layers before the cut real and every later layer
+   replaced by a stand-in, which records its call and returns a ``tpfx::stand_in`` op of its hidden input in
+   its template's output structure (the list is put back afterwards). Export so traces the layers before the
+   cut, and the parent's loop over all of them.
+3. Proof that every stand-in stands for a copy of its kind's template:
+   - the calls: each stand-in is called once, in order, with its template's input structure, constants and
+     tensors (the same objects: masks, rotary tables), reading the previous layer's output where the template
+     read the output of the layer before it;
+   - the graph: the template's nodes (those whose ``nn_module_stack`` names it) copy its sibling's: the same
+     ops, constants and shapes, the same values from before, their own weights, and the output of the layer
+     before each (one value: the residual stream handed on), read nowhere but in the layer and the next one;
+     the layers' nodes are contiguous, the loop computes nothing between layers, and the stand-ins follow the
+     last traced layer, each reading the one before;
+   - the layers themselves: every layer of a kind but its first runs once on static meta (or fake) copies of
+     the template's inputs, and the ops each runs, with their shapes and constants, must be the template's: a
+     layer that branches on its own index (``if self.layer_idx == last``) runs other ops.
+4. ``stitch``: each stand-in becomes a copy of its template's nodes, reading its own weights and the output of
+   the layer before it, and what read the last stand-in reads the last copy. Names then come from
    ``capture.canonical_names``, as for a whole capture (export's own counters skip names irregularly, so its
    names are not a function of the layer).
 
@@ -39,8 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,11 +59,10 @@ from . import capture as _capture
 # every model whole (auto_shard included)
 ENABLED = True
 MIN_LAYERS = 4
-# layers traced past the start of the identical run: its first may hold first-use nodes (a mask sliced once),
-# the next two do not and are the pair compared
+# layers of a kind traced before any of its layers stands in: its first may hold first-use nodes (a mask sliced
+# once), the next two do not and are the pair compared
 TRACED = 3
 NO_STACK = "no ModuleList"
-_NAME = re.compile(r"^(.*?)(?:_(\d+))?$")
 
 
 # ------------------------------------------------------------------------------------------- the stack
@@ -72,11 +74,22 @@ def _plain_attrs(module: torch.nn.Module) -> dict[str, Any]:
             and not k.endswith("_hooks") and not k.startswith("_state_dict") and not k.startswith("_load_state")}
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: Any, b: Any, depth: int = 0) -> bool:
+    if a is b:
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return a is b  # a tensor attribute (not a parameter or buffer) becomes a graph constant: same object only
+        return False  # a tensor attribute (not a parameter or buffer) becomes a graph constant: same object only
     if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # one made per layer (activations)
-        return _same(a.func, b.func) and _same(a.args, b.args) and _same(a.keywords, b.keywords)
+        return _same(a.func, b.func, depth) and _same(a.args, b.args, depth) and _same(a.keywords, b.keywords, depth)
+    if depth < 4 and type(a) is type(b) and isinstance(a, dict | list | tuple):  # containers of such values
+        pairs = list(zip(a.items(), b.items())) if isinstance(a, dict) else [((0, x), (0, y)) for x, y in zip(a, b)]
+        return len(a) == len(b) and all(ka == kb and _same(x, y, depth + 1) for (ka, x), (kb, y) in pairs)
+    if depth < 4 and type(a) is type(b) and isinstance(a, torch.nn.Module):
+        # a module held outside the module tree (transformers' per-layer kernel functions): one of its own per
+        # layer, alike in class, weights and attributes
+        attrs_a, attrs_b = _plain_attrs(a), _plain_attrs(b)
+        return _layout(a) == _layout(b) and attrs_a.keys() == attrs_b.keys() \
+            and all(_same(v, attrs_b[k], depth + 1) for k, v in attrs_a.items())
     try:
         return bool(type(a) is type(b) and a == b)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not proven equal
@@ -91,38 +104,84 @@ def _layout(module: torch.nn.Module) -> tuple:
     return mods, params, bufs
 
 
-def _attrs_differ(layers: list[torch.nn.Module]) -> str | None:
-    """Why layers of one layout are not one kind: a plain attribute that differs, other than their index."""
-    subs = [dict(m.named_modules()) for m in layers]
-    for name, sub in subs[0].items():
-        for key, value in _plain_attrs(sub).items():
-            values = [_plain_attrs(s[name]).get(key) for s in subs]
-            if all(_same(value, v) for v in values):
-                continue
-            if _is_index(values):
-                continue  # each layer's own index
-            return f"the layers differ in {(name + '.' if name else '') + key}"
-    return None
+def _attrs(layer: torch.nn.Module) -> dict[tuple[str, str], Any]:
+    return {(sub, k): v for sub, m in layer.named_modules() for k, v in _plain_attrs(m).items()}
 
 
-def _is_index(values: list[Any]) -> bool:
-    """Consecutive integers, one per layer: each layer's own index (``layer_idx``)."""
-    return all(type(v) is int for v in values) and values == list(range(values[0], values[0] + len(values)))
+def _index_keys(attrs: list[dict[tuple[str, str], Any]]) -> set[tuple[str, str]]:
+    """Attributes that hold each layer's own index (``layer_idx``): in every layer that has one, an int that is
+    its position in the stack plus one constant."""
+    out = set()
+    for key in {k for a in attrs for k in a}:
+        held = [(i, a[key]) for i, a in enumerate(attrs) if key in a]
+        if len(held) > 1 and all(type(v) is int for _, v in held) and len({v - i for i, v in held}) == 1:
+            out.add(key)
+    return out
 
 
-def _config_kinds(model: torch.nn.Module, n: int, start: int) -> str | None:
-    """A configuration list with one entry per layer that varies from layer ``start`` on: those layers are of
-    several kinds."""
+def _config_rows(model: torch.nn.Module, n: int) -> list[tuple]:
+    """Per layer, its entries of every config list with one entry per layer (``layer_types``)."""
     config = getattr(model, "config", None)
-    for key, value in (vars(config).items() if config is not None else ()):
-        if isinstance(value, list | tuple) and len(value) == n and len({repr(v) for v in value[start:]}) > 1:
-            return f"config.{key} varies across layers {start}..{n - 1}"
-    return None
+    lists = [v for v in (vars(config).values() if config is not None else ()) if isinstance(v, list | tuple)
+             and len(v) == n]
+    return [tuple(repr(v[i]) for v in lists) for i in range(n)]
 
 
-def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, int] | str:
-    """The model's stack (its FQN and the list) and the first layer of its run of identical layers to the end
-    (layers before it, such as DeepSeek's first dense ones, are traced as they are); or why there is none."""
+def _same_attrs(a: dict[tuple[str, str], Any], b: dict[tuple[str, str], Any], index: set[tuple[str, str]]) -> bool:
+    return a.keys() == b.keys() and all(k in index or _same(v, b[k]) for k, v in a.items())
+
+
+def layer_kinds(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[int]:
+    """A kind for every layer (0, 1, ... in order of first appearance): layers of one kind have one layout,
+    the same attributes but their index, and the same per-layer config entries."""
+    attrs = [_attrs(m) for m in layers]
+    layouts, rows, index = [_layout(m) for m in layers], _config_rows(model, len(layers)), _index_keys(attrs)
+    firsts: list[int] = []  # each kind's first layer
+    kinds = []
+    for i in range(len(layers)):
+        kind = next((k for k, f in enumerate(firsts) if layouts[f] == layouts[i] and rows[f] == rows[i]
+                     and _same_attrs(attrs[f], attrs[i], index)), None)
+        if kind is None:
+            kind = len(firsts)
+            firsts.append(i)
+        kinds.append(kind)
+    return kinds
+
+
+def _cut(kinds: list[int]) -> int:
+    """The first layer from which on every layer's kind has ``TRACED`` layers before it (``len(kinds)``: none)."""
+    seen: list[int] = [0] * (max(kinds) + 1)
+    for cut in range(len(kinds)):
+        if all(seen[k] >= TRACED for k in set(kinds[cut:])):
+            return cut
+        seen[kinds[cut]] += 1
+    return len(kinds)
+
+
+@dataclass
+class Stack:
+    """The model's stack of layers, split into kinds: layers before ``cut`` are traced, the others stand in for
+    a copy of their kind's ``template`` (its last traced layer), which is compared with its ``sibling``."""
+
+    path: str
+    layers: list[torch.nn.Module]
+    kinds: list[int]
+    cut: int
+    templates: dict[int, int] = field(default_factory=dict)  # kind -> template layer
+    siblings: dict[int, int] = field(default_factory=dict)  # kind -> the traced layer of its kind before it
+
+    def __post_init__(self) -> None:
+        for k in set(self.kinds[self.cut:]):
+            traced = [i for i in range(self.cut) if self.kinds[i] == k]
+            self.templates[k], self.siblings[k] = traced[-1], traced[-2]
+
+    def template(self, layer: int) -> int:
+        return self.templates[self.kinds[layer]]
+
+
+def find_stack(model: torch.nn.Module) -> Stack | str:
+    """The model's stack (its longest ``ModuleList``) with its layers' kinds and the cut; or why there is none
+    to stand in for."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
              and len(m) >= MIN_LAYERS and name]
     if not lists:
@@ -131,14 +190,13 @@ def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, int] |
     layers = list(stack)
     if len({id(m) for m in layers}) < len(layers):
         return f"{name} holds one module several times"
-    layouts = [_layout(m) for m in layers]
-    start = len(layers) - 1  # the run of one layout that ends the stack
-    while start > 0 and layouts[start - 1] == layouts[-1]:
-        start -= 1
-    if len(layers) - start < MIN_LAYERS:
-        return f"{name}: the layers differ in modules, parameter shapes or dtypes"
-    why = _attrs_differ(layers[start:]) or _config_kinds(model, len(layers), start)
-    return f"{name}: {why}" if why else (name, stack, start)
+    kinds = layer_kinds(model, layers)
+    cut = _cut(kinds)
+    if cut == len(layers):
+        counts = [kinds.count(k) for k in range(max(kinds) + 1)]
+        return (f"{name}: no layer to stand in for: its {len(layers)} layers are of {len(counts)} kinds with "
+                f"{counts} layers, and every layer's kind needs {TRACED} traced layers before it")
+    return Stack(name, layers, kinds, cut)
 
 
 # ------------------------------------------------------------------------------------ stand-in layers
@@ -157,26 +215,28 @@ def _(hidden: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 class _Calls:
-    """What the last traced layer and the stand-ins after it were called with, in call order."""
+    """What the templates and the stand-ins were called with, in call order, and the templates' outputs."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.calls: list[tuple[int, tuple, Any, Any]] = []  # (layer, input leaves, tree spec, hidden state due)
-        self.out: Any = None  # the last traced layer's output
+        self.calls: dict[int, tuple[tuple, Any, Any]] = {}  # layer -> (input leaves, tree spec, hidden state due)
+        self.order: list[int] = []  # the layers recorded, in call order
+        self.out: dict[int, Any] = {}  # template layer -> its output
         self.hidden: torch.Tensor | None = None  # the output the next layer is to read
         self.problem: str | None = None
 
     def record(self, layer: int, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         leaves, spec = tree_flatten((args, kwargs))
-        self.calls.append((layer, tuple(leaves), spec, self.hidden))
+        self.calls[layer] = (tuple(leaves), spec, self.hidden)
+        self.order.append(layer)
         return leaves
 
-    def signature(self, i: int) -> tuple | None:
-        """Call ``i`` as data: its inputs' structure, constants, and tensors by identity (the handed-on hidden
-        state as ``"hidden"``); None if it does not read the previous layer's output."""
-        _, leaves, spec, hidden = self.calls[i]
+    def signature(self, layer: int) -> tuple | None:
+        """Layer ``layer``'s call as data: its inputs' structure, constants, and tensors by identity (the
+        handed-on hidden state as ``"hidden"``); None if it does not read the previous layer's output."""
+        leaves, spec, hidden = self.calls[layer]
         marks = tuple("hidden" if hidden is not None and x is hidden else
                       id(x) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
         return (str(spec), marks) if "hidden" in marks else None
@@ -188,12 +248,12 @@ def _hidden_leaf(out: Any) -> torch.Tensor | None:
 
 
 class _StandIn(torch.nn.Module):
-    """Layer ``k`` of the stack during a block capture: records its call and returns the last traced layer's
-    output structure with a ``stand_in`` of its hidden input."""
+    """Layer ``k`` of the stack during a block capture: records its call and returns its template's output
+    structure with a ``stand_in`` of its hidden input."""
 
-    def __init__(self, k: int, calls: _Calls) -> None:
+    def __init__(self, k: int, template: int, calls: _Calls) -> None:
         super().__init__()
-        self.k, self.calls_ = k, calls
+        self.k, self.template, self.calls_ = k, template, calls
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         calls = self.calls_
@@ -203,38 +263,43 @@ class _StandIn(torch.nn.Module):
             calls.problem = f"layer {self.k} does not read the output of the layer before it"
             hidden = next(x for x in leaves if isinstance(x, torch.Tensor))
         new = torch.ops.tpfx.stand_in(hidden, self.k)
-        out_leaves, out_spec = tree_flatten(calls.out)
+        out_leaves, out_spec = tree_flatten(calls.out.get(self.template))
         calls.hidden = new
         return tree_unflatten([new if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
 
 
-def _traced_hooks(layer: torch.nn.Module, before: torch.nn.Module, calls: _Calls, cut: int) -> list[Any]:
-    """Hooks on the last traced layer (its call and output) and the one before it (the hidden state it hands on)."""
-    def pre(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        calls.record(cut - 1, args, kwargs)
+def _traced_hooks(stack: Stack, calls: _Calls) -> list[Any]:
+    """Hooks on the traced layers: each hands on its output as the hidden state the next layer is due to read;
+    the templates' calls and outputs are recorded."""
+    def pre(i: int, _: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        calls.record(i, args, kwargs)
 
-    def post(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
-        calls.out, calls.hidden = out, _hidden_leaf(out)
-        if calls.hidden is None:
-            calls.problem = "a layer's output holds other tensors than its hidden state"
-
-    def handed(_: torch.nn.Module, args: tuple, out: Any) -> None:
+    def post(i: int, _: torch.nn.Module, args: tuple, out: Any) -> None:
         calls.hidden = _hidden_leaf(out)
+        if i in templates:
+            calls.out[i] = out
+            if calls.hidden is None:
+                calls.problem = "a layer's output holds other tensors than its hidden state"
 
-    return [layer.register_forward_pre_hook(pre, with_kwargs=True),
-            layer.register_forward_hook(post, with_kwargs=True), before.register_forward_hook(handed)]
+    templates = set(stack.templates.values())
+    hooks = [stack.layers[0].register_forward_pre_hook(lambda *_: calls.reset())]  # a new trace starts afresh
+    for i in range(stack.cut):
+        if i in templates:
+            hooks.append(stack.layers[i].register_forward_pre_hook(functools.partial(pre, i), with_kwargs=True))
+        hooks.append(stack.layers[i].register_forward_hook(functools.partial(post, i)))
+    return hooks
 
 
-def _uniform_calls(calls: _Calls, n: int, cut: int) -> str | None:
-    """Why the stand-ins were not called as the last traced layer was (None: they were)."""
+def _uniform_calls(stack: Stack, calls: _Calls) -> str | None:
+    """Why the stand-ins were not called as their templates were (None: they were)."""
     if calls.problem:
         return calls.problem
-    if [c[0] for c in calls.calls] != list(range(cut - 1, n)):
-        return f"the layers were called in the order {[c[0] for c in calls.calls]}"
-    first = calls.signature(0)
-    for i in range(1, len(calls.calls)):
-        if calls.signature(i) != first or first is None:
-            return f"layer {calls.calls[i][0]} is called with other inputs than layer {cut - 1}"
+    if calls.order != sorted(stack.templates.values()) + list(range(stack.cut, len(stack.layers))):
+        return f"the layers were called in the order {calls.order}"
+    for k in range(stack.cut, len(stack.layers)):
+        t = stack.template(k)
+        if calls.signature(k) != calls.signature(t) or calls.signature(t) is None:
+            return f"layer {k} is called with other inputs than layer {t}"
     return None
 
 
@@ -250,93 +315,161 @@ def _static(x: Any, device: torch.device | None) -> Any:
     return torch.empty_strided(hint, stride, dtype=x.dtype, device=device or x.device)
 
 
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _sig(x: Any) -> Any:
+    """An op argument as comparable data: a tensor by its shape and dtype, a constant by value."""
+    if isinstance(x, torch.Tensor):
+        return x.shape, x.dtype
+    if isinstance(x, list | tuple):
+        return tuple(_sig(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _sig(v)) for k, v in x.items())
+    return x if isinstance(x, _PLAIN) else repr(x)
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        leaves = tree_flatten((args, kwargs or {}))[0]
-        self.ops.append((str(func), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
-                                          for x in leaves)))
+        self.ops.append((func, _sig(args), _sig(kwargs or {})))
         return func(*args, **(kwargs or {}))
 
 
-def _op_logs_differ(layers: list[torch.nn.Module], call: tuple[tuple, Any], start: int, cut: int) -> str | None:
-    """Run every layer once on static fake copies of the last traced layer's inputs and compare the ops each
-    runs (with their shapes and constants): a layer that branches on its own index runs other ops."""
-    leaves, spec = call
+def _op_logs_differ(stack: Stack, calls: _Calls) -> str | None:
+    """Run every layer of a kind that stands in (but the kind's first) once on static fake copies of its
+    template's inputs and compare the ops each runs (with their shapes and constants) with the template's: a
+    layer that branches on its own index runs other ops."""
+    layers = stack.layers
     meta = all(t.device.type == "meta" for m in layers for t in (*m.parameters(), *m.buffers()))
-    logs = []
     own = [f for f in {maybe_get_fake_mode(t) for m in layers for t in m.parameters()} if f is not None]
     fake: Any = (contextlib.nullcontext() if meta else own[0] if len(own) == 1  # tpfx.from_pretrained's mode
                  else FakeTensorMode(allow_non_fake_inputs=True))
+    logs: dict[int, list[tuple]] = {}
     try:  # meta tensors where the weights are (plan on a meta model: 4x cheaper), else fake ones; in export's
         # own compiling state, so that models take the paths they take under export (MoE experts' kernels)
         with _compiling_state_context(), fake, torch.no_grad():
-            args, kwargs = tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves], spec)
-            for layer in layers[start + 1:]:
-                with _OpLog() as log:
-                    layer(*args, **kwargs)
-                logs.append(log.ops)
+            for kind, t in stack.templates.items():
+                leaves, spec, _ = calls.calls[t]
+                args, kwargs = tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves],
+                                              spec)
+                for i in [i for i, k in enumerate(stack.kinds) if k == kind][1:]:
+                    with _OpLog() as log:
+                        layers[i](*args, **kwargs)
+                    logs[i] = log.ops
     except Exception as e:  # noqa: BLE001 - a layer that cannot run on fake inputs is not proven uniform
         return f"a layer does not run on fake inputs ({type(e).__name__}: {str(e)[:120]})"
-    ref = logs[cut - 2 - start]
-    for k, log in enumerate(logs, start=start + 1):
-        if log != ref:
-            return f"layer {k} runs other ops than layer {cut - 1}"
+    for i in sorted(logs):
+        if logs[i] != logs[stack.template(i)]:
+            return f"layer {i} runs other ops than layer {stack.template(i)}"
     return None
 
 
 # ------------------------------------------------------------------------------------------- stitching
 
 
-def _in(node: fx.Node, path: str) -> bool:
-    return any(p == path or p.startswith(path + ".") for p, _ in node.meta.get("nn_module_stack", {}).values())
-
-
-def _split(name: str) -> tuple[str, int]:
-    m = _NAME.match(name)
-    assert m is not None
-    return m.group(1), int(m.group(2) or 0)
-
-
-def _named(base: str, index: int) -> str:
-    return f"{base}_{index}" if index else base
-
-
 def _leaves(node: fx.Node) -> list[Any]:
     return tree_flatten((node.args, node.kwargs))[0]
 
 
-class _Layers:
-    """Layers 0 and 1 of the cut graph, checked to be copies, with the counter step of every name."""
+def _layer_index(node: fx.Node, prefix: str) -> int | None:
+    """The index of the stack's layer (``prefix`` = the stack's path and a dot) whose code made ``node``."""
+    for p, _ in node.meta.get("nn_module_stack", {}).values():
+        if p.startswith(prefix):
+            head = p[len(prefix):].split(".", 1)[0]
+            return int(head) if head.isdigit() else None
+    return None
 
-    def __init__(self, gm: fx.GraphModule, path: str, cut: int) -> None:
-        self.gm, self.cut, self.p0, self.p1 = gm, cut, f"{path}.{cut - 2}", f"{path}.{cut - 1}"
+
+class _Traced:
+    """The traced layers' nodes in the cut graph (weights aside), by layer, and the stand-in nodes."""
+
+    def __init__(self, gm: fx.GraphModule, stack: Stack) -> None:
+        self.stack, self.cut, self.n = stack, stack.cut, len(stack.layers)
         nodes = list(gm.graph.nodes)
-        self.l0 = [n for n in nodes if n.op != "get_attr" and _in(n, self.p0)]
-        self.l1 = [n for n in nodes if n.op != "get_attr" and _in(n, self.p1)]
         self.pos = {n: i for i, n in enumerate(nodes)}
-        self.in0, self.in1 = set(self.l0), set(self.l1)
-        self.iso = dict(zip(self.l0, self.l1, strict=False))  # layer 1 node -> its layer 2 copy
+        self.layer_of: dict[fx.Node, int] = {}
+        self.nodes: dict[int, list[fx.Node]] = {i: [] for i in range(self.cut)}
+        for n in nodes:
+            i = None if n.op == "get_attr" else _layer_index(n, stack.path + ".")
+            if i is not None and i < self.cut:
+                self.nodes[i].append(n)
+                self.layer_of[n] = i
+        self.marks = [m for m in nodes if m.op == "call_function" and m.target is torch.ops.tpfx.stand_in.default]
+
+    def handed(self, i: int) -> fx.Node | str:
+        """The one tensor of layer ``i - 1`` that layer ``i`` reads (its hidden state handed on). Other values it
+        reads there (sizes computed once, on first use, and shared by later layers) are values from before."""
+        if i == self.cut:
+            return self.marks[0].args[0]  # type: ignore[return-value]
+        read = {a for y in self.nodes[i] for a in y.all_input_nodes
+                if self.layer_of.get(a) == i - 1 and isinstance(a.meta.get("val"), torch.Tensor)}
+        return next(iter(read)) if len(read) == 1 else f"layer {i} reads {len(read)} tensors of layer {i - 1}"
+
+    def markers(self) -> str | None:
+        """Why the stand-in nodes do not follow the last traced layer and each other (None: they do)."""
+        marks, last = self.marks, self.nodes[self.cut - 1]
+        if [m.args[1] for m in marks] != list(range(self.cut, self.n)) or not last:
+            return "the stand-in layers are not all in the graph, in order"
+        if self.layer_of.get(marks[0].args[0]) != self.cut - 1 \
+                or any(m.args[0] is not p for p, m in zip(marks, marks[1:])):
+            return "a layer does not read the output of the layer before it"
+        if any(self.pos[m] != self.pos[last[-1]] + 1 + i for i, m in enumerate(marks)):
+            return "nodes between layers"
+        return self.read_after(self.cut - 1)
+
+    def contiguous(self, i: int) -> str | None:
+        """Why layer ``i``'s nodes are not one run right after layer ``i - 1``'s (None: they are)."""
+        span, before = self.nodes[i], self.nodes[i - 1]
+        idx = [self.pos[n] for n in span]
+        if not span or idx != list(range(idx[0], idx[0] + len(idx))):
+            return "a layer's nodes are not contiguous in the graph"
+        return None if before and self.pos[before[-1]] + 1 == idx[0] else f"nodes between layers {i - 1} and {i}"
+
+    def read_after(self, i: int) -> str | None:
+        """Why values of layer ``i`` other than its output are read outside it, or its output outside it and the
+        next layer (None: they are not)."""
+        out = self.handed(i + 1)
+        if isinstance(out, str):
+            return out
+        for y in self.nodes[i]:
+            for u in y.users:
+                if self.layer_of.get(u) != i and not (y is out and (self.layer_of.get(u) == i + 1 or u is self.marks[0])):
+                    return f"{y.name} of layer {i} is read after layer {i + 1}"
+        return None
+
+
+class _Pair:
+    """A kind's sibling ``a`` and template ``b``: ``check`` proves ``b``'s nodes copy ``a``'s."""
+
+    def __init__(self, traced: _Traced, a: int, b: int) -> None:
+        self.t, self.a, self.b = traced, a, b
+        self.pa, self.pb = f"{traced.stack.path}.{a}", f"{traced.stack.path}.{b}"
+        self.la, self.lb = traced.nodes[a], traced.nodes[b]
+        self.inb = set(self.lb)
+        self.iso = dict(zip(self.la, self.lb, strict=False))  # sibling node -> its template copy
+        self.ha: fx.Node | str = traced.handed(a)
+        self.hb: fx.Node | str = traced.handed(b)
 
     def check(self) -> str | None:
-        if len(self.l0) != len(self.l1) or not self.l0:
-            return f"layers {self.cut - 2} and {self.cut - 1} have different node counts"
-        for span in (self.l0, self.l1):
-            idx = [self.pos[n] for n in span]
-            if idx != list(range(idx[0], idx[0] + len(idx))):
-                return "a layer's nodes are not contiguous in the graph"
-        if self.pos[self.l0[-1]] + 1 != self.pos[self.l1[0]]:
-            return f"nodes between layers {self.cut - 2} and {self.cut - 1}"
-        for x, y in zip(self.l0, self.l1, strict=True):
+        t, a, b = self.t, self.a, self.b
+        if len(self.la) != len(self.lb) or not self.la:
+            return f"layers {a} and {b} have different node counts"
+        why = t.contiguous(a) or t.contiguous(b) or t.read_after(a) or t.read_after(b)
+        if why:
+            return why
+        if isinstance(self.ha, str) or isinstance(self.hb, str):
+            return self.ha if isinstance(self.ha, str) else self.hb  # type: ignore[return-value]
+        for x, y in zip(self.la, self.lb, strict=True):
             why = self._pair(x, y)
             if why:
                 return f"{y.name} is not a copy of {x.name}: {why}"
-        for x in self.l0:
-            if any(u not in self.in0 and u not in self.in1 for u in x.users):
-                return f"{x.name} of layer {self.cut - 2} is read after layer {self.cut - 1}"
+        out = t.handed(b + 1)
+        if isinstance(out, fx.Node) and _shape(out) != _shape(self.hb):
+            return f"layer {b} changes the shape of the hidden state it hands on"
         return None
 
     def _pair(self, x: fx.Node, y: fx.Node) -> str | None:
@@ -347,25 +480,25 @@ class _Layers:
         ax, ay = _leaves(x), _leaves(y)
         if len(ax) != len(ay):
             return "different arguments"
-        for a, b in zip(ax, ay, strict=True):
-            why = self._arg(a, b)
+        for u, v in zip(ax, ay, strict=True):
+            why = self._arg(u, v)
             if why:
                 return why
         return None
 
-    def _arg(self, a: Any, b: Any) -> str | None:
-        if not isinstance(b, fx.Node):
-            return None if not isinstance(a, fx.Node) and _same_leaf(a, b) else "different constants"
-        if not isinstance(a, fx.Node):
+    def _arg(self, u: Any, v: Any) -> str | None:
+        if not isinstance(v, fx.Node):
+            return None if not isinstance(u, fx.Node) and _same_leaf(u, v) else "different constants"
+        if not isinstance(u, fx.Node):
             return "different arguments"
-        if b in self.in1:
-            return None if self.iso.get(a) is b else "a different layer-internal input"
-        if b in self.in0:  # handed on from layer 1, which read a value from before it there
-            return None if a not in self.in0 and a not in self.in1 else "a different handed-on input"
-        if b.op == "get_attr" and isinstance(b.target, str) and b.target.startswith(self.p1 + "."):
-            same = a.op == "get_attr" and a.target == self.p0 + b.target[len(self.p1):]
+        if v in self.inb:
+            return None if self.iso.get(u) is v else "a different layer-internal input"
+        if v is self.hb:  # the hidden state handed on by the layer before
+            return None if u is self.ha else "a different handed-on input"
+        if v.op == "get_attr" and isinstance(v.target, str) and v.target.startswith(self.pb + "."):
+            same = u.op == "get_attr" and u.target == self.pa + v.target[len(self.pb):]
             return None if same else "a different weight"
-        return None if a is b else "a different input from before the stack"
+        return None if u is v else "a different input from before the layer"
 
 
 def _shape(node: fx.Node) -> tuple[str, str] | None:
@@ -392,18 +525,6 @@ def _set_attr(root: torch.nn.Module, target: str, value: torch.Tensor, param: bo
         m.register_buffer(leaf, value)
 
 
-def _runs(nodes: list[fx.Node]) -> Iterator[list[fx.Node]]:
-    """Maximal runs of consecutive nodes (by graph order) from ``nodes``."""
-    run: list[fx.Node] = []
-    for n in nodes:
-        if run and run[-1].next is not n:
-            yield run
-            run = []
-        run.append(n)
-    if run:
-        yield run
-
-
 def _retarget_stack(meta: dict[str, Any], p1: str, pk: str) -> dict[str, Any]:
     def sub(s: str) -> str:
         return pk + s[len(p1):] if s == p1 or s.startswith(p1 + ".") else s
@@ -414,74 +535,67 @@ def _retarget_stack(meta: dict[str, Any], p1: str, pk: str) -> dict[str, Any]:
     return out
 
 
-def _markers(gm: fx.GraphModule, layers: _Layers, n: int) -> list[fx.Node] | str:
-    """The stand-in nodes of the untraced layers, checked to follow the last traced layer and each other."""
-    marks = [m for m in gm.graph.nodes if m.op == "call_function" and m.target is torch.ops.tpfx.stand_in.default]
-    if [m.args[1] for m in marks] != list(range(layers.cut, n)):
-        return "the stand-in layers are not all in the graph, in order"
-    if marks[0].args[0] not in layers.in1 or any(m.args[0] is not p for p, m in zip(marks, marks[1:])):
-        return "a layer does not read the output of the layer before it"
-    if any(layers.pos[m] != layers.pos[layers.l1[-1]] + 1 + i for i, m in enumerate(marks)):
-        return "nodes between layers"
-    if any(u not in layers.in1 and u is not marks[0] for y in layers.l1 for u in y.users):
-        return f"values of layer {layers.cut - 1} are read after the next layer"
-    return marks
-
-
-def stitch(gm: fx.GraphModule, model: torch.nn.Module, path: str, n: int, cut: int = TRACED) -> str | None:
-    """Turn ``gm`` (the model captured with the first ``cut`` layers of its ``n``-layer stack at ``path`` and
-    ``stand_in`` nodes for the others) into the whole model's graph in place; or return why it cannot (``gm`` is
-    then unchanged)."""
-    layers = _Layers(gm, path, cut)
-    why = layers.check()
-    marks = _markers(gm, layers, n) if why is None else why
-    if isinstance(marks, str):
-        return marks
-    graph, p1 = gm.graph, layers.p1
-    weights = [w for w in graph.nodes if w.op == "get_attr" and isinstance(w.target, str)
-               and w.target.startswith(p1 + ".")]
-    s1 = p1.replace(".", "_")
-    # 1. the weights of the further layers, after the last kept layer's (one run for parameters, one for buffers)
-    new_w: dict[tuple[int, fx.Node], fx.Node] = {}
+def _weights(gm: fx.GraphModule, model: torch.nn.Module, stack: Stack) -> dict[tuple[int, fx.Node], fx.Node]:
+    """Every stand-in layer's weights as get_attr nodes (its template's, renamed), after the traced layers'
+    parameters and buffers (where a whole capture has them): (layer, template's node) -> its own node."""
+    graph, path = gm.graph, stack.path
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    for run in _runs(weights):
-        anchor = run[-1]
-        for k in range(cut, n):
-            pk = f"{path}.{k}"
-            for w in run:
-                target = pk + str(w.target)[len(p1):]
-                _set_attr(gm, target, params[target] if target in params else buffers[target], target in params)
-                with graph.inserting_after(anchor):
-                    anchor = graph.create_node("get_attr", target, name=w.name.replace(s1, pk.replace(".", "_"), 1))
-                anchor.meta = dict(w.meta)
-                new_w[(k, w)] = anchor
-    # 2. the last traced layer's nodes once per stand-in, each reading the layer before it
-    prev = dict(layers.iso)  # node of the layer before the last traced one -> the previous layer's copy of it
-    anchor = layers.l1[-1]
-    copy: dict[fx.Node, fx.Node] = {}
-    for k in range(cut, n):
-        pk = f"{path}.{k}"
-        copy = {}
+    mine = [w for w in graph.nodes if w.op == "get_attr" and str(w.target).startswith(path + ".")]
+    anchors = {kind: next((w for w in reversed(mine) if (str(w.target) in params) == kind), None)
+               for kind in (True, False)}
+    new: dict[tuple[int, fx.Node], fx.Node] = {}
+    for k in range(stack.cut, len(stack.layers)):
+        t = stack.template(k)
+        pt, pk = f"{path}.{t}", f"{path}.{k}"
+        st = pt.replace(".", "_")
+        for w in (w for w in mine if str(w.target).startswith(pt + ".")):
+            target, param = pk + str(w.target)[len(pt):], str(w.target) in params
+            _set_attr(gm, target, params[target] if param else buffers[target], param)
+            with graph.inserting_after(anchors[param]):
+                anchors[param] = graph.create_node("get_attr", target, name=w.name.replace(st, pk.replace(".", "_"), 1))
+            anchors[param].meta = dict(w.meta)  # type: ignore[union-attr]
+            new[(k, w)] = anchors[param]  # type: ignore[assignment]
+    return new
 
-        def arg(a: fx.Node, k: int = k, copy: dict = copy, prev: dict = prev) -> fx.Node:
-            if a in copy:
-                return copy[a]
-            if a in layers.in0:
-                return prev[a]
-            return new_w.get((k, a), a)
 
-        for y in layers.l1:
+def _copy_layers(gm: fx.GraphModule, traced: _Traced, weights: dict[tuple[int, fx.Node], fx.Node]) -> fx.Node:
+    """Each stand-in's template's nodes, copied after the last traced layer in layer order, each copy reading
+    its own weights and the output of the copy before it; returns the last copy's output."""
+    stack, graph = traced.stack, gm.graph
+    anchor, out = traced.nodes[stack.cut - 1][-1], traced.handed(stack.cut)
+    for k in range(stack.cut, len(stack.layers)):
+        t = stack.template(k)
+        hin, pt, pk = traced.handed(t), f"{stack.path}.{t}", f"{stack.path}.{k}"
+        copy: dict[fx.Node, fx.Node] = {}
+
+        def arg(a: fx.Node, k: int = k, copy: dict = copy, hin: Any = hin, prev: Any = out) -> fx.Node:
+            return copy[a] if a in copy else prev if a is hin else weights.get((k, a), a)
+
+        for y in traced.nodes[t]:
             with graph.inserting_after(anchor):
                 anchor = graph.create_node(y.op, y.target, fx.map_arg(y.args, arg), fx.map_arg(y.kwargs, arg),
-                                           name=_split(y.name)[0])
-            anchor.meta = _retarget_stack(y.meta, p1, pk)
+                                           name=y.name)
+            anchor.meta = _retarget_stack(y.meta, pt, pk)
             copy[y] = anchor
-        prev = {x: copy[y] for x, y in layers.iso.items()}
-    # 3. what read the last stand-in reads the last copy; the stand-ins go
-    marks[-1].replace_all_uses_with(copy[marks[0].args[0]])  # type: ignore[index]
-    for m in reversed(marks):
-        graph.erase_node(m)
-    graph.lint()
+        out = copy[traced.handed(t + 1)]  # type: ignore[index]
+    return out  # type: ignore[return-value]
+
+
+def stitch(gm: fx.GraphModule, model: torch.nn.Module, stack: Stack) -> str | None:
+    """Turn ``gm`` (the model captured with the layers of ``stack`` before its cut traced and ``stand_in``
+    nodes for the others) into the whole model's graph in place; or return why it cannot (``gm`` is then
+    unchanged)."""
+    traced = _Traced(gm, stack)
+    why = traced.markers()
+    for kind in sorted(stack.templates):
+        why = why or _Pair(traced, stack.siblings[kind], stack.templates[kind]).check()
+    if why:
+        return why
+    last = _copy_layers(gm, traced, _weights(gm, model, stack))
+    traced.marks[-1].replace_all_uses_with(last)
+    for m in reversed(traced.marks):
+        gm.graph.erase_node(m)
+    gm.graph.lint()
     _capture.canonical_names(gm)
     return None
 
@@ -499,27 +613,25 @@ def graph_rows(gm: fx.GraphModule) -> list[tuple]:
 
 
 def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured | str:
-    """The model's capture through the layers up to ``TRACED`` past the start of its identical run, with
-    stand-ins for the others, stitched to all of them; or why not."""
-    found = find_stack(model)
-    if isinstance(found, str):
-        return found
-    path, stack, start = found
-    layers, cut = list(stack), start + TRACED
+    """The model's capture through the layers of its stack before the cut, with stand-ins for the others,
+    stitched to all of them; or why not."""
+    stack = find_stack(model)
+    if isinstance(stack, str):
+        return stack
+    path, layers, cut = stack.path, stack.layers, stack.cut
     parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
+    parent, original = model.get_submodule(parent_path), model.get_submodule(path)
     calls = _Calls()
-    hooks = _traced_hooks(layers[cut - 1], layers[cut - 2], calls, cut)
-    hooks.append(layers[0].register_forward_pre_hook(lambda *_: calls.reset()))  # a new trace starts afresh
-    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, calls) for k in range(cut, len(layers))]))
+    hooks = _traced_hooks(stack, calls)
+    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, stack.template(k), calls)
+                                                              for k in range(cut, len(layers))]))
     try:
-        captured = _capture.capture(model, args, kwargs)
+        captured = _capture.capture(model, args, kwargs, named=False)
     except _capture.CaptureError as e:
         return f"{path}: the model with stand-ins after layer {cut - 1} did not capture ({str(e)[:200]})"
     finally:
-        setattr(parent, attr, stack)
+        setattr(parent, attr, original)
         for h in hooks:
             h.remove()
-    why = _uniform_calls(calls, len(layers), cut) or _op_logs_differ(layers, calls.calls[0][1:3], start, cut)
-    why = why or stitch(captured.gm, model, path, len(layers), cut)
+    why = _uniform_calls(stack, calls) or _op_logs_differ(stack, calls) or stitch(captured.gm, model, stack)
     return captured if why is None else f"{path}: {why}"

@@ -8,7 +8,6 @@ because a redistributed operand is a new tensor a write would miss (``normalize`
 
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 import warnings
@@ -107,36 +106,40 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
 _SUFFIX = re.compile(r"^(.*?)(?:_\d+)?$")
 
 
-def canonical_names(gm: fx.GraphModule) -> fx.GraphModule:
+def canonical_names(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphModule:
     """Name every computed node by its op and a dense counter in graph order (``mul``, ``mul_1``, ...), so a
     graph's names depend on its nodes alone: export's counters skip names where its tracing made nodes it
     later dropped, and not at the same places in every layer (``blocks.stitch`` relies on this). Placeholders,
-    weights (named by their FQN) and the output keep their names."""
-    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = gm.graph._codegen  # the pytree calling convention of export's module
+    weights (named by their FQN) and the output keep their names. The nodes are renamed in place, through a new
+    namespace that resolves every name as ``Graph.create_node`` would (a builtin's name gets a suffix)."""
+    graph = gm.graph
+    namespace = fx.graph._Namespace()
     counts: dict[str, int] = {}
-    env: dict[fx.Node, fx.Node] = {}
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         name = n.name
         if n.op in ("call_function", "call_method", "call_module") and n.name != "_guards_fn":
             base = m.group(1) if (m := _SUFFIX.match(n.name)) else n.name
             k = counts.get(base, 0)
             counts[base] = k + 1
             name = f"{base}_{k}" if k else base
-        new = graph.create_node(n.op, n.target, fx.map_arg(n.args, env.__getitem__),
-                                fx.map_arg(n.kwargs, env.__getitem__), name, n.type)
-        new.meta = copy.copy(n.meta)
-        env[n] = new
-    gm.graph = graph
+        name = namespace.create_name(name, None)
+        namespace.associate_name_with_obj(name, n)
+        if name != n.name:
+            n.name = name
+    graph._graph_namespace = namespace
+    if recompile:
+        gm.recompile()
     return gm
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Captured:
-    """The model's ATen graph for these example inputs (the inputs are cloned: export may write into them)."""
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], named: bool = True) -> Captured:
+    """The model's ATen graph for these example inputs (the inputs are cloned: export may write into them);
+    ``named=False`` leaves export's node names (a block capture names the stitched graph once)."""
     check_model(model)
     args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     ep, dynamic = _export(model, args, kwargs)
     functionalized = mutates_intermediates(ep.graph)
     if functionalized:
         ep = ep.run_decompositions({})  # functional ops only (e.g. copy_ into a slice -> slice_scatter)
-    return Captured(canonical_names(ep.module()), dynamic, functionalized)  # type: ignore[arg-type]
+    gm: fx.GraphModule = ep.module()  # type: ignore[assignment]
+    return Captured(canonical_names(gm) if named else gm, dynamic, functionalized)

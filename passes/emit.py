@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import collectives as C
 from .backward import operand_grad, sharded_compute
@@ -194,8 +194,8 @@ class _Emitter:
         if node.op == "call_function" and node.target is torch.set_grad_enabled:
             self.cache.clear()  # a redistribution made under no_grad carries no gradient: redo it after a switch
         sharded = sharded_compute(prop, node)
-        args = tree_map(lambda a: self.operand(a, node, sharded), node.args)
-        kwargs = tree_map(lambda a: self.operand(a, node, sharded), dict(node.kwargs))
+        args = fx.map_arg(node.args, lambda a: self.operand(a, node, sharded))
+        kwargs = dict(fx.map_arg(dict(node.kwargs), lambda a: self.operand(a, node, sharded)))
         strat = prop.strategies.get(node)
         target = node.target
         if strat is not None and strat.rewrite is not None:

@@ -60,7 +60,7 @@ class Stages:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def capture(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured:
-        """The model's graph: through two layers of its stack and stitched (``blocks``), else whole, with the
+        """The model's graph: through three layers of each kind in its stack and stitched (``blocks``), else whole, with the
         reason the stack could not be used in ``Captured.whole_because``."""
         why = None
         if self.blocks:

@@ -1,5 +1,5 @@
-"""Block capture (passes/blocks.py): a stack of identical layers exported through 3 of them and stitched back
-must give the graph a whole capture gives, node for node; what it cannot prove falls back with a reason.
+"""Block capture (passes/blocks.py): a stack exported through 3 layers of each kind and stitched back must give
+the graph a whole capture gives, node for node; what it cannot prove falls back with a reason.
 Tier 2: no process group."""
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def test_stitched_graph_is_the_whole_capture(name: str, monkeypatch: pytest.Monk
     traced: list[int] = []  # how many layers each export saw
     real = whole.capture
 
-    def spy(m: torch.nn.Module, a: tuple, k: dict) -> Any:
-        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found[0])))
-        return real(m, a, k)
+    def spy(m: torch.nn.Module, a: tuple, k: dict, **kw: Any) -> Any:
+        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found.path)))
+        return real(m, a, k, **kw)
 
     monkeypatch.setattr(whole, "capture", spy)
     stitched = blocks.capture_blocks(model, (), kwargs)
@@ -127,19 +127,26 @@ def test_the_plan_and_every_ranks_numbers_are_the_whole_captures() -> None:
         assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
-def test_plain_stack_stitches_and_attributes_that_differ_fall_back() -> None:
+def test_plain_stack_stitches_and_a_stack_of_all_different_layers_falls_back() -> None:
     x = torch.randn(2, 16)
     model = Stack()
     got = blocks.capture_blocks(model, (x,), {})
     assert isinstance(got, whole.Captured)
     assert _graph(got.gm) == _graph(whole.capture(model, (x,), {}).gm)
-    odd = Stack(scales=[1.0, 1.0, 1.0, 1.0, 0.5, 1.0])  # one layer scales its branch differently
-    assert blocks.capture_blocks(odd, (x,), {}) == "layers: the layers differ in scale"
-    plan = tpfx.plan(odd, 2, example_inputs=(x,), blocks=True)
-    assert plan.fallbacks[0] == {"capture": "whole model", "reason": "layers: the layers differ in scale"}
+    odd = Stack(scales=[1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0])  # layer 4 scales its branch differently: its own kind
+    found = blocks.find_stack(odd)
+    assert not isinstance(found, str) and found.kinds == [0, 0, 0, 0, 1, 0, 0] and found.cut == 5, found
+    got = blocks.capture_blocks(odd, (x,), {})
+    assert isinstance(got, whole.Captured), got
+    assert _graph(got.gm) == _graph(whole.capture(odd, (x,), {}).gm)
+    ramp = Stack(scales=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])  # six kinds of one layer each: nothing to stand in for
+    why = "layers: no layer to stand in for: its 6 layers are of 6 kinds"
+    assert str(blocks.capture_blocks(ramp, (x,), {})).startswith(why)
+    plan = tpfx.plan(ramp, 2, example_inputs=(x,), blocks=True)
+    assert plan.fallbacks[0]["capture"] == "whole model" and plan.fallbacks[0]["reason"].startswith(why)
     assert blocks.capture_blocks(Stack(n=3), (x,), {}).startswith(blocks.NO_STACK)  # too short to gain
     assert not any("capture" in f for f in tpfx.plan(Stack(n=3), 2, example_inputs=(x,), blocks=True).fallbacks)
-    assert not any("capture" in f for f in tpfx.plan(odd, 2, example_inputs=(x,), blocks=False).fallbacks)
+    assert not any("capture" in f for f in tpfx.plan(ramp, 2, example_inputs=(x,), blocks=False).fallbacks)
 
 
 def test_a_stack_that_starts_with_other_layers_traces_them_and_stitches_the_rest() -> None:
@@ -148,23 +155,54 @@ def test_a_stack_that_starts_with_other_layers_traces_them_and_stitches_the_rest
 
     model = tiny_causal_lm("deepseek_v3", num_hidden_layers=6, first_k_dense_replace=2)
     found = blocks.find_stack(model)
-    assert not isinstance(found, str) and found[2] == 2, found
+    assert not isinstance(found, str) and found.kinds == [0, 0, 1, 1, 1, 1] and found.cut == 5, found
     kwargs = _kwargs(model.config.vocab_size)
     got = blocks.capture_blocks(model, (), kwargs)
     assert isinstance(got, whole.Captured), got
     assert _graph(got.gm) == _graph(whole.capture(model, (), kwargs).gm)
 
 
-def test_hybrid_layer_kinds_fall_back() -> None:
+def _qwen2(layer_types: list[str]) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=2)
-    model = Qwen2ForCausalLM(config)
-    why = blocks.capture_blocks(model, (), _kwargs(128))
-    assert isinstance(why, str) and why.startswith("model.layers: "), why  # sliding and full attention layers
+                         layer_types=layer_types)
+    return Qwen2ForCausalLM(config)
+
+
+def test_hybrid_layers_are_traced_three_of_each_kind_and_stitched(monkeypatch: pytest.MonkeyPatch) -> None:
+    # sliding and full attention alternating (Gemma 2, GPT-OSS): two kinds, each stitched from its own template
+    model = _qwen2(["sliding_attention", "full_attention"] * 5)
+    found = blocks.find_stack(model)
+    assert not isinstance(found, str) and found.kinds == [0, 1] * 5 and found.cut == 6, found
+    assert found.templates == {0: 4, 1: 5} and found.siblings == {0: 2, 1: 3}
+    kwargs = _kwargs(128, seq=12)  # longer than the window: the two kinds compute differently
+    traced: list[int] = []
+    real = whole.capture
+
+    def spy(m: torch.nn.Module, a: tuple, k: dict, **kw: Any) -> Any:
+        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found.path)))
+        return real(m, a, k, **kw)
+
+    monkeypatch.setattr(whole, "capture", spy)
+    got = blocks.capture_blocks(model, (), kwargs)
+    assert isinstance(got, whole.Captured), got
+    assert traced == [6]
+    monkeypatch.setattr(whole, "capture", real)
+    assert _graph(got.gm) == _graph(whole.capture(model, (), kwargs).gm)
+    plan = tpfx.plan(model, 2, example_kwargs=kwargs, blocks=True)
+    assert not any("capture" in f for f in plan.fallbacks)
+    ref = model(**kwargs).logits.detach()
+    ranks = emit_all(plan)
+    for out in run_ranks(2, lambda r: ranks[r][0](**kwargs).logits.detach()):
+        assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_hybrid_kinds_too_short_to_stand_in_fall_back() -> None:
+    why = blocks.capture_blocks(_qwen2(["full_attention"] * 2 + ["sliding_attention"] * 2), (), _kwargs(128))
+    assert isinstance(why, str) and why.startswith("model.layers: no layer to stand in for"), why
 
 
 def test_canonical_names_are_dense_per_op() -> None:
@@ -193,3 +231,39 @@ def test_a_layer_treated_differently_after_the_traced_ones_falls_back(how: str, 
     ranks = emit_all(plan)
     for out in run_ranks(2, lambda r: ranks[r][0](x).detach()):
         assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5  # the whole capture, exact
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a * x
+
+
+class KernelBlock(Block):
+    """A block that keeps a function module in a plain dict, outside the module tree (transformers 5.25 keeps
+    its kernel functions so: one instance per layer)."""
+
+    def __init__(self, d: int, a: float) -> None:
+        super().__init__(d)
+        self.kernels = {"scale": _Scale(a)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.kernels["scale"](self.down(torch.relu(self.up(x))))
+
+
+def test_kinds_compare_modules_held_outside_the_module_tree_and_the_cut_counts_three_of_each() -> None:
+    model = Stack()
+    model.layers = torch.nn.ModuleList(KernelBlock(16, a) for a in [1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0])
+    assert blocks.layer_kinds(model, list(model.layers)) == [0, 0, 0, 1, 0, 0, 0]  # equal, not identical, modules
+    x = torch.randn(2, 16)
+    got = blocks.capture_blocks(model, (x,), {})
+    assert isinstance(got, whole.Captured), got
+    assert _graph(got.gm) == _graph(whole.capture(model, (x,), {}).gm)
+    assert blocks._cut([0] * 6) == 3
+    assert blocks._cut([0, 1] * 5) == 6
+    assert blocks._cut([0, 0, 1, 1, 1, 1]) == 5  # the first kind's layers need not repeat
+    assert blocks._cut([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]) == 9
+    assert blocks._cut([0, 1, 0, 1, 0, 2]) == 6  # a kind seen once at the end: nothing stands in

@@ -122,7 +122,7 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
          blocks: bool | None = None) -> ShardingPlan:
     """Derive the sharding plan for ``world_size`` ranks. Needs no process group; works on meta models.
     ``sequence_parallel``: split the residual stream by sequence between the sharded blocks (Megatron-SP).
-    ``blocks``: capture a stack of identical layers through three of them and stitch the rest in
+    ``blocks``: capture a stack of layers through three layers of each kind and stitch the rest in
     (``tpfx.passes.blocks``; default ``tpfx.passes.blocks.ENABLED``, on), the same graph in a fraction of the
     time; a stack it cannot prove identical is captured whole, with the reason first in ``plan.fallbacks``.
 

@@ -25,25 +25,12 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from tpfx.dtensor_params import local
 from tpfx.passes import shard_tensor
+from tpfx.pretrained import canonical_names, full_shape
 
 if TYPE_CHECKING:
     from tpfx.api import ShardedModule
 
 __all__ = ["load_state_dict"]
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Every name of a tied parameter -> its first name (the one the sharded module registers)."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = first.setdefault(id(p), name)
-    return out
-
-
-def _full_shape(sharded: ShardedModule, fqn: str, param: torch.Tensor) -> tuple[int, ...]:
-    pp = sharded.plan.placements.get(fqn)
-    return tuple(pp.shape) if pp is not None and fqn in sharded._store else tuple(local(param).shape)
 
 
 def _copy_full(sharded: ShardedModule, fqn: str, param: torch.Tensor, full: torch.Tensor) -> None:
@@ -57,7 +44,7 @@ def load_state_dict(sharded: ShardedModule, state_dict: Mapping[str, Any], stric
                     assign: bool = False) -> _IncompatibleKeys:
     """``sharded.load_state_dict``: full tensors are cut to this rank's slices (see the module docstring)."""
     params = dict(sharded.named_parameters())
-    aliases = _aliases(sharded._model)
+    aliases = canonical_names(sharded._model)
     rest: dict[str, Any] = {}
     loaded: set[str] = set()
     for key, value in state_dict.items():
@@ -66,7 +53,7 @@ def load_state_dict(sharded: ShardedModule, state_dict: Mapping[str, Any], stric
         if param is None or isinstance(value, DTensor):
             rest[key] = value
             continue
-        full = _full_shape(sharded, fqn, param)
+        full = full_shape(sharded, fqn, local(param))
         if tuple(value.shape) == full:
             if fqn not in loaded:
                 sharded.check_own_params("load_state_dict of full tensors")

@@ -155,6 +155,11 @@ def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in by_id.values()}
 
 
+def canonical_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every name of a parameter -> its first name (a tied alias -> the parameter the sharded module registers)."""
+    return {n: names[0] for names in _tied_names(model).values() for n in names}
+
+
 def _candidates(names: list[str], prefix: str) -> Iterator[str]:
     for n in names:
         yield n
@@ -291,7 +296,7 @@ def _local_tensors(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     order, tied duplicates dropped): sharded parameters from the module, the rest (persistent buffers,
     parameters no graph uses) from the model."""
     model, store = sharded._model, sharded._store
-    canonical = {n: names[0] for names in _tied_names(model).values() for n in names}
+    canonical = canonical_names(model)
     out: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict(keep_vars=True).items():
         fqn = canonical.get(name, name)
@@ -304,7 +309,8 @@ def _local_tensors(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def _full_shape(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> tuple[int, ...]:
+def full_shape(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> tuple[int, ...]:
+    """The unsharded shape of ``fqn``, whose local tensor (slice, or whole where it is not split) is ``local``."""
     pp = sharded.plan.placements.get(fqn)
     return tuple(pp.shape) if pp is not None and fqn in sharded._store else tuple(local.shape)
 
@@ -335,7 +341,7 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
                 piece = local.narrow(pl.dim, lstart, n).contiguous()
                 dist.send(piece.view(-1).view(torch.uint8), dst=_global(group, 0), group=group)
         return None
-    full = torch.empty(_full_shape(sharded, fqn, local), dtype=local.dtype, device=local.device)
+    full = torch.empty(full_shape(sharded, fqn, local), dtype=local.dtype, device=local.device)
     for start, n, lstart in pl.pieces(0, world):
         full.narrow(pl.dim, start, n).copy_(local.narrow(pl.dim, lstart, n))
     for r in senders:
@@ -416,7 +422,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     group = sharded.group
     _barrier(group, timeout_s, "save_pretrained")
     local = _local_tensors(sharded)
-    groups = saved_layout(sharded._model, [(k, _full_shape(sharded, k, v), v.dtype) for k, v in local.items()])
+    groups = saved_layout(sharded._model, [(k, full_shape(sharded, k, v), v.dtype) for k, v in local.items()])
     specs = [spec for _, outputs in groups for spec in outputs]
     files = _shard_files(specs, convert_file_size_to_int(max_shard_size))
     stream = _saved_tensors(sharded, local, groups)
