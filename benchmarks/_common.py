@@ -145,7 +145,8 @@ def write_json(name: str, data: dict[str, Any], quick: bool) -> Path:
 
 # ------------------------------------------------------------------------------------- plan-time rows
 
-PLAN_TIME_COLUMNS = ["model", "params", "t", "nodes", "layers", "unique layers", "export alone", "static export",
+PLAN_TIME_COLUMNS = ["model", "params", "t", "nodes", "layers", "unique layers", "traced", "export alone",
+                     "static export",
                      "capture", "other passes", "propagate", "emit/rank", "prop+emit", "total", "total/export",
                      "total/static", "plan", "plan/static"]
 
@@ -153,7 +154,7 @@ PLAN_TIME_COLUMNS = ["model", "params", "t", "nodes", "layers", "unique layers",
 def plan_time_cells(r: dict[str, Any]) -> list[str]:
     """One plan-time result row as strings, in ``PLAN_TIME_COLUMNS`` order (console table and RESULTS.md)."""
     return [r["model"], f"{r['params'] / 1e9:.1f}B", str(r["t"]), str(r["nodes"]), str(r["layers"]),
-            str(r["unique_layers"]), f"{r['export']:.2f}", _opt(r.get("static_export"), "{:.2f}"),
+            str(r["unique_layers"]), _opt(r.get("traced_layers"), "{}"), f"{r['export']:.2f}", _opt(r.get("static_export"), "{:.2f}"),
             f"{r['capture']:.2f}", f"{sum(r['passes'].values()):.3f}", f"{r['propagate']:.3f}", f"{r['emit']:.3f}",
             f"{r['prop_emit']:.3f}", f"{r['total']:.2f}", f"{r['ratio']:.2f}x", _opt(r.get("ratio_static"), "{:.2f}x"),
             _opt(r.get("plan_wall"), "{:.2f}"), _opt(r.get("plan_ratio_static"), "{:.2f}x")]

@@ -1,14 +1,15 @@
 """Block capture against whole capture, every causal-LM family: the stitched graph must be the whole one.
 
-For every family of ``tpfx.families.causal_lm_families()``: its tiny random-init model with 5 layers (per-layer
-config lists such as ``layer_types`` repeated to 5), captured whole (``passes.capture.capture``) and through
+For every family of ``tpfx.families.causal_lm_families()``: its tiny random-init model with 10 layers (per-layer
+config lists such as ``layer_types`` repeated to 10, so a hybrid's kinds each have 3 traced layers before some of
+their layers stand in), captured whole (``passes.capture.capture``) and through
 block capture (``passes.blocks.capture_blocks``). Where block capture stitches, every node is compared (op,
 name, target, arguments by name, module path, shape): ``diffs`` counts the nodes that differ (goal 0). Where it
 falls back, the reason is recorded; where the harness cannot build the model, the error.
 
-    python benchmarks/blocks_check.py [--families a,b] [--layers 5]
+    python benchmarks/blocks_check.py [--families a,b] [--layers 10]
 
-Writes ``benchmarks/results/blocks_check.json`` and prints the counts.
+Writes ``benchmarks/results/blocks_check.json`` (after every family) and prints the counts.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=None)
-    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=10)
     args = ap.parse_args()
     families = args.families.split(",") if args.families else causal_lm_families()
     warnings.simplefilter("ignore")
@@ -75,7 +76,7 @@ def main() -> None:
     for family in families:
         out[family] = check(family, args.layers)
         print(family, out[family], flush=True)
-    (HERE / "results" / "blocks_check.json").write_text(json.dumps(out, indent=1) + "\n")
+        (HERE / "results" / "blocks_check.json").write_text(json.dumps(out, indent=1) + "\n")
     stitched = [f for f, r in out.items() if "diffs" in r]
     print(f"blocks: {len(out)} families x {args.layers} layers: {len(stitched)} stitched, "
           f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "

@@ -16,7 +16,9 @@ Then, on 2 ranks (NCCL on GPUs, gloo on CPU), the ``torch.compile`` cost for a s
 inside the rank, next to ``torch.compile`` of the unsharded model.
 
 Targets: 70B at t=8 planned in <= 1.3x the time of torch.export alone (same dims); propagation + emission <= 1 s;
-issue 15: ``tpfx.plan`` and plan + one rank's emission each <= 0.5x plain static export.
+issue 15: ``tpfx.plan`` and plan + one rank's emission each <= 0.5x plain static export, and plan time flat in
+depth: 70B's (80 layers) <= 1.5x 1B's (16 layers) at t=8, with the seconds each further layer adds (the slope
+between the two) next to static export's.
 
     python benchmarks/plan_time.py [--quick] [--models 1B,7B,13B,70B] [--tp 2,4,8]
 """
@@ -39,6 +41,7 @@ import tpfx
 TARGET_RATIO = 1.3
 TARGET_PROP_EMIT_S = 1.0
 TARGET_STATIC_RATIO = 0.5  # issue 15: plan once per distinct block, not once per layer
+TARGET_DEPTH_RATIO = 1.5  # issue 15: 70B (80 layers) plan time over 1B's (16 layers): flat in depth
 COMPILE_MODEL = dict(
     vocab_size=1024,
     hidden_size=256,
@@ -97,6 +100,7 @@ def plan_once(model: torch.nn.Module, world: int, emit_ranks: list[int]) -> dict
         "nodes": len(gm.graph.nodes),
         "layers": len(sigs),
         "unique_layers": len(set(sigs.values())),
+        "traced_layers": _traced(model),
         "forward_collectives": len(plan.forward_collectives()),
         "fallbacks": len(plan.fallbacks),
     }
@@ -105,6 +109,32 @@ def plan_once(model: torch.nn.Module, world: int, emit_ranks: list[int]) -> dict
     del plan, gm
     gc.collect()
     return row
+
+
+def _traced(model: torch.nn.Module) -> int | None:
+    """How many layers of the stack block capture traces (the others are stitched in); None: captured whole."""
+    from tpfx.passes import blocks
+
+    found = blocks.find_stack(model)
+    return None if isinstance(found, str) or not blocks.ENABLED else found.cut
+
+
+def _depth_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 15's depth figure at the largest t: 70B's plan time over 1B's, and the seconds per further layer of
+    plan + emission against static export's."""
+    t = max((r["t"] for r in rows), default=None)
+    by = {r["model"]: r for r in rows if r["t"] == t}
+    small, big = by.get("1B"), by.get("70B")
+    if small is None or big is None:
+        return [{"target": f"70B / 1B plan time <= {TARGET_DEPTH_RATIO}x (flat in depth)", "value": None, "ok": None}]
+    ratio = big["plan_wall"] / small["plan_wall"]
+    extra = big["layers"] - small["layers"]
+    slope = (big["plan_wall"] + big["emit"] - small["plan_wall"] - small["emit"]) / extra
+    static_slope = (big["static_export"] - small["static_export"]) / extra
+    return [{"target": f"t={t}: tpfx.plan of 70B ({big['layers']} layers) <= {TARGET_DEPTH_RATIO}x 1B's "
+                       f"({small['layers']} layers), issue 15 (plan + emission add {slope * 1e3:.1f} ms per layer; "
+                       f"static export {static_slope * 1e3:.0f} ms)",
+             "value": round(ratio, 3), "ok": ratio <= TARGET_DEPTH_RATIO}]
 
 
 def warm_up() -> None:
@@ -251,6 +281,8 @@ def main() -> None:
             "ok": None if r70 is None else r70["ratio_static"] <= TARGET_STATIC_RATIO,
         }
     )
+
+    targets += _depth_targets(rows)
 
     compile_res: dict[str, Any] | None = None
     if not args.no_compile:

@@ -80,10 +80,12 @@ def section_plan_time(d: dict[str, Any] | None) -> str:
         header(d),
         "Llama shapes on the meta device; seconds. `export alone` = `torch.export.export` with the same "
         "dynamic dims (median of the runs interleaved with the plans); `static export` = plain "
-        "`torch.export.export` without dims, what a user who calls it pays (issue 15's reference: tpfx's "
-        "dynamic-dim capture of every layer costs several times it); `capture` = tpfx's export + "
-        "unlifting; `emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + "
-        "emit) / export alone; total/static = the same over static export.\n",
+        "`torch.export.export` without dims, what a user who calls it pays (issue 15's reference); `traced` = "
+        "the layers block capture exports (3 of each kind; the others are stitched in as copies, "
+        "`passes/blocks.py`); `capture` = tpfx's export of those layers + the proof and stitching; "
+        "`emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + emit) / export "
+        "alone; total/static = the same over static export (auto_shard's planning before weights are "
+        "loaded); `plan` = the wall time of `tpfx.plan`.\n",
         md_table(
             C.PLAN_TIME_COLUMNS,
             rows,

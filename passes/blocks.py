@@ -109,12 +109,16 @@ def _attrs(layer: torch.nn.Module) -> dict[tuple[str, str], Any]:
 
 
 def _index_keys(attrs: list[dict[tuple[str, str], Any]]) -> set[tuple[str, str]]:
-    """Attributes that hold each layer's own index (``layer_idx``): in every layer that has one, an int that is
-    its position in the stack plus one constant."""
+    """Attributes that hold each layer's own index (``layer_idx``, or ``2 * i + 2`` as a residual-add counter):
+    in every layer that has one, an int affine in its position in the stack, not constant."""
     out = set()
     for key in {k for a in attrs for k in a}:
         held = [(i, a[key]) for i, a in enumerate(attrs) if key in a]
-        if len(held) > 1 and all(type(v) is int for _, v in held) and len({v - i for i, v in held}) == 1:
+        if len(held) < 2 or not all(type(v) is int for _, v in held):
+            continue
+        (i0, v0), (i1, v1) = held[0], held[1]
+        step, rest = divmod(v1 - v0, i1 - i0)
+        if step and not rest and all(v == v0 + step * (i - i0) for i, v in held):
             out.add(key)
     return out
 
@@ -562,22 +566,22 @@ def _copy_layers(gm: fx.GraphModule, traced: _Traced, weights: dict[tuple[int, f
     """Each stand-in's template's nodes, copied after the last traced layer in layer order, each copy reading
     its own weights and the output of the copy before it; returns the last copy's output."""
     stack, graph = traced.stack, gm.graph
-    anchor, out = traced.nodes[stack.cut - 1][-1], traced.handed(stack.cut)
-    for k in range(stack.cut, len(stack.layers)):
-        t = stack.template(k)
-        hin, pt, pk = traced.handed(t), f"{stack.path}.{t}", f"{stack.path}.{k}"
-        copy: dict[fx.Node, fx.Node] = {}
+    out = traced.handed(stack.cut)
+    with graph.inserting_before(traced.marks[0]):  # the stand-ins follow the last traced layer directly
+        for k in range(stack.cut, len(stack.layers)):
+            t = stack.template(k)
+            hin, pt, pk = traced.handed(t), f"{stack.path}.{t}", f"{stack.path}.{k}"
+            copy: dict[fx.Node, fx.Node] = {}
 
-        def arg(a: fx.Node, k: int = k, copy: dict = copy, hin: Any = hin, prev: Any = out) -> fx.Node:
-            return copy[a] if a in copy else prev if a is hin else weights.get((k, a), a)
+            def arg(a: fx.Node, k: int = k, copy: dict = copy, hin: Any = hin, prev: Any = out) -> fx.Node:
+                return copy[a] if a in copy else prev if a is hin else weights.get((k, a), a)
 
-        for y in traced.nodes[t]:
-            with graph.inserting_after(anchor):
-                anchor = graph.create_node(y.op, y.target, fx.map_arg(y.args, arg), fx.map_arg(y.kwargs, arg),
-                                           name=y.name)
-            anchor.meta = _retarget_stack(y.meta, pt, pk)
-            copy[y] = anchor
-        out = copy[traced.handed(t + 1)]  # type: ignore[index]
+            for y in traced.nodes[t]:
+                new = graph.create_node(y.op, y.target, fx.map_arg(y.args, arg), fx.map_arg(y.kwargs, arg),
+                                        name=y.name)
+                new.meta = _retarget_stack(y.meta, pt, pk)
+                copy[y] = new
+            out = copy[traced.handed(t + 1)]  # type: ignore[index]
     return out  # type: ignore[return-value]
 
 

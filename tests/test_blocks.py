@@ -19,6 +19,23 @@ import tpfx
 _graph = blocks.graph_rows
 
 
+def _capture_counting(model: torch.nn.Module, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[whole.Captured | str, list[int]]:
+    """Block capture of ``model``, and how many real layers each export it ran saw."""
+    found = blocks.find_stack(model)
+    assert not isinstance(found, str), found
+    traced: list[int] = []
+    real = whole.capture
+
+    def spy(m: torch.nn.Module, a: tuple, k: dict, **kw: Any) -> Any:
+        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found.path)))
+        return real(m, a, k, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(whole, "capture", spy)
+        return blocks.capture_blocks(model, (), kwargs), traced
+
+
 def _kwargs(vocab: int, seq: int = 8) -> dict[str, Any]:
     return {"input_ids": torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0)),
             "use_cache": False}
@@ -89,17 +106,7 @@ def test_stitched_graph_is_the_whole_capture(name: str, monkeypatch: pytest.Monk
     model = CASES[name]()
     kwargs = _kwargs(model.config.vocab_size)
     full = whole.capture(model, (), kwargs)
-    found = blocks.find_stack(model)
-    assert not isinstance(found, str), found
-    traced: list[int] = []  # how many layers each export saw
-    real = whole.capture
-
-    def spy(m: torch.nn.Module, a: tuple, k: dict, **kw: Any) -> Any:
-        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found.path)))
-        return real(m, a, k, **kw)
-
-    monkeypatch.setattr(whole, "capture", spy)
-    stitched = blocks.capture_blocks(model, (), kwargs)
+    stitched, traced = _capture_counting(model, kwargs, monkeypatch)
     assert isinstance(stitched, whole.Captured), stitched
     assert traced == [blocks.TRACED]  # export traced 3 layers, not all of them
     assert _graph(stitched.gm) == _graph(full.gm)
@@ -179,18 +186,9 @@ def test_hybrid_layers_are_traced_three_of_each_kind_and_stitched(monkeypatch: p
     assert not isinstance(found, str) and found.kinds == [0, 1] * 5 and found.cut == 6, found
     assert found.templates == {0: 4, 1: 5} and found.siblings == {0: 2, 1: 3}
     kwargs = _kwargs(128, seq=12)  # longer than the window: the two kinds compute differently
-    traced: list[int] = []
-    real = whole.capture
-
-    def spy(m: torch.nn.Module, a: tuple, k: dict, **kw: Any) -> Any:
-        traced.append(sum(not isinstance(x, blocks._StandIn) for x in m.get_submodule(found.path)))
-        return real(m, a, k, **kw)
-
-    monkeypatch.setattr(whole, "capture", spy)
-    got = blocks.capture_blocks(model, (), kwargs)
+    got, traced = _capture_counting(model, kwargs, monkeypatch)
     assert isinstance(got, whole.Captured), got
     assert traced == [6]
-    monkeypatch.setattr(whole, "capture", real)
     assert _graph(got.gm) == _graph(whole.capture(model, (), kwargs).gm)
     plan = tpfx.plan(model, 2, example_kwargs=kwargs, blocks=True)
     assert not any("capture" in f for f in plan.fallbacks)
@@ -262,6 +260,8 @@ def test_kinds_compare_modules_held_outside_the_module_tree_and_the_cut_counts_t
     got = blocks.capture_blocks(model, (x,), {})
     assert isinstance(got, whole.Captured), got
     assert _graph(got.gm) == _graph(whole.capture(model, (x,), {}).gm)
+    attrs = [{("", "idx"): i, ("", "add"): 2 * i + 2, ("", "window"): 4, ("", "square"): i * i} for i in range(5)]
+    assert blocks._index_keys(attrs) == {("", "idx"), ("", "add")}  # affine in the position: the layer's index
     assert blocks._cut([0] * 6) == 3
     assert blocks._cut([0, 1] * 5) == 6
     assert blocks._cut([0, 0, 1, 1, 1, 1]) == 5  # the first kind's layers need not repeat
