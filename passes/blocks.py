@@ -110,11 +110,12 @@ def _attrs(layer: torch.nn.Module) -> dict[tuple[str, str], Any]:
 
 def _index_keys(attrs: list[dict[tuple[str, str], Any]]) -> set[tuple[str, str]]:
     """Attributes that hold each layer's own index (``layer_idx``, or ``2 * i + 2`` as a residual-add counter):
-    in every layer that has one, an int affine in its position in the stack, not constant."""
+    in every layer that has one (three or more: two ints fit any line), an int affine in its position in the
+    stack, not constant."""
     out = set()
     for key in {k for a in attrs for k in a}:
         held = [(i, a[key]) for i, a in enumerate(attrs) if key in a]
-        if len(held) < 2 or not all(type(v) is int for _, v in held):
+        if len(held) < 3 or not all(type(v) is int for _, v in held):
             continue
         (i0, v0), (i1, v1) = held[0], held[1]
         step, rest = divmod(v1 - v0, i1 - i0)
@@ -255,9 +256,21 @@ class _StandIn(torch.nn.Module):
     """Layer ``k`` of the stack during a block capture: records its call and returns its template's output
     structure with a ``stand_in`` of its hidden input."""
 
-    def __init__(self, k: int, template: int, calls: _Calls) -> None:
+    def __init__(self, k: int, template: int, calls: _Calls, layer: torch.nn.Module) -> None:
         super().__init__()
         self.k, self.template, self.calls_ = k, template, calls
+        self.__dict__["_real"] = layer  # not a submodule: its weights stay out of the capture
+
+    def __getattr__(self, name: str) -> Any:
+        """The real layer's plain attributes (a loop that picks a mask by ``layer.attention_type``): what the loop
+        then passes is checked against the template's call."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            real = vars(self.__dict__["_real"])
+            if name in real and not isinstance(real[name], torch.Tensor | torch.nn.Module):
+                return real[name]
+            raise
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         calls = self.calls_
@@ -627,7 +640,7 @@ def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) 
     parent, original = model.get_submodule(parent_path), model.get_submodule(path)
     calls = _Calls()
     hooks = _traced_hooks(stack, calls)
-    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, stack.template(k), calls)
+    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, stack.template(k), calls, layers[k])
                                                               for k in range(cut, len(layers))]))
     try:
         captured = _capture.capture(model, args, kwargs, named=False)

@@ -267,3 +267,33 @@ def test_kinds_compare_modules_held_outside_the_module_tree_and_the_cut_counts_t
     assert blocks._cut([0, 0, 1, 1, 1, 1]) == 5  # the first kind's layers need not repeat
     assert blocks._cut([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]) == 9
     assert blocks._cut([0, 1, 0, 1, 0, 2]) == 6  # a kind seen once at the end: nothing stands in
+
+
+class TypedBlock(IndexedBlock):
+    """A block of a kind named by a plain attribute, which the loop reads to pick its input (Gemma 3's masks)."""
+
+    def __init__(self, d: int, idx: int, kind: str) -> None:
+        super().__init__(d, idx, -1)
+        self.attention_type = kind
+
+
+class TypedLoop(torch.nn.Module):
+    def __init__(self, n: int = 10, d: int = 16) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(TypedBlock(d, i, ("local", "global")[i % 2]) for i in range(n))
+        self.gates = torch.nn.Parameter(torch.ones(2, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = {"local": self.gates[0], "global": self.gates[1] * 0.5}
+        for layer in self.layers:
+            x = layer(x, gate[layer.attention_type])
+        return x
+
+
+def test_a_loop_that_reads_the_layers_attributes_sees_the_real_ones_through_the_stand_ins() -> None:
+    model, x = TypedLoop(), torch.randn(2, 16)
+    found = blocks.find_stack(model)
+    assert not isinstance(found, str) and found.kinds == [0, 1] * 5 and found.cut == 6, found
+    got = blocks.capture_blocks(model, (x,), {})
+    assert isinstance(got, whole.Captured), got
+    assert _graph(got.gm) == _graph(whole.capture(model, (x,), {}).gm)

@@ -4,7 +4,9 @@ collective named; a rank that raises or is killed mid-step surfaces as its own e
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
+import conftest
 import fault_cases
 import pytest
 from example_runs import run_example
@@ -12,6 +14,15 @@ from example_runs import run_example
 from tpfx.launch import launch
 
 pytestmark = pytest.mark.slow
+_seconds: dict[str, float] = {}  # fault kind -> seconds until every rank raised (the figure issue 14 asks for)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figure() -> Iterator[None]:
+    yield
+    if _seconds:
+        conftest.FIGURES.append("faults: time to an error on every rank: " + "; ".join(
+            f"{kind} {s:.2f} s" for kind, s in _seconds.items()))
 
 
 def test_ranks_called_differently_raise_on_every_rank() -> None:
@@ -24,6 +35,7 @@ def test_ranks_called_differently_raise_on_every_rank() -> None:
         assert r["host_is_group"] and r["twin_ranks"] == [0, 1], r
         assert "ranks disagree on a test value (ranks [1] differ" in r["twin_err"], r
     r0 = res[0]
+    _seconds["ranks called with another sequence length"] = max(r["seq_s"] for r in res)
     print(f"\ncall check: forward {r0['with_check_us']:.0f} us with it, {r0['without_us']:.0f} us without; "
           f"a disagreement raised in {max(r['seq_s'] for r in res) * 1e3:.1f} ms")
 
@@ -34,6 +46,7 @@ def test_a_stalled_peer_times_out_naming_the_collective(via_group: bool) -> None
     assert r0["error"].startswith("tpfx: rank 0: all_reduce") and " after " in r0["error"], r0
     assert "rank 1 of the group did not check in within 2 s: dead, or stuck" in r0["error"], r0  # it sleeps
     assert 2.5 < r0["seconds"] < 30, r0
+    _seconds[f"peer stalled in forward (timeout 3 s, {'group' if via_group else 'auto_shard'})"] = r0["seconds"]
     print("\n" + r0["error"][:300])
 
 
@@ -44,6 +57,7 @@ def test_a_peer_stalled_in_backward_times_out_naming_the_collective() -> None:
                                   "in the backward failed"), r0
     assert "rank 1 of the group did not check in within 2 s" in r0["error"], r0
     assert 2.5 < r0["seconds"] < 30, r0
+    _seconds["peer stalled in backward (timeout 3 s)"] = r0["seconds"]
 
 
 @pytest.mark.parametrize("body", [fault_cases.dies_mid_backward, fault_cases.killed_mid_forward])
@@ -56,6 +70,7 @@ def test_a_failing_rank_is_reported_first_in_bounded_time(body) -> None:
     assert "rank 1 dies in backward" in msg or "signal" in msg.lower() or "SIGKILL" in msg, msg
 
     assert "did not finish within" not in msg and time.monotonic() - start < 120, msg
+    _seconds[f"{body.__name__.replace('_', ' ')} (tpfx.launch, launch included)"] = time.monotonic() - start
 
 
 def test_readme_faults_example_runs() -> None:
@@ -79,3 +94,5 @@ def test_survivors_name_the_rank_that_died() -> None:
         assert "rank 2 of the group did not check in within 2 s" in r["error"], r
         assert r["seconds"] < 60, r
         print(f"\nrank {rank} ({r['seconds']:.1f} s): {r['error'][:400]}")
+        _seconds["peer killed mid-forward (no launcher)"] = max(r["seconds"], _seconds.get(
+            "peer killed mid-forward (no launcher)", 0.0))
