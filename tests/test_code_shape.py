@@ -162,6 +162,22 @@ def test_stages_are_timed_by_the_runner() -> None:
     assert all(v >= 0 for v in timings.values()) and timings["capture"] > 0
 
 
+def test_stages_pause_the_garbage_collector_and_restore_it() -> None:
+    import gc
+
+    from tpfx.passes import Stages
+
+    assert gc.isenabled()
+    assert Stages().timed("x", gc.isenabled) is False  # paused inside a stage
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that paused it keeps it paused
+        Stages().timed("x", gc.isenabled)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_emission_adds_exactly_the_planned_backward_collectives() -> None:
     """``backward_collectives`` is what emission builds: per rank, one ``reduce_grad`` per Megatron f and per
     weight with replica groups, one ``gather_seq`` per sequence-parallel gather (GQA at t=4: KV heads whole)."""
