@@ -478,10 +478,16 @@ def _on_whole(node: fx.Node, operands: list[Operand]) -> Strategy:
 
 
 def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
-              max_rounds: int = 50, fed: dict[str, Placement] | None = None) -> tuple[Propagation, dict[str, Seed]]:
+              max_rounds: int | None = None, fed: dict[str, Placement] | None = None
+              ) -> tuple[Propagation, dict[str, Seed]]:
     """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None). ``fed``: placeholder name
     -> the placement in which the caller passes it (default ``Replicate``): a decode step's KV cache arrives as
-    this rank's heads, laid out as the prefill graph left it."""
+    this rank's heads, laid out as the prefill graph left it.
+
+    ``max_rounds`` (default ``rounds_bound``) is a safety net, not a budget: every round but the last changes
+    a weight's seed one way only (fewer groups, finer segments, replicated) or reduces one more partial value,
+    so the fixpoint is reached. A fallback downstream of another waits for it (step 3), and in a deep model the
+    residual stream puts every layer downstream of the one before, so the rounds grow with the depth."""
     seeds: dict[str, Seed] = {}
     for fqn in sorted(set(param_fqns(gm).values())):  # one rank: nothing to split, the model as it is
         seeds[fqn] = Seed(ALL_STYLES, world) if world > 1 else Seed(frozenset({"replicate"}), 1, reasons=["world_size 1"])
@@ -492,6 +498,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             if isinstance(pl, Shard):
                 s.groups, s.segs, s.sgroups = pl.groups, pl.segs, pl.sgroups
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
+    max_rounds = max_rounds or rounds_bound(len(seeds))
     prop = _fixpoint(gm, world, seeds, cache, max_rounds, fed)
     for step in (_stream_splits, _reduced_then_split):  # steps 4 and 5 of the module docstring
         found = step(prop, seeds)
@@ -512,6 +519,12 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
         warnings.warn(f"tpfx: no sharding rule for {sorted(prop.unknown_ops)}; the region around them "
                       f"is replicated", stacklevel=3)
     return prop, seeds
+
+
+def rounds_bound(weights: int) -> int:
+    """Propagation's round limit for a graph with this many weights: 50, and 4 more per weight (a weight's
+    seed changes a few times at most: its segments, its group count, replicated)."""
+    return 50 + 4 * weights
 
 
 def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: RuleCache | None,
