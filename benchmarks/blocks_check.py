@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import _common as C
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -104,19 +105,27 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     path = HERE / "results" / "blocks_check.json"
-    out: dict[str, Any] = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    prev = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    out: dict[str, Any] = dict(prev.get("families", {}))
+    commands = [*prev.get("commands", []), C.command_line()]
     for family in families:
         out[family] = check(family, args.layers, args.numerics)
         print(family, out[family], flush=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
-    stitched = [f for f, r in out.items() if "diffs" in r]
-    print(f"blocks: {len(out)} families x {args.layers} layers: {len(stitched)} stitched, "
-          f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "
-          f"{sum('fallback' in r for r in out.values())} captured whole (reason recorded), "
-          f"{sum('harness_error' in r or 'capture_error' in r for r in out.values())} not built or not capturable"
-          + (f"; numerics: {sum(r.get('logits_err', 1.0) <= 1e-5 for r in out.values())} of {len(stitched)} "
-             "stitched families exact at t=2" if args.numerics else ""))
+        C.write_json("blocks_check", {"layers": args.layers, "numerics": args.numerics, "commands": commands,
+                                      "families": out, "summary": summary(out, args.layers, args.numerics)},
+                     False)
+    print(summary(out, args.layers, args.numerics))
 
+
+def summary(out: dict[str, Any], layers: int, with_numerics: bool) -> str:
+    """The counts, as one line."""
+    stitched = [f for f, r in out.items() if "diffs" in r]
+    return (f"blocks: {len(out)} families x {layers} layers: {len(stitched)} stitched, "
+            f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "
+            f"{sum('fallback' in r for r in out.values())} captured whole (reason recorded), "
+            f"{sum('harness_error' in r or 'capture_error' in r for r in out.values())} not built or not capturable"
+            + (f"; numerics: {sum(r.get('logits_err', 1.0) <= 1e-5 for r in out.values())} of {len(stitched)} "
+               "stitched families exact at t=2" if with_numerics else ""))
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ import _common as C
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
 NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "sequence_parallel", "checkpoint", "generate",
-         "generate_prefix", "call_check")
+         "generate_prefix", "call_check", "blocks_check")
 
 
 def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
@@ -524,11 +524,34 @@ def section_call_check(d: dict[str, Any] | None) -> str:
         header(d),
         "Llama models on 2 ranks (gloo, 1 thread each, on this machine); the same `auto_shard` module with "
         "`check_calls` on and off, interleaved, a barrier before each call; ms, median of "
-        f"{d['iters']} calls, max over ranks. `noise` = how far two series of the same setting (on) differ. "
+        f"{d['iters']} calls (a call's time: its slowest rank's). `cost` = median over iterations of the checked "
+        "minus the unchecked call of one iteration (back to back), `ratio` = 1 + cost / unchecked; `noise` = the "
+        "same median between two checked calls. "
         "The check all-reduces two integers per call, issued when the call starts and settled before the "
         "forward's first collective (tpfx/agreement.py).\n",
         md_table(["model", "batch", "call", "with check ms", "without ms", "cost ms", "ratio", "noise ms"], rows),
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
+
+
+def section_blocks_check(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Block capture, every family\n\nNot run (`python benchmarks/blocks_check.py --numerics`).\n"
+    fams = d["families"]
+    odd = [[f, r.get("fallback") or r.get("numerics_error") or r.get("harness_error") or r.get("capture_error")
+            or f"{r['diffs']} nodes differ"] for f, r in sorted(fams.items())
+           if "diffs" not in r or r["diffs"] or r.get("logits_err", 0.0) > 1e-5 or "numerics_error" in r]
+    errs = [r["logits_err"] for r in fams.values() if "logits_err" in r]
+    return "\n".join([
+        "## Block capture, every family (issue 15's \"nothing else changes\")\n",
+        header(d),
+        "Commands, merged: " + ", ".join(f"`{c}`" for c in d["commands"]) + "\n",
+        f"Every causal-LM family's tiny model with {d['layers']} layers, captured whole and through block capture; "
+        "where block capture stitches, the two graphs compared node by node (op, name, target, arguments, module "
+        "path, shape)" + (", and the stitched plan run at t=2 on simulated ranks against the unsharded logits"
+                          if d["numerics"] else "") + ".\n",
+        f"**{d['summary']}**" + (f"; logits error {min(errs):.1e} .. {max(errs):.1e}" if errs else "") + ".\n",
+        "Families captured whole or not built, and why:\n",
+        md_table(["family", "reason"], odd), ""])
 
 
 def main() -> None:
@@ -552,6 +575,7 @@ def main() -> None:
         section_checkpoint(data["checkpoint"]),
         section_generate(data["generate"], data["generate_prefix"]),
         section_call_check(data["call_check"]),
+        section_blocks_check(data["blocks_check"]),
     ]
     OUT_MD.write_text("\n".join(parts))
     plotted = plot(data["plan_time"], data["runtime"], data["generate"])
