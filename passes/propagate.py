@@ -15,10 +15,11 @@ The idea (Megatron's plan, derived instead of written down):
    (``origins``): lower their group count to what works (GQA: KV heads replicated within groups),
    refine their segments (fused q/k/v and gate/up projections), or replicate them.
 3. Re-run until no demand is left. Each round only ever lowers a weight's group count, refines
-   its segments or replicates it, so the fixpoint is reached in a few linear passes; pinned
+   its segments or replicates it, so the fixpoint is reached (``rounds_bound`` is only a safety net); pinned
    weights (overrides, a saved plan) are never demoted: a gather is inserted instead. A fallback
    downstream of another one in the same round may be transient, so its demand is held back,
-   and applied only if it is still there when nothing else changes.
+   and applied only if it is still there when nothing else changes. In a deep model the residual stream
+   puts every layer downstream of the one before, so fallbacks that chain settle a layer per few rounds.
 4. Megatron undoes each column split with exactly one row split. A column split whose shard reaches
    two or more row-split weights has split a residual stream (Gemma 3n's AltUp projections before the
    first layer), and every layer below is planned inverted (q/k/v rowwise, o_proj colwise). The first
@@ -482,12 +483,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
               ) -> tuple[Propagation, dict[str, Seed]]:
     """Run propagation to a fixpoint. ``pins``: fqn -> (style, placement or None). ``fed``: placeholder name
     -> the placement in which the caller passes it (default ``Replicate``): a decode step's KV cache arrives as
-    this rank's heads, laid out as the prefill graph left it.
-
-    ``max_rounds`` (default ``rounds_bound``) is a safety net, not a budget: every round but the last changes
-    a weight's seed one way only (fewer groups, finer segments, replicated) or reduces one more partial value,
-    so the fixpoint is reached. A fallback downstream of another waits for it (step 3), and in a deep model the
-    residual stream puts every layer downstream of the one before, so the rounds grow with the depth."""
+    this rank's heads, laid out as the prefill graph left it. ``max_rounds``: default ``rounds_bound`` (step 3)."""
     seeds: dict[str, Seed] = {}
     for fqn in sorted(set(param_fqns(gm).values())):  # one rank: nothing to split, the model as it is
         seeds[fqn] = Seed(ALL_STYLES, world) if world > 1 else Seed(frozenset({"replicate"}), 1, reasons=["world_size 1"])
