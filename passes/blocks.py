@@ -14,7 +14,7 @@ decoder layer), while the layers of a stack run a few computations on different 
    *template*, the one before it of its kind its *sibling* (a kind's first layer can hold nodes made on first
    use, a mask sliced once and reused later, so it is neither).
 2. ``capture_blocks``: the model is exported with the layers before the cut real and every later layer
-   replaced by a stand-in, which records its call and returns a ``tpfx::stand_in`` op of its hidden input in
+   replaced by a stand-in, which records its call and returns a clone of its hidden input (its one node) in
    its template's output structure (the list is put back afterwards). Export so traces the layers before the
    cut, and the parent's loop over all of them.
 3. Proof that every stand-in stands for a copy of its kind's template:
@@ -26,9 +26,13 @@ decoder layer), while the layers of a stack run a few computations on different 
      before each (one value: the residual stream handed on), read nowhere but in the layer and the next one;
      the layers' nodes are contiguous, the loop computes nothing between layers, and the stand-ins follow the
      last traced layer, each reading the one before;
-   - the layers themselves: every layer of a kind but its first runs once on static meta (or fake) copies of
-     the template's inputs, and the ops each runs, with their shapes and constants, must be the template's: a
-     layer that branches on its own index (``if self.layer_idx == last``) runs other ops.
+   - the layers themselves: each template runs once more, on static meta (or fake) copies of its inputs,
+     logging the attribute names read on each of its modules. A layer of its kind has the same code, compared
+     attributes and weight shapes, and gets the same inputs; so unless the template read its own index or a
+     state the kinds do not compare that differs between the layers (``training``, hooks), every layer runs
+     the template's ops. Where it did, every layer of the kind runs once and the ops each runs, with their
+     shapes and constants, must be the template's: a layer that branches on its own index
+     (``if self.layer_idx == last``) runs other ops.
 4. ``stitch``: each stand-in becomes a copy of its template's nodes, reading its own weights and the output of
    the layer before it, and what read the last stand-in reads the last copy. Names then come from
    ``capture.canonical_names``, as for a whole capture (export's own counters skip names irregularly, so its
@@ -36,7 +40,9 @@ decoder layer), while the layers of a stack run a few computations on different 
 
 Anything not proven gives a reason instead of a graph; the caller then captures the whole model and records
 the reason (``plan.fallbacks``). What stays unproven: a layer whose computation depends on values rather than
-code (the same ops on inputs or constants the checks do not see), which no finite trace rules out.
+code (the same ops on inputs or constants the checks do not see), which no finite trace rules out, or on what
+the read log does not see: its own identity (``self is ...``), a read through its ``__dict__``, or state
+outside the layer that changes from call to call.
 """
 
 from __future__ import annotations
@@ -139,6 +145,11 @@ def _same_attrs(a: dict[tuple[str, str], Any], b: dict[tuple[str, str], Any], in
 def layer_kinds(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[int]:
     """A kind for every layer (0, 1, ... in order of first appearance): layers of one kind have one layout,
     the same attributes but their index, and the same per-layer config entries."""
+    return _kinds(model, layers)[0]
+
+
+def _kinds(model: torch.nn.Module, layers: list[torch.nn.Module]) -> tuple[list[int], set[tuple[str, str]]]:
+    """``layer_kinds`` and the index attributes it set aside."""
     attrs = [_attrs(m) for m in layers]
     layouts, rows, index = [_layout(m) for m in layers], _config_rows(model, len(layers)), _index_keys(attrs)
     firsts: list[int] = []  # each kind's first layer
@@ -150,7 +161,7 @@ def layer_kinds(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[i
             kind = len(firsts)
             firsts.append(i)
         kinds.append(kind)
-    return kinds
+    return kinds, index
 
 
 def _cut(kinds: list[int]) -> int:
@@ -172,6 +183,7 @@ class Stack:
     layers: list[torch.nn.Module]
     kinds: list[int]
     cut: int
+    index: set[tuple[str, str]] = field(default_factory=set)  # (submodule, attribute): each layer's own index
     templates: dict[int, int] = field(default_factory=dict)  # kind -> template layer
     siblings: dict[int, int] = field(default_factory=dict)  # kind -> the traced layer of its kind before it
 
@@ -195,28 +207,16 @@ def find_stack(model: torch.nn.Module) -> Stack | str:
     layers = list(stack)
     if len({id(m) for m in layers}) < len(layers):
         return f"{name} holds one module several times"
-    kinds = layer_kinds(model, layers)
+    kinds, index = _kinds(model, layers)
     cut = _cut(kinds)
     if cut == len(layers):
         counts = [kinds.count(k) for k in range(max(kinds) + 1)]
         return (f"{name}: no layer to stand in for: its {len(layers)} layers are of {len(counts)} kinds with "
                 f"{counts} layers, and every layer's kind needs {TRACED} traced layers before it")
-    return Stack(name, layers, kinds, cut)
+    return Stack(name, layers, kinds, cut, index)
 
 
 # ------------------------------------------------------------------------------------ stand-in layers
-
-
-@torch.library.custom_op("tpfx::stand_in", mutates_args=())
-def stand_in(hidden: torch.Tensor, layer: int) -> torch.Tensor:
-    """Where layer ``layer`` of a stack runs in a block capture: its hidden input in, its output out (``stitch``
-    puts a copy of the last traced layer in its place)."""
-    return hidden.clone()
-
-
-@stand_in.register_fake
-def _(hidden: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.empty_like(hidden)
 
 
 class _Calls:
@@ -254,7 +254,7 @@ def _hidden_leaf(out: Any) -> torch.Tensor | None:
 
 class _StandIn(torch.nn.Module):
     """Layer ``k`` of the stack during a block capture: records its call and returns its template's output
-    structure with a ``stand_in`` of its hidden input."""
+    structure with a clone of its hidden input."""
 
     def __init__(self, k: int, template: int, calls: _Calls, layer: torch.nn.Module) -> None:
         super().__init__()
@@ -279,7 +279,7 @@ class _StandIn(torch.nn.Module):
         if hidden is None:
             calls.problem = f"layer {self.k} does not read the output of the layer before it"
             hidden = next(x for x in leaves if isinstance(x, torch.Tensor))
-        new = torch.ops.tpfx.stand_in(hidden, self.k)
+        new = hidden.clone()  # the stand-in's one node, known by its module path (a custom op costs 2 ms more)
         out_leaves, out_spec = tree_flatten(calls.out.get(self.template))
         calls.hidden = new
         return tree_unflatten([new if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
@@ -356,29 +356,117 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _op_logs_differ(stack: Stack, calls: _Calls) -> str | None:
-    """Run every layer of a kind that stands in (but the kind's first) once on static fake copies of its
-    template's inputs and compare the ops each runs (with their shapes and constants) with the template's: a
-    layer that branches on its own index runs other ops."""
+class _Reading:
+    """While active, the names read on each module of ``mods`` (``getattr`` included): each module's class is
+    swapped for a subclass that logs reads (FSDP2 swaps classes the same way), and swapped back on exit."""
+
+    def __init__(self, mods: dict[str, torch.nn.Module]) -> None:
+        self.mods = mods
+        self.reads: dict[str, set[str]] = {name: set() for name in mods}
+
+    def __enter__(self) -> _Reading:
+        self.swapped: list[tuple[torch.nn.Module, type]] = []
+        try:
+            for name, m in self.mods.items():
+                _READS[id(m)] = self.reads[name]
+                cls = type(m)
+                m.__class__ = _reading_class(cls)  # type: ignore[arg-type]
+                self.swapped.append((m, cls))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, cls in self.swapped:
+            m.__class__ = cls
+        for m in self.mods.values():
+            _READS.pop(id(m), None)
+
+
+_READS: dict[int, set[str]] = {}  # id(module) -> the names read on it (while a _Reading is active)
+
+
+@functools.cache
+def _reading_class(cls: type) -> type:
+    def __getattribute__(self: Any, name: str) -> Any:  # noqa: N807 - the slot itself
+        log = _READS.get(id(self))
+        if log is not None:
+            log.add(name)
+        return cls.__getattribute__(self, name)  # type: ignore[call-arg]
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__qualname__": cls.__qualname__,
+                                       "__module__": cls.__module__})
+
+
+_STRUCTURE = {"_parameters", "_buffers", "_modules"}  # compared by the layers' layouts
+
+
+def _reads_own_state(stack: Stack, kind: int, reads: dict[str, set[str]]) -> str | None:
+    """Why the template of ``kind``, having read ``reads``, may not stand for every layer of its kind (None: it
+    may): it read an index attribute, or a state that is not a compared attribute (``training``, hooks) and
+    differs between the kind's layers. (Reads through a module's ``__dict__`` are not seen: ``nn.Module`` reads
+    its own on every parameter access.)"""
+    t = stack.templates[kind]
+    for sub, names in reads.items():
+        if any((sub, n) in stack.index for n in names):
+            return f"layer {t} reads its own index"
+        own = vars(stack.layers[t].get_submodule(sub))
+        for n in sorted(names & own.keys() - _STRUCTURE):
+            for i in (i for i, k in enumerate(stack.kinds) if k == kind):
+                if not _same(vars(stack.layers[i].get_submodule(sub)).get(n), own[n]):
+                    return f"layer {i} holds another {sub + '.' if sub else ''}{n} than layer {t}"
+    return None
+
+
+def _run_context(stack: Stack) -> tuple[Any, bool]:
+    """Where the layers run once outside the capture: meta tensors if the weights are on meta (4x cheaper than
+    fake), else the weights' own fake mode (``tpfx.from_pretrained``'s) or a new one; and whether meta."""
     layers = stack.layers
     meta = all(t.device.type == "meta" for m in layers for t in (*m.parameters(), *m.buffers()))
     own = [f for f in {maybe_get_fake_mode(t) for m in layers for t in m.parameters()} if f is not None]
-    fake: Any = (contextlib.nullcontext() if meta else own[0] if len(own) == 1  # tpfx.from_pretrained's mode
+    fake: Any = (contextlib.nullcontext() if meta else own[0] if len(own) == 1
                  else FakeTensorMode(allow_non_fake_inputs=True))
-    logs: dict[int, list[tuple]] = {}
-    try:  # meta tensors where the weights are (plan on a meta model: 4x cheaper), else fake ones; in export's
-        # own compiling state, so that models take the paths they take under export (MoE experts' kernels)
+    return fake, meta
+
+
+def _uniform_layers(stack: Stack, calls: _Calls) -> str | None:
+    """Why a layer that stands in may compute other than its template (None: none may). Each template runs once
+    on static copies of its inputs, logging the names it reads. Every layer of its kind has its code, its
+    compared attributes and its weights' shapes, and gets its inputs (``_uniform_calls``); so if the template
+    reads no index attribute and no other state that differs between the layers, each layer runs the template's
+    ops. A kind whose template reads such state has each of its layers run and their ops compared
+    (``_op_logs_differ``): a layer that branches on its own index runs other ops."""
+    fake, meta = _run_context(stack)
+    logged: list[int] = []
+    try:  # in export's own compiling state, so that models take the paths they take under export (MoE kernels)
         with _compiling_state_context(), fake, torch.no_grad():
             for kind, t in stack.templates.items():
-                leaves, spec, _ = calls.calls[t]
-                args, kwargs = tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves],
-                                              spec)
-                for i in [i for i, k in enumerate(stack.kinds) if k == kind][1:]:
-                    with _OpLog() as log:
-                        layers[i](*args, **kwargs)
-                    logs[i] = log.ops
+                args, kwargs = _static_call(calls, t, meta)
+                with _Reading(dict(stack.layers[t].named_modules())) as reading:
+                    stack.layers[t](*args, **kwargs)
+                if _reads_own_state(stack, kind, reading.reads):
+                    logged.append(kind)
+            return _op_logs_differ(stack, calls, logged, meta)
     except Exception as e:  # noqa: BLE001 - a layer that cannot run on fake inputs is not proven uniform
         return f"a layer does not run on fake inputs ({type(e).__name__}: {str(e)[:120]})"
+
+
+def _static_call(calls: _Calls, t: int, meta: bool) -> tuple[Any, Any]:
+    leaves, spec, _ = calls.calls[t]
+    return tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves], spec)
+
+
+def _op_logs_differ(stack: Stack, calls: _Calls, kinds: list[int], meta: bool) -> str | None:
+    """Run every layer of ``kinds`` that stands in (but the kind's first) once on static copies of its
+    template's inputs and compare the ops each runs (with their shapes and constants) with the template's."""
+    logs: dict[int, list[tuple]] = {}
+    for kind in kinds:
+        args, kwargs = _static_call(calls, stack.templates[kind], meta)
+        for i in [i for i, k in enumerate(stack.kinds) if k == kind][1:]:
+            with _OpLog() as log:
+                stack.layers[i](*args, **kwargs)
+            logs[i] = log.ops
     for i in sorted(logs):
         if logs[i] != logs[stack.template(i)]:
             return f"layer {i} runs other ops than layer {stack.template(i)}"
@@ -410,12 +498,16 @@ class _Traced:
         self.pos = {n: i for i, n in enumerate(nodes)}
         self.layer_of: dict[fx.Node, int] = {}
         self.nodes: dict[int, list[fx.Node]] = {i: [] for i in range(self.cut)}
+        self.marks: list[fx.Node] = []  # the stand-ins' nodes (one each: a clone of its input), in graph order
+        self.mark_layer: dict[fx.Node, int] = {}
         for n in nodes:
             i = None if n.op == "get_attr" else _layer_index(n, stack.path + ".")
             if i is not None and i < self.cut:
                 self.nodes[i].append(n)
                 self.layer_of[n] = i
-        self.marks = [m for m in nodes if m.op == "call_function" and m.target is torch.ops.tpfx.stand_in.default]
+            elif i is not None:
+                self.marks.append(n)
+                self.mark_layer[n] = i
 
     def handed(self, i: int) -> fx.Node | str:
         """The one tensor of layer ``i - 1`` that layer ``i`` reads (its hidden state handed on). Other values it
@@ -429,9 +521,11 @@ class _Traced:
     def markers(self) -> str | None:
         """Why the stand-in nodes do not follow the last traced layer and each other (None: they do)."""
         marks, last = self.marks, self.nodes[self.cut - 1]
-        if [m.args[1] for m in marks] != list(range(self.cut, self.n)) or not last:
+        if [self.mark_layer[m] for m in marks] != list(range(self.cut, self.n)) or not last \
+                or any(m.target is not torch.ops.aten.clone.default for m in marks):
             return "the stand-in layers are not all in the graph, in order"
-        if self.layer_of.get(marks[0].args[0]) != self.cut - 1 \
+        first = marks[0].args[0]
+        if not isinstance(first, fx.Node) or self.layer_of.get(first) != self.cut - 1 \
                 or any(m.args[0] is not p for p, m in zip(marks, marks[1:])):
             return "a layer does not read the output of the layer before it"
         if any(self.pos[m] != self.pos[last[-1]] + 1 + i for i, m in enumerate(marks)):
@@ -599,8 +693,8 @@ def _copy_layers(gm: fx.GraphModule, traced: _Traced, weights: dict[tuple[int, f
 
 
 def stitch(gm: fx.GraphModule, model: torch.nn.Module, stack: Stack) -> str | None:
-    """Turn ``gm`` (the model captured with the layers of ``stack`` before its cut traced and ``stand_in``
-    nodes for the others) into the whole model's graph in place; or return why it cannot (``gm`` is then
+    """Turn ``gm`` (the model captured with the layers of ``stack`` before its cut traced and a clone
+    node for each of the others) into the whole model's graph in place; or return why it cannot (``gm`` is then
     unchanged)."""
     traced = _Traced(gm, stack)
     why = traced.markers()
@@ -650,5 +744,5 @@ def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) 
         setattr(parent, attr, original)
         for h in hooks:
             h.remove()
-    why = _uniform_calls(stack, calls) or _op_logs_differ(stack, calls) or stitch(captured.gm, model, stack)
+    why = _uniform_calls(stack, calls) or _uniform_layers(stack, calls) or stitch(captured.gm, model, stack)
     return captured if why is None else f"{path}: {why}"
