@@ -128,8 +128,39 @@ def canonical_names(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphModul
             n.name = name
     graph._graph_namespace = namespace
     if recompile:
-        gm.recompile()
+        defer_recompile(gm)
     return gm
+
+
+def defer_recompile(gm: fx.GraphModule) -> None:
+    """Generate ``gm``'s Python code when it is first called, printed or its code read, not now, as torch's own
+    ``_LazyGraphModule`` does (planning never runs the graph; a 70B graph's code generation costs 0.3 s).
+    ``GraphModule`` gives every instance its own class, and ``recompile`` sets ``forward`` there; so do these
+    stand-ins, until the first use recompiles."""
+    cls = type(gm)
+
+    def real(self: fx.GraphModule) -> None:
+        if "_deferred" in vars(cls):
+            for name in ("_deferred", "code", "__str__"):
+                delattr(cls, name)
+            self.recompile()
+
+    def forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        real(self)
+        return cls.forward(self, *args, **kwargs)
+
+    def code(self: fx.GraphModule) -> str:
+        real(self)
+        return self._code
+
+    def text(self: fx.GraphModule) -> str:
+        real(self)
+        return str(self)
+
+    cls._deferred = True  # type: ignore[attr-defined]
+    cls.forward = forward  # type: ignore[method-assign]
+    cls.code = property(code)  # type: ignore[assignment]
+    cls.__str__ = text  # type: ignore[method-assign,assignment]
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], named: bool = True) -> Captured:

@@ -235,14 +235,18 @@ def _freeze(v: Any, operands: dict[fx.Node, int]) -> Any:
 def _rule_key(node: fx.Node, operands: list[Operand], out_shapes: Any) -> Any:
     """Everything a rule may look at. Identical keys (the same op in every repeated layer) share one
     solution: a repeated decoder block is solved once, not once per layer."""
-    index = {o.node: i for i, o in enumerate(operands)}
     ops = tuple((o.shape, o.dtype, o.placement, o.trained,
                  None if o.free is None else (o.free.styles, o.free.groups, o.free.segs, o.free.sgroups,
                                               o.free.dim_map, o.free.uneven)) for o in operands)
     val = node.meta.get("val")
-    dtype = val.dtype if isinstance(val, torch.Tensor) else None
-    outs = tuple(out_shapes) if isinstance(out_shapes, list) else out_shapes
-    return (node.target, ops, _freeze(node.args, index), _freeze(dict(node.kwargs), index), outs, dtype)
+    fixed = node.meta.get("tpfx_rule_key")  # the parts no round changes, once per node (while its args stand)
+    if fixed is None or fixed[0] is not node.args or fixed[1] is not node.kwargs or fixed[2] is not val:
+        index = {o.node: i for i, o in enumerate(operands)}
+        dtype = val.dtype if isinstance(val, torch.Tensor) else None
+        outs = tuple(out_shapes) if isinstance(out_shapes, list) else out_shapes
+        fixed = (node.args, node.kwargs, val, (_freeze(node.args, index), _freeze(dict(node.kwargs), index), outs, dtype))
+        node.meta["tpfx_rule_key"] = fixed
+    return (node.target, ops, fixed[3])
 
 
 RuleCache = dict[Any, Any]  # rule key -> the rule's result (rules are pure: the key decides it)
@@ -341,8 +345,10 @@ class _Round:
             return False
         a = inputs[0]
         base = (self.params[a], tuple(range(a.meta["val"].ndim)), a) if a in self.params else self.derived.get(a)
+        if base is None or base[0] in self.prop.decided:
+            return False
         m = _layout_map(node, a.meta["val"].ndim)
-        if base is None or base[0] in self.prop.decided or m is None:
+        if m is None:
             return False
         self.derived[node] = (base[0], tuple(base[1][i] for i in m), base[2])
         self.chains.setdefault(base[0], []).append(node)
