@@ -5,7 +5,8 @@ config lists such as ``layer_types`` repeated to 10, so a hybrid's kinds each ha
 their layers stand in), captured whole (``passes.capture.capture``) and through
 block capture (``passes.blocks.capture_blocks``). Where block capture stitches, every node is compared (op,
 name, target, arguments by name, module path, shape): ``diffs`` counts the nodes that differ (goal 0). Where it
-falls back, the reason is recorded; where the harness cannot build the model, the error.
+falls back, the reason is recorded; where the harness cannot build the model, the error. ``op_logged`` counts
+the kinds whose template read its own index, so that the proof ran each of their layers (``kinds``: all).
 
 With ``--numerics``, every stitched family is also planned through block capture at t=2 (``tpfx.plan``), its two
 ranks' graphs run on simulated ranks in one process (``tests/simulate.py``: the real emitted code, collectives
@@ -78,12 +79,25 @@ def check(family: str, layers: int, with_numerics: bool = False) -> dict[str, An
         full = whole.capture(model, (), kwargs)
     except Exception as e:  # noqa: BLE001 - a model tpfx cannot capture at all
         return {"capture_error": f"{type(e).__name__}: {str(e)[:160]}"}
-    got = blocks.capture_blocks(model, (), kwargs)
+    logged: list[int] = []  # the kinds whose layers the proof ran one by one (their template read its index)
+    real = blocks._op_logs_differ
+
+    def spy(stack: Any, calls: Any, kinds: list[int], meta: bool) -> str | None:
+        logged.extend(kinds)
+        return real(stack, calls, kinds, meta)
+
+    blocks._op_logs_differ = spy  # type: ignore[assignment]
+    try:
+        got = blocks.capture_blocks(model, (), kwargs)
+    finally:
+        blocks._op_logs_differ = real  # type: ignore[assignment]
     if isinstance(got, str):
-        return {"fallback": got, "s": round(time.perf_counter() - t0, 1)}
+        return {"fallback": got, "op_logged": len(logged), "s": round(time.perf_counter() - t0, 1)}
     a, b = blocks.graph_rows(full.gm), blocks.graph_rows(got.gm)
     diffs = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
-    out: dict[str, Any] = {"nodes": len(a), "diffs": diffs}
+    found = blocks.find_stack(model)
+    kinds = 0 if isinstance(found, str) else len(found.templates)
+    out: dict[str, Any] = {"nodes": len(a), "diffs": diffs, "kinds": kinds, "op_logged": len(logged)}
     if with_numerics:
         try:
             out["logits_err"] = numerics(model, kwargs)
@@ -104,7 +118,7 @@ def main() -> None:
     families = args.families.split(",") if args.families else causal_lm_families()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    path = HERE / "results" / "blocks_check.json"
+    path = C.RESULTS / "blocks_check.json"  # where C.write_json writes it
     prev = json.loads(path.read_text()) if args.merge and path.exists() else {}
     out: dict[str, Any] = dict(prev.get("families", {}))
     commands = [*prev.get("commands", []), C.command_line()]
@@ -122,6 +136,8 @@ def summary(out: dict[str, Any], layers: int, with_numerics: bool) -> str:
     stitched = [f for f, r in out.items() if "diffs" in r]
     return (f"blocks: {len(out)} families x {layers} layers: {len(stitched)} stitched, "
             f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "
+            f"{sum(out[f].get('op_logged', 0) > 0 for f in stitched)} of them with a kind whose layers the proof "
+            "ran one by one (its template read its index), "
             f"{sum('fallback' in r for r in out.values())} captured whole (reason recorded), "
             f"{sum('harness_error' in r or 'capture_error' in r for r in out.values())} not built or not capturable"
             + (f"; numerics: {sum(r.get('logits_err', 1.0) <= 1e-5 for r in out.values())} of {len(stitched)} "

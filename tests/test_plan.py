@@ -253,6 +253,8 @@ class _WaitingLayer(torch.nn.Module):
     def __init__(self, d: int = 16) -> None:
         super().__init__()
         self.fused, self.out = torch.nn.Linear(d, 18), torch.nn.Linear(12, d)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)  # 30 such layers stay finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fused(x).split([6, 12], -1)  # (B, S, 6), (B, S, 12): uneven parts
@@ -264,11 +266,12 @@ class _Deep(torch.nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(_WaitingLayer() for _ in range(n))
+        self.head = torch.nn.Linear(16, 32)  # split by columns: the comparison below sees a sharded value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)  # (B, S, d)
-        return x
+        return self.head(x)  # (B, S, 32), gathered from (B, S, 32/t)
 
 
 def test_deep_model_whose_fallbacks_wait_layer_by_layer_converges() -> None:
@@ -284,7 +287,8 @@ def test_deep_model_whose_fallbacks_wait_layer_by_layer_converges() -> None:
     plan = tpfx.plan(model, 2, example_inputs=(x,))
     assert plan.derivation.prop.rounds > 50
     first = {k.split(".", 2)[2]: v for k, v in plan.placements.items() if k.startswith("layers.0.")}
-    assert first["fused.weight"].style == "replicate"
+    assert first["fused.weight"].style == "replicate" and plan.placements["head.weight"].style == "colwise"
+    assert len(plan.forward_collectives()) == 1  # the head's output gathered
     for i in range(n):
         mine = {k.split(".", 2)[2]: v for k, v in plan.placements.items() if k.startswith(f"layers.{i}.")}
         assert mine == first, i
