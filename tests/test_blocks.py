@@ -210,6 +210,23 @@ def test_canonical_names_are_dense_per_op() -> None:
     assert muls == list(range(len(muls)))  # export's own counters skip (mul_8 -> mul_17)
 
 
+def test_a_stitched_graph_generates_its_code_when_first_used() -> None:
+    model = models.llama(layers=6)
+    kwargs = _kwargs(models.HF_VOCAB)
+    last = "model_layers_5_mlp_down_proj_weight"
+    for use in ("call", "code", "print"):
+        got = blocks.capture_blocks(model, (), kwargs)
+        assert isinstance(got, whole.Captured), got
+        gm = got.gm
+        assert "_deferred" in vars(type(gm))  # stitched and renamed, not yet recompiled
+        if use == "code":
+            assert last in gm.code and "_deferred" not in vars(type(gm))
+        elif use == "print":
+            assert last in str(gm)
+        out = gm(**kwargs).logits  # the stitched graph's code (the stand-ins' would skip layers 3-5)
+        assert torch.allclose(out, model(**kwargs).logits, rtol=0, atol=1e-6) and "_deferred" not in vars(type(gm))
+
+
 @pytest.mark.parametrize(("how", "why"), [
     ("scale", "layer 5 does not read the output of the layer before it"),  # it reads layer 4's output halved
     ("skip", "the layers were called in the order [2, 3, 5]"),
