@@ -85,7 +85,11 @@ def section_plan_time(d: dict[str, Any] | None) -> str:
         "`passes/blocks.py`); `capture` = tpfx's export of those layers + the proof and stitching; "
         "`emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + emit) / export "
         "alone; total/static = the same over static export (auto_shard's planning before weights are "
-        "loaded); `plan` = the wall time of `tpfx.plan`.\n",
+        "loaded); `plan` = the wall time of `tpfx.plan`. Every model and t is planned "
+        f"{len(d['rows'][0].get('plan_samples', [1]))} times; the row is the fastest plan's (one run of the same "
+        "plan varies by +-30% on this box). All plan times: "
+        + "; ".join(f"{r['model']} t={r['t']} {r['plan_samples']}" for r in d["rows"] if "plan_samples" in r)
+        + ".\n",
         md_table(
             C.PLAN_TIME_COLUMNS,
             rows,
