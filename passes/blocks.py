@@ -324,7 +324,8 @@ def _uniform_calls(stack: Stack, calls: _Calls) -> str | None:
 
 
 def _static(x: Any, device: torch.device | None) -> Any:
-    """A static tensor like ``x`` (its example sizes and strides; on ``device``), for ``_op_logs_differ``."""
+    """A static tensor like ``x`` (its example sizes and strides; on ``device``), to run a layer outside the
+    capture."""
     if not isinstance(x, torch.Tensor):
         return x
     hint = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in x.shape]
@@ -402,21 +403,23 @@ def _reading_class(cls: type) -> type:
 _STRUCTURE = {"_parameters", "_buffers", "_modules"}  # compared by the layers' layouts
 
 
-def _reads_own_state(stack: Stack, kind: int, reads: dict[str, set[str]]) -> str | None:
-    """Why the template of ``kind``, having read ``reads``, may not stand for every layer of its kind (None: it
-    may): it read an index attribute, or a state that is not a compared attribute (``training``, hooks) and
-    differs between the kind's layers. (Reads through a module's ``__dict__`` are not seen: ``nn.Module`` reads
-    its own on every parameter access.)"""
-    t = stack.templates[kind]
+def _reads_own_state(stack: Stack, kind: int, reads: dict[str, set[str]]) -> bool:
+    """Whether the template of ``kind``, having read ``reads``, may compute other than some layer of its kind: it
+    read an index attribute, or a state that is not a compared attribute (``training``, hooks) and differs
+    between the kind's layers. (Reads through a module's ``__dict__`` are not seen: ``nn.Module`` reads its own
+    on every parameter access.)"""
+    template = stack.layers[stack.templates[kind]]
+    members = [m for m, k in zip(stack.layers, stack.kinds, strict=True) if k == kind]
     for sub, names in reads.items():
         if any((sub, n) in stack.index for n in names):
-            return f"layer {t} reads its own index"
-        own = vars(stack.layers[t].get_submodule(sub))
-        for n in sorted(names & own.keys() - _STRUCTURE):
-            for i in (i for i, k in enumerate(stack.kinds) if k == kind):
-                if not _same(vars(stack.layers[i].get_submodule(sub)).get(n), own[n]):
-                    return f"layer {i} holds another {sub + '.' if sub else ''}{n} than layer {t}"
-    return None
+            return True
+        own = vars(template.get_submodule(sub))
+        read = names & (own.keys() - _STRUCTURE)
+        for m in members:
+            theirs = vars(m.get_submodule(sub))
+            if any(not _same(theirs.get(n), own[n]) for n in read):
+                return True
+    return False
 
 
 def _run_context(stack: Stack) -> tuple[Any, bool]:
@@ -453,6 +456,7 @@ def _uniform_layers(stack: Stack, calls: _Calls) -> str | None:
 
 
 def _static_call(calls: _Calls, t: int, meta: bool) -> tuple[Any, Any]:
+    """Layer ``t``'s recorded call as (args, kwargs) of static meta (or fake) tensors."""
     leaves, spec, _ = calls.calls[t]
     return tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves], spec)
 
