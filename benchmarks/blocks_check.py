@@ -5,8 +5,9 @@ config lists such as ``layer_types`` repeated to 10, so a hybrid's kinds each ha
 their layers stand in), captured whole (``passes.capture.capture``) and through
 block capture (``passes.blocks.capture_blocks``). Where block capture stitches, every node is compared (op,
 name, target, arguments by name, module path, shape): ``diffs`` counts the nodes that differ (goal 0). Where it
-falls back, the reason is recorded; where the harness cannot build the model, the error. ``op_logged`` counts
-the kinds whose template read its own index, so that the proof ran each of their layers (``kinds``: all).
+falls back, the reason is recorded; where the harness cannot build the model, the error. ``per_shape`` marks a
+stitched graph that serves its example shapes alone (a kind's template read its own index or a state that
+differs between its layers: ``blocks._replay``).
 
 With ``--numerics``, every stitched family is also planned through block capture at t=2 (``tpfx.plan``), its two
 ranks' graphs run on simulated ranks in one process (``tests/simulate.py``: the real emitted code, collectives
@@ -79,25 +80,14 @@ def check(family: str, layers: int, with_numerics: bool = False) -> dict[str, An
         full = whole.capture(model, (), kwargs)
     except Exception as e:  # noqa: BLE001 - a model tpfx cannot capture at all
         return {"capture_error": f"{type(e).__name__}: {str(e)[:160]}"}
-    logged: list[int] = []  # the kinds whose layers the proof ran one by one (their template read its index)
-    real = blocks._op_logs_differ
-
-    def spy(stack: Any, calls: Any, kinds: list[int], meta: bool) -> str | None:
-        logged.extend(kinds)
-        return real(stack, calls, kinds, meta)
-
-    blocks._op_logs_differ = spy  # type: ignore[assignment]
-    try:
-        got = blocks.capture_blocks(model, (), kwargs)
-    finally:
-        blocks._op_logs_differ = real  # type: ignore[assignment]
+    got = blocks.capture_blocks(model, (), kwargs)
     if isinstance(got, str):
-        return {"fallback": got, "op_logged": len(logged), "s": round(time.perf_counter() - t0, 1)}
+        return {"fallback": got, "s": round(time.perf_counter() - t0, 1)}
     a, b = blocks.graph_rows(full.gm), blocks.graph_rows(got.gm)
     diffs = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
     found = blocks.find_stack(model)
     kinds = 0 if isinstance(found, str) else len(found.templates)
-    out: dict[str, Any] = {"nodes": len(a), "diffs": diffs, "kinds": kinds, "op_logged": len(logged)}
+    out: dict[str, Any] = {"nodes": len(a), "diffs": diffs, "kinds": kinds, "per_shape": not got.dynamic}
     if with_numerics:
         try:
             out["logits_err"] = numerics(model, kwargs)
@@ -136,8 +126,8 @@ def summary(out: dict[str, Any], layers: int, with_numerics: bool) -> str:
     stitched = [f for f, r in out.items() if "diffs" in r]
     return (f"blocks: {len(out)} families x {layers} layers: {len(stitched)} stitched, "
             f"{sum(out[f]['diffs'] > 0 for f in stitched)} with a differing graph, "
-            f"{sum(out[f].get('op_logged', 0) > 0 for f in stitched)} of them with a kind whose layers the proof "
-            "ran one by one (its template read its index), "
+            f"{sum(bool(out[f].get('per_shape')) for f in stitched)} of them serving their example shapes alone "
+            "(a template read its index), "
             f"{sum('fallback' in r for r in out.values())} captured whole (reason recorded), "
             f"{sum('harness_error' in r or 'capture_error' in r for r in out.values())} not built or not capturable"
             + (f"; numerics: {sum(r.get('logits_err', 1.0) <= 1e-5 for r in out.values())} of {len(stitched)} "

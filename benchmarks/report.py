@@ -554,10 +554,11 @@ def section_blocks_check(d: dict[str, Any] | None) -> str:
         "path, shape)" + (", and the stitched plan run at t=2 on simulated ranks against the unsharded logits"
                           if d["numerics"] else "") + ".\n",
         f"**{d['summary']}**" + (f"; logits error {min(errs):.1e} .. {max(errs):.1e}" if errs else "") + ".\n",
-        "Stitched families with a kind whose template read its own index, so that the proof ran each of its "
-        "layers and compared their ops (elsewhere one run of each template proves its kind): "
-        + (", ".join(f"{f} ({r['op_logged']} of {r['kinds']})" for f, r in sorted(fams.items())
-                     if "diffs" in r and r.get("op_logged")) or "none") + ".\n",
+        "Stitched families whose graph serves its example shapes alone (a kind's template read its own index; "
+        "results before the replay proof list the kinds whose layers were run one by one instead): "
+        + (", ".join(f"{f} ({r['op_logged']} of {r['kinds']})" if "op_logged" in r else f
+                     for f, r in sorted(fams.items()) if "diffs" in r and (r.get("op_logged") or r.get("per_shape")))
+           or "none") + ".\n",
         "Families captured whole or not built, and why:\n",
         md_table(["family", "reason"], odd), ""])
 

@@ -26,23 +26,31 @@ decoder layer), while the layers of a stack run a few computations on different 
      before each (one value: the residual stream handed on), read nowhere but in the layer and the next one;
      the layers' nodes are contiguous, the loop computes nothing between layers, and the stand-ins follow the
      last traced layer, each reading the one before;
-   - the layers themselves: each template runs once more, on static meta (or fake) copies of its inputs,
-     logging the attribute names read on each of its modules. A layer of its kind has the same code, compared
-     attributes and weight shapes, and gets the same inputs; so unless the template read its own index or a
-     state the kinds do not compare that differs between the layers (``training``, hooks), every layer runs
-     the template's ops. Where it did, every layer of the kind runs once and the ops each runs, with their
-     shapes and constants, must be the template's: a layer that branches on its own index
-     (``if self.layer_idx == last``) runs other ops.
+   - the model itself (``_replay``): it runs twice, eagerly, from its state as given, on static meta (or fake)
+     copies of the example inputs under a dispatch-level log that records every op with where each tensor
+     input came from (a weight by its first name, an input, an earlier op's output, a constant by value or
+     identity) and the grad mode: once with the stand-ins in place (what export traced) and once as it is.
+     Op for op, outside the stand-ins' layers the two runs must agree; each layer that stands in must run its
+     template's ops on its own weights, the same values from before and the hidden state handed to it, and hand
+     on what the template hands on; the outputs must be the same. Hooks (its own, the user's, transformers'
+     output recording installed on the first call), grad mode, values chosen by index among same-shaped
+     tensors, constants hidden in arguments, modules held outside the tree, identity and ``__dict__`` reads all
+     show in these ops. While the model runs as it is, each template logs the names read on its modules; a kind
+     whose template read its own index or a state that differs between its layers may branch on shapes where
+     its template does not, so the graph then serves the example shapes alone (``Captured.dynamic`` False: a
+     call at other shapes captures anew, and is proven anew).
 4. ``stitch``: each stand-in becomes a copy of its template's nodes, reading its own weights and the output of
    the layer before it, and what read the last stand-in reads the last copy. Names then come from
    ``capture.canonical_names``, as for a whole capture (export's own counters skip names irregularly, so its
    names are not a function of the layer).
 
 Anything not proven gives a reason instead of a graph; the caller then captures the whole model and records
-the reason (``plan.fallbacks``). What stays unproven: a layer whose computation depends on values rather than
-code (the same ops on inputs or constants the checks do not see), which no finite trace rules out, or on what
-the read log does not see: its own identity (``self is ...``), a read through its ``__dict__``, or state
-outside the layer that changes from call to call.
+the reason (``plan.fallbacks``). The model is left as it was given (``capture.ModelState``). What the replay
+proves holds at the example shapes; at other shapes the graph keeps its templates' guards, which is proven
+only as far as the read log sees: a layer whose shape branches differ from its template's through state the
+log cannot see (its identity, a ``__dict__`` read, state outside the layer that changes between calls) and
+that agree at the example shapes is not caught. Values are not compared: a layer computing on other values
+with the same ops and inputs is its template's copy by construction.
 """
 
 from __future__ import annotations
@@ -239,11 +247,12 @@ class _Calls:
         return leaves
 
     def signature(self, layer: int) -> tuple | None:
-        """Layer ``layer``'s call as data: its inputs' structure, constants, and tensors by identity (the
-        handed-on hidden state as ``"hidden"``); None if it does not read the previous layer's output."""
+        """Layer ``layer``'s call as data: its inputs' structure, plain constants by value, tensors and every
+        other object by identity (the handed-on hidden state as ``"hidden"``); None if it does not read the
+        previous layer's output."""
         leaves, spec, hidden = self.calls[layer]
         marks = tuple("hidden" if hidden is not None and x is hidden else
-                      id(x) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+                      repr(x) if isinstance(x, _PLAIN) else id(x) for x in leaves)
         return (str(spec), marks) if "hidden" in marks else None
 
 
@@ -320,11 +329,11 @@ def _uniform_calls(stack: Stack, calls: _Calls) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------- op logs
+# ------------------------------------------------------------------------------------------ the replay
 
 
 def _static(x: Any, device: torch.device | None) -> Any:
-    """A static tensor like ``x`` (its example sizes and strides; on ``device``), to run a layer outside the
+    """A static tensor like ``x`` (its example sizes and strides; on ``device``), to run the model outside the
     capture."""
     if not isinstance(x, torch.Tensor):
         return x
@@ -334,27 +343,48 @@ def _static(x: Any, device: torch.device | None) -> Any:
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+Ref = tuple  # ("w", name) a weight, ("in", i) an input leaf, ("op", j, m) output m of entry j, ("c", ...) other
 
 
-def _sig(x: Any) -> Any:
-    """An op argument as comparable data: a tensor by its shape and dtype, a constant by value."""
-    if isinstance(x, torch.Tensor):
-        return x.shape, x.dtype
-    if isinstance(x, list | tuple):
-        return tuple(_sig(v) for v in x)
-    if isinstance(x, dict):
-        return tuple((k, _sig(v)) for k, v in x.items())
-    return x if isinstance(x, _PLAIN) else repr(x)
+class _Replay(TorchDispatchMode):
+    """One eager run of a model as the ops it dispatches, each with where its tensor inputs came from
+    (``Ref``), its constants and the grad mode, and the stack's layers' calls as marks: ``("enter", k)``,
+    ``("exit", k, ref of the hidden state it hands on)``."""
 
-
-class _OpLog(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, names: dict[int, str], inputs: list[Any]) -> None:
         super().__init__()
-        self.ops: list[tuple] = []
+        self.tags: dict[int, Ref] = {i: ("w", n) for i, n in names.items()}
+        self.tags.update({id(x): ("in", i) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)})
+        self.keep: list[Any] = list(inputs)  # every tagged tensor stays alive: ids are not reused
+        self.entries: list[tuple] = []
+        self.out: Any = None
+
+    def ref(self, t: torch.Tensor) -> Ref:
+        tag = self.tags.get(id(t))
+        if tag is None:  # a tensor no op made: compared by value where it has one, else by identity
+            real = not t.is_meta and maybe_get_fake_mode(t) is None and type(t) is torch.Tensor
+            tag = ("c", t.dtype, tuple(t.shape), hash(t.detach().numpy().tobytes()) if real and t.device.type == "cpu"
+                   else id(t))
+            self.tags[id(t)] = tag
+            self.keep.append(t)
+        return tag
+
+    def arg(self, x: Any) -> Any:
+        return self.ref(x) if isinstance(x, torch.Tensor) else ("k", x if isinstance(x, _PLAIN) else repr(x))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.ops.append((func, _sig(args), _sig(kwargs or {})))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        if not outs:  # a query (prim.device, sym sizes, an assert): what it tells shows in the ops that follow
+            return out
+        sig = tuple(self.arg(x) for x in tree_flatten((args, kwargs))[0])
+        j = len(self.entries)
+        self.entries.append(("op", func, tuple(kwargs), sig, torch.is_grad_enabled(), len(outs)))
+        for m, o in enumerate(outs):
+            self.tags[id(o)] = ("op", j, m)
+        self.keep += outs
+        return out
 
 
 class _Reading:
@@ -422,58 +452,182 @@ def _reads_own_state(stack: Stack, kind: int, reads: dict[str, set[str]]) -> boo
     return False
 
 
-def _run_context(stack: Stack) -> tuple[Any, bool]:
-    """Where the layers run once outside the capture: meta tensors if the weights are on meta (4x cheaper than
-    fake), else the weights' own fake mode (``tpfx.from_pretrained``'s) or a new one; and whether meta."""
-    layers = stack.layers
-    meta = all(t.device.type == "meta" for m in layers for t in (*m.parameters(), *m.buffers()))
-    own = [f for f in {maybe_get_fake_mode(t) for m in layers for t in m.parameters()} if f is not None]
+def _weight_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[str, str]]:
+    """Each parameter and buffer of ``model`` by identity -> its first name; and every name it has -> that
+    name (tied and shared weights have several)."""
+    ids: dict[int, str] = {}
+    canon: dict[str, str] = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        canon[name] = ids.setdefault(id(t), name)
+    return ids, canon
+
+
+def _run_context(model: torch.nn.Module) -> tuple[Any, bool]:
+    """Where the model runs outside the capture: on meta tensors if its weights are on meta (4x cheaper than
+    fake), else in the weights' own fake mode (``tpfx.from_pretrained``'s) or a new one; and whether meta."""
+    weights = (*model.parameters(), *model.buffers())
+    meta = all(t.device.type == "meta" for t in weights)
+    own = [f for f in {maybe_get_fake_mode(t) for t in weights} if f is not None]
     fake: Any = (contextlib.nullcontext() if meta else own[0] if len(own) == 1
                  else FakeTensorMode(allow_non_fake_inputs=True))
     return fake, meta
 
 
-def _uniform_layers(stack: Stack, calls: _Calls) -> str | None:
-    """Why a layer that stands in may compute other than its template (None: none may). Each template runs once
-    on static copies of its inputs, logging the names it reads. Every layer of its kind has its code, its
-    compared attributes and its weights' shapes, and gets its inputs (``_uniform_calls``); so if the template
-    reads no index attribute and no other state that differs between the layers, each layer runs the template's
-    ops. A kind whose template reads such state has each of its layers run and their ops compared
-    (``_op_logs_differ``): a layer that branches on its own index runs other ops."""
-    fake, meta = _run_context(stack)
-    logged: list[int] = []
+def _run_logged(model: torch.nn.Module, stack: Stack, args: tuple, kwargs: dict[str, Any], inputs: list[Any],
+                names: dict[int, str], standing_in: bool, watch: list[int] = ()  # type: ignore[assignment]
+                ) -> tuple[_Replay, list[_Reading]]:
+    """The model's run (with the stand-ins in place, or as it is) as a ``_Replay``, and the names each layer of
+    ``watch`` read while it ran."""
+    log = _Replay(names, inputs)
+
+    def enter(k: int, *_: Any) -> None:
+        log.entries.append(("enter", k))
+
+    def leave(k: int, _: torch.nn.Module, args: tuple, out: Any) -> None:
+        hidden = _hidden_leaf(out)
+        log.entries.append(("exit", k, None if hidden is None else log.ref(hidden)))
+
+    with contextlib.ExitStack() as ctx:
+        if standing_in:
+            ctx.enter_context(_standing_in(model, stack, _Calls()))
+        layers: list[torch.nn.Module] = list(model.get_submodule(stack.path))  # type: ignore[call-overload]
+        for k, layer in enumerate(layers):  # first in, last out: the layer's own hooks are inside its span
+            ctx.callback(layer.register_forward_pre_hook(functools.partial(enter, k), prepend=True).remove)
+            ctx.callback(layer.register_forward_hook(functools.partial(leave, k)).remove)
+        readings = [ctx.enter_context(_Reading(dict(stack.layers[t].named_modules()))) for t in watch]
+        with log:
+            log.out = model(*args, **kwargs)
+    return log, readings
+
+
+def _replay(model: torch.nn.Module, stack: Stack, args: tuple, kwargs: dict[str, Any],
+            state: _capture.ModelState) -> tuple[str | None, bool]:
+    """Why the stitched graph may compute other than the model (None: it computes what the model does at the
+    example shapes), and whether it is to serve only those shapes. The model runs twice from its state as given,
+    on static meta (or fake) copies of the inputs in export's compiling state: as it was captured (stand-ins
+    in place) and as it is; ``_replays_differ`` compares the two runs. While it runs as it is, each template
+    logs the names it reads (``_Reading``): a kind whose template read its own index, or a state that differs
+    between the kind's layers, may branch on shapes other than its template does, so the graph then serves
+    the example shapes alone (a call at other shapes captures anew, ``Captured.dynamic``)."""
+    fake, meta = _run_context(model)
+    leaves, spec = tree_flatten((args, kwargs))
+    leaves = [_static(x, torch.device("meta")) for x in leaves] if meta else leaves
+    run_args, run_kwargs = tree_unflatten(leaves, spec)
+    names, canon = _weight_names(model)
+    kinds = sorted(stack.templates.items())
     try:  # in export's own compiling state, so that models take the paths they take under export (MoE kernels)
-        with _compiling_state_context(), fake, torch.no_grad():
-            for kind, t in stack.templates.items():
-                args, kwargs = _static_call(calls, t, meta)
-                with _Reading(dict(stack.layers[t].named_modules())) as reading:
-                    stack.layers[t](*args, **kwargs)
-                if _reads_own_state(stack, kind, reading.reads):
-                    logged.append(kind)
-            return _op_logs_differ(stack, calls, logged, meta)
-    except Exception as e:  # noqa: BLE001 - a layer that cannot run on fake inputs is not proven uniform
-        return f"a layer does not run on fake inputs ({type(e).__name__}: {str(e)[:120]})"
+        with _compiling_state_context(), fake, torch.enable_grad():
+            cut, _ = _run_logged(model, stack, run_args, run_kwargs, leaves, names, True)
+            state.restore()
+            real, readings = _run_logged(model, stack, run_args, run_kwargs, leaves, names, False,
+                                         [t for _, t in kinds])
+    except Exception as e:  # noqa: BLE001 - a model that cannot run on meta or fake inputs is not proven
+        return f"the model does not run on {'meta' if meta else 'fake'} inputs ({type(e).__name__}: {str(e)[:120]})", False
+    finally:
+        state.restore()
+    static = any(_reads_own_state(stack, kind, r.reads) for (kind, _), r in zip(kinds, readings, strict=True))
+    return _replays_differ(real, cut, stack, canon), static
 
 
-def _static_call(calls: _Calls, t: int, meta: bool) -> tuple[Any, Any]:
-    """Layer ``t``'s recorded call as (args, kwargs) of static meta (or fake) tensors."""
-    leaves, spec, _ = calls.calls[t]
-    return tree_unflatten([_static(x, torch.device("meta") if meta else None) for x in leaves], spec)
+def _spans(entries: list[tuple], n: int) -> dict[int, tuple[int, int]] | None:
+    """Each layer's (enter, exit) entry indices; None unless every layer is called once, not inside another."""
+    spans: dict[int, tuple[int, int]] = {}
+    open_: int | None = None
+    for i, e in enumerate(entries):
+        if e[0] == "enter":
+            if open_ is not None or e[1] in spans:
+                return None
+            open_ = i
+        elif e[0] == "exit":
+            if open_ is None or entries[open_][1] != e[1]:
+                return None
+            spans[e[1]] = (open_, i)
+            open_ = None
+    return spans if sorted(spans) == list(range(n)) else None
 
 
-def _op_logs_differ(stack: Stack, calls: _Calls, kinds: list[int], meta: bool) -> str | None:
-    """Run every layer of ``kinds`` that stands in (but the kind's first) once on static copies of its
-    template's inputs and compare the ops each runs (with their shapes and constants) with the template's."""
-    logs: dict[int, list[tuple]] = {}
-    for kind in kinds:
-        args, kwargs = _static_call(calls, stack.templates[kind], meta)
-        for i in [i for i, k in enumerate(stack.kinds) if k == kind][1:]:
-            with _OpLog() as log:
-                stack.layers[i](*args, **kwargs)
-            logs[i] = log.ops
-    for i in sorted(logs):
-        if logs[i] != logs[stack.template(i)]:
-            return f"layer {i} runs other ops than layer {stack.template(i)}"
+def _same_op(a: tuple, b: tuple, same: Any) -> bool:
+    """Entries ``a`` and ``b`` are one op with one grad mode, the same constants, and inputs ``same(x, y)``."""
+    return a[0] == b[0] == "op" and a[1:3] == b[1:3] and a[4:] == b[4:] and len(a[3]) == len(b[3]) \
+        and all(same(x, y) for x, y in zip(a[3], b[3], strict=True))
+
+
+def _replays_differ(real: _Replay, cut: _Replay, stack: Stack, canon: dict[str, str]) -> str | None:
+    """Why the model's run ``real`` is not the stitched graph's (None: it is). The stitched graph is the capture
+    with stand-ins (whose eager run is ``cut``) with each stand-in's one op replaced by a copy of its template's
+    ops reading its own weights and the hidden state handed on. So, op for op: outside the stand-ins' layers,
+    ``real`` runs ``cut``'s ops on the same inputs (``phi`` maps each value ``real`` computed to ``cut``'s); a
+    layer that stands in runs its template's ops in ``cut`` on its own weights, the same values from before and
+    the hidden state it is handed, and hands on the value the template hands on; the model returns the same
+    outputs. Only the hidden state a layer hands on is read after it."""
+    n = len(stack.layers)
+    spans_r, spans_c = _spans(real.entries, n), _spans(cut.entries, n)
+    if spans_r is None or spans_c is None:
+        return "the stack's layers are not each called once, one after another"
+    phi: dict[Ref, Ref] = {}
+
+    def same(x: Any, y: Any) -> bool:
+        return phi.get(x) == y if x[0] == "op" else x == y
+
+    R, C = real.entries, cut.entries
+    i = j = 0
+    while i < len(R) and j < len(C):
+        a, b = R[i], C[j]
+        if a[0] == "enter" and a[1] >= stack.cut and b == a:
+            why = _layer_differs(real, cut, a[1], spans_r, spans_c, stack, canon, phi)
+            if why:
+                return why
+            i, j = spans_r[a[1]][1] + 1, spans_c[a[1]][1] + 1
+        elif a[0] == "op" and _same_op(a, b, same):
+            phi.update({("op", i, m): ("op", j, m) for m in range(a[5])})
+            i, j = i + 1, j + 1
+        elif a[0] != "op" and a[:2] == b[:2] and (a[0] == "enter" or (a[2] and b[2] and same(a[2], b[2]))):
+            i, j = i + 1, j + 1
+        else:
+            where = next((f"layer {e[1]}" for e in reversed(R[:i + 1]) if e[0] in ("enter", "exit")), "the model")
+            return f"the model runs other ops than its capture ({a[1] if a[0] == 'op' else a[0]}, near {where})"
+    if i < len(R) or j < len(C):
+        return "the model runs other ops than its capture (at its end)"
+    (lr, sr), (lc, sc) = tree_flatten(real.out), tree_flatten(cut.out)
+    if str(sr) != str(sc) or not all(same(real.arg(x), cut.arg(y)) for x, y in zip(lr, lc, strict=True)):
+        return f"the model returns other outputs than its capture ({len(lr)} leaves, the capture {len(lc)})"
+    return None
+
+
+def _layer_differs(real: _Replay, cut: _Replay, k: int, spans_r: dict[int, tuple[int, int]],
+                   spans_c: dict[int, tuple[int, int]], stack: Stack, canon: dict[str, str],
+                   phi: dict[Ref, Ref]) -> str | None:
+    """Why layer ``k`` (one that stands in) does not run its template's ops as ``_replays_differ`` says (None:
+    it does); maps the hidden state it hands on to its stand-in's."""
+    t = stack.template(k)
+    (rs, re), (ts, te), (cs, ce) = spans_r[k], spans_c[t], spans_c[k]
+    R, C = real.entries, cut.entries
+    clone = C[cs + 1]
+    if ce != cs + 2 or clone[0] != "op":
+        return f"the stand-in of layer {k} did not run"
+    hk, ht = clone[3][0], C[spans_c[t - 1][1]][2]  # the hidden state handed to layer k (stand-in), to t
+    pk, pt = f"{stack.path}.{k}.", f"{stack.path}.{t}."
+    psi: dict[Ref, Ref] = {}
+
+    def same(x: Any, y: Any) -> bool:
+        if x[0] == "op":
+            if rs < x[1] < re:
+                return psi.get(x) == y
+            return phi.get(x) == y or (phi.get(x) == hk and y == ht)
+        if x[0] == "w" and y[0] == "w" and y[1].startswith(pt):
+            return x[1] == canon.get(pk + y[1][len(pt):])
+        return x == y
+
+    if re - rs != te - ts:
+        return f"layer {k} runs other ops than layer {t} ({re - rs - 1} ops, layer {t} {te - ts - 1})"
+    for off in range(1, re - rs):
+        if not _same_op(R[rs + off], C[ts + off], same):
+            return f"layer {k} runs other ops than layer {t} (op {off - 1} of the layer: {R[rs + off][1]})"
+        psi.update({("op", rs + off, m): ("op", ts + off, m) for m in range(R[rs + off][5])})
+    out_r, out_t = R[re][2], C[te][2]
+    if out_r is None or out_t is None or out_r[0] != "op" or not same(out_r, out_t):
+        return f"layer {k} hands on another value than layer {t}"
+    phi[out_r] = C[ce][2]
     return None
 
 
@@ -652,24 +806,29 @@ def _retarget_stack(meta: dict[str, Any], p1: str, pk: str) -> dict[str, Any]:
 
 def _weights(gm: fx.GraphModule, model: torch.nn.Module, stack: Stack) -> dict[tuple[int, fx.Node], fx.Node]:
     """Every stand-in layer's weights as get_attr nodes (its template's, renamed), after the traced layers'
-    parameters and buffers (where a whole capture has them): (layer, template's node) -> its own node."""
+    parameters and buffers (where a whole capture has them): (layer, template's node) -> its own node. A weight
+    the layer shares (a tied parameter, a module of another layer) is read under its first name, once."""
     graph, path = gm.graph, stack.path
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    canon = _weight_names(model)[1]
     mine = [w for w in graph.nodes if w.op == "get_attr" and str(w.target).startswith(path + ".")]
+    nodes = {str(w.target): w for w in graph.nodes if w.op == "get_attr"}
     anchors = {kind: next((w for w in reversed(mine) if (str(w.target) in params) == kind), None)
                for kind in (True, False)}
     new: dict[tuple[int, fx.Node], fx.Node] = {}
     for k in range(stack.cut, len(stack.layers)):
         t = stack.template(k)
         pt, pk = f"{path}.{t}", f"{path}.{k}"
-        st = pt.replace(".", "_")
         for w in (w for w in mine if str(w.target).startswith(pt + ".")):
-            target, param = pk + str(w.target)[len(pt):], str(w.target) in params
-            _set_attr(gm, target, params[target] if param else buffers[target], param)
-            with graph.inserting_after(anchors[param]):
-                anchors[param] = graph.create_node("get_attr", target, name=w.name.replace(st, pk.replace(".", "_"), 1))
-            anchors[param].meta = dict(w.meta)  # type: ignore[union-attr]
-            new[(k, w)] = anchors[param]  # type: ignore[assignment]
+            target = canon.get(pk + str(w.target)[len(pt):], pk + str(w.target)[len(pt):])
+            if target not in nodes:
+                param = target in params
+                _set_attr(gm, target, params[target] if param else buffers[target], param)
+                with graph.inserting_after(anchors[param]):
+                    name = target.replace(".", "_")
+                    anchors[param] = nodes[target] = graph.create_node("get_attr", target, name=name)
+                nodes[target].meta = dict(w.meta)
+            new[(k, w)] = nodes[target]
     return new
 
 
@@ -727,26 +886,38 @@ def graph_rows(gm: fx.GraphModule) -> list[tuple]:
     return out
 
 
-def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured | str:
-    """The model's capture through the layers of its stack before the cut, with stand-ins for the others,
-    stitched to all of them; or why not."""
-    stack = find_stack(model)
-    if isinstance(stack, str):
-        return stack
-    path, layers, cut = stack.path, stack.layers, stack.cut
-    parent_path, _, attr = path.rpartition(".")
-    parent, original = model.get_submodule(parent_path), model.get_submodule(path)
-    calls = _Calls()
+@contextlib.contextmanager
+def _standing_in(model: torch.nn.Module, stack: Stack, calls: _Calls) -> Any:
+    """The model with every layer from the cut on replaced by its stand-in, and the traced layers hooked."""
+    parent_path, _, attr = stack.path.rpartition(".")
+    parent, original = model.get_submodule(parent_path), model.get_submodule(stack.path)
     hooks = _traced_hooks(stack, calls)
-    setattr(parent, attr, torch.nn.ModuleList(layers[:cut] + [_StandIn(k, stack.template(k), calls, layers[k])
-                                                              for k in range(cut, len(layers))]))
+    setattr(parent, attr, torch.nn.ModuleList(stack.layers[:stack.cut] + [
+        _StandIn(k, stack.template(k), calls, stack.layers[k]) for k in range(stack.cut, len(stack.layers))]))
     try:
-        captured = _capture.capture(model, args, kwargs, named=False)
-    except _capture.CaptureError as e:
-        return f"{path}: the model with stand-ins after layer {cut - 1} did not capture ({str(e)[:200]})"
+        yield
     finally:
         setattr(parent, attr, original)
         for h in hooks:
             h.remove()
-    why = _uniform_calls(stack, calls) or _uniform_layers(stack, calls) or stitch(captured.gm, model, stack)
-    return captured if why is None else f"{path}: {why}"
+
+
+def capture_blocks(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured | str:
+    """The model's capture through the layers of its stack before the cut, with stand-ins for the others,
+    stitched to all of them and proven by ``_replay``; or why not. The model is left as it was given."""
+    stack = find_stack(model)
+    if isinstance(stack, str):
+        return stack
+    calls = _Calls()
+    with _capture.ModelState(model) as state:
+        try:
+            with _standing_in(model, stack, calls):
+                captured = _capture.capture(model, args, kwargs, named=False)
+        except _capture.CaptureError as e:
+            return f"{stack.path}: the model with stand-ins after layer {stack.cut - 1} did not capture ({str(e)[:200]})"
+        state.restore()
+        why = _uniform_calls(stack, calls) or stitch(captured.gm, model, stack)
+        if why is None:
+            why, static = _replay(model, stack, args, kwargs, state)
+            captured.dynamic = captured.dynamic and not static
+    return captured if why is None else f"{stack.path}: {why}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,43 @@ class Captured:
     dynamic: bool  # captured with dynamic dims (serves other shapes)
     functionalized: bool  # in-graph writes were turned into functional ops
     whole_because: str | None = None  # why a stack of layers was captured whole (blocks.py), if it was
+
+
+class ModelState:
+    """The state of every module of a model (its attributes, hooks, parameters, buffers and submodules by
+    reference) and of its config, as it is now; ``restore`` puts it back. Planning runs the model's Python code
+    (export, block capture's proofs), and that code may change the model on its first call: transformers
+    installs its output-recording hooks then, on whatever layers the stack holds at that moment, and marks the
+    model as hooked. Every capture starts from and leaves the model as the user gave it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        objs: list[Any] = list(model.modules())
+        objs += [c for c in {id(getattr(m, "config", None)): getattr(m, "config", None) for m in objs}.values()
+                 if c is not None and hasattr(c, "__dict__")]
+        self.saved = [(o, dict(vars(o)), {k: v.copy() for k, v in vars(o).items() if type(v) in _COPIED})
+                      for o in objs]
+
+    def restore(self) -> None:
+        for o, attrs, inner in self.saved:
+            now = vars(o)
+            for k in [k for k in now if k not in attrs]:
+                del now[k]
+            now.update(attrs)
+            for k, v in inner.items():  # the same containers, with their saved entries
+                if isinstance(v, list):
+                    attrs[k][:] = v
+                else:
+                    attrs[k].clear()
+                    attrs[k].update(v)
+
+    def __enter__(self) -> ModelState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+_COPIED = (dict, OrderedDict, list, set)
 
 
 def check_model(model: torch.nn.Module) -> None:

@@ -78,14 +78,17 @@ class Stages:
 
     def capture(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured:
         """The model's graph: through three layers of each kind in its stack and stitched (``blocks``), else whole, with the
-        reason the stack could not be used in ``Captured.whole_because``."""
+        reason the stack could not be used in ``Captured.whole_because``. The model is left as it was given
+        (``capture.ModelState``)."""
         why = None
-        if self.blocks:
-            got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
-            if isinstance(got, _capture.Captured):
-                return got
-            why = None if got.startswith(_blocks.NO_STACK) else got
-        captured = self.timed("capture", _capture.capture, model, args, kwargs)
+        with _capture.ModelState(model) as state:  # each try starts from, and leaves, the model as given
+            if self.blocks:
+                got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
+                if isinstance(got, _capture.Captured):
+                    return got
+                why = None if got.startswith(_blocks.NO_STACK) else got
+                state.restore()
+            captured = self.timed("capture", _capture.capture, model, args, kwargs)
         captured.whole_because = why
         return captured
 
