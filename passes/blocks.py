@@ -14,8 +14,9 @@ decoder layer), while the layers of a stack run a few computations on different 
    *template*, the one before it of its kind its *sibling* (a kind's first layer can hold nodes made on first
    use, a mask sliced once and reused later, so it is neither).
 2. ``capture_blocks``: the model is exported with the layers before the cut real and every later layer
-   replaced by a stand-in, which records its call and returns a clone of its hidden input (its one node) in
-   its template's output structure (the list is put back afterwards). Export so traces the layers before the
+   replaced by a stand-in (an instance of the layer's class that answers with the layer's attributes), which
+   records its call and returns a clone of its hidden input (its one node) in its template's output structure
+   (the list is put back afterwards). Export so traces the layers before the
    cut, and the parent's loop over all of them.
 3. Proof that every stand-in stands for a copy of its kind's template:
    - the calls: each stand-in is called once, in order, with its template's input structure, constants and
@@ -29,7 +30,7 @@ decoder layer), while the layers of a stack run a few computations on different 
    - the model itself (``_replay``): it runs twice, eagerly, from its state as given, on static meta (or fake)
      copies of the example inputs under a dispatch-level log that records every op with where each tensor
      input came from (a weight by its first name, an input, an earlier op's output, a constant by value or
-     identity) and the grad mode: once with the stand-ins in place (what export traced) and once as it is.
+     identity), its other arguments by type and value, the grad mode, and what ops returning nothing write: once with the stand-ins in place (what export traced) and once as it is.
      Op for op, outside the stand-ins' layers the two runs must agree; each layer that stands in must run its
      template's ops on its own weights, the same values from before and the hidden state handed to it, and hand
      on what the template hands on; the outputs must be the same. Hooks (its own, the user's, transformers'
@@ -68,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import capture as _capture
+from .checkpoint import renumber
 
 # the default of Stages(blocks=...) and tpfx.plan(blocks=...); tpfx.passes.blocks.ENABLED = False captures
 # every model whole (auto_shard included)
@@ -89,25 +91,32 @@ def _plain_attrs(module: torch.nn.Module) -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether two attribute or argument values are the same for the computation: of one type, equal by value
+    (floats by ``repr``: -0.0 is not 0.0), containers, partials, modules and plain objects field by field
+    (never by their own ``__eq__``, which may skip fields), tensors only if identical."""
     if a is b:
         return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
         return False  # a tensor attribute (not a parameter or buffer) becomes a graph constant: same object only
-    if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # one made per layer (activations)
+    if isinstance(a, float):
+        return repr(a) == repr(b)
+    if isinstance(a, functools.partial):  # one made per layer (activations)
         return _same(a.func, b.func, depth) and _same(a.args, b.args, depth) and _same(a.keywords, b.keywords, depth)
-    if depth < 4 and type(a) is type(b) and isinstance(a, dict | list | tuple):  # containers of such values
+    if depth < 4 and isinstance(a, dict | list | tuple):  # containers of such values
         pairs = list(zip(a.items(), b.items())) if isinstance(a, dict) else [((0, x), (0, y)) for x, y in zip(a, b)]
-        return len(a) == len(b) and all(ka == kb and _same(x, y, depth + 1) for (ka, x), (kb, y) in pairs)
-    if depth < 4 and type(a) is type(b) and isinstance(a, torch.nn.Module):
+        return len(a) == len(b) and all(_same(ka, kb) and _same(x, y, depth + 1) for (ka, x), (kb, y) in pairs)
+    if depth < 4 and isinstance(a, torch.nn.Module):
         # a module held outside the module tree (transformers' per-layer kernel functions): one of its own per
         # layer, alike in class, weights and attributes
         attrs_a, attrs_b = _plain_attrs(a), _plain_attrs(b)
         return _layout(a) == _layout(b) and attrs_a.keys() == attrs_b.keys() \
             and all(_same(v, attrs_b[k], depth + 1) for k, v in attrs_a.items())
+    if depth < 4 and hasattr(a, "__dict__") and not callable(a):  # a config object, a dataclass: its fields
+        return _same(vars(a), vars(b), depth + 1)
     try:
-        return bool(type(a) is type(b) and a == b)
+        return bool(a == b)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not proven equal
-        return a is b
+        return False
 
 
 def _layout(module: torch.nn.Module) -> tuple:
@@ -263,23 +272,25 @@ def _hidden_leaf(out: Any) -> torch.Tensor | None:
 
 class _StandIn(torch.nn.Module):
     """Layer ``k`` of the stack during a block capture: records its call and returns its template's output
-    structure with a clone of its hidden input."""
+    structure with a clone of its hidden input. It is an instance of its layer's class (``make``), so that the
+    parent's ``isinstance`` checks (and transformers' hooks by class) see what they see on the real layer."""
 
-    def __init__(self, k: int, template: int, calls: _Calls, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.k, self.template, self.calls_ = k, template, calls
-        self.__dict__["_real"] = layer  # not a submodule: its weights stay out of the capture
+    @staticmethod
+    def make(k: int, template: int, calls: _Calls, layer: torch.nn.Module) -> _StandIn:
+        standin: Any = torch.nn.Module.__new__(_stand_in_class(type(layer)))  # type: ignore[arg-type]
+        torch.nn.Module.__init__(standin)
+        standin.k, standin.template, standin.calls_ = k, template, calls
+        standin.__dict__["_real"] = layer  # not a submodule: its weights stay out of the capture
+        return standin
 
     def __getattr__(self, name: str) -> Any:
-        """The real layer's plain attributes (a loop that picks a mask by ``layer.attention_type``): what the loop
-        then passes is checked against the template's call."""
+        """The real layer's attributes (a loop that picks a mask by ``layer.attention_type``, a parent that
+        counts ``hasattr(layer, "attn")``): what the loop then does is traced, checked against the template's
+        call and replayed."""
         try:
-            return super().__getattr__(name)
+            return torch.nn.Module.__getattr__(self, name)
         except AttributeError:
-            real = vars(self.__dict__["_real"])
-            if name in real and not isinstance(real[name], torch.Tensor | torch.nn.Module):
-                return real[name]
-            raise
+            return getattr(self.__dict__["_real"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         calls = self.calls_
@@ -292,6 +303,12 @@ class _StandIn(torch.nn.Module):
         out_leaves, out_spec = tree_flatten(calls.out.get(self.template))
         calls.hidden = new
         return tree_unflatten([new if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
+
+
+@functools.cache
+def _stand_in_class(cls: Any) -> Any:
+    return type(f"StandIn{cls.__name__}", (_StandIn, cls), {"__module__": __name__, "forward": _StandIn.forward,
+                                                           "__getattr__": _StandIn.__getattr__})
 
 
 def _traced_hooks(stack: Stack, calls: _Calls) -> list[Any]:
@@ -370,12 +387,12 @@ class _Replay(TorchDispatchMode):
         return tag
 
     def arg(self, x: Any) -> Any:
-        return self.ref(x) if isinstance(x, torch.Tensor) else ("k", x if isinstance(x, _PLAIN) else repr(x))
+        return self.ref(x) if isinstance(x, torch.Tensor) else ("k", type(x), repr(x))  # 1 is not 1.0, nor 0.0 -0.0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)] or _written(func, args, kwargs)
         if not outs:  # a query (prim.device, sym sizes, an assert): what it tells shows in the ops that follow
             return out
         sig = tuple(self.arg(x) for x in tree_flatten((args, kwargs))[0])
@@ -450,6 +467,16 @@ def _reads_own_state(stack: Stack, kind: int, reads: dict[str, set[str]]) -> boo
             if any(not _same(theirs.get(n), own[n]) for n in read):
                 return True
     return False
+
+
+def _written(func: Any, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an op writes into (``_foreach_mul_``, a custom op returning nothing): its results."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    values = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+    return [t for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+            for t in tree_flatten(values.get(a.name))[0] if isinstance(t, torch.Tensor)]
 
 
 def _weight_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[str, str]]:
@@ -688,6 +715,8 @@ class _Traced:
             return "a layer does not read the output of the layer before it"
         if any(self.pos[m] != self.pos[last[-1]] + 1 + i for i, m in enumerate(marks)):
             return "nodes between layers"
+        if any(set(m.users) != {n} for m, n in zip(marks, marks[1:])):
+            return "a stand-in's output is read after the layer after it"
         return self.read_after(self.cut - 1)
 
     def contiguous(self, i: int) -> str | None:
@@ -850,6 +879,7 @@ def _copy_layers(gm: fx.GraphModule, traced: _Traced, weights: dict[tuple[int, f
                 new = graph.create_node(y.op, y.target, fx.map_arg(y.args, arg), fx.map_arg(y.kwargs, arg),
                                         name=y.name)
                 new.meta = _retarget_stack(y.meta, pt, pk)
+                renumber(new, f"@{k}")  # a checkpointed region of its own
                 copy[y] = new
             out = copy[traced.handed(t + 1)]  # type: ignore[index]
     return out  # type: ignore[return-value]
@@ -893,7 +923,7 @@ def _standing_in(model: torch.nn.Module, stack: Stack, calls: _Calls) -> Any:
     parent, original = model.get_submodule(parent_path), model.get_submodule(stack.path)
     hooks = _traced_hooks(stack, calls)
     setattr(parent, attr, torch.nn.ModuleList(stack.layers[:stack.cut] + [
-        _StandIn(k, stack.template(k), calls, stack.layers[k]) for k in range(stack.cut, len(stack.layers))]))
+        _StandIn.make(k, stack.template(k), calls, stack.layers[k]) for k in range(stack.cut, len(stack.layers))]))
     try:
         yield
     finally:

@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import maybe_get_fake_mode
 from torch.export import Dim
 from torch.utils._pytree import tree_map
+
+from .checkpoint import CheckpointPolicyError, marking_regions
 
 
 class CaptureError(RuntimeError):
@@ -35,7 +38,7 @@ class Captured:
 
 class ModelState:
     """The state of every module of a model (its attributes, hooks, parameters, buffers and submodules by
-    reference) and of its config, as it is now; ``restore`` puts it back. Planning runs the model's Python code
+    reference, its buffers' contents) and of its config, as it is now; ``restore`` puts it back. Planning runs the model's Python code
     (export, block capture's proofs), and that code may change the model on its first call: transformers
     installs its output-recording hooks then, on whatever layers the stack holds at that moment, and marks the
     model as hooked. Every capture starts from and leaves the model as the user gave it."""
@@ -46,8 +49,15 @@ class ModelState:
                  if c is not None and hasattr(c, "__dict__")]
         self.saved = [(o, dict(vars(o)), {k: v.copy() for k, v in vars(o).items() if type(v) in _COPIED})
                       for o in objs]
+        # buffers' contents (a counter, running statistics): what a forward on real buffers may write in place
+        self.buffers = [(b, b._version, b.clone()) for b in model.buffers()
+                        if b.device.type != "meta" and type(b) is torch.Tensor and maybe_get_fake_mode(b) is None]
 
     def restore(self) -> None:
+        with torch.no_grad():
+            for b, version, saved in self.buffers:
+                if b._version != version:
+                    b.copy_(saved)
         for o, attrs, inner in self.saved:
             now = vars(o)
             for k in [k for k in now if k not in attrs]:
@@ -127,16 +137,22 @@ def _advice(model: torch.nn.Module, e: Exception) -> str:
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """``torch.export`` with dynamic dims, else static; checkpointed regions marked (``checkpoint.py``)."""
     spec = dynamic_spec(model, args, kwargs)
     if spec is not None:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), marking_regions():
                 warnings.simplefilter("ignore")
                 return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False), True
+        except CheckpointPolicyError:
+            raise
         except Exception:  # noqa: BLE001 - fall back to a static capture per shape
             pass
     try:
-        return torch.export.export(model, args, kwargs, strict=False), False
+        with marking_regions():
+            return torch.export.export(model, args, kwargs, strict=False), False
+    except CheckpointPolicyError:
+        raise
     except Exception as e:  # noqa: BLE001 - every export failure gets the same advice
         raise CaptureError(_advice(model, e)) from e
 

@@ -29,6 +29,7 @@ collectives in eager mode, so its round trip overlaps the compute before it inst
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -554,6 +555,36 @@ def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, group
     if native:
         return x * shard_tensor(noise[0], pl, rank, world), shard_tensor(noise[1], pl, rank, world)
     return x * shard_tensor(noise, pl, rank, world)
+
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                       p: float, is_causal: bool, scale: float | None, enable_gqa: bool, groups: int,
+                       segs: tuple[int, ...], sgroups: tuple[int, ...] | None, rank: int, world: int
+                       ) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with dropout of this rank's heads (dim 1 split as ``Shard(1, groups,
+    segs, sgroups)``) as the unsharded run computes it: torch's math path (q and k each scaled by the scale's
+    root, the mask added, a safe softmax), the attention weights dropped out by this rank's chunk of the full
+    (B, H, L, S) noise the unsharded kernel draws (``dropout_chunk``), then times v. On CPU the unsharded
+    kernel takes this path, so a sharded run is the unsharded one mask for mask; where a fused kernel draws
+    inside itself (CUDA), no run can reproduce it, and each head's noise is still its own slice of one draw
+    (never a mask repeated across the ranks' heads)."""
+    root = (1.0 / math.sqrt(q.size(-1)) if scale is None else abs(scale)) ** 0.5
+    q = q * (-root if scale is not None and scale < 0 else root)  # (B, H/t, L, D)
+    if enable_gqa:
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
+    attn = q @ (k.transpose(-2, -1) * root)  # (B, H/t, L, S)
+    if is_causal:
+        causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+        attn = attn.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+    attn = torch.ops.aten._safe_softmax.default(attn, -1)
+    attn = dropout_chunk(attn, p, True, 1, groups, segs, sgroups, tuple(range(attn.dim())), rank, world)
+    return attn @ v  # (B, H/t, L, Dv)
 
 
 # the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import collectives as C
 from .backward import operand_grad, sharded_compute
+from .checkpoint import checkpoint_regions
 from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Groups, Step, plan_redistribution
@@ -108,7 +109,7 @@ class _Emitter:
                 self.compute(node)
         out = fx.GraphModule(self.root, self.new, class_name=f"TPRank{self.rank}")
         out.graph.lint()
-        return out
+        return checkpoint_regions(out)  # the regions the model checkpoints, checkpointed
 
     def call(self, fn: Any, *args: Any, src: fx.Node | None = None, where: str | None = None) -> fx.Node:
         """``fn(*args)`` after ``src``; a collective whose backward communicates is told ``where`` it sits (default:
@@ -207,6 +208,8 @@ class _Emitter:
             return
         elif target in C.DROPOUTS:
             target, args, kwargs = _dropout(node, args, kwargs, prop, self.rank, world)
+        elif target is C.SDPA:
+            target, args, kwargs = _sdpa(node, args, kwargs, prop, self.rank, world)
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
@@ -236,6 +239,26 @@ def _dropout(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation
     order = _memory_order(node.args[0].meta["val"])  # type: ignore[union-attr]
     native = node.target is torch.ops.aten.native_dropout.default
     return C.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world, native), {}
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = (None, 0.0, False, None, False)
+
+
+def _sdpa(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
+          world: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Attention with dropout over split heads becomes ``C.sdpa_dropout_chunk`` (the unsharded run's noise,
+    this rank's heads); without dropout, or over heads every rank holds, it stays. Dropout over a value split
+    along another dim is refused."""
+    bound = dict(zip(_SDPA_ARGS, (*args, *_SDPA_DEFAULTS[len(args) - 3:]), strict=False)) | kwargs
+    p, pl = bound["dropout_p"], prop.placements.get(node)
+    if not isinstance(p, float | int) or p == 0 or not isinstance(pl, Shard) or is_whole(pl):
+        return node.target, args, kwargs
+    if pl.dim != 1:
+        raise NotImplementedError(f"tpfx: {node.name}: attention with dropout (p={p}) on a value split along dim "
+                                  f"{pl.dim}, not its heads: its noise cannot be drawn as the unsharded run's; "
+                                  "train with the attention dropout at 0, or plan without this split")
+    return C.sdpa_dropout_chunk, (*(bound[a] for a in _SDPA_ARGS), pl.groups, pl.segs, pl.sgroups, rank, world), {}
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
