@@ -14,7 +14,7 @@ ranks' graphs run on simulated ranks in one process (``tests/simulate.py``: the 
 swapped for an exchange between threads), and the logits compared with the unsharded model's (``logits_err``,
 fp32 relative; bar 1e-5): the deep models the coverage sweep's 2-layer ones do not reach.
 
-    python benchmarks/blocks_check.py [--families a,b] [--layers 10] [--numerics]
+    python benchmarks/blocks_check.py [--families a,b] [--layers 10] [--numerics] [--part K/N | --join N]
 
 Writes ``benchmarks/results/blocks_check.json`` (after every family) and prints the counts.
 """
@@ -104,20 +104,35 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--numerics", action="store_true", help="also run the stitched plans on 2 simulated ranks")
     ap.add_argument("--merge", action="store_true", help="re-run --families, keep the other families' rows")
+    ap.add_argument("--part", default=None, help="K/N: every N-th family from the K-th (one process of N, each "
+                    "writing blocks_check_partK.json); --join N then merges the parts into blocks_check.json")
+    ap.add_argument("--join", type=int, default=0)
     args = ap.parse_args()
+    if args.join:
+        parts = [json.loads((C.RESULTS / f"blocks_check_part{k}.json").read_text()) for k in range(args.join)]
+        out = {f: r for p in parts for f, r in p["families"].items()}
+        first = parts[0]
+        C.write_json("blocks_check", {"layers": first["layers"], "numerics": first["numerics"],
+                                      "commands": [c for p in parts for c in p["commands"]], "families": out,
+                                      "summary": summary(out, first["layers"], first["numerics"])}, False)
+        print(summary(out, first["layers"], first["numerics"]))
+        return
     families = args.families.split(",") if args.families else causal_lm_families()
+    name = "blocks_check"
+    if args.part:
+        k, n = (int(v) for v in args.part.split("/"))
+        families, name = families[k::n], f"blocks_check_part{k}"
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    path = C.RESULTS / "blocks_check.json"  # where C.write_json writes it
+    path = C.RESULTS / f"{name}.json"  # where C.write_json writes it
     prev = json.loads(path.read_text()) if args.merge and path.exists() else {}
     out: dict[str, Any] = dict(prev.get("families", {}))
     commands = [*prev.get("commands", []), C.command_line()]
     for family in families:
         out[family] = check(family, args.layers, args.numerics)
         print(family, out[family], flush=True)
-        C.write_json("blocks_check", {"layers": args.layers, "numerics": args.numerics, "commands": commands,
-                                      "families": out, "summary": summary(out, args.layers, args.numerics)},
-                     False)
+        C.write_json(name, {"layers": args.layers, "numerics": args.numerics, "commands": commands,
+                            "families": out, "summary": summary(out, args.layers, args.numerics)}, False)
     print(summary(out, args.layers, args.numerics))
 
 

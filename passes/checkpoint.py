@@ -85,19 +85,20 @@ def _checkpointed(module: torch.nn.Module, *args: Any) -> Any:
 
 
 def _spans(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Each region's computed nodes, from its first marked node to its last, in graph order."""
+    """Each region's computed nodes, from its first marked node to its last, in graph order. Only nodes whose
+    result is read mark a region: export leaves stale marks on checks it adds after the fact (asserts)."""
     nodes = list(gm.graph.nodes)
     first: dict[Any, int] = {}
     last: dict[Any, int] = {}
     for i, n in enumerate(nodes):
-        r = region(n)
+        r = region(n) if n.users else None
         if r is not None:
             first.setdefault(r, i)
             last[r] = i
     spans = []
     for r in sorted(first, key=first.__getitem__):
         span = [n for n in nodes[first[r]:last[r] + 1] if n.op == "call_function"]
-        if any(region(n) not in (None, r) for n in span):
+        if any(region(n) not in (None, r) for n in span if n.users):
             raise CheckpointPolicyError(f"tpfx: checkpointed regions interleave in the graph (region {r}); "
                                         "checkpoint regions that do not overlap")
         spans.append(span)

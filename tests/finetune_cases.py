@@ -144,14 +144,16 @@ def _checkpointed(variant: str) -> nn.Module:
     return model.train()
 
 
-def saved_bytes(step: Any) -> int:
-    """Bytes autograd keeps for backward while ``step()`` runs its forward (a ``saved_tensors_hooks`` count;
-    each storage once)."""
+def saved_bytes(step: Any, model: nn.Module) -> int:
+    """Activation bytes autograd keeps for backward while ``step()`` runs its forward (a ``saved_tensors_hooks``
+    count, each storage once; the model's own (local) parameters, kept anyway, not counted)."""
     seen: dict[Any, int] = {}
+    params = {tpfx.local(p).untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        local = tpfx.local(t)
-        seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        storage = tpfx.local(t).untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -179,8 +181,8 @@ def checkpointing(rank: int, world: int, variant: str, sp: bool) -> dict[str, An
     sharded.zero_grad()
     plain = _checkpointed(variant)
     plain.gradient_checkpointing_disable() if variant != "torch" else None
-    out = {"sharded": saved_bytes(lambda: loss_of(sharded)), "ref": saved_bytes(lambda: loss_of(ref))}
-    out["plain_ref"] = saved_bytes(lambda: loss_of(plain)) if variant != "torch" else None
+    out = {"sharded": saved_bytes(lambda: loss_of(sharded), sharded), "ref": saved_bytes(lambda: loss_of(ref), ref)}
+    out["plain_ref"] = saved_bytes(lambda: loss_of(plain), plain) if variant != "torch" else None
     cmp = compare_parameters(sharded, ref, sharded.plan, rank, grads=True)
     assert not cmp["missing"] and not cmp["extra"], cmp
     torch.manual_seed(5)

@@ -308,3 +308,4 @@ def test_what_an_attack_on_the_replay_found_is_exact_or_falls_back(name: str) ->
             assert "Guard failed" in str(e) and shape != x.shape, e
             continue
         assert float((out - want).abs().max()) <= 1e-5, (name, shape, got.whole_because)
+

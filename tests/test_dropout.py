@@ -73,3 +73,49 @@ def test_dropouts_of_split_values_are_emitted_as_chunks_of_the_full_noise(sp: bo
     assert isinstance(seq, torch.SymInt) and not seq.node.shape_env.replacements
     evaluated = [n for n in tpfx.plan(_gpt2(0.1).eval(), 2).derivation.gm.graph.nodes if "dropout" in str(n.target)]
     assert evaluated and all(n.args[2] is False for n in evaluated)  # an eval capture's dropouts do nothing
+
+
+def _sdpa_inputs(heads: int = 4) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, heads, 6, 8, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_dropout_over_split_heads_is_the_unsharded_kernel_s(world: int) -> None:
+    # F.scaled_dot_product_attention with dropout (transformers' default attention in training) on CPU draws
+    # its noise over the whole (B, H, L, S) weights: each rank's heads get exactly their chunk of it
+    from tpfx.passes.collectives import sdpa_dropout_chunk
+
+    q, k, v = _sdpa_inputs()
+    torch.manual_seed(7)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=P, is_causal=True)
+    after = torch.get_rng_state()
+    pl = Shard(1, world, (4,))  # 4 heads, split over the world
+    for rank in range(world):
+        torch.manual_seed(7)
+        mine = [shard_tensor(t, pl, rank, world) for t in (q, k, v)]
+        got = sdpa_dropout_chunk(*mine, None, P, True, None, False, pl.groups, pl.segs, pl.sgroups, rank, world)
+        assert torch.allclose(got, shard_tensor(ref, pl, rank, world), rtol=0, atol=1e-6)
+        assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_attention_dropout_masks_of_two_ranks_heads_are_independent_at_rate_p() -> None:
+    # what a fused kernel (CUDA) cannot reproduce is still drawn per head: rank 0's and rank 1's heads, from one
+    # random state, get different masks (never one mask repeated), each dropping p within its binomial bound
+    from tpfx.passes.collectives import sdpa_dropout_chunk
+
+    n = 64
+    q, k = torch.zeros(2, 4, n, 8), torch.zeros(2, 4, n, 8)  # uniform attention: weights 1/n
+    v = torch.eye(n).expand(2, 4, n, n)  # the output is the dropped-out weights themselves
+    pl = Shard(1, 2, (4,))
+    masks = []
+    for rank in range(2):
+        torch.manual_seed(7)
+        mine = [shard_tensor(t, pl, rank, 2) for t in (q, k, v)]
+        out = sdpa_dropout_chunk(*mine, None, P, False, None, False, pl.groups, pl.segs, pl.sgroups, rank, 2)
+        masks.append(out == 0)
+    assert not torch.equal(masks[0], masks[1])
+    for m in masks:
+        cells = m.numel()
+        rate, bound = float(m.float().mean()), 4 * (P * (1 - P) / cells) ** 0.5  # 4 sigma
+        assert abs(rate - P) <= bound, (rate, bound)
