@@ -380,8 +380,8 @@ class _Replay(TorchDispatchMode):
         tag = self.tags.get(id(t))
         if tag is None:  # a tensor no op made: compared by value where it has one, else by identity
             real = not t.is_meta and maybe_get_fake_mode(t) is None and type(t) is torch.Tensor
-            tag = ("c", t.dtype, tuple(t.shape), hash(t.detach().numpy().tobytes()) if real and t.device.type == "cpu"
-                   else id(t))
+            data = t.detach().contiguous().view(-1).view(torch.uint8) if real and t.device.type == "cpu" else None
+            tag = ("c", t.dtype, tuple(t.shape), id(t) if data is None else hash(data.numpy().tobytes()))
             self.tags[id(t)] = tag
             self.keep.append(t)
         return tag
@@ -501,7 +501,7 @@ def _run_context(model: torch.nn.Module) -> tuple[Any, bool]:
 
 
 def _run_logged(model: torch.nn.Module, stack: Stack, args: tuple, kwargs: dict[str, Any], inputs: list[Any],
-                names: dict[int, str], standing_in: bool, watch: list[int] = ()  # type: ignore[assignment]
+                names: dict[int, str], standing_in: bool, watch: tuple[int, ...] = ()
                 ) -> tuple[_Replay, list[_Reading]]:
     """The model's run (with the stand-ins in place, or as it is) as a ``_Replay``, and the names each layer of
     ``watch`` read while it ran."""
@@ -547,7 +547,7 @@ def _replay(model: torch.nn.Module, stack: Stack, args: tuple, kwargs: dict[str,
             cut, _ = _run_logged(model, stack, run_args, run_kwargs, leaves, names, True)
             state.restore()
             real, readings = _run_logged(model, stack, run_args, run_kwargs, leaves, names, False,
-                                         [t for _, t in kinds])
+                                         tuple(t for _, t in kinds))
     except Exception as e:  # noqa: BLE001 - a model that cannot run on meta or fake inputs is not proven
         return f"the model does not run on {'meta' if meta else 'fake'} inputs ({type(e).__name__}: {str(e)[:120]})", False
     finally:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from tpfx import inputs
 from tpfx.dtensor_params import (
     ParamFeeder,
     as_dtensor,
@@ -47,33 +48,7 @@ LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with 
 # ----------------------------------------------------------------------------- capture
 
 
-def _is_hf(model: torch.nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def _prepare_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """transformers models return a KV cache by default, which export cannot output."""
-    if _is_hf(model) and "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs = {"use_cache": False, **kwargs}
-    return kwargs
-
-
-def _synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
-    if not _is_hf(model):
-        raise ValueError("tpfx: example_inputs are required for a module that is not a transformers model")
-    cfg: Any = model.config
-    vocab = getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
-    device = next(iter(model.parameters())).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 8), generator=gen).to(device)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(cfg, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids.clone()
-    return (), kwargs
+_prepare_kwargs = inputs.prepare  # use_cache=False for transformers models (and models wrapping one)
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
@@ -138,7 +113,7 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,
               example_kwargs: dict[str, Any] | None) -> tuple[tuple, dict[str, Any]]:
     if example_inputs is None and example_kwargs is None:
-        args, kwargs = _synthesize(model)
+        args, kwargs = inputs.synthesize(model)
     else:
         args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     return args, _prepare_kwargs(model, kwargs)
@@ -618,7 +593,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
         from tpfx.faults import set_timeout
 
         set_timeout(group, timeout)
-    lazy = example_inputs is None and example_kwargs is None and not _is_hf(model)
+    lazy = example_inputs is None and example_kwargs is None and inputs.hf_model(model) is None
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
     if plan is not None and sequence_parallel and not plan.sequence_parallel:
