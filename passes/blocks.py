@@ -65,6 +65,7 @@ import torch
 import torch.fx as fx
 from torch._export.utils import _compiling_state_context
 from torch._subclasses.fake_tensor import FakeTensorMode, maybe_get_fake_mode
+from torch.fx.graph import _snake_case
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -849,12 +850,14 @@ def _weights(gm: fx.GraphModule, model: torch.nn.Module, stack: Stack) -> dict[t
         t = stack.template(k)
         pt, pk = f"{path}.{t}", f"{path}.{k}"
         for w in (w for w in mine if str(w.target).startswith(pt + ".")):
-            target = canon.get(pk + str(w.target)[len(pt):], pk + str(w.target)[len(pt):])
+            own = pk + str(w.target)[len(pt):]
+            target = canon.get(own, own)
             if target not in nodes:
                 param = target in params
                 _set_attr(gm, target, params[target] if param else buffers[target], param)
-                with graph.inserting_after(anchors[param]):
-                    name = target.replace(".", "_")
+                with graph.inserting_after(anchors[param]):  # named as export names it
+                    name = w.name.replace(pt.replace(".", "_"), pk.replace(".", "_"), 1) if target == own \
+                        else _snake_case(target.replace(".", "_"))
                     anchors[param] = nodes[target] = graph.create_node("get_attr", target, name=name)
                 nodes[target].meta = dict(w.meta)
             new[(k, w)] = nodes[target]
