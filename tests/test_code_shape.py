@@ -49,14 +49,15 @@ def test_propagation_leaves_the_graph_as_it_found_it() -> None:
     planning at t=4 with sequence parallelism between two plans at t=2 changes no node's meta and not the plan."""
     import models
 
-    from tpfx.api import _plan_graph, _synthesize, capture
+    from tpfx.api import _plan_graph, capture
+    from tpfx.inputs import synthesize
 
     def meta(gm: Any) -> dict[str, Any]:
         return {n.name: {k: repr(v) for k, v in n.meta.items() if k.startswith("tpfx_") or k == "val"}
                 for n in gm.graph.nodes}
 
     for model in (models.gpt2(layers=1), models.llama(num_kv_heads=2, layers=1)):
-        gm, _ = capture(model, *_synthesize(model))
+        gm, _ = capture(model, *synthesize(model))
         first = _plan_graph(gm, 2, None).digest()
         before = meta(gm)
         assert not any("tpfx_retarget" in m for m in before.values())

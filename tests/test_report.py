@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import tpfx
 from tpfx.draw import dataflow
+from tpfx.inputs import synthesize
 from tpfx.launch import launch
 from tpfx.report import build_report, fold
 
@@ -380,7 +381,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
              (FlipMLP(), ((torch.randn(2, 3, 16),), {}), 2, False), (tiny_causal_lm("deepseek_v3"), None, 2, False)]
     seen: Counter[str] = Counter()
     for model, ins, t, sp in cases:
-        gm, _ = capture(model, *(ins if ins is not None else tpfx.api._synthesize(model)))
+        gm, _ = capture(model, *(ins if ins is not None else synthesize(model)))
         plan = _plan_graph(gm, t, None, sequence_parallel=sp)
         assert plan.derivation is not None and plan.context is None
         names = {n.name for n in trained(gm, plan.derivation.prop.param_nodes, floating=True)}

@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from tpfx import inputs
 from tpfx.dtensor_params import (
     ParamFeeder,
     as_dtensor,
@@ -27,6 +26,7 @@ from tpfx.dtensor_params import (
     params_as_inputs,
     tp_mesh,
 )
+from tpfx.inputs import hf_model, prepare, synthesize
 from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
 from tpfx.passes import (
     Derivation,
@@ -48,7 +48,7 @@ LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with 
 # ----------------------------------------------------------------------------- capture
 
 
-_prepare_kwargs = inputs.prepare  # use_cache=False for transformers models (and models wrapping one)
+_prepare_kwargs = prepare  # use_cache=False for transformers models (and models wrapping one)
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
@@ -113,7 +113,7 @@ def plan(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | Non
 def _examples(model: torch.nn.Module, example_inputs: tuple | None,
               example_kwargs: dict[str, Any] | None) -> tuple[tuple, dict[str, Any]]:
     if example_inputs is None and example_kwargs is None:
-        args, kwargs = inputs.synthesize(model)
+        args, kwargs = synthesize(model)
     else:
         args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     return args, _prepare_kwargs(model, kwargs)
@@ -593,7 +593,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
         from tpfx.faults import set_timeout
 
         set_timeout(group, timeout)
-    lazy = example_inputs is None and example_kwargs is None and inputs.hf_model(model) is None
+    lazy = example_inputs is None and example_kwargs is None and hf_model(model) is None
     if lazy and plan is None:
         raise ValueError("tpfx: pass example_inputs (or a plan) for a module that is not a transformers model")
     if plan is not None and sequence_parallel and not plan.sequence_parallel:
