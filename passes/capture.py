@@ -87,6 +87,15 @@ def check_model(model: torch.nn.Module) -> None:
         if quantized or any(t.is_quantized for t in m.parameters(recurse=False)):
             raise ValueError(f"tpfx: module {name or '(root)'!r} ({type(m).__name__}) is quantized; tpfx shards float "
                              "weights: shard the float model, then quantize each rank's module")
+    g = torch.nn.modules.module
+    hooked = [name or "(root)" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked or g._global_backward_hooks or g._global_backward_pre_hooks:
+        where = f"module {hooked[0]!r}" if hooked else "every module (register_module_full_backward_hook)"
+        raise CaptureError(f"tpfx: {where} has a backward hook (register_full_backward_hook / _pre_hook), which "
+                           "torch.export drops from the captured graph, so it would never fire; remove it, and hook "
+                           "gradients where they arrive: a parameter's p.register_hook(fn) or "
+                           "p.register_post_accumulate_grad_hook(fn), or an output's out.register_hook(fn) in "
+                           "your own code")
     devices = {t.device.type if t.device.type == "meta" else str(t.device)
                for t in (*model.parameters(), *model.buffers())}
     if len(devices) > 1:

@@ -13,8 +13,9 @@ A grouped convolution (depthwise: ``groups == in == out channels``) is block dia
 groups: a channel shard that falls on group boundaries stays local, the weight is split on dim 0 with
 the same boundaries and the ``groups`` argument becomes the local group count. Everything per-channel
 keeps the channel shard: pooling and upsampling (over the spatial dims only), batch and instance norm
-(statistics per channel; weight/bias ``Shard(0)``, the running-stat *buffers* stay whole on every rank
-and this rank's chunk is read and updated in place by ``sharded_batch_norm``), group norm when a rank's
+(statistics per channel; weight/bias ``Shard(0)``, the running-stat *buffers* stay whole on every rank:
+``sharded_batch_norm`` reads this rank's chunk and, in training, gathers every rank's updated chunk back
+into the whole buffer, a small all-gather inside the kernel), group norm when a rank's
 channels are whole groups (``num_groups`` becomes local).
 
 Messages never name a parameter: the planner memoizes rule results across identical layers.
@@ -36,8 +37,9 @@ import torch
 import torch.fx as fx
 
 from . import rules
-from .placements import P, Partial, Placement, R, Shard, chunk_range, shard_tensor
+from .placements import P, Partial, Placement, R, Shard, shard_tensor
 from .rules import (
+    WORLD,
     Fallback,
     OpCtx,
     Operand,
@@ -207,35 +209,30 @@ def spatial(ctx: OpCtx) -> Result:
 def sharded_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
                        momentum: float, eps: float, cudnn: bool, segs: list[int], groups: int, rank: int,
-                       world: int, instance: bool = False) -> torch.Tensor:
+                       world: int, group: str = "", instance: bool = False) -> torch.Tensor:
     """Batch (or instance) norm of this rank's channels. The running statistics are whole buffers on every
-    rank: this rank's chunk is read and, in training, written back in place (the other chunks of the
-    local buffer are not maintained here: the ranks that own them do that)."""
+    rank: this rank's chunk is read and, in training, every rank's updated chunk is gathered and written back
+    in place (one small all-gather per statistic), so each rank's buffers stay the unsharded model's."""
+    from .collectives import all_gather
+
     p = Shard(0, groups, tuple(segs))
     stats = [None if s is None else shard_tensor(s, p, rank, world).clone() for s in (running_mean, running_var)]
     fn = torch.instance_norm if instance else torch.batch_norm
     y = fn(x, weight, bias, stats[0], stats[1], training, momentum, eps, cudnn)
     if training:
         with torch.no_grad():
-            j = p.chunk(rank, world)
-            for full, local in zip((running_mean, running_var), stats):
-                if full is None or local is None:
-                    continue
-                off = loc = 0
-                for s in segs:
-                    start, n = chunk_range(s, groups, j)
-                    full.narrow(0, off + start, n).copy_(local.narrow(0, loc, n))
-                    off += s
-                    loc += n
+            for full, local in zip((running_mean, running_var), stats, strict=True):
+                if full is not None and local is not None:
+                    full.copy_(all_gather(local, 0, list(segs), rank, world, group, groups))  # (C,)
     return y
 
 
 def sharded_instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           running_mean: torch.Tensor | None, running_var: torch.Tensor | None, use_input_stats: bool,
                           momentum: float, eps: float, cudnn: bool, segs: list[int], groups: int, rank: int,
-                          world: int) -> torch.Tensor:
+                          world: int, group: str = "") -> torch.Tensor:
     return sharded_batch_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn,
-                              segs, groups, rank, world, instance=True)
+                              segs, groups, rank, world, group, instance=True)
 
 
 def _param_want(ctx: OpCtx, i: int | None, sh: Shard, want: dict[int, Placement],
@@ -283,7 +280,7 @@ def batch_norm(ctx: OpCtx) -> Result:
         schema = ctx.node.target._schema  # type: ignore[union-attr]
         full = [kwargs.get(n, args[k] if k < len(args) else schema.arguments[k].default_value)
                 for k, n in enumerate(names)]
-        return tuple(full) + (list(p.segs), p.groups, rank, world), {}
+        return tuple(full) + (list(p.segs), p.groups, rank, world, WORLD), {}
 
     return Strategy(want, p.moved(1), decide, rewrite=rw,
                     target=sharded_instance_norm if instance else sharded_batch_norm)

@@ -93,8 +93,10 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
         fed = runner.fn
         reads = [n.target for n in local.graph.nodes if n.op == "get_attr" and id(attrgetter(n.target)(local)) in
                  {id(p) for p in sharded._store.values()}]
-        assert len(reads) == len(runner.slots) == len(sharded._store)
-        assert not [n for n in fed.graph.nodes if n.op == "get_attr" and n.target in reads]
+        buffers = [n.target for n in local.graph.nodes if n.op == "get_attr" and n.target in
+                   dict(sharded.named_buffers())]  # rotary inv_freq: the tree's buffers, fed too
+        assert len(reads) + len(buffers) == len(runner.slots) and len(reads) == len(sharded._store)
+        assert buffers and not [n for n in fed.graph.nodes if n.op == "get_attr" and n.target in reads + buffers]
         # what HF Trainer reads: the model's forward signature (on the class) and its plain attributes
         assert type(sharded).__name__ == "ShardedLlamaForCausalLM" and isinstance(sharded, tpfx.ShardedModule)
         assert inspect.signature(type(sharded).forward) == inspect.signature(type(ref).forward)
@@ -102,6 +104,7 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
         assert (sharded.loss_type, sharded.main_input_name) == (ref.loss_type, "input_ids")
         with pytest.raises(AttributeError, match="unsharded"):  # a method of the unsharded model
             sharded.get_input_embeddings()
-        assert type(sharded.lm_head) is torch.nn.Module  # submodules: the installed parameter tree
+        assert type(sharded.lm_head) is torch.nn.Linear  # submodules: the model's types (tpfx.tree)
+        assert sharded.lm_head is not ref.lm_head and sharded.lm_head.weight is not model.lm_head.weight
     finally:
         dist.destroy_process_group()

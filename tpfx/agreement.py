@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Disagreement", "agree", "agree_later", "describe", "gloo_twin", "host_group", "signature"]
+__all__ = ["Disagreement", "agree", "agree_later", "describe", "gloo_twin", "host_group", "rng_digest", "signature"]
 
 
 class Disagreement(RuntimeError):
@@ -51,6 +51,14 @@ def signature(value: Any) -> Any:
     """What selects a graph and sizes its collectives: the call's structure, tensor shapes and dtypes, and
     plain values (no tensor content; cheap enough to compute on every call)."""
     return _walk(value, lambda t: (tuple(t.shape), t.dtype))
+
+
+def rng_digest(device: Any) -> str:
+    """A digest of the random state a graph on ``device`` draws from (the CPU generator, and the device's)."""
+    state = torch.get_rng_state()
+    if torch.device(device).type == "cuda":
+        state = torch.cat([state, torch.cuda.get_rng_state(device)])
+    return hashlib.sha256(state.numpy().tobytes()).hexdigest()[:16]
 
 
 def host_group(group: Any, device: Any) -> tuple[Any, Any]:

@@ -23,6 +23,7 @@ from tpfx.dtensor_params import (
     dtensor_layout,
     grouped_mesh,
     local,
+    mark,
     params_as_inputs,
     tp_mesh,
 )
@@ -38,7 +39,12 @@ from tpfx.passes import (
     checked_before_collectives,
     regathered_in_backward,
 )
+from tpfx.passes.emit import local_param
 from tpfx.plan import ShardingPlan
+from tpfx.rng import install as install_rng_tracker
+from tpfx.tree import State as TreeState
+from tpfx.tree import build as build_tree
+from tpfx.tree import full_shaped, traced_hooks
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
                "`torchrun --nproc-per-node N script.py` and call `torch.distributed.init_process_group('gloo')`, "
@@ -173,6 +179,15 @@ def _replica_groups(plan: ShardingPlan) -> list[tuple[int, ...]]:
     return sorted(out)
 
 
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each parameter's first name (the plan's key) -> every name it is registered under (tied weights)."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(first.setdefault(id(p), name), []).append(name)
+    return out
+
+
 def _install(module: torch.nn.Module, fqn: str, param: torch.nn.Parameter) -> None:
     *path, leaf = fqn.split(".")
     m = module
@@ -212,20 +227,35 @@ class ShardedModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
                  compile: bool, gather_outputs: bool = True, timeout: float | None = None) -> None:
         super().__init__()
+        tree = build_tree(model)  # the model's module types; its containers are this module's (tpfx.tree)
+        for k in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[k] = vars(tree)[k]
+        self.__dict__["_tree"] = tree
+        self.__dict__["_state"] = TreeState(tree, model)
         self.__dict__["_model"] = model
         self.__dict__["_graphs"] = {}
         self.__dict__["_store"] = {}
         self.__dict__["_plan"] = plan
+        self.__dict__["_aliases"] = _aliases(model)
         self.rank, self.world_size, self._compile = rank, plan.world_size, compile
         self.training = model.training  # the first graph is captured in the model's mode; .train()/.eval() switch
         self._gather_outputs = gather_outputs
         self.__dict__["_group"] = group
         self.__dict__["_namer"] = _group_namer(group, plan.world_size, timeout)
         self._namer.prepare(_replica_groups(plan))
+        self._warn_traced_hooks()  # hooks registered before sharding were in the first capture
 
     @property
     def plan(self) -> ShardingPlan:
         return self._plan
+
+    def _refuse_copy(self, *args: Any) -> Any:
+        raise TypeError("tpfx: a ShardedModule holds this rank's slices and its process group, so it cannot be "
+                        "deep-copied or pickled (torch.save(sharded)); save it with sharded.save_pretrained(dir) "
+                        "(the full model, loaded back with tpfx.from_pretrained) or tpfx.save(sharded, dir) (a "
+                        "resumable per-rank checkpoint, loaded with tpfx.load)")
+
+    __deepcopy__ = __reduce_ex__ = _refuse_copy  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
         """Parameters and submodules as ``nn.Module`` finds them; else the wrapped model's plain attributes
@@ -234,7 +264,7 @@ class ShardedModule(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__.get("_model")
+            model = self.__dict__.get("_tree")
             if model is None or name.startswith("__") or not hasattr(model, name):
                 raise
             value = getattr(model, name)
@@ -246,12 +276,12 @@ class ShardedModule(torch.nn.Module):
     @property
     def config(self) -> Any:
         """The wrapped model's ``config`` (transformers models)."""
-        return getattr(self._model, "config", None)
+        return getattr(self._tree, "config", None)
 
     @property
     def generation_config(self) -> Any:
         """The wrapped model's ``generation_config`` (transformers models)."""
-        return getattr(self._model, "generation_config", None)
+        return getattr(self._tree, "generation_config", None)
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +290,7 @@ class ShardedModule(torch.nn.Module):
 
     def can_generate(self) -> bool:
         """As the wrapped model's ``can_generate()``."""
-        fn = getattr(self._model, "can_generate", None)
+        fn = getattr(self._tree, "can_generate", None)
         return bool(fn()) if callable(fn) else False
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -268,7 +298,7 @@ class ShardedModule(torch.nn.Module):
         result is identical on every rank. Collective: every rank calls it with the same arguments. See
         ``tpfx.generate``."""
         if not self.can_generate():
-            raise AttributeError(f"tpfx: {type(self._model).__name__} cannot generate (its can_generate() is "
+            raise AttributeError(f"tpfx: {type(self._tree).__name__} cannot generate (its can_generate() is "
                                  "False)")
         from tpfx.generate import generate
 
@@ -312,43 +342,86 @@ class ShardedModule(torch.nn.Module):
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, timeout_s=timeout_s)
 
-    def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True) -> Any:
+    @property
+    def tree(self) -> torch.nn.Module:
+        """The model's module tree holding this rank's tensors (``tpfx.tree``): this module's children and
+        parameters are its own; the per-rank graphs were captured from its code."""
+        return self._tree
+
+    def state_key(self) -> tuple:
+        """What the graphs depend on in the tree now (modes, plain attributes, hooks, config, dtypes): a
+        graph serves a call only with the key it was captured under (``tpfx.tree.State``)."""
+        return self._state.key(self.training)
+
+    def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True, state: tuple | None = None) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         leaves = tuple((v.dtype, v.ndim) + (() if dynamic else tuple(v.shape)) if isinstance(v, torch.Tensor)
                        else v for v in flat)
-        return (self.training, str(spec), leaves)  # a graph per mode: train-mode graphs hold the dropouts
+        return (self.state_key() if state is None else state, str(spec), leaves)
+
+    def local_params(self) -> dict[str, torch.Tensor]:
+        """This rank's tensor of every parameter by its first name, as registered now (a DTensor's local
+        tensor): what the graphs compute with and what every save path writes."""
+        return {fqn: local(self._slot(fqn)[0]._parameters[self._slot(fqn)[1]]) for fqn in self._store}
+
+    def persistent_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers ``state_dict`` holds (not those registered ``persistent=False``), by FQN: whole on
+        every rank."""
+        return {f"{name}.{k}" if name else k: b for name, m in self.named_modules()
+                for k, b in m._buffers.items() if b is not None and k not in m._non_persistent_buffers_set}
+
+    def pins(self) -> dict[str, tuple[str, Placement | None]]:
+        """The placements every capture after the first is planned with: the first plan's, and whole for the
+        parameters it did not use (held whole)."""
+        pins = self._plan.pins()
+        return {**{f: ("replicate", Replicate()) for f in self._store if f not in pins}, **pins}
+
+    def _check_consistent(self, plan: ShardingPlan) -> None:
+        for fqn, pp in plan.placements.items():
+            first = self._plan.placements.get(fqn)
+            if (first is not None and first.as_dict() != pp.as_dict()) or (first is None and pp.style != "replicate"):
+                raise RuntimeError(f"tpfx: a new capture placed {fqn} as {pp.placement}, the first plan as "
+                                   f"{first.placement if first else 'held whole'}; this is a bug")
 
     def add_graph(self, plan: ShardingPlan, key: Any, local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
         """Emit this rank's graph for ``plan``'s derivation (planned with this module's weight placements) and
         serve ``key`` with it. ``local_outputs``: positions in the flattened output returned as this rank's slice."""
-        if plan.digest() != self._plan.digest():
-            raise RuntimeError("tpfx: re-capturing for new inputs derived a different plan; this is a bug")
+        self._check_consistent(plan)
         if plan.derivation is None:
             raise ValueError("tpfx: add_graph needs a plan derived in this process")
-        local = Stages().emit_rank(plan.derivation, self.rank, self._namer, self._store, self._gather_outputs,
-                                   local_outputs)
-        installed = dict(self.named_parameters())
-        for fqn, p in self._store.items():
-            if fqn not in installed:
-                self._register(fqn, p)
+        local_gm = Stages().emit_rank(plan.derivation, self.rank, self._namer, self._store, self._gather_outputs,
+                                      local_outputs)
         fqn_of = {id(p): fqn for fqn, p in self._store.items()}
-        reads = {n.target: fqn_of.get(id(attrgetter(n.target)(local)))
-                 for n in local.graph.nodes if n.op == "get_attr"}
-        params = [(t, fqn) for t, fqn in reads.items() if fqn is not None]  # the attributes that are parameters
-        fed = params_as_inputs(local, [t for t, _ in params])
-        slots = [self._slot(fqn) for _, fqn in params]
+        buffers = {name for name, _ in self._tree.named_buffers(remove_duplicate=False)}
+        slots: list[tuple[dict, str]] = []
+        targets: list[str] = []
+        for n in local_gm.graph.nodes:
+            if n.op != "get_attr" or n.target in targets:
+                continue
+            fqn = fqn_of.get(id(attrgetter(n.target)(local_gm)))
+            if fqn is not None:  # a parameter: the tree's, as registered at call time
+                module, leaf = self._slot(fqn)
+                slots.append((module._parameters, leaf))
+            elif n.target in buffers:  # a buffer (running statistics): the tree's, written in place
+                parent, _, leaf = str(n.target).rpartition(".")
+                slots.append((self._tree.get_submodule(parent)._buffers, leaf))
+            else:
+                continue
+            targets.append(str(n.target))
+        fed = params_as_inputs(local_gm, targets)
         # no-grad regions were inlined at capture (``inline_grad_regions``), so each rank compiles as one graph
         runner = ParamFeeder(torch.compile(fed, dynamic=True) if self._compile else fed, slots)
-        self._graphs[key] = (local, runner)
-        return local
+        self._graphs[key] = (local_gm, runner)
+        return local_gm
 
     def _slot(self, fqn: str) -> tuple[torch.nn.Module, str]:
         parent, _, leaf = fqn.rpartition(".")
         return self.get_submodule(parent), leaf
 
     def _register(self, fqn: str, param: torch.nn.Parameter) -> None:
-        """Register this rank's slice ``param`` of ``fqn``: as a DTensor parameter on the tp mesh where its
-        layout has a DTensor placement (``tpfx.dtensor_params``), else as it is."""
+        """Register this rank's slice ``param`` of ``fqn`` (under each of its names): as a DTensor parameter on
+        the tp mesh where its layout has a DTensor placement (``tpfx.dtensor_params``), else as it is."""
+        self._store[fqn] = param
         layout = dtensor_layout(self.placement(fqn), self.world_size)
         pp = self._plan.placements.get(fqn)
         if layout is not None:
@@ -357,7 +430,8 @@ class ShardedModule(torch.nn.Module):
             param = as_dtensor(param, pls, self._tp_mesh(k, param.device), shape)
         else:
             self.__dict__.setdefault("_plain", []).append(fqn)
-        _install(self, fqn, param)
+        for name in self._aliases.get(fqn, [fqn]):
+            _install(self, name, param)
         self.__dict__.setdefault("_slots", []).append((*self._slot(fqn), param))
 
     def _tp_mesh(self, k: int, device: torch.device) -> Any:
@@ -365,43 +439,60 @@ class ShardedModule(torch.nn.Module):
         meshes = self.__dict__.setdefault("_meshes", {})
         if self.world_size not in meshes:
             meshes[self.world_size] = self.__dict__.get("_given_mesh") or tp_mesh(self._group, device)
+            install_rng_tracker(device)  # torch.nn.init on a split DTensor on CPU: a slice per rank (tpfx.rng)
         if k not in meshes:
             meshes[k] = grouped_mesh(meshes[self.world_size], k)
         return meshes[k]
 
     def graph_module(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
         """The emitted per-rank GraphModule that serves these inputs (captured if needed)."""
-        kwargs = _prepare_kwargs(self._model, kwargs)
+        kwargs = _prepare_kwargs(self._tree, kwargs)
         return self._entry(args, kwargs)[0]
 
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[None]:
-        """The wrapped model in this module's mode (``train()`` / ``eval()``) while a graph is captured: a
-        train-mode graph holds the dropouts, an eval-mode one does not; graphs are keyed by the mode."""
-        was = self._model.training
-        self._model.train(self.training)
+    def capturing(self) -> Iterator[torch.nn.Module]:
+        """The tree to capture a graph from: in this module's mode (a train-mode graph holds the dropouts),
+        its parameters as fake tensors of their full shapes (``tpfx.tree.full_shaped``)."""
+        tree, was = self._tree, self._tree.training
+        tree.training = self.training
+        shapes = {f: tuple(pp.shape) for f, pp in self._plan.placements.items()}
         try:
-            yield
+            with full_shaped(tree, shapes):
+                yield tree
         finally:
-            self._model.train(was)
+            tree.training = was
 
-    def _cached(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any] | None:
+    def _warn_traced_hooks(self) -> None:
+        """Say once per hook that forward hooks inside the model are traced into the graphs."""
+        seen = self.__dict__.setdefault("_hooks_warned", set())
+        new = {k: v for k, v in traced_hooks(self._tree).items() if k not in seen}
+        if new and self.rank == 0:
+            warnings.warn(f"tpfx: {len(new)} forward hook(s) inside the model ({'; '.join(new.values())}) are "
+                          "traced into the per-rank graphs: the tensors they return are honoured on every call, "
+                          "but their Python side effects (storing activations, printing, counting) happen only "
+                          "while a graph is captured. Read activations from the model's outputs "
+                          "(output_hidden_states=True) or hook the sharded module itself "
+                          "(sharded.register_forward_hook runs eagerly on every call)", UserWarning, stacklevel=4)
+        seen |= new.keys()
+
+    def _cached(self, args: tuple, kwargs: dict[str, Any], state: tuple) -> tuple[fx.GraphModule, Any] | None:
         """The graph that already serves these inputs, if any (dynamic first, then static)."""
         for dynamic in (True, False):
-            key = self._key(args, kwargs, dynamic)
+            key = self._key(args, kwargs, dynamic, state)
             if key in self._graphs:
                 return self._graphs[key]
         return None
 
     def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
-        return self._cached(args, kwargs) or self._capture(args, kwargs)
+        state = self.state_key()
+        return self._cached(args, kwargs, state) or self._capture(args, kwargs, state)
 
-    def _capture(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, Any]:
-        """Capture, plan and emit a graph for these inputs (no graph serves them yet)."""
-        with self.capturing():
-            plan, dynamic = _derive(self._model, args, kwargs, self.world_size, self._plan.pins(),
-                                    self._plan.sequence_parallel)
-        key = self._key(args, kwargs, dynamic)
+    def _capture(self, args: tuple, kwargs: dict[str, Any], state: tuple) -> tuple[fx.GraphModule, Any]:
+        """Capture, plan and emit a graph for these inputs (no graph serves them yet) from the tree as it is."""
+        self._warn_traced_hooks()
+        with self.capturing() as tree:
+            plan, dynamic = _derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel)
+        key = self._key(args, kwargs, dynamic, state)
         self.add_graph(plan, key)
         return self._graphs[key]
 
@@ -411,14 +502,18 @@ class ShardedModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from tpfx.agreement import Disagreement
 
-        kwargs = _prepare_kwargs(self._model, kwargs)
+        kwargs = _prepare_kwargs(self._tree, kwargs)
+        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+            raise ValueError("tpfx: a sharded forward keeps no KV cache (use_cache=True / past_key_values); "
+                             "cached decoding is sharded.generate(...), which keeps a head-split cache")
         self._check_params()
         check = self._check_call(args, kwargs)
-        entry = self._cached(args, kwargs)
+        state = self.state_key()
+        entry = self._cached(args, kwargs, state)
         if check is not None and (entry is None or self._compile):
             check()  # before a capture (it communicates) or a compiled graph (it cannot settle one): now
             check = None
-        local, runner = entry or self._capture(args, kwargs)
+        local, runner = entry or self._capture(args, kwargs, state)
         try:
             with checked_before_collectives(check), self._saving():
                 return runner(*args, **kwargs)
@@ -449,7 +544,7 @@ class ShardedModule(torch.nn.Module):
         two integers without waiting: the returned check, settled right before the forward's first collective
         (``checked_before_collectives``), so its round trip overlaps the compute before it. A per-call skip
         would not be symmetric: a rank whose call did not change would not join the check of one whose did."""
-        from tpfx.agreement import agree_later, host_group, signature
+        from tpfx.agreement import agree_later, host_group, rng_digest, signature
 
         if self.check_first_call and not self.__dict__.get("_first_checked"):
             self._check_first(args, kwargs)
@@ -459,8 +554,14 @@ class ShardedModule(torch.nn.Module):
         if "_host" not in self.__dict__:  # every rank of the group gets here at the same call
             self.__dict__["_host"] = host_group(self._group or dist.group.WORLD, self.device)
         group, device = self.__dict__["_host"]
-        return agree_later(group, signature((args, kwargs)), "the shapes and structure of this call's inputs",
-                           device)
+        what: Any = signature((args, kwargs))
+        name = "the shapes and structure of this call's inputs"
+        if self.training:  # dropout: every rank must draw the masks of its replicated values alike
+            what = (what, rng_digest(self.device))
+            name += (" or the random state the graph's dropout draws from (a rank drew random numbers the others "
+                     "did not, e.g. a rank-0-only torch.randint: draw the same numbers on every rank, or give "
+                     "per-rank draws a torch.Generator of their own)")
+        return agree_later(group, what, name, device)
 
     def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """The first call's inputs, digested and compared across the tensor-parallel group (one small
@@ -474,6 +575,15 @@ class ShardedModule(torch.nn.Module):
         if self.world_size > 1:
             agree(self._group, describe((args, kwargs)), "the inputs of the first call (every rank of one "
                   "tensor-parallel group must be fed the same batch: see tpfx.dp_sampler)", share_rng=True)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``): torch swaps DTensor parameters for new
+        ones; they are marked ``ShardedParameter`` again (``.data =`` then still takes effect)."""
+        out = super()._apply(fn, recurse)
+        if not self.wrapped():
+            for p in self.parameters():
+                mark(p)
+        return out
 
     def _check_params(self) -> None:
         """The graphs compute with the parameters registered at call time. A data-parallel wrapper may swap
@@ -507,7 +617,9 @@ class ShardedModule(torch.nn.Module):
     def wrapped(self) -> bool:
         """Whether a data-parallel wrapper (``fully_shard``, ``replicate``) now holds the parameters: they are
         then its shards, not this rank's tp slices."""
-        return any(module._parameters.get(leaf) is not ours for module, leaf, ours in self.__dict__.get("_slots", ()))
+        from torch.distributed._composable_state import _get_module_state
+
+        return _get_module_state(self) is not None
 
     def check_own_params(self, what: str) -> None:
         """Raise if a data-parallel wrapper holds the parameters (``what`` needs this rank's tp slices)."""
@@ -610,8 +722,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     sharded = _sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs,  # type: ignore[arg-type]
                                           timeout)
     sharded.__dict__["_given_mesh"] = mesh[tp_axis] if mesh is not None else None
-    if loader is not None:
-        _load_params(sharded, model, plan, loader)
+    _load_params(sharded, model, plan, loader or _slicer(model, plan, rank))
     if first is not None:
         planned, args, kwargs, dynamic = first
         sharded.add_graph(planned, sharded._key(args, kwargs, dynamic))
@@ -634,15 +745,23 @@ def _warn_plain(sharded: ShardedModule) -> None:
                   UserWarning, stacklevel=3)
 
 
+def _slicer(model: torch.nn.Module, plan: ShardingPlan, rank: int) -> ParamLoader:
+    """A loader cutting this rank's slice from the model's own weights."""
+    params = dict(model.named_parameters())
+
+    def load(fqn: str, pl: Placement) -> torch.Tensor:
+        return local_param(params[fqn], pl, rank, plan.world_size).detach()
+
+    return load
+
+
 def _load_params(sharded: ShardedModule, model: torch.nn.Module, plan: ShardingPlan, loader: ParamLoader) -> None:
-    """Fill the module's parameter store from ``loader``: planned parameters get their placement's slice,
-    parameters no graph uses are held whole (replicated), as ``emit`` would hold them."""
+    """Register every parameter of the model in the tree as ``loader`` gives this rank's tensor: planned
+    parameters their placement's slice, parameters no graph uses whole (replicated)."""
     for fqn, p in model.named_parameters():
         pp = plan.placements.get(fqn)
         pl: Placement = pp.as_placement() if pp is not None else Replicate()
-        sharded._store[fqn] = torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad)
-    for fqn, p in sharded._store.items():
-        sharded._register(fqn, p)
+        sharded._register(fqn, torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad))
 
 
 def _check_agreement(plan: ShardingPlan, group: dist.ProcessGroup | None) -> None:

@@ -103,6 +103,8 @@ def _state(sharded: ShardedModule, optimizer: torch.optim.Optimizer | None) -> t
         state[f"model.{fqn}"] = p
         if fqn in chunks:
             layouts[f"model.{fqn}"] = chunks[fqn]
+    for fqn, b in sharded.persistent_buffers().items():  # held whole on every rank (running statistics)
+        state[f"model.{fqn}"] = b
     if optimizer is not None:
         osd = get_optimizer_state_dict(sharded, optimizer,
                                        options=StateDictOptions(flatten_optimizer_state_dict=True))
@@ -180,7 +182,7 @@ class _LoadPlanner(DefaultLoadPlanner):
 
 
 def save(sharded: ShardedModule, path: str | os.PathLike, *, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Save this rank's parameters (and ``optimizer``'s state) to the DCP checkpoint directory ``path``.
+    """Save this rank's parameters and persistent buffers (and ``optimizer``'s state) to the DCP checkpoint directory ``path``.
     Collective: every rank of the group calls it; each writes only its own slices."""
     state, layouts, _ = _state(sharded, optimizer)
     dcp.save(state, checkpoint_id=str(path), planner=_SavePlanner(layouts), process_group=sharded.group)

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_structure, tree_unflatten
 
 from tpfx.passes import Placement, Replicate, Shard
 
-__all__ = ["dtensor_placement", "dtensor_layout", "grouped_mesh", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder"]
+__all__ = ["dtensor_placement", "dtensor_layout", "grouped_mesh", "tp_mesh", "as_dtensor", "local", "params_as_inputs", "ParamFeeder", "ShardedParameter", "mark"]
 
 
 def _chunk_sizes(size: int, world: int) -> list[int]:
@@ -101,13 +101,48 @@ def tp_mesh(group: dist.ProcessGroup | None, device: torch.device) -> DeviceMesh
     return DeviceMesh.from_group(pg, device.type, mesh_dim_names=("tp",))
 
 
+class ShardedParameter(DTensor):
+    """A DTensor parameter whose ``.data = value`` takes effect. torch's DTensor ignores it silently (the local
+    tensor stays), which would drop ``p.data = t`` and ``torch.nn.utils.vector_to_parameters``. ``value`` is
+    the new full tensor, as for the unsharded parameter: a DTensor (redistributed to this parameter's
+    placements) or a plain tensor of the full shape (each rank keeps its slice; no communication)."""
+
+    __slots__ = ()
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)  # type: ignore[attr-defined]
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        if not isinstance(value, DTensor):
+            if tuple(value.shape) != tuple(self.shape):
+                raise ValueError(f"tpfx: .data = a tensor of shape {tuple(value.shape)} on a parameter of full shape "
+                                 f"{tuple(self.shape)} (give the full tensor: each rank keeps its slice)")
+            value = distribute_tensor(value.detach().to(self._local_tensor.device), self.device_mesh, self.placements,
+                                      src_data_rank=None)
+        elif value.placements != self.placements or value.device_mesh != self.device_mesh:
+            value = value.redistribute(self.device_mesh, self.placements)
+        torch._C.TensorBase.data.__set__(self, value)  # type: ignore[attr-defined]
+        self._local_tensor, self._spec = value._local_tensor, value._spec
+
+
+def mark(param: Any) -> Any:
+    """``param`` as a ``ShardedParameter`` if it is a DTensor (after torch swapped its class, ``.to()``)."""
+    if type(param) is DTensor:
+        param.__class__ = ShardedParameter
+    return param
+
+
 def as_dtensor(param: torch.nn.Parameter, pls: Sequence[DPlacement], mesh: DeviceMesh,
                shape: Sequence[int]) -> torch.nn.Parameter:
     """``param`` (this rank's slice) as a DTensor parameter of the full ``shape``, sharing its storage."""
     stride = torch.empty(tuple(shape), device="meta").stride()
     dt = DTensor.from_local(param.detach(), mesh, list(pls), run_check=False, shape=torch.Size(shape),
                             stride=stride)
-    return torch.nn.Parameter(dt, requires_grad=param.requires_grad)
+    return mark(torch.nn.Parameter(dt, requires_grad=param.requires_grad))
 
 
 def local(t: Any) -> Any:
@@ -144,12 +179,12 @@ def params_as_inputs(gm: fx.GraphModule, targets: Sequence[str]) -> fx.GraphModu
 
 
 class ParamFeeder:
-    """Calls a graph from ``params_as_inputs`` with the parameters registered at ``slots`` ((module, name)
-    pairs) as they are at call time."""
+    """Calls a graph from ``params_as_inputs`` with the tensors registered at ``slots`` ((a module's
+    ``_parameters`` or ``_buffers``, name) pairs) as they are at call time."""
 
-    def __init__(self, fn: Any, slots: Sequence[tuple[torch.nn.Module, str]]) -> None:
+    def __init__(self, fn: Any, slots: Sequence[tuple[dict[str, Any], str]]) -> None:
         self.fn, self.slots = fn, list(slots)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        params = [local(module._parameters[name]) for module, name in self.slots]
+        params = [local(where[name]) for where, name in self.slots]
         return self.fn(*params, *args, **kwargs)

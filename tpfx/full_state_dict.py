@@ -44,7 +44,7 @@ def load_state_dict(sharded: ShardedModule, state_dict: Mapping[str, Any], stric
                     assign: bool = False) -> _IncompatibleKeys:
     """``sharded.load_state_dict``: full tensors are cut to this rank's slices (see the module docstring)."""
     params = dict(sharded.named_parameters())
-    aliases = canonical_names(sharded._model)
+    aliases = canonical_names(sharded.tree)
     rest: dict[str, Any] = {}
     loaded: set[str] = set()
     for key, value in state_dict.items():
@@ -65,7 +65,7 @@ def load_state_dict(sharded: ShardedModule, state_dict: Mapping[str, Any], stric
             raise RuntimeError(f"tpfx: load_state_dict: {key!r} has shape {tuple(value.shape)}; parameter {fqn!r} "
                                f"is {full} in full (give the full tensor, or a DTensor)")
     result = torch.nn.Module.load_state_dict(sharded, rest, strict=False, assign=assign)
-    missing = [k for k in result.missing_keys if k not in loaded]
+    missing = [k for k in result.missing_keys if k not in loaded and aliases.get(k, k) not in loaded]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(f"Error(s) in loading state_dict for {type(sharded).__name__}: missing keys "
                            f"{missing}, unexpected keys {result.unexpected_keys}")

@@ -190,16 +190,17 @@ class Decoder:
     def __init__(self, sharded: Any) -> None:
         self.sharded = sharded
         self.windows = layer_windows(sharded.config)
-        self.step = CacheStep(sharded._model, self.windows)
+        self.step = CacheStep(sharded.tree, self.windows)
         self.cache_layout: dict[int, list[Placement]] = {}  # batch size -> placement of each cache tensor
         self.full_sizes: dict[int, list[int | None]] = {}  # batch size -> full size of each along its split dim
         self.guards: dict[Any, tuple[Any, list[str]]] = {}  # graph key -> (export's guards, their inputs)
+        self.state: tuple = ()  # the tree's state key, taken once per generate call (tpfx.tree)
 
     def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         """The runner serving these inputs and the export guards it must pass (captured on first use)."""
         sm, (ids, past) = self.sharded, args
         batch = int(ids.shape[0])
-        base = ("generate", sm.training, phase, batch, int(ids.shape[1]) == 1)
+        base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1)
         exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
         for key in (base, exact):
             if key in sm._graphs:
@@ -207,12 +208,12 @@ class Decoder:
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
         stages = Stages(blocks=False)  # each layer reads its own cache inputs, which stitching does not map
-        with sm.capturing():
+        with sm.capturing():  # the tree, with full-shape stand-ins for its parameters
             captured = stages.capture(self.step, args, kwargs)
         gm = stages.normalize(captured)
         key = base if captured.dynamic else exact
         fed = self._fed(gm, batch) if phase == "decode" else None
-        d = stages.propagate(gm, sm.world_size, sm._plan.pins(), fed)
+        d = stages.propagate(gm, sm.world_size, sm.pins(), fed)
         plan = ShardingPlan.derived(stages.build_plan(d), d)
         layout, local, full = _cache_outputs(gm, d.prop)
         if phase == "prefill":
@@ -269,7 +270,7 @@ _UNSUPPORTED = ("inputs_embeds", "token_type_ids", "output_attentions", "output_
 def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
     """A shallow copy of the original model whose forward runs the per-rank graphs (same generation code,
     config and generation config as the model)."""
-    model = sharded._model
+    model = sharded.tree
     proxy = copy.copy(model)
 
     @functools.wraps(model.forward)
@@ -301,6 +302,7 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
     if "decoder" not in sharded.__dict__:
         sharded.__dict__["decoder"] = Decoder(sharded)
     decoder: Decoder = sharded.__dict__["decoder"]
+    decoder.state = sharded.state_key()
     agree(sharded.group, (describe(args), describe(kwargs)), "the arguments of generate", share_rng=True)
     proxy = _proxy(sharded, decoder)
     with torch.no_grad():

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
+from torch._subclasses.fake_tensor import maybe_get_fake_mode
 
+from tpfx.dtensor_params import local as local_of
 from tpfx.passes import Placement, Shard
 
 if TYPE_CHECKING:
@@ -293,17 +295,17 @@ def match_tensors(model: torch.nn.Module, entries: dict[str, TensorEntry], where
 
 def _local_tensors(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     """What this rank holds of every tensor the checkpoint stores, by the model's own names (its state dict
-    order, tied duplicates dropped): sharded parameters from the module, the rest (persistent buffers,
-    parameters no graph uses) from the model."""
-    model, store = sharded._model, sharded._store
-    canonical = canonical_names(model)
+    order, tied duplicates dropped): the tree's parameters (this rank's slices, as registered now) and
+    persistent buffers."""
+    tree = sharded.tree
+    canonical = canonical_names(tree)
     out: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
+    for name, value in tree.state_dict(keep_vars=True).items():
         fqn = canonical.get(name, name)
-        if fqn in out or name in (getattr(model, "_keys_to_ignore_on_save", None) or ()):
+        if fqn in out or name in (getattr(tree, "_keys_to_ignore_on_save", None) or ()):
             continue
-        t = store[fqn] if fqn in store else value
-        if t.device.type == "meta":
+        t = local_of(value)
+        if t.device.type == "meta" or maybe_get_fake_mode(t) is not None:
             raise RuntimeError(f"tpfx.save_pretrained: {fqn!r} has no weights on this rank (meta device)")
         out[fqn] = t.detach()
     return out
@@ -422,7 +424,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     group = sharded.group
     _barrier(group, timeout_s, "save_pretrained")
     local = _local_tensors(sharded)
-    groups = saved_layout(sharded._model, [(k, full_shape(sharded, k, v), v.dtype) for k, v in local.items()])
+    groups = saved_layout(sharded.tree, [(k, full_shape(sharded, k, v), v.dtype) for k, v in local.items()])
     specs = [spec for _, outputs in groups for spec in outputs]
     files = _shard_files(specs, convert_file_size_to_int(max_shard_size))
     stream = _saved_tensors(sharded, local, groups)
@@ -433,7 +435,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     if sharded.rank == 0:
         try:
             tmp = _temp_dir(Path(save_directory))
-            _write_configs(sharded._model, tmp)
+            _write_configs(sharded.tree, tmp)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = f"{type(e).__name__}: {e}"
     for name, idx in zip(names, files):  # every rank takes part in every gather, even after rank 0 failed
@@ -522,7 +524,7 @@ def _saved_tensors(sharded: ShardedModule, local: dict[str, torch.Tensor],
         if [n for n, _, _ in outputs] == inputs:
             yield from fulls.items()  # type: ignore[misc]
             continue
-        converted = revert_weight_conversion(sharded._model, fulls)  # type: ignore[arg-type]
+        converted = revert_weight_conversion(sharded.tree, fulls)  # type: ignore[arg-type]
         del fulls
         for name, _, _ in outputs:
             yield name, converted.pop(name)

@@ -1,0 +1,273 @@
+"""Rank functions for ``tests/test_module_ops.py``: what users do to a model after sharding it, done to the
+sharded model and to the unsharded one alike, and compared (issue: a sharded model is still an nn.Module).
+
+``OPERATIONS`` is the adversarial generator: each entry acts on a model through the module API only (never
+through tpfx), and ``operations_check`` applies every entry to a fresh pair (unsharded, sharded) and compares
+the next forward's logits and a training step's gradients."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import models
+import torch
+import torch.distributed as dist
+from numerics import rel_err
+from torch import nn
+from tpfx.passes import CaptureError
+
+import tpfx
+from tpfx.agreement import Disagreement
+
+Op = Callable[[nn.Module], Any]
+
+
+def _zero_down(m: nn.Module) -> None:
+    m.apply(lambda mod: nn.init.zeros_(mod.weight) if isinstance(mod, nn.Linear) and mod.in_features == 128 else None)
+
+
+def _steer(m: nn.Module) -> None:
+    m.model.layers[1].register_forward_pre_hook(lambda mod, args: (args[0] * 1.5 + 0.25,) + tuple(args[1:]))
+
+
+def _steer_removed(m: nn.Module) -> None:
+    handle = m.model.layers[1].register_forward_hook(lambda mod, args, out: out * 0.5)
+    m(models.token_inputs(models.HF_VOCAB))  # a graph with the hook
+    handle.remove()
+
+
+def _scale_norm(m: nn.Module) -> None:
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.mul_(2.0)
+
+
+def _eps(m: nn.Module) -> None:
+    for mod in m.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.5
+
+
+def _hidden_states(m: nn.Module) -> None:
+    m.config.output_hidden_states = True
+
+
+def _fewer_layers(m: nn.Module) -> None:
+    m.config.num_hidden_layers = 1
+
+
+def _freeze_embeddings(m: nn.Module) -> None:
+    for mod in m.modules():
+        if isinstance(mod, nn.Embedding):
+            mod.requires_grad_(False)
+
+
+def _load_full(m: nn.Module) -> None:
+    full = {k: v * 0.5 for k, v in _REF_STATE.items()}
+    m.load_state_dict(full)
+
+
+def _subclass_swap(m: nn.Module) -> None:
+    m.model.layers[0].mlp.act_fn = nn.Tanh()
+
+
+def _attn_scaling(m: nn.Module) -> None:
+    for mod in m.modules():
+        if hasattr(mod, "scaling"):
+            mod.scaling = 0.3
+
+
+def _data_assign(m: nn.Module) -> None:
+    w = m.model.layers[0].self_attn.q_proj.weight  # split by rows
+    w.data = torch.randn(tuple(w.shape), generator=torch.Generator().manual_seed(5))
+
+
+def _vector_to_parameters(m: nn.Module) -> None:
+    ps = list(m.parameters())
+    vec = torch.randn(sum(p.numel() for p in ps), generator=torch.Generator().manual_seed(6)) * 0.05
+    torch.nn.utils.vector_to_parameters(vec, ps)
+
+
+UNCHANGED = ("forward hook added then removed", "freeze embeddings by type", "config.output_hidden_states")  # the forward is the base one
+OPERATIONS: dict[str, Op] = {
+    "apply zero-init by type": _zero_down,
+    "forward pre-hook (steering)": _steer,
+    "forward hook added then removed": _steer_removed,
+    "in-place weight update by type": _scale_norm,
+    "module attribute (RMSNorm eps)": _eps,
+    "attention scaling attribute": _attn_scaling,
+    "config.output_hidden_states": _hidden_states,
+    "config.num_hidden_layers": _fewer_layers,
+    "freeze embeddings by type": _freeze_embeddings,
+    "load_state_dict of full tensors": _load_full,
+    "replace a submodule (act_fn)": _subclass_swap,
+    "p.data = full tensor": _data_assign,
+    "vector_to_parameters": _vector_to_parameters,
+}
+_REF_STATE: dict[str, torch.Tensor] = {}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _grads(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for n, p in m.named_parameters() if p.grad is not None}
+
+
+def operations_check(rank: int, world: int) -> dict[str, Any]:
+    """Each operation on a fresh (unsharded, sharded) pair of tiny Llamas: the forward after it, a training
+    step's loss and gradients, and what each graph captured (a new capture per changed state)."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    out: dict[str, Any] = {}
+    for name, op in OPERATIONS.items():
+        ref = models.llama(layers=2)
+        _REF_STATE.clear()
+        _REF_STATE.update({k: v.detach().clone() for k, v in ref.state_dict().items()})
+        sharded = tpfx.auto_shard(copy.deepcopy(ref))
+        base = sharded(ids).logits.detach()
+        op(ref), op(sharded)
+        want, got = ref(input_ids=ids, labels=ids), sharded(input_ids=ids, labels=ids)
+        hs = getattr(want, "hidden_states", None)
+        res = {"fwd": rel_err(_logits(got), _logits(want)), "changed": (base - want.logits).abs().max().item(),
+               "hidden": None if hs is None else (len(hs), len(got.hidden_states or ()))}
+        want.loss.backward(), got.loss.backward()
+        g_ref, g_sh = _grads(ref), _grads(sharded)
+        res["grad_names"] = sorted(g_ref) == sorted(g_sh)
+        res["grad"] = max((rel_err(g_sh[n], g_ref[n]) for n in g_ref if n in g_sh), default=0.0)
+        out[name] = res
+    return out
+
+
+def casts_check(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """bf16 after sharding runs in bf16; back to fp32, a training step, save_pretrained: the checkpoint holds
+    the trained weights (transformers reloads it equal to the unsharded model trained alike)."""
+    from transformers import AutoModelForCausalLM
+
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    ref = models.llama(layers=2)
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+    res: dict[str, Any] = {}
+    fp32 = ref(ids).logits
+    ref.to(torch.bfloat16), sharded.to(torch.bfloat16)
+    got, want = sharded(ids).logits, ref(ids).logits
+    res["bf16_dtype"] = str(got.dtype)
+    res["bf16_err"] = rel_err(got.float(), want.float())
+    res["bf16_vs_fp32"] = rel_err(want.float(), fp32)  # bf16's own noise, for scale
+    ref.float(), sharded.float()
+    for m in (ref, sharded):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    res["trained_fwd"] = rel_err(sharded(ids).logits, ref(ids).logits)
+    sharded.save_pretrained(tmp)
+    dist.barrier()
+    back = AutoModelForCausalLM.from_pretrained(tmp)
+    res["saved_err"] = max(rel_err(back.state_dict()[k], v) for k, v in ref.state_dict().items())
+    res["saved_moved"] = max(rel_err(back.state_dict()[k], v) for k, v in models.llama(layers=2).state_dict().items())
+    return res
+
+
+class BatchNormNet(nn.Module):
+    """A plain module with running statistics (persistent buffers) and a split-able MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.bn, self.down = nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.bn(self.up(x))))  # (B, 8)
+
+
+def buffers_check(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """BatchNorm statistics: in state_dict and named_buffers, updated by training steps as the unsharded
+    model's, saved by tpfx.save and resumed by tpfx.load (eval output as the uninterrupted run's)."""
+    torch.manual_seed(0)
+    ref = BatchNormNet()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    sharded = tpfx.auto_shard(copy.deepcopy(ref), example_inputs=(x,))
+    for m in (ref, sharded):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for k in range(3):
+            m(x + k).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    res: dict[str, Any] = {"buffers": sorted(n for n, _ in sharded.named_buffers()),
+                           "in_state_dict": "bn.running_mean" in sharded.state_dict(),
+                           "running_mean": rel_err(sharded.bn.running_mean, ref.bn.running_mean),
+                           "moved": ref.bn.running_mean.abs().max().item()}
+    tpfx.save(sharded, tmp)
+    fresh = tpfx.auto_shard(BatchNormNet(), example_inputs=(x,))
+    tpfx.load(fresh, tmp)
+    fresh.eval(), ref.eval()
+    res["resumed_eval"] = rel_err(fresh(x), ref(x))
+    return res
+
+
+def randomness_check(rank: int, world: int) -> dict[str, Any]:
+    """torch.nn.init on sharded parameters: a split weight gets independent slices (not t copies of one), with
+    the init's distribution; a replicated weight re-initialised under per-rank seeds stays equal across ranks;
+    a rank's extra random draw after the first call cannot desynchronise dropout silently."""
+    warnings.filterwarnings("ignore")
+    sharded = tpfx.auto_shard(models.llama(layers=2))
+    w = sharded.model.layers[0].mlp.up_proj.weight  # split (column-parallel)
+    torch.manual_seed(123)
+    nn.init.normal_(w, std=0.02)
+    full = w.full_tensor()
+    half = full.shape[0] // 2
+    norm = sharded.model.norm.weight  # replicated
+    torch.manual_seed(100 + rank)  # per-rank seeds
+    nn.init.normal_(norm)
+    norms = [torch.empty_like(norm.to_local()) for _ in range(world)]
+    dist.all_gather(norms, norm.to_local().contiguous())
+    res = {"slices_differ": not torch.equal(full[:half], full[half:]), "std": full.std().item(),
+           "mean": full.mean().item(), "replicas_equal": all(torch.equal(n, norms[0]) for n in norms)}
+    dropped = models.gpt2()
+    for mod in dropped.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.1
+    gpt = tpfx.auto_shard(dropped)
+    gpt.train()
+    ids = models.token_inputs(models.HF_VOCAB)
+    gpt(ids)
+    gpt(ids)
+    if rank == 0:
+        torch.randint(0, 10, (1,))  # a rank-0-only draw (logging, sampling)
+    try:
+        gpt(ids)
+        res["desync"] = "no error"
+    except Disagreement as e:
+        res["desync"] = str(e)
+    return res
+
+
+def refusals_check(rank: int, world: int) -> dict[str, Any]:
+    """What cannot be honoured raises at once, saying what to do."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    sharded = tpfx.auto_shard(models.llama(layers=2))
+    res: dict[str, Any] = {}
+    for name, fn in {"deepcopy": lambda: copy.deepcopy(sharded), "pickle": lambda: pickle.dumps(sharded),
+                     "torch.save": lambda: torch.save(sharded, Path("/dev/null")),
+                     "use_cache": lambda: sharded(ids, use_cache=True)}.items():
+        try:
+            fn()
+            res[name] = "no error"
+        except (TypeError, ValueError) as e:
+            res[name] = str(e)
+    sharded.model.layers[0].register_full_backward_hook(lambda *a: None)
+    try:
+        sharded(ids)
+        res["backward_hook"] = "no error"
+    except CaptureError as e:
+        res["backward_hook"] = str(e)
+    return res

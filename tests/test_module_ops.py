@@ -1,0 +1,61 @@
+"""A sharded model is still an nn.Module (tier 3, real gloo ranks): what users do to modules after sharding
+acts as on the unsharded model, or raises saying what to do (``tests/module_ops_cases.py``)."""
+
+from __future__ import annotations
+
+import module_ops_cases as cases
+import pytest
+from example_runs import run_example
+from numerics import TOL
+
+from tpfx.launch import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_module_operations_act_as_on_the_unsharded_model() -> None:
+    for res in launch(cases.operations_check, 2, timeout_s=600):
+        assert set(res) == set(cases.OPERATIONS)
+        for name, r in res.items():
+            assert r["fwd"] <= TOL and r["grad"] <= TOL and r["grad_names"], (name, r)
+            if name not in cases.UNCHANGED:
+                assert r["changed"] > 1e-3, (name, r)  # the operation changed the output: a test that can fail
+            if name == "config.output_hidden_states":
+                assert r["hidden"] == (3, 3), r
+            if name == "config.num_hidden_layers":
+                assert r["changed"] > 1e-3
+
+
+def test_casts_after_sharding_run_and_save_the_current_weights(tmp_path) -> None:
+    for r in launch(cases.casts_check, 2, str(tmp_path / "ckpt"), timeout_s=600):
+        assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_err"] <= 2 * r["bf16_vs_fp32"], r
+        assert r["trained_fwd"] <= TOL and r["saved_err"] <= TOL and r["saved_moved"] > 1e-3, r
+
+
+def test_buffers_are_state_saved_and_resumed(tmp_path) -> None:
+    for r in launch(cases.buffers_check, 2, str(tmp_path / "dcp"), timeout_s=600):
+        assert r["buffers"] == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"], r
+        assert r["in_state_dict"] and r["running_mean"] <= TOL and r["moved"] > 1e-3, r
+        assert r["resumed_eval"] <= TOL, r
+
+
+def test_randomness_init_slices_and_dropout_agreement() -> None:
+    for r in launch(cases.randomness_check, 2, timeout_s=600):
+        assert r["slices_differ"] and abs(r["std"] - 0.02) < 0.002 and abs(r["mean"]) < 0.002, r
+        assert r["replicas_equal"], r
+        assert "random state" in r["desync"], r
+
+
+def test_what_cannot_be_honoured_raises_saying_what_to_do() -> None:
+    for r in launch(cases.refusals_check, 2, timeout_s=600):
+        for name in ("deepcopy", "pickle", "torch.save"):
+            assert "save_pretrained" in r[name] and "tpfx.save" in r[name], (name, r[name])
+        assert "generate" in r["use_cache"], r
+        assert "backward hook" in r["backward_hook"] and "register_hook" in r["backward_hook"], r
+
+
+def test_readme_module_ops_example_runs() -> None:
+    lines = dict(line.rsplit(": ", 1) for line in run_example("module_ops.py").strip().splitlines())
+    assert len(lines) == 6, lines
+    for name, diff in lines.items():
+        assert float(diff) <= (1e-2 if "bfloat16" in name else 1e-5), (name, diff)  # bf16: its own rounding

@@ -1,0 +1,158 @@
+"""The sharded module's tree: the model's own module types, holding this rank's tensors.
+
+A ``ShardedModule`` is built over a structural copy of the model (``build``): every module is a new instance of
+its class, sharing the model's plain attributes and config by reference, with containers of its own
+(parameters, buffers, submodules, hooks). Its parameters are this rank's slices, its buffers copies of the
+model's. So what users do to modules (``apply``, freezing or re-initialising by type, ``model.layers[0]``,
+``eval()`` of one submodule, ``Dropout.p``, hooks) acts on the sharded model, not on the unsharded one, and
+the per-rank graphs read the tree's parameters and buffers at each call (``.data =``, casts and
+``load_state_dict`` are what runs and what is saved).
+
+A graph is captured from the model's Python code as it was then: each module's train flag and plain
+attributes, its hooks, the config's values, the dtypes and devices of its tensors. ``State.key`` summarises
+that state in one pass over the tree; a call whose key differs from the graphs' captures anew from the tree
+(``capturing``: full-shape fake tensors in place of this rank's slices), planned with the first plan's
+placements pinned. Hooks registered on the unsharded model before sharding were copied; removing one through
+its handle removes the copy too (``State.mirror``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_CONTAINERS = (dict, OrderedDict, list, set)  # a module's own containers: copied, never shared
+_PLAIN = (bool, int, float, str, types.NoneType, torch.dtype, torch.device, tuple)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+          "_load_state_dict_post_hooks")
+_GRAPH_HOOKS = _HOOKS[:4]  # the hooks a forward runs (the with_kwargs / always_called dicts key into these)
+
+
+def _copy(m: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """A new instance of ``m``'s class with ``m``'s attributes, its own containers and copied submodules
+    (a module reached twice is copied once)."""
+    if id(m) in memo:
+        return memo[id(m)]
+    c = type(m).__new__(type(m))
+    memo[id(m)] = c
+    attrs = {k: (v.copy() if type(v) in _CONTAINERS else v) for k, v in vars(m).items()}
+    attrs["_modules"] = {k: None if s is None else _copy(s, memo) for k, s in m._modules.items()}
+    attrs["_parameters"] = dict.fromkeys(m._parameters)  # filled with this rank's slices by the caller
+    attrs["_buffers"] = {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()}
+    vars(c).update(attrs)
+    return c
+
+
+def build(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's tree with empty parameter slots (see the module docstring)."""
+    return _copy(model, {})
+
+
+def _configs(root: torch.nn.Module) -> list[Any]:
+    """The distinct config objects the modules hold, with the configs nested in them (``text_config``)."""
+    seen: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in root.modules()]
+    while todo:
+        c = todo.pop()
+        if c is None or id(c) in seen or not hasattr(c, "__dict__") or isinstance(c, torch.nn.Module):
+            continue
+        seen[id(c)] = c
+        todo += [v for v in vars(c).values() if hasattr(v, "to_dict") and hasattr(v, "__dict__")]
+    return list(seen.values())
+
+
+def _plain(obj: Any) -> tuple:
+    return tuple((k, v) for k, v in vars(obj).items() if type(v) in _PLAIN)
+
+
+def _module_key(m: torch.nn.Module) -> tuple:
+    d = vars(m)
+    hooks = tuple((h, tuple(d[h])) for h in _GRAPH_HOOKS if d.get(h))
+    tensors = tuple((k, t.dtype, t.device.type) for k, t in (*d["_parameters"].items(), *d["_buffers"].items())
+                    if t is not None)
+    return (_plain(m), hooks, tensors)
+
+
+class State:
+    """What the captured graphs depend on in a tree (see the module docstring)."""
+
+    def __init__(self, root: torch.nn.Module, model: torch.nn.Module) -> None:
+        self.root = root
+        self.configs = _configs(root)
+        # hooks the model had when it was sharded, copied into the tree: (model's dict, tree's dict, keys)
+        pairs = zip(model.modules(), root.modules(), strict=True)
+        self.copied = [(vars(m)[h], vars(c)[h], tuple(vars(m)[h])) for m, c in pairs for h in _HOOKS if vars(m).get(h)]
+
+    def mirror(self) -> None:
+        """A hook removed from the unsharded model through the handle its registration returned is removed from
+        the tree too (the tree holds a copy)."""
+        for theirs, ours, keys in self.copied:
+            for k in keys:
+                if k not in theirs:
+                    ours.pop(k, None)
+
+    def key(self, training: bool) -> tuple:
+        """The tree's state as one hashable value (one pass over modules and configs)."""
+        if self.copied:
+            self.mirror()
+        g = torch.nn.modules.module
+        hooks = (tuple(g._global_forward_hooks), tuple(g._global_forward_pre_hooks),
+                 tuple(g._global_backward_hooks), tuple(g._global_backward_pre_hooks))
+        return (training, hooks, tuple(_module_key(m) for m in self.root.modules()),
+                tuple(_plain(c) for c in self.configs))
+
+    def describe_change(self, before: tuple, now: tuple) -> str:
+        """Which part of the state differs (for messages)."""
+        names = [n or "(root)" for n, _ in self.root.named_modules()]
+        for name, a, b in zip(names, before[2], now[2], strict=False):
+            if a != b:
+                return f"module {name}"
+        return "the config" if before[3] != now[3] else "the train/eval mode or global hooks"
+
+
+def traced_hooks(root: torch.nn.Module) -> dict[int, str]:
+    """The forward (pre-)hooks the tree's graphs were traced through, by hook id: where they are and what
+    they are (transformers' own output-recording hooks excluded: they act inside the call)."""
+    out: dict[int, str] = {}
+    g = torch.nn.modules.module
+    places = [("every module (global)", {**g._global_forward_hooks, **g._global_forward_pre_hooks})]
+    places += [(name or "(root)", {**m._forward_hooks, **m._forward_pre_hooks}) for name, m in root.named_modules()]
+    for where, hooks in places:
+        for k, fn in hooks.items():
+            if not getattr(fn, "__module__", "").startswith("transformers."):
+                out[k] = f"{getattr(fn, '__qualname__', type(fn).__name__)} on {where}"
+    return out
+
+
+@contextlib.contextmanager
+def full_shaped(root: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> Iterator[None]:
+    """The tree's parameters as fake tensors of their full shapes (``shapes``: by FQN; dtype, device and
+    ``requires_grad`` as the tree's), for capturing the model's code; put back after. Parameters held at one
+    slot twice (tied) get one fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    saved: list[tuple[dict, str, Any]] = []
+    fakes: dict[int, torch.nn.Parameter] = {}
+    for fqn, p in root.named_parameters(remove_duplicate=False):
+        prefix, _, leaf = fqn.rpartition(".")
+        slots = root.get_submodule(prefix)._parameters
+        if id(p) not in fakes:
+            shape = shapes.get(fqn, tuple(p.shape))
+            with mode:
+                fake = torch.empty(shape, dtype=p.dtype, device=p.device)
+            fakes[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+        saved.append((slots, leaf, p))
+        slots[leaf] = fakes[id(p)]
+    try:
+        yield
+    finally:
+        for slots, leaf, p in saved:
+            slots[leaf] = p
