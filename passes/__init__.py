@@ -7,7 +7,7 @@ from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rule
 from .backward import GradCollective, backward_collectives, sharded_compute
 from .capture import Captured, CaptureError, check_model, dynamic_spec
 from .collectives import checked_before_collectives, failure_message, module_of, regathered_in_backward
-from .emit import GroupNamer, collective_nodes, emit
+from .emit import GroupNamer, collective_nodes, emit, local_param
 from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .plan_data import Collective, ParamPlacement, PlanData, build_plan
 from .propagate import Propagation, Seed, is_guards, nbytes, propagate, tensor_inputs, trained
@@ -17,6 +17,6 @@ from .stages import Derivation, Stages
 
 __all__ = ["GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
            "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
-           "build_plan", "check_model", "checked_before_collectives", "collective_nodes", "dynamic_spec", "emit", "failure_message",
+           "build_plan", "check_model", "checked_before_collectives", "collective_nodes", "dynamic_spec", "emit", "failure_message", "local_param",
            "forward_collective", "is_guards", "module_of", "is_seq_split", "nbytes", "propagate", "regathered_in_backward", "shard_tensor",
            "tensor_inputs"]

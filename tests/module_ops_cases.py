@@ -271,3 +271,59 @@ def refusals_check(rank: int, world: int) -> dict[str, Any]:
     except CaptureError as e:
         res["backward_hook"] = str(e)
     return res
+
+
+def dropout_modes_check(rank: int, world: int) -> dict[str, Any]:
+    """GPT-2 with dropout, in train mode: ``Dropout.p = 0`` on every dropout module, or ``eval()`` of the
+    transformer submodule, makes the sharded forward deterministic and equal to the unsharded one's."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    out: dict[str, Any] = {}
+    for name in ("Dropout.p = 0", "get_submodule('transformer').eval()"):
+        ref = models.gpt2()
+        for mod in ref.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.3
+        ref.train()
+        sharded = tpfx.auto_shard(copy.deepcopy(ref))
+        noisy = sharded(ids).logits.detach()
+        for m in (ref, sharded):
+            if name.startswith("Dropout"):
+                for mod in m.modules():
+                    if isinstance(mod, nn.Dropout):
+                        mod.p = 0.0
+            else:
+                m.get_submodule("transformer").eval()
+        want = ref(ids).logits
+        out[name] = {"fwd": rel_err(sharded(ids).logits, want), "noisy": rel_err(noisy, want)}
+    return out
+
+
+def generate_after_ops_check(rank: int, world: int) -> dict[str, Any]:
+    """generate() after a steering hook and a config change: the tokens of the unsharded model doing the same."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB, batch=1)
+    ref = models.llama(layers=2)
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    before = sharded.generate(ids, **kw)
+    for m in (ref, sharded):
+        m.model.layers[0].register_forward_hook(lambda mod, args, out: out * 3.0)
+    got, want = sharded.generate(ids, **kw), ref.generate(ids, use_cache=True, **kw)
+    return {"equal": bool(torch.equal(got, want)), "changed": not torch.equal(before, want)}
+
+
+def tied_check(rank: int, world: int) -> dict[str, Any]:
+    """Tied weights answer as on the model: one parameter under both names; re-initialising it through one
+    name changes the other, as in the unsharded GPT-2."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    ref = models.gpt2()
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+    res: dict[str, Any] = {"same": sharded.lm_head.weight is sharded.transformer.wte.weight,
+                           "ref_same": ref.lm_head.weight is ref.transformer.wte.weight,
+                           "names": [n for n, _ in sharded.named_parameters()] == [n for n, _ in ref.named_parameters()]}
+    for m in (ref, sharded):
+        m.lm_head.weight.data = torch.randn(tuple(m.lm_head.weight.shape), generator=torch.Generator().manual_seed(3))
+    res["fwd"] = rel_err(sharded(ids).logits, ref(ids).logits)
+    return res

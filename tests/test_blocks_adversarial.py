@@ -184,7 +184,7 @@ def test_the_sharded_module_keys_a_graph_serving_one_shape_by_that_shape() -> No
     from tpfx.api import ShardedModule
 
     x, me = torch.zeros(2, 3), SimpleNamespace(training=False)
-    assert ShardedModule._key(me, (x,), {}, False) != ShardedModule._key(me, (torch.zeros(2, 5),), {}, False)
+    assert ShardedModule._key(me, (x,), {}, False, ()) != ShardedModule._key(me, (torch.zeros(2, 5),), {}, False, ())
 
 
 def test_blocks_fuzz_finds_no_silently_wrong_model() -> None:

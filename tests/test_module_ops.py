@@ -59,3 +59,16 @@ def test_readme_module_ops_example_runs() -> None:
     assert len(lines) == 6, lines
     for name, diff in lines.items():
         assert float(diff) <= (1e-2 if "bfloat16" in name else 1e-5), (name, diff)  # bf16: its own rounding
+
+
+def test_dropout_modes_and_generate_follow_the_tree() -> None:
+    for r in launch(cases.dropout_modes_check, 2, timeout_s=600):
+        for name, v in r.items():
+            assert v["fwd"] <= TOL and v["noisy"] > 1e-3, (name, v)
+    for r in launch(cases.generate_after_ops_check, 2, timeout_s=600):
+        assert r["equal"] and r["changed"], r
+
+
+def test_tied_weights_are_one_parameter() -> None:
+    for r in launch(cases.tied_check, 2, timeout_s=600):
+        assert r["same"] and r["ref_same"] and r["names"] and r["fwd"] <= TOL, r

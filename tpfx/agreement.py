@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Disagreement", "agree", "agree_later", "describe", "gloo_twin", "host_group", "rng_digest", "signature"]
+__all__ = ["Disagreement", "agree", "agree_later", "describe", "draws_random", "gloo_twin", "host_group", "rng_digest", "signature"]
 
 
 class Disagreement(RuntimeError):
@@ -51,6 +51,24 @@ def signature(value: Any) -> Any:
     """What selects a graph and sizes its collectives: the call's structure, tensor shapes and dtypes, and
     plain values (no tensor content; cheap enough to compute on every call)."""
     return _walk(value, lambda t: (tuple(t.shape), t.dtype))
+
+
+def draws_random(gm: Any) -> bool:
+    """Whether a graph (or a region it calls) draws random numbers: an ATen op tagged
+    ``nondeterministic_seeded`` (dropout, bernoulli, rand, ...; attention only with ``dropout_p > 0``) or a
+    dropout kernel of emission's."""
+    for m in gm.modules():
+        for n in getattr(getattr(m, "graph", None), "nodes", ()):
+            t = n.target
+            if n.op != "call_function":
+                continue
+            if t is torch.ops.aten.scaled_dot_product_attention.default:
+                p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+                if p != 0.0:
+                    return True
+            elif torch.Tag.nondeterministic_seeded in getattr(t, "tags", ()) or "dropout" in getattr(t, "__name__", ""):
+                return True
+    return False
 
 
 def rng_digest(device: Any) -> str:

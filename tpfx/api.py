@@ -37,9 +37,9 @@ from tpfx.passes import (
     Shard,
     Stages,
     checked_before_collectives,
+    local_param,
     regathered_in_backward,
 )
-from tpfx.passes.emit import local_param
 from tpfx.plan import ShardingPlan
 from tpfx.rng import install as install_rng_tracker
 from tpfx.tree import State as TreeState
@@ -507,9 +507,9 @@ class ShardedModule(torch.nn.Module):
             raise ValueError("tpfx: a sharded forward keeps no KV cache (use_cache=True / past_key_values); "
                              "cached decoding is sharded.generate(...), which keeps a head-split cache")
         self._check_params()
-        check = self._check_call(args, kwargs)
         state = self.state_key()
         entry = self._cached(args, kwargs, state)
+        check = self._check_call(args, kwargs, entry)
         if check is not None and (entry is None or self._compile):
             check()  # before a capture (it communicates) or a compiled graph (it cannot settle one): now
             check = None
@@ -537,7 +537,8 @@ class ShardedModule(torch.nn.Module):
             return regathered_in_backward()
         return contextlib.nullcontext()
 
-    def _check_call(self, args: tuple, kwargs: dict[str, Any]) -> Callable[[], None] | None:
+    def _check_call(self, args: tuple, kwargs: dict[str, Any],
+                    entry: tuple[fx.GraphModule, Any] | None = None) -> Callable[[], None] | None:
         """Ranks called with other shapes or another structure (one passes ``labels``, one a longer sequence)
         would deadlock or mix wrong sizes in the next collective. The first call compares its inputs' contents
         (``_check_first``, once); every later call digests its shapes and structure and issues one all-reduce of
@@ -556,12 +557,21 @@ class ShardedModule(torch.nn.Module):
         group, device = self.__dict__["_host"]
         what: Any = signature((args, kwargs))
         name = "the shapes and structure of this call's inputs"
-        if self.training:  # dropout: every rank must draw the masks of its replicated values alike
+        if entry is not None and self._random(entry[0]):  # dropout: ranks draw the masks of replicated values alike
             what = (what, rng_digest(self.device))
             name += (" or the random state the graph's dropout draws from (a rank drew random numbers the others "
                      "did not, e.g. a rank-0-only torch.randint: draw the same numbers on every rank, or give "
                      "per-rank draws a torch.Generator of their own)")
         return agree_later(group, what, name, device)
+
+    def _random(self, gm: fx.GraphModule) -> bool:
+        """Whether graph ``gm`` draws random numbers (computed once per graph)."""
+        from tpfx.agreement import draws_random
+
+        memo = self.__dict__.setdefault("_draws", {})
+        if id(gm) not in memo:
+            memo[id(gm)] = draws_random(gm)
+        return memo[id(gm)]
 
     def _check_first(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """The first call's inputs, digested and compared across the tensor-parallel group (one small
