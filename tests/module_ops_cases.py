@@ -94,6 +94,21 @@ def _vector_to_parameters(m: nn.Module) -> None:
     torch.nn.utils.vector_to_parameters(vec, ps)
 
 
+def _new_linear(m: nn.Module) -> None:
+    torch.manual_seed(7)
+    m.model.layers[0].mlp.down_proj = nn.Linear(128, 64, bias=False)  # a fresh module, full weights
+
+
+def _new_parameter(m: nn.Module) -> None:
+    w = m.model.layers[1].self_attn.o_proj.weight
+    m.model.layers[1].self_attn.o_proj.weight = nn.Parameter(
+        torch.randn(tuple(w.shape), generator=torch.Generator().manual_seed(8)) * 0.05)
+
+
+def _copy_layer(m: nn.Module) -> None:
+    m.model.layers[1] = copy.deepcopy(m.model.layers[0])
+
+
 UNCHANGED = ("forward hook added then removed", "freeze embeddings by type", "config.output_hidden_states")  # the forward is the base one
 OPERATIONS: dict[str, Op] = {
     "apply zero-init by type": _zero_down,
@@ -109,6 +124,9 @@ OPERATIONS: dict[str, Op] = {
     "replace a submodule (act_fn)": _subclass_swap,
     "p.data = full tensor": _data_assign,
     "vector_to_parameters": _vector_to_parameters,
+    "replace a Linear by a new one": _new_linear,
+    "assign a new Parameter": _new_parameter,
+    "deepcopy a layer over another": _copy_layer,
 }
 _REF_STATE: dict[str, torch.Tensor] = {}
 

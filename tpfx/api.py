@@ -432,7 +432,41 @@ class ShardedModule(torch.nn.Module):
             self.__dict__.setdefault("_plain", []).append(fqn)
         for name in self._aliases.get(fqn, [fqn]):
             _install(self, name, param)
-        self.__dict__.setdefault("_slots", []).append((*self._slot(fqn), param))
+        self.__dict__.setdefault("_slots", {})[fqn] = (*self._slot(fqn), param)
+
+    def _adopt(self, fqn: str, p: torch.Tensor) -> None:
+        """A parameter the user put in the tree after sharding (a new module, ``m.weight = Parameter(t)``): its
+        full tensor is cut to this rank's slice and registered in its place; one already laid out as this
+        rank's (a DTensor of the same placement) is taken as it is."""
+        from torch.distributed.tensor import DTensor
+
+        pp = self._plan.placements.get(fqn)
+        full = tuple(pp.shape) if pp is not None else tuple(p.shape)
+        if isinstance(p, DTensor) and tuple(p.shape) == full and fqn in self.__dict__.get("_slots", {}) \
+                and self._slots[fqn][2].placements == p.placements:
+            self._slots[fqn] = (*self._slot(fqn), p)
+            return
+        if isinstance(p, DTensor) or tuple(p.shape) != full:
+            raise RuntimeError(f"tpfx: parameter {fqn!r} was replaced after auto_shard by a {type(p).__name__} of "
+                               f"shape {tuple(p.shape)}; the plan holds it as {full} in full. Assign the full tensor "
+                               "(each rank keeps its slice), or shard the changed model anew (tpfx.auto_shard)")
+        piece = local_param(p.detach(), self.placement(fqn) if pp is not None else Replicate(), self.rank,
+                            self.world_size)
+        piece.requires_grad_(p.requires_grad)
+        self._register(fqn, piece)
+
+    def _sync_tree(self) -> None:
+        """Before a capture: parameters of modules the user added or replaced become this rank's slices
+        (``_adopt``); parameters no longer in the tree leave the store."""
+        self.__dict__["_aliases"] = _aliases(self._tree)
+        live = {fqn: self._tree.get_parameter(fqn) for fqn in self._aliases}
+        for fqn in [f for f in self._store if f not in live]:
+            del self._store[fqn]
+            self._slots.pop(fqn, None)
+        for fqn, p in live.items():
+            if fqn not in self._slots or self._slots[fqn][2] is not p or self._slots[fqn][0] is not \
+                    self._slot(fqn)[0]:
+                self._adopt(fqn, p)
 
     def _tp_mesh(self, k: int, device: torch.device) -> Any:
         """The tp mesh (``k`` = the tp size), or its view as ``k`` groups of consecutive ranks; built once each."""
@@ -453,6 +487,8 @@ class ShardedModule(torch.nn.Module):
     def capturing(self) -> Iterator[torch.nn.Module]:
         """The tree to capture a graph from: in this module's mode (a train-mode graph holds the dropouts),
         its parameters as fake tensors of their full shapes (``tpfx.tree.full_shaped``)."""
+        if not self.wrapped():
+            self._sync_tree()
         tree, was = self._tree, self._tree.training
         tree.training = self.training
         shapes = {f: tuple(pp.shape) for f, pp in self._plan.placements.items()}
@@ -494,6 +530,7 @@ class ShardedModule(torch.nn.Module):
             plan, dynamic = _derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic, state)
         self.add_graph(plan, key)
+        self.__dict__.setdefault("_alive", []).append(list(self._tree.modules()))  # ids in keys stay unique
         return self._graphs[key]
 
     check_first_call = True  # compare the first call's inputs across the group (set False to skip)
@@ -605,17 +642,24 @@ class ShardedModule(torch.nn.Module):
         from torch.nn.parallel import DistributedDataParallel
 
         active = DistributedDataParallel._get_active_ddp_module()
-        slots = self.__dict__.get("_slots", ())
-        if active is not None and active.module is self and any(isinstance(o, DTensor) for *_, o in slots):
+        slots = self.__dict__.get("_slots", {})
+        if active is not None and active.module is self and any(isinstance(o, DTensor) for *_, o in slots.values()):
             raise RuntimeError(
                 "tpfx: torch's DistributedDataParallel does not average the gradients of DTensor parameters (a "
                 "ShardedModule's are DTensors on the tp mesh), so it would train silently wrong; wrap it with "
                 "torch's composable DDP instead, replicate(sharded, mesh=mesh['dp']) from "
                 "torch.distributed._composable.replicate_with_fsdp, or with FSDP2's fully_shard(sharded, "
                 "mesh=mesh['dp'])")
-        for module, leaf, ours in slots:
+        for fqn, (module, leaf, ours) in slots.items():
             p = module._parameters.get(leaf)
             if p is ours:
+                continue
+            if p is not None and not isinstance(p, DTensor) and not isinstance(ours, DTensor) \
+                    and local(p).shape == local(ours).shape:
+                continue  # a plain slice replaced by one of the same shape: fed as it is
+            if p is not None and not self.wrapped() and not (isinstance(p, DTensor) and isinstance(ours, DTensor)
+                                                              and p.placements != ours.placements):
+                self._adopt(fqn, p)  # the user assigned a new parameter: its full tensor, this rank's slice
                 continue
             if p is None or isinstance(p, DTensor) != isinstance(ours, DTensor) or local(p).shape != local(ours).shape:
                 raise RuntimeError(

@@ -128,6 +128,13 @@ class ShardedParameter(DTensor):
         torch._C.TensorBase.data.__set__(self, value)  # type: ignore[attr-defined]
         self._local_tensor, self._spec = value._local_tensor, value._spec
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if id(self) not in memo:
+            dt = DTensor.from_local(self._local_tensor.clone(), self.device_mesh, self.placements, run_check=False,
+                                    shape=self.shape, stride=self.stride())
+            memo[id(self)] = mark(torch.nn.Parameter(dt, requires_grad=self.requires_grad))
+        return memo[id(self)]
+
 
 def mark(param: Any) -> Any:
     """``param`` as a ``ShardedParameter`` if it is a DTensor (after torch swapped its class, ``.to()``)."""

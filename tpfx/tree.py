@@ -77,7 +77,7 @@ def _module_key(m: torch.nn.Module) -> tuple:
     hooks = tuple((h, tuple(d[h])) for h in _GRAPH_HOOKS if d.get(h))
     tensors = tuple((k, t.dtype, t.device.type) for k, t in (*d["_parameters"].items(), *d["_buffers"].items())
                     if t is not None)
-    return (_plain(m), hooks, tensors)
+    return (id(m), _plain(m), hooks, tensors)  # a module replaced by an equal one is another module
 
 
 class State:
