@@ -345,3 +345,23 @@ def tied_check(rank: int, world: int) -> dict[str, Any]:
         m.lm_head.weight.data = torch.randn(tuple(m.lm_head.weight.shape), generator=torch.Generator().manual_seed(3))
     res["fwd"] = rel_err(sharded(ids).logits, ref(ids).logits)
     return res
+
+
+CHECKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "operations": operations_check, "casts": casts_check, "buffers": buffers_check, "tied": tied_check,
+    "dropout_modes": dropout_modes_check, "generate": generate_after_ops_check, "refusals": refusals_check,
+    "randomness": randomness_check}  # last: it leaves the ranks' random states apart on purpose
+WITH_DIR = ("casts", "buffers")
+
+
+def all_checks(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """Every check above in one spawn of the ranks (a failing check is reported, the others still run)."""
+    import traceback
+
+    out: dict[str, Any] = {}
+    for name, fn in CHECKS.items():
+        try:
+            out[name] = fn(rank, world, f"{tmp}/{name}") if name in WITH_DIR else fn(rank, world)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
+    return out

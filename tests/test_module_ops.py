@@ -3,6 +3,8 @@ acts as on the unsharded model, or raises saying what to do (``tests/module_ops_
 
 from __future__ import annotations
 
+from typing import Any
+
 import module_ops_cases as cases
 import pytest
 from example_runs import run_example
@@ -13,8 +15,22 @@ from tpfx.launch import launch
 pytestmark = pytest.mark.slow
 
 
-def test_module_operations_act_as_on_the_unsharded_model() -> None:
-    for res in launch(cases.operations_check, 2, timeout_s=600):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every check of tests/module_ops_cases.py, in one spawn of 2 gloo ranks."""
+    return launch(cases.all_checks, 2, str(tmp_path_factory.mktemp("module_ops")), timeout_s=900)
+
+
+def _check(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    out = [r[name] for r in ranks]
+    for r in out:
+        if isinstance(r, str):
+            pytest.fail(f"{name} raised:\n{r}", pytrace=False)
+    return out
+
+
+def test_module_operations_act_as_on_the_unsharded_model(ranks: list[dict[str, Any]]) -> None:
+    for res in _check(ranks, "operations"):
         assert set(res) == set(cases.OPERATIONS)
         for name, r in res.items():
             assert r["fwd"] <= TOL and r["grad"] <= TOL and r["grad_names"], (name, r)
@@ -26,28 +42,28 @@ def test_module_operations_act_as_on_the_unsharded_model() -> None:
                 assert r["changed"] > 1e-3
 
 
-def test_casts_after_sharding_run_and_save_the_current_weights(tmp_path) -> None:
-    for r in launch(cases.casts_check, 2, str(tmp_path / "ckpt"), timeout_s=600):
+def test_casts_after_sharding_run_and_save_the_current_weights(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "casts"):
         assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_err"] <= 2 * r["bf16_vs_fp32"], r
         assert r["trained_fwd"] <= TOL and r["saved_err"] <= TOL and r["saved_moved"] > 1e-3, r
 
 
-def test_buffers_are_state_saved_and_resumed(tmp_path) -> None:
-    for r in launch(cases.buffers_check, 2, str(tmp_path / "dcp"), timeout_s=600):
+def test_buffers_are_state_saved_and_resumed(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "buffers"):
         assert r["buffers"] == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"], r
         assert r["in_state_dict"] and r["running_mean"] <= TOL and r["moved"] > 1e-3, r
         assert r["resumed_eval"] <= TOL, r
 
 
-def test_randomness_init_slices_and_dropout_agreement() -> None:
-    for r in launch(cases.randomness_check, 2, timeout_s=600):
+def test_randomness_init_slices_and_dropout_agreement(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "randomness"):
         assert r["slices_differ"] and abs(r["std"] - 0.02) < 0.002 and abs(r["mean"]) < 0.002, r
         assert r["replicas_equal"], r
         assert "random state" in r["desync"], r
 
 
-def test_what_cannot_be_honoured_raises_saying_what_to_do() -> None:
-    for r in launch(cases.refusals_check, 2, timeout_s=600):
+def test_what_cannot_be_honoured_raises_saying_what_to_do(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "refusals"):
         for name in ("deepcopy", "pickle", "torch.save"):
             assert "save_pretrained" in r[name] and "tpfx.save" in r[name], (name, r[name])
         assert "generate" in r["use_cache"], r
@@ -61,14 +77,14 @@ def test_readme_module_ops_example_runs() -> None:
         assert float(diff) <= (1e-2 if "bfloat16" in name else 1e-5), (name, diff)  # bf16: its own rounding
 
 
-def test_dropout_modes_and_generate_follow_the_tree() -> None:
-    for r in launch(cases.dropout_modes_check, 2, timeout_s=600):
+def test_dropout_modes_and_generate_follow_the_tree(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "dropout_modes"):
         for name, v in r.items():
             assert v["fwd"] <= TOL and v["noisy"] > 1e-3, (name, v)
-    for r in launch(cases.generate_after_ops_check, 2, timeout_s=600):
+    for r in _check(ranks, "generate"):
         assert r["equal"] and r["changed"], r
 
 
-def test_tied_weights_are_one_parameter() -> None:
-    for r in launch(cases.tied_check, 2, timeout_s=600):
+def test_tied_weights_are_one_parameter(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "tied"):
         assert r["same"] and r["ref_same"] and r["names"] and r["fwd"] <= TOL, r
