@@ -102,8 +102,7 @@ def test_graph_fed_its_parameters_computes_as_the_model(tmp_path) -> None:
         assert inspect.signature(type(sharded).forward) == inspect.signature(type(ref).forward)
         assert list(inspect.signature(sharded.forward).parameters)[:2] == ["input_ids", "attention_mask"]
         assert (sharded.loss_type, sharded.main_input_name) == (ref.loss_type, "input_ids")
-        with pytest.raises(AttributeError, match="unsharded"):  # a method of the unsharded model
-            sharded.get_input_embeddings()
+        assert sharded.get_input_embeddings() is sharded.model.embed_tokens  # the tree's method, its modules
         assert type(sharded.lm_head) is torch.nn.Linear  # submodules: the model's types (tpfx.tree)
         assert sharded.lm_head is not ref.lm_head and sharded.lm_head.weight is not model.lm_head.weight
     finally:

@@ -258,20 +258,25 @@ class ShardedModule(torch.nn.Module):
     __deepcopy__ = __reduce_ex__ = _refuse_copy  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
-        """Parameters and submodules as ``nn.Module`` finds them; else the wrapped model's plain attributes
-        (``main_input_name``, ``loss_type``, ``accepts_loss_kwargs``, ...: what clients such as HF Trainer read).
-        Its methods, tensors and submodules are not forwarded: they would act on the unsharded model."""
+        """Parameters, buffers and submodules as ``nn.Module`` finds them (the tree's: this module shares its
+        containers); else the tree root's attributes and methods (``main_input_name``, ``loss_type``,
+        ``get_input_embeddings()``, ...: what clients such as HF Trainer read), which act on this rank's tree."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__.get("_tree")
-            if model is None or name.startswith("__") or not hasattr(model, name):
+            tree = self.__dict__.get("_tree")
+            if tree is None or name.startswith("__") or not hasattr(tree, name):
                 raise
-            value = getattr(model, name)
-            if callable(value) or isinstance(value, torch.Tensor | torch.nn.Module):
-                raise AttributeError(f"tpfx: ShardedModule does not forward {name!r} of the unsharded "
-                                     f"{type(model).__name__} (it would act on the unsharded model)") from None
-            return value
+            return getattr(tree, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An attribute of the model's root (``sharded.scale = 0.5``) is set on the tree root, whose code the
+        graphs are captured from; modules, parameters and buffers go to the shared containers as usual."""
+        tree = self.__dict__.get("_tree")
+        if tree is not None and name in vars(tree) and name not in self.__dict__:
+            setattr(tree, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def config(self) -> Any:
@@ -319,6 +324,7 @@ class ShardedModule(torch.nn.Module):
         """This rank's slices under the original names (not the model's tensors): warns, since saving it as a
         checkpoint would silently lose the other ranks' parts. ``save_pretrained`` writes the full model;
         ``tpfx.save`` a resumable per-rank checkpoint."""
+        self.sync()
         if not self.__dict__.get("_warned_state_dict") and self.world_size > 1:
             self.__dict__["_warned_state_dict"] = True
             warnings.warn("tpfx: ShardedModule.state_dict() holds only this rank's slices of split parameters; "
@@ -348,20 +354,30 @@ class ShardedModule(torch.nn.Module):
         parameters are its own; the per-rank graphs were captured from its code."""
         return self._tree
 
-    def state_key(self) -> tuple:
-        """What the graphs depend on in the tree now (modes, plain attributes, hooks, config, dtypes): a
-        graph serves a call only with the key it was captured under (``tpfx.tree.State``)."""
-        return self._state.key(self.training)
+    def state_key(self) -> int:
+        """What the graphs depend on in the tree now (modes, plain attributes, hooks, config, dtypes), as the
+        number of that state among those seen: a graph serves a call only in the state it was captured in
+        (``tpfx.tree.State``)."""
+        seen = self.__dict__.setdefault("_states", {})
+        return seen.setdefault(self._state.key(self.training, ids=not self.wrapped()), len(seen))
 
-    def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True, state: tuple | None = None) -> Any:
+    def _key(self, args: tuple, kwargs: dict[str, Any], dynamic: bool = True, state: int | None = None) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         leaves = tuple((v.dtype, v.ndim) + (() if dynamic else tuple(v.shape)) if isinstance(v, torch.Tensor)
                        else v for v in flat)
         return (self.state_key() if state is None else state, str(spec), leaves)
 
+    def sync(self) -> None:
+        """Take in what the user changed in the tree since the last call (new modules' parameters cut to this
+        rank's slices, assigned parameters, casts); every save path calls it first."""
+        if not self.wrapped():
+            self._sync_tree()
+        self._check_params()
+
     def local_params(self) -> dict[str, torch.Tensor]:
         """This rank's tensor of every parameter by its first name, as registered now (a DTensor's local
         tensor): what the graphs compute with and what every save path writes."""
+        self.sync()
         return {fqn: local(self._slot(fqn)[0]._parameters[self._slot(fqn)[1]]) for fqn in self._store}
 
     def persistent_buffers(self) -> dict[str, torch.Tensor]:
@@ -446,7 +462,12 @@ class ShardedModule(torch.nn.Module):
                 and self._slots[fqn][2].placements == p.placements:
             self._slots[fqn] = (*self._slot(fqn), p)
             return
-        if isinstance(p, DTensor) or tuple(p.shape) != full:
+        if isinstance(p, DTensor):
+            raise RuntimeError(f"tpfx: {fqn!r} holds a slice laid out for another place (a sharded parameter "
+                               "moved or copied there after auto_shard: a new layer, an adapter wrapping a layer); "
+                               "tpfx plans by parameter names, so change the unsharded model and shard it anew "
+                               "(tpfx.auto_shard), or assign full tensors (each rank keeps its slice)")
+        if tuple(p.shape) != full:
             raise RuntimeError(f"tpfx: parameter {fqn!r} was replaced after auto_shard by a {type(p).__name__} of "
                                f"shape {tuple(p.shape)}; the plan holds it as {full} in full. Assign the full tensor "
                                "(each rank keeps its slice), or shard the changed model anew (tpfx.auto_shard)")
@@ -504,14 +525,15 @@ class ShardedModule(torch.nn.Module):
         new = {k: v for k, v in traced_hooks(self._tree).items() if k not in seen}
         if new and self.rank == 0:
             warnings.warn(f"tpfx: {len(new)} forward hook(s) inside the model ({'; '.join(new.values())}) are "
-                          "traced into the per-rank graphs: the tensors they return are honoured on every call, "
-                          "but their Python side effects (storing activations, printing, counting) happen only "
-                          "while a graph is captured. Read activations from the model's outputs "
-                          "(output_hidden_states=True) or hook the sharded module itself "
+                          "traced into the per-rank graphs: the tensors they compute and return are honoured, and "
+                          "a change of their attributes or closure variables re-captures; but their Python side "
+                          "effects (storing activations, printing, counting) happen only while a graph is "
+                          "captured, and globals they read are fixed then. Read activations from the model's "
+                          "outputs (output_hidden_states=True) or hook the sharded module itself "
                           "(sharded.register_forward_hook runs eagerly on every call)", UserWarning, stacklevel=4)
         seen |= new.keys()
 
-    def _cached(self, args: tuple, kwargs: dict[str, Any], state: tuple) -> tuple[fx.GraphModule, Any] | None:
+    def _cached(self, args: tuple, kwargs: dict[str, Any], state: int) -> tuple[fx.GraphModule, Any] | None:
         """The graph that already serves these inputs, if any (dynamic first, then static)."""
         for dynamic in (True, False):
             key = self._key(args, kwargs, dynamic, state)
@@ -523,7 +545,7 @@ class ShardedModule(torch.nn.Module):
         state = self.state_key()
         return self._cached(args, kwargs, state) or self._capture(args, kwargs, state)
 
-    def _capture(self, args: tuple, kwargs: dict[str, Any], state: tuple) -> tuple[fx.GraphModule, Any]:
+    def _capture(self, args: tuple, kwargs: dict[str, Any], state: int) -> tuple[fx.GraphModule, Any]:
         """Capture, plan and emit a graph for these inputs (no graph serves them yet) from the tree as it is."""
         self._warn_traced_hooks()
         with self.capturing() as tree:
@@ -653,7 +675,12 @@ class ShardedModule(torch.nn.Module):
         for fqn, (module, leaf, ours) in slots.items():
             p = module._parameters.get(leaf)
             if p is ours:
+                mark(p)  # a submodule's .to() swapped its class back to DTensor
                 continue
+            if p is None:
+                raise RuntimeError(f"tpfx: parameter {fqn!r} is no longer where the plan has it (a parametrization "
+                                   "such as weight_norm, or a module that moved it); tpfx plans by parameter names: "
+                                   "change the unsharded model, then shard it (tpfx.auto_shard)")
             if p is not None and not isinstance(p, DTensor) and not isinstance(ours, DTensor) \
                     and local(p).shape == local(ours).shape:
                 continue  # a plain slice replaced by one of the same shape: fed as it is

@@ -94,6 +94,7 @@ def _state(sharded: ShardedModule, optimizer: torch.optim.Optimizer | None) -> t
     the chunks of every split entry and the DTensors whose local tensors the state holds. Tensors are this
     rank's own (loads write into them in place)."""
     sharded.check_own_params("tpfx.save / tpfx.load")
+    sharded.sync()
     chunks = _chunks_of(sharded)
     state: dict[str, Any] = {}
     layouts: dict[str, Chunks] = {}

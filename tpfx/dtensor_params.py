@@ -128,12 +128,29 @@ class ShardedParameter(DTensor):
         torch._C.TensorBase.data.__set__(self, value)  # type: ignore[attr-defined]
         self._local_tensor, self._spec = value._local_tensor, value._spec
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """As DTensor (torch functions run on the DTensor); a conversion (``.to()``, ``.double()``, ...) gives a
+        ShardedParameter, so the parameter a module's ``.to()`` swaps in keeps this class."""
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return mark(out) if func in _CONVERSIONS else out
+
+    def detach(self) -> Any:  # type: ignore[override]
+        """A ShardedParameter, as ``nn.Parameter`` requires of a parameter's class (``.to()`` / ``.float()`` that
+        convert nothing hand the parameter itself back to ``Parameter``)."""
+        return mark(super().detach())
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
             dt = DTensor.from_local(self._local_tensor.clone(), self.device_mesh, self.placements, run_check=False,
                                     shape=self.shape, stride=self.stride())
             memo[id(self)] = mark(torch.nn.Parameter(dt, requires_grad=self.requires_grad))
         return memo[id(self)]
+
+
+_CONVERSIONS = {torch.Tensor.to, torch.Tensor.double, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
+                torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.type}
 
 
 def mark(param: Any) -> Any:

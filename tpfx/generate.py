@@ -194,7 +194,7 @@ class Decoder:
         self.cache_layout: dict[int, list[Placement]] = {}  # batch size -> placement of each cache tensor
         self.full_sizes: dict[int, list[int | None]] = {}  # batch size -> full size of each along its split dim
         self.guards: dict[Any, tuple[Any, list[str]]] = {}  # graph key -> (export's guards, their inputs)
-        self.state: tuple = ()  # the tree's state key, taken once per generate call (tpfx.tree)
+        self.state = 0  # the tree's state key, taken once per generate call (tpfx.tree)
 
     def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         """The runner serving these inputs and the export guards it must pass (captured on first use)."""

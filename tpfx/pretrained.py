@@ -421,6 +421,7 @@ def save_pretrained(sharded: ShardedModule, save_directory: str | os.PathLike, *
     from transformers.utils.hub import convert_file_size_to_int
 
     sharded.check_own_params("save_pretrained")
+    sharded.sync()
     group = sharded.group
     _barrier(group, timeout_s, "save_pretrained")
     local = _local_tensors(sharded)

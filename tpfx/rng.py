@@ -11,8 +11,9 @@ on a DTensor, the mesh agrees on one 63-bit draw from the first rank's generator
 rank's generator then advances alike), and each rank draws its local tensor from a generator seeded with that
 draw and the coordinates of the shard it holds. Distinct shards get independent streams, replicas of one shard
 the same numbers, and each element has the op's distribution, as in the unsharded init (not the same numbers:
-those come from one stream drawn in full). Random ops are collectives here, like every op on a sharded model:
-every rank of the mesh makes them in the same order.
+those come from one stream drawn in full, and the default generator advances by one draw here, by the
+tensor's size there, so later draws differ from the unsharded run's too). Random ops are collectives here, like
+every op on a sharded model: every rank of the mesh makes them in the same order.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 _CONTAINERS = (dict, OrderedDict, list, set)  # a module's own containers: copied, never shared
-_PLAIN = (bool, int, float, str, types.NoneType, torch.dtype, torch.device, tuple)
+_PLAIN = (bool, int, float, str, types.NoneType, torch.dtype, torch.device)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
           "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
@@ -50,9 +50,32 @@ def _copy(m: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Modu
     return c
 
 
+def _relink(c: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> None:
+    """Modules a copy holds in a plain container (``self.reuse = [self.enc]``) are the tree's copies too."""
+    for k, v in vars(c).items():
+        if k in _OWN or type(v) not in _CONTAINERS:
+            continue
+        if isinstance(v, dict):
+            for key, item in v.items():
+                if isinstance(item, torch.nn.Module) and id(item) in memo:
+                    v[key] = memo[id(item)]
+        elif isinstance(v, list):
+            v[:] = [memo.get(id(item), item) if isinstance(item, torch.nn.Module) else item for item in v]
+
+
+_OWN = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")}  # nn.Module's own containers
+
+
 def build(model: torch.nn.Module) -> torch.nn.Module:
     """The model's tree with empty parameter slots (see the module docstring)."""
-    return _copy(model, {})
+    memo: dict[int, torch.nn.Module] = {}
+    root = _copy(model, memo)
+    for c in memo.values():
+        _relink(c, memo)
+    return root
 
 
 def _configs(root: torch.nn.Module) -> list[Any]:
@@ -68,16 +91,49 @@ def _configs(root: torch.nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _value(v: Any) -> Any:
+    """A hashable stand-in for an attribute value: plain values as they are, containers by their items
+    (one level), anything else by identity."""
+    if type(v) in _PLAIN:
+        return v
+    if type(v) is tuple:
+        return ("tuple", tuple(_value(x) for x in v))
+    if type(v) in _CONTAINERS:
+        items = v.items() if isinstance(v, dict) else enumerate(v) if not isinstance(v, set) else ()
+        return (type(v).__name__, len(v), tuple((k, x if type(x) in _PLAIN else id(x)) for k, x in items))
+    return id(v)
+
+
 def _plain(obj: Any) -> tuple:
-    return tuple((k, v) for k, v in vars(obj).items() if type(v) in _PLAIN)
+    """Every attribute but nn.Module's own containers: plain values, containers' items, others' identity (a
+    config, a function, a tensor held as a plain attribute): replacing or changing one is a change."""
+    return tuple((k, _value(v)) for k, v in vars(obj).items() if k not in _OWN)
 
 
-def _module_key(m: torch.nn.Module) -> tuple:
+def _hook_key(fn: Any) -> tuple:
+    """What a hook reads of its own: a callable object's attributes, a closure's variables (as ``_value``)."""
+    cells = getattr(fn, "__closure__", None) or ()
+    own = _plain(fn) if hasattr(fn, "__dict__") and not callable(getattr(fn, "__func__", None)) else ()
+    return (id(fn), own, tuple(_value(c.cell_contents) for c in cells if _filled(c)))
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+        return True
+    except ValueError:
+        return False
+
+
+def _module_key(m: torch.nn.Module, ids: bool) -> tuple:
+    """``ids``: parameters by identity too (a parameter replaced or untied), unless a data-parallel wrapper
+    swaps them each call."""
     d = vars(m)
-    hooks = tuple((h, tuple(d[h])) for h in _GRAPH_HOOKS if d.get(h))
-    tensors = tuple((k, t.dtype, t.device.type) for k, t in (*d["_parameters"].items(), *d["_buffers"].items())
-                    if t is not None)
-    return (id(m), _plain(m), hooks, tensors)  # a module replaced by an equal one is another module
+    hooks = tuple((h, tuple((k, _hook_key(f)) for k, f in d[h].items())) for h in _GRAPH_HOOKS if d.get(h))
+    tensors = tuple((k, t.dtype, t.device.type, id(t) if ids else 0)
+                    for k, t in (*d["_parameters"].items(), *d["_buffers"].items()) if t is not None)
+    forward = getattr(type(m), "forward", None)
+    return (id(m), id(forward), _plain(m), hooks, tensors)  # a module replaced by an equal one is another module
 
 
 class State:
@@ -98,14 +154,15 @@ class State:
                 if k not in theirs:
                     ours.pop(k, None)
 
-    def key(self, training: bool) -> tuple:
+    def key(self, training: bool, ids: bool = True) -> tuple:
         """The tree's state as one hashable value (one pass over modules and configs)."""
         if self.copied:
             self.mirror()
         g = torch.nn.modules.module
-        hooks = (tuple(g._global_forward_hooks), tuple(g._global_forward_pre_hooks),
-                 tuple(g._global_backward_hooks), tuple(g._global_backward_pre_hooks))
-        return (training, hooks, tuple(_module_key(m) for m in self.root.modules()),
+        hooks = tuple(tuple((k, _hook_key(f)) for k, f in d.items()) for d in (
+            g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+            g._global_backward_pre_hooks))
+        return (training, hooks, tuple(_module_key(m, ids) for m in self.root.modules()),
                 tuple(_plain(c) for c in self.configs))
 
     def describe_change(self, before: tuple, now: tuple) -> str:
