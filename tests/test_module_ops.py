@@ -88,3 +88,32 @@ def test_dropout_modes_and_generate_follow_the_tree(ranks: list[dict[str, Any]])
 def test_tied_weights_are_one_parameter(ranks: list[dict[str, Any]]) -> None:
     for r in _check(ranks, "tied"):
         assert r["same"] and r["ref_same"] and r["names"] and r["fwd"] <= TOL, r
+
+
+# what a helper's attack on the module tree found silently different (tests/module_ops_attack.py), now honoured
+ATTACKED = ["replace Linear by a fresh Linear of same shape", "transplant layer0.mlp from a donor model",
+            "monkeypatch mlp.forward on instance", "hook object with state (alpha) tuned",
+            "plain: list attribute skip.append(1)", "plain: tensor attribute reassigned",
+            "TransformerEncoderLayer.activation = F.gelu", "plain: root float attribute scale=0.5",
+            "plain: Linear reused via plain list, SGD step", "plain: submodule dict attribute item set",
+            "attention scaling = np.float64 twice", "submodule .to(float64) then .data=",
+            "sharded.to('cpu') / .float() on an fp32 CPU model (no-op)", "monkeypatch LlamaMLP.forward on the class",
+            "parametrizations.weight_norm after sharding", "gpt2 untie lm_head (new Parameter)"]
+REFUSED = {"parametrizations.weight_norm after sharding": "no longer where the plan has it",
+           "gpt2 untie lm_head (new Parameter)": "shard it anew"}  # loud, saying what to do
+
+
+def test_the_module_tree_attacks_are_honoured_or_refused() -> None:
+    import module_ops_attack as attack
+
+    for res in launch(attack.attack_check, 2, ATTACKED, timeout_s=900):
+        for name in ATTACKED:
+            r = res[name]
+            if name in REFUSED:
+                assert REFUSED[name] in r.get("error", ""), (name, r)
+                continue
+            assert "error" not in r, (name, r)
+            errs = {k: v for k, v in r.items() if isinstance(v, float) and k != "changed"}
+            assert errs and max(errs.values()) <= TOL, (name, r)
+            if "no-op" not in name:
+                assert r.get("changed", 1.0) > 1e-3, (name, r)  # the action changed the model: the test can fail
