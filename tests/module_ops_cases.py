@@ -260,12 +260,17 @@ def randomness_check(rank: int, world: int) -> dict[str, Any]:
     gpt(ids)
     if rank == 0:
         torch.randint(0, 10, (1,))  # a rank-0-only draw (logging, sampling)
-    try:
-        gpt(ids)
-        res["desync"] = "no error"
-    except Disagreement as e:
-        res["desync"] = str(e)
+    res["desync"] = _message(lambda: gpt(ids), Disagreement)
     return res
+
+
+def _message(fn: Callable[[], Any], *errors: type[Exception]) -> str:
+    """The message of the error ``fn()`` raises (one of ``errors``), or "no error"."""
+    try:
+        fn()
+    except errors as e:
+        return str(e)
+    return "no error"
 
 
 def refusals_check(rank: int, world: int) -> dict[str, Any]:
@@ -277,17 +282,9 @@ def refusals_check(rank: int, world: int) -> dict[str, Any]:
     for name, fn in {"deepcopy": lambda: copy.deepcopy(sharded), "pickle": lambda: pickle.dumps(sharded),
                      "torch.save": lambda: torch.save(sharded, Path("/dev/null")),
                      "use_cache": lambda: sharded(ids, use_cache=True)}.items():
-        try:
-            fn()
-            res[name] = "no error"
-        except (TypeError, ValueError) as e:
-            res[name] = str(e)
+        res[name] = _message(fn, TypeError, ValueError)
     sharded.model.layers[0].register_full_backward_hook(lambda *a: None)
-    try:
-        sharded(ids)
-        res["backward_hook"] = "no error"
-    except CaptureError as e:
-        res["backward_hook"] = str(e)
+    res["backward_hook"] = _message(lambda: sharded(ids), CaptureError)
     return res
 
 
