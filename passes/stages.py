@@ -28,6 +28,7 @@ import torch.fx as fx
 from . import blocks as _blocks
 from . import capture as _capture
 from . import pipeline
+from .eager_hooks import eager_hooks
 from .emit import GroupNamer, emit
 from .placements import Placement
 from .plan_data import PlanData, build_plan
@@ -81,7 +82,7 @@ class Stages:
         reason the stack could not be used in ``Captured.whole_because``. The model is left as it was given
         (``capture.ModelState``)."""
         why = None
-        with _capture.ModelState(model) as state:  # each try starts from, and leaves, the model as given
+        with eager_hooks(model), _capture.ModelState(model) as state:  # from and back to the model as given
             if self.blocks:
                 got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
                 if isinstance(got, _capture.Captured):

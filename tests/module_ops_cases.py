@@ -344,7 +344,38 @@ def tied_check(rank: int, world: int) -> dict[str, Any]:
     return res
 
 
+SCALE = {"v": 1.0}  # a global a hook reads
+
+
+def hooks_check(rank: int, world: int) -> dict[str, Any]:
+    """Hooks run on every call with the unsharded model's values: a recording hook stores each call's
+    activation, a pre-hook reading a global follows it, a hook on a split output (q_proj) sees it whole and
+    changes it; forward and gradients as the unsharded model's."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    ref = models.llama(layers=2)
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+    seen: dict[str, list[torch.Tensor]] = {"ref": [], "sharded": []}
+    for name, m in (("ref", ref), ("sharded", sharded)):
+        m.model.layers[0].register_forward_hook(lambda mod, a, o, name=name: seen[name].append(o.detach().clone()))
+        m.model.layers[1].register_forward_pre_hook(lambda mod, a: (a[0] * SCALE["v"],) + tuple(a[1:]))
+        m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, a, o: o + 0.1)
+    res: dict[str, Any] = {"fwd": 0.0}
+    for k in range(3):
+        SCALE["v"] = 1.0 + k
+        got, want = sharded(input_ids=(ids + k) % models.HF_VOCAB, labels=ids), ref(input_ids=(ids + k) % models.HF_VOCAB, labels=ids)
+        res["fwd"] = max(res["fwd"], rel_err(got.logits, want.logits))
+    got.loss.backward(), want.loss.backward()
+    g_ref, g_sh = _grads(ref), _grads(sharded)
+    res["grad"] = max(rel_err(g_sh[n], g_ref[n]) for n in g_ref)
+    res["recorded"] = (len(seen["ref"]), len(seen["sharded"]))
+    res["recorded_err"] = max(rel_err(a, b) for a, b in zip(seen["sharded"], seen["ref"], strict=True))
+    res["graphs"] = len(sharded._graphs)
+    return res
+
+
 CHECKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "hooks": hooks_check,
     "operations": operations_check, "casts": casts_check, "buffers": buffers_check, "tied": tied_check,
     "dropout_modes": dropout_modes_check, "generate": generate_after_ops_check, "refusals": refusals_check,
     "randomness": randomness_check}  # last: it leaves the ranks' random states apart on purpose

@@ -98,7 +98,8 @@ ATTACKED = ["replace Linear by a fresh Linear of same shape", "transplant layer0
             "plain: Linear reused via plain list, SGD step", "plain: submodule dict attribute item set",
             "attention scaling = np.float64 twice", "submodule .to(float64) then .data=",
             "sharded.to('cpu') / .float() on an fp32 CPU model (no-op)", "monkeypatch LlamaMLP.forward on the class",
-            "parametrizations.weight_norm after sharding", "gpt2 untie lm_head (new Parameter)"]
+            "parametrizations.weight_norm after sharding", "gpt2 untie lm_head (new Parameter)",
+            "hook reads python global, global changed"]
 REFUSED = {"parametrizations.weight_norm after sharding": "no longer where the plan has it",
            "gpt2 untie lm_head (new Parameter)": "shard it anew"}  # loud, saying what to do
 
@@ -117,3 +118,10 @@ def test_the_module_tree_attacks_are_honoured_or_refused() -> None:
             assert errs and max(errs.values()) <= TOL, (name, r)
             if "no-op" not in name:
                 assert r.get("changed", 1.0) > 1e-3, (name, r)  # the action changed the model: the test can fail
+
+
+def test_hooks_run_on_every_call_with_the_unsharded_values(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "hooks"):
+        assert r["fwd"] <= TOL and r["grad"] <= TOL, r
+        assert r["recorded"] == (3, 3) and r["recorded_err"] <= TOL, r  # one activation per call, full values
+        assert r["graphs"] == 2, r  # the plain call and the call with labels: the global needs no re-capture

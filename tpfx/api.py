@@ -44,7 +44,7 @@ from tpfx.plan import ShardingPlan
 from tpfx.rng import install as install_rng_tracker
 from tpfx.tree import State as TreeState
 from tpfx.tree import build as build_tree
-from tpfx.tree import full_shaped, traced_hooks
+from tpfx.tree import full_shaped
 
 LAUNCH_HINT = ("tpfx.auto_shard needs an initialized process group: launch with "
                "`torchrun --nproc-per-node N script.py` and call `torch.distributed.init_process_group('gloo')`, "
@@ -243,7 +243,6 @@ class ShardedModule(torch.nn.Module):
         self.__dict__["_group"] = group
         self.__dict__["_namer"] = _group_namer(group, plan.world_size, timeout)
         self._namer.prepare(_replica_groups(plan))
-        self._warn_traced_hooks()  # hooks registered before sharding were in the first capture
 
     @property
     def plan(self) -> ShardingPlan:
@@ -519,20 +518,6 @@ class ShardedModule(torch.nn.Module):
         finally:
             tree.training = was
 
-    def _warn_traced_hooks(self) -> None:
-        """Say once per hook that forward hooks inside the model are traced into the graphs."""
-        seen = self.__dict__.setdefault("_hooks_warned", set())
-        new = {k: v for k, v in traced_hooks(self._tree).items() if k not in seen}
-        if new and self.rank == 0:
-            warnings.warn(f"tpfx: {len(new)} forward hook(s) inside the model ({'; '.join(new.values())}) are "
-                          "traced into the per-rank graphs: the tensors they compute and return are honoured, and "
-                          "a change of their attributes or closure variables re-captures; but their Python side "
-                          "effects (storing activations, printing, counting) happen only while a graph is "
-                          "captured, and globals they read are fixed then. Read activations from the model's "
-                          "outputs (output_hidden_states=True) or hook the sharded module itself "
-                          "(sharded.register_forward_hook runs eagerly on every call)", UserWarning, stacklevel=4)
-        seen |= new.keys()
-
     def _cached(self, args: tuple, kwargs: dict[str, Any], state: int) -> tuple[fx.GraphModule, Any] | None:
         """The graph that already serves these inputs, if any (dynamic first, then static)."""
         for dynamic in (True, False):
@@ -547,7 +532,6 @@ class ShardedModule(torch.nn.Module):
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], state: int) -> tuple[fx.GraphModule, Any]:
         """Capture, plan and emit a graph for these inputs (no graph serves them yet) from the tree as it is."""
-        self._warn_traced_hooks()
         with self.capturing() as tree:
             plan, dynamic = _derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel)
         key = self._key(args, kwargs, dynamic, state)

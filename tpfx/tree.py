@@ -9,7 +9,8 @@ the per-rank graphs read the tree's parameters and buffers at each call (``.data
 ``load_state_dict`` are what runs and what is saved).
 
 A graph is captured from the model's Python code as it was then: each module's train flag and plain
-attributes, its hooks, the config's values, the dtypes and devices of its tensors. ``State.key`` summarises
+attributes, which hooks it has (they run eagerly: ``tpfx.passes.eager_hooks``), the config's values, the
+dtypes and devices of its tensors. ``State.key`` summarises
 that state in one pass over the tree; a call whose key differs from the graphs' captures anew from the tree
 (``capturing``: full-shape fake tensors in place of this rank's slices), planned with the first plan's
 placements pinned. Hooks registered on the unsharded model before sharding were copied; removing one through
@@ -110,26 +111,11 @@ def _plain(obj: Any) -> tuple:
     return tuple((k, _value(v)) for k, v in vars(obj).items() if k not in _OWN)
 
 
-def _hook_key(fn: Any) -> tuple:
-    """What a hook reads of its own: a callable object's attributes, a closure's variables (as ``_value``)."""
-    cells = getattr(fn, "__closure__", None) or ()
-    own = _plain(fn) if hasattr(fn, "__dict__") and not callable(getattr(fn, "__func__", None)) else ()
-    return (id(fn), own, tuple(_value(c.cell_contents) for c in cells if _filled(c)))
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-        return True
-    except ValueError:
-        return False
-
-
 def _module_key(m: torch.nn.Module, ids: bool) -> tuple:
     """``ids``: parameters by identity too (a parameter replaced or untied), unless a data-parallel wrapper
     swaps them each call."""
     d = vars(m)
-    hooks = tuple((h, tuple((k, _hook_key(f)) for k, f in d[h].items())) for h in _GRAPH_HOOKS if d.get(h))
+    hooks = tuple((h, tuple(d[h])) for h in _GRAPH_HOOKS if d.get(h))  # hooks run eagerly: which, not what
     tensors = tuple((k, t.dtype, t.device.type, id(t) if ids else 0)
                     for k, t in (*d["_parameters"].items(), *d["_buffers"].items()) if t is not None)
     forward = getattr(type(m), "forward", None)
@@ -159,9 +145,8 @@ class State:
         if self.copied:
             self.mirror()
         g = torch.nn.modules.module
-        hooks = tuple(tuple((k, _hook_key(f)) for k, f in d.items()) for d in (
-            g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
-            g._global_backward_pre_hooks))
+        hooks = tuple(tuple(d) for d in (g._global_forward_hooks, g._global_forward_pre_hooks,
+                                         g._global_backward_hooks, g._global_backward_pre_hooks))
         return (training, hooks, tuple(_module_key(m, ids) for m in self.root.modules()),
                 tuple(_plain(c) for c in self.configs))
 
@@ -172,20 +157,6 @@ class State:
             if a != b:
                 return f"module {name}"
         return "the config" if before[3] != now[3] else "the train/eval mode or global hooks"
-
-
-def traced_hooks(root: torch.nn.Module) -> dict[int, str]:
-    """The forward (pre-)hooks the tree's graphs were traced through, by hook id: where they are and what
-    they are (transformers' own output-recording hooks excluded: they act inside the call)."""
-    out: dict[int, str] = {}
-    g = torch.nn.modules.module
-    places = [("every module (global)", {**g._global_forward_hooks, **g._global_forward_pre_hooks})]
-    places += [(name or "(root)", {**m._forward_hooks, **m._forward_pre_hooks}) for name, m in root.named_modules()]
-    for where, hooks in places:
-        for k, fn in hooks.items():
-            if not getattr(fn, "__module__", "").startswith("transformers."):
-                out[k] = f"{getattr(fn, '__qualname__', type(fn).__name__)} on {where}"
-    return out
 
 
 @contextlib.contextmanager
