@@ -136,7 +136,7 @@ def _users(hooks: dict[int, Any], own: set[str]) -> list[int]:
     whose side effects are part of its call, is traced like the rest of its code)."""
     out = []
     for k, fn in hooks.items():
-        where = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "")
+        where = str(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
         if not where.startswith("transformers.") and where not in own:
             out.append(k)
     return out
