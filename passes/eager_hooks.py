@@ -3,25 +3,26 @@
 torch.export traces a module's forward hooks like the rest of the model's Python: the tensors a hook returns
 become graph ops, but what else it does — store an activation, print, count, read a global — happens once,
 at capture. So, while a model is captured (``eager_hooks``), each forward hook and pre-hook the user
-registered from outside the model's code (``_users``: transformers' own output-recording hooks, and hooks
-defined where the model's classes are, act inside the call and are traced) is replaced by a
-stand-in that puts one opaque op in the graph, ``tpfx::hook(tensors, key, n_out)``: its inputs are the
-tensors the hook is given (the module's arguments, and its output for a forward hook), its outputs the tensors
-that continue (the output, or the arguments, as the hook leaves them). At run time the op calls the hook with
-the real tensors and the module (the sharded model's own), on every call; its gradient is the hook's (a hook
-that returned something is run again under autograd in backward; one that returned ``None`` passes gradients
-through).
+registered (``_users``: not transformers' or torch's own, which act inside the call, and not one marked
+``hook.tpfx_traced = True`` by code that installs its own recording hooks) is replaced by a stand-in that puts
+one opaque op in the graph at each call site, ``tpfx::hook(tensors, key, n_out)``: its inputs are the tensors
+the hook is given (the module's arguments, and its output for a forward hook), its outputs the tensors that
+continue (the output, or the arguments, as the hook leaves them) and a flag saying whether the hook returned
+anything. At run time the op calls the hook with the real tensors and the module, on every call. Its gradient
+is the hook's: a hook that returned something is run again under autograd in backward (on clones, with the
+forward's random state); one that returned ``None`` passes gradients through.
 
 The op's rule wants every operand replicated: a hook sees the full tensors the unsharded model would pass it
-(a split value is gathered first). The hook must return ``None`` or something with the structure of what it
-was given (tensors of any values); non-tensor parts (flags, ``None``) are those of the capture.
+(a split value is gathered first). The hook must return ``None`` or what it was given, with the same structure,
+shapes and dtypes; anything else raises. Attributes a hook sets on its module (``m.out = o``) are recorded as
+``VOLATILE`` so that the sharded module's state key (``tpfx.tree``) does not re-capture for them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .placements import R
 from .rules import OpCtx, Result, Strategy, register
 
-__all__ = ["eager_hooks", "HOOK_OP"]
+__all__ = ["eager_hooks", "HOOK_OP", "VOLATILE", "rebind"]
+
+VOLATILE: dict[int, set[str]] = {}  # id(module) -> attributes its hooks set while running
 
 
 @dataclass
@@ -38,31 +41,35 @@ class _Hook:
     fn: Callable[..., Any]
     module: torch.nn.Module
     pre: bool  # a forward pre-hook (given the arguments) or a forward hook (given arguments and output)
-    spec: Any = None  # the structure of what the hook is given (a tuple: args[, kwargs][, output])
-    leaves: list[Any] | None = None  # its leaves at capture (tensors replaced by None)
-    returned: bool = False  # the last call returned a value (its gradient is the hook's)
+    spec: Any = None  # the structure of what the hook is given at this call site (a tuple: args[, kwargs][, out])
+    leaves: list[Any] = field(default_factory=list)  # its leaves at capture (tensors as _Slot)
+    out_spec: Any = None  # the structure of what goes on (the output, or the arguments)
 
     def given(self, tensors: list[torch.Tensor]) -> tuple:
         it = iter(tensors)
-        leaves = [next(it) if isinstance(v, _Slot) else v for v in self.leaves or []]
-        return tree_unflatten(leaves, self.spec)
+        return tree_unflatten([next(it) if isinstance(v, _Slot) else v for v in self.leaves], self.spec)
 
-    def call(self, tensors: list[torch.Tensor], n_out: int) -> list[torch.Tensor]:
-        """Run the hook on these tensors; the tensors that go on (what it returned, else what it was given)."""
+    def call(self, tensors: list[torch.Tensor], n_out: int) -> tuple[list[torch.Tensor], bool]:
+        """Run the hook on these tensors: the tensors that go on (what it returned, else what it was given) and
+        whether it returned anything."""
         given = self.given(tensors)
+        before = {k: id(v) for k, v in vars(self.module).items()}
         res = self.fn(self.module, *given)
-        self.returned = res is not None
+        changed = {k for k, v in vars(self.module).items() if before.get(k) != id(v)}
+        if changed:
+            VOLATILE.setdefault(id(self.module), set()).update(changed)
         if res is None:
-            kept = tensors[len(tensors) - n_out:]
-        else:
-            if self.pre and len(given) == 1 and not isinstance(res, tuple):
-                res = (res,)  # a pre-hook's single return value is the one argument (as torch wraps it)
-            kept = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
-        if len(kept) != n_out:
-            raise RuntimeError(f"tpfx: the hook {getattr(self.fn, '__qualname__', self.fn)} returned {len(kept)} "
-                               f"tensors where it was given {n_out}; a hook on a sharded model returns None or "
-                               "what it was given, changed in value only")
-        return kept
+            return tensors[len(tensors) - n_out:], False
+        if self.pre and len(given) == 1 and not isinstance(res, tuple):
+            res = (res,)  # a pre-hook's single return value is the one argument (as torch wraps it)
+        flat, spec = tree_flatten(res)
+        kept = [t for t in flat if isinstance(t, torch.Tensor)]
+        was = tensors[len(tensors) - n_out:]
+        if spec != self.out_spec or [(t.shape, t.dtype) for t in kept] != [(t.shape, t.dtype) for t in was]:
+            raise RuntimeError(f"tpfx: the hook {getattr(self.fn, '__qualname__', self.fn)} returned something "
+                               "other than what it was given (structure, shapes or dtypes); a hook on a sharded "
+                               "model returns None or what it was given, changed in value only")
+        return kept, True
 
 
 class _Slot:
@@ -74,90 +81,99 @@ _HOOKS: dict[int, _Hook] = {}
 
 @torch.library.custom_op("tpfx::hook", mutates_args=())
 def hook_op(tensors: list[torch.Tensor], key: int, n_out: int) -> list[torch.Tensor]:
-    out = _HOOKS[key].call(list(tensors), n_out)
-    return [t.clone() for t in out]
+    out, returned = _HOOKS[key].call(list(tensors), n_out)
+    return [t.clone() for t in out] + [torch.tensor(returned)]
 
 
 @hook_op.register_fake
 def _(tensors: list[torch.Tensor], key: int, n_out: int) -> list[torch.Tensor]:
-    return [torch.empty_like(t) for t in tensors[len(tensors) - n_out:]]
+    return [torch.empty_like(t) for t in tensors[len(tensors) - n_out:]] + [torch.empty((), dtype=torch.bool)]
 
 
 def _setup(ctx: Any, inputs: tuple, output: Any) -> None:
     tensors, key, n_out = inputs
     ctx.key, ctx.n_out, ctx.n_in = key, n_out, len(tensors)
-    ctx.save_for_backward(*tensors)
+    ctx.rng = torch.get_rng_state()  # the hook's random draws, for its re-run in backward
+    ctx.save_for_backward(*tensors, output[-1])  # the flag is read in backward (a value, not a shape)
 
 
 def _backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
-    hook, xs = _HOOKS[ctx.key], list(ctx.saved_tensors)
-    if not hook.returned:  # the output went on as it was: its gradient passes through
-        return [None] * (ctx.n_in - ctx.n_out) + list(grads), None, None
-    with torch.enable_grad():
-        leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
-        out = hook.call(leaf, ctx.n_out)
+    grads = list(grads)[:ctx.n_out]
+    *saved, returned = ctx.saved_tensors
+    if not bool(returned):  # the output went on as it was: its gradient passes through
+        return [None] * (ctx.n_in - ctx.n_out) + grads, None, None
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(ctx.rng)
+        leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in saved]
+        out, _ = _HOOKS[ctx.key].call([x.clone() for x in leaf], ctx.n_out)
         used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]
-        got = torch.autograd.grad([o for o, _ in used], [x for x in leaf if x.requires_grad],
-                                  [g for _, g in used], allow_unused=True) if used else ()
+        wrt = [x for x in leaf if x.requires_grad]
+        got = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True) \
+            if used and wrt else [None] * len(wrt)
     it = iter(got)
     return [next(it) if x.requires_grad else None for x in leaf], None, None
 
 
 hook_op.register_autograd(_backward, setup_context=_setup)
 HOOK_OP = torch.ops.tpfx.hook.default
+torch.fx.node.has_side_effect(HOOK_OP)  # never dead code: a recording hook's output may be unused
 
 
 @register(torch.ops.tpfx.hook)
 def hook_rule(ctx: OpCtx) -> Result:
-    """A hook sees full tensors: every operand replicated, and so is what goes on."""
-    return Strategy({i: R for i in range(len(ctx.operands))}, tuple([R] * int(ctx.arg("n_out"))))
+    """A hook sees full tensors: every operand replicated, and so is what goes on (and the flag)."""
+    return Strategy({i: R for i in range(len(ctx.operands))}, tuple([R] * (int(ctx.arg("n_out")) + 1)))
 
 
-def _stand_in(entry: _Hook, key: int) -> Callable[..., Any]:
+def _stand_in(fn: Callable[..., Any], pre: bool) -> Callable[..., Any]:
     def stand_in(module: torch.nn.Module, *given: Any) -> Any:
-        flat, spec = tree_flatten(given)
-        entry.spec, entry.leaves = spec, [_Slot() if isinstance(v, torch.Tensor) else v for v in flat]
+        entry = _Hook(fn, module, pre)  # one per call site: a module called twice may be given other things
+        _HOOKS[id(entry)] = entry
+        flat, entry.spec = tree_flatten(given)
+        entry.leaves = [_Slot() if isinstance(v, torch.Tensor) else v for v in flat]
         tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-        n_out = len(tensors) if entry.pre else len([v for v in tree_flatten(given[-1])[0]
-                                                    if isinstance(v, torch.Tensor)])
-        out = iter(HOOK_OP(tensors, key, n_out))
-        if entry.pre:  # the arguments (and kwargs) as the hook leaves them
-            new = tree_unflatten([next(out) if isinstance(v, torch.Tensor) else v for v in flat], spec)
-            return new[0] if len(given) == 1 else new  # args, or (args, kwargs) for a with_kwargs pre-hook
-        last, last_spec = tree_flatten(given[-1])
-        return tree_unflatten([next(out) if isinstance(v, torch.Tensor) else v for v in last], last_spec)
+        goes_on = given[0] if pre and len(given) == 1 else given if pre else given[-1]
+        on_flat, entry.out_spec = tree_flatten(goes_on)
+        n_out = sum(isinstance(v, torch.Tensor) for v in on_flat)
+        out = iter(HOOK_OP(tensors, id(entry), n_out)[:n_out])
+        return tree_unflatten([next(out) if isinstance(v, torch.Tensor) else v for v in on_flat], entry.out_spec)
 
     return stand_in
 
 
-def _users(hooks: dict[int, Any], own: set[str]) -> list[int]:
-    """The hooks the user added from outside the model's code: not transformers' own, and not defined in a
-    Python module that defines one of the model's module classes (a model installing its own recording hooks,
-    whose side effects are part of its call, is traced like the rest of its code)."""
+def _users(hooks: dict[int, Any]) -> list[int]:
+    """The hooks a user added (see the module docstring)."""
     out = []
     for k, fn in hooks.items():
         where = str(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
-        if not where.startswith("transformers.") and where not in own:
+        if not where.startswith(("transformers.", "torch.")) and not getattr(fn, "tpfx_traced", False):
             out.append(k)
     return out
 
 
 @contextlib.contextmanager
 def eager_hooks(model: torch.nn.Module) -> Iterator[None]:
-    """While capturing ``model``: its users' forward hooks and pre-hooks as ``tpfx::hook`` ops (see the module
-    docstring); put back after."""
+    """While capturing ``model``: its users' forward hooks and pre-hooks (and global ones) as ``tpfx::hook``
+    ops (see the module docstring); put back after."""
+    g = torch.nn.modules.module
+    places = [(g._global_forward_pre_hooks, True), (g._global_forward_hooks, False)]
+    places += [(getattr(m, a), pre) for m in model.modules()
+               for a, pre in (("_forward_pre_hooks", True), ("_forward_hooks", False))]
     saved: list[tuple[dict, int, Any]] = []
-    own = {type(m).__module__ for m in model.modules()}
-    for m in model.modules():
-        for attr, pre in (("_forward_pre_hooks", True), ("_forward_hooks", False)):
-            hooks = getattr(m, attr)
-            for k in _users(hooks, own):
-                entry = _Hook(hooks[k], m, pre)
-                _HOOKS[id(entry)] = entry
-                saved.append((hooks, k, hooks[k]))
-                hooks[k] = _stand_in(entry, id(entry))
+    for hooks, pre in places:
+        for k in _users(hooks):
+            saved.append((hooks, k, hooks[k]))
+            hooks[k] = _stand_in(hooks[k], pre)
     try:
         yield
     finally:
         for hooks, k, fn in saved:
             hooks[k] = fn
+
+
+def rebind(modules: dict[int, torch.nn.Module]) -> None:
+    """Hooks captured on a model's modules run on other modules from now on (``modules``: by the id of the
+    module they were captured on; the sharded model's copies of the modules it was captured from)."""
+    for entry in _HOOKS.values():
+        if id(entry.module) in modules:
+            entry.module = modules[id(entry.module)]

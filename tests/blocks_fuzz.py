@@ -139,6 +139,7 @@ class Model(nn.Module):
             if self.recorded is not None:
                 self.recorded.append(out)
 
+        rec.tpfx_traced = True  # type: ignore[attr-defined]  # the model's own recording: part of its call
         for m in self.modules():
             if isinstance(m, Layer):
                 m.register_forward_hook(rec)

@@ -371,7 +371,41 @@ def hooks_check(rank: int, world: int) -> dict[str, Any]:
     res["recorded"] = (len(seen["ref"]), len(seen["sharded"]))
     res["recorded_err"] = max(rel_err(a, b) for a, b in zip(seen["sharded"], seen["ref"], strict=True))
     res["graphs"] = len(sharded._graphs)
+    res["removed_before"] = _removed_before_sharding(ids)
+    res["ablation"], res["stored_graphs"] = _ablation_and_stored(ids)
     return res
+
+
+def _ablation_and_stored(ids: torch.Tensor) -> tuple[float, int]:
+    """A zero-ablation hook (its result needs no gradient) trains as the unsharded model; a hook storing the
+    activation on its module (``m.out = o``) does not make every call capture anew."""
+    ref = models.llama(layers=2)
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+
+    def store(mod: nn.Module, a: Any, o: torch.Tensor) -> None:
+        mod.out = o.detach()
+
+    for m in (ref, sharded):
+        m.model.layers[1].mlp.register_forward_hook(lambda mod, a, o: torch.zeros_like(o).detach())
+        m.model.layers[0].register_forward_hook(store)
+    for _ in range(3):
+        got, want = sharded(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    got.loss.backward(), want.loss.backward()
+    g_ref, g_sh = _grads(ref), _grads(sharded)
+    err = max([rel_err(got.logits, want.logits)] + [rel_err(g_sh[n], g_ref[n]) for n in g_ref])
+    return err, len(sharded._graphs)
+
+
+def _removed_before_sharding(ids: torch.Tensor) -> float:
+    """A hook registered on the model before sharding, removed after through its handle: the sharded model's
+    copy of it goes too (its output is the hook-free model's)."""
+    ref = models.llama(layers=2)
+    model = copy.deepcopy(ref)
+    handle = model.model.layers[1].register_forward_hook(lambda mod, a, o: o * 2.0)
+    sharded = tpfx.auto_shard(model)
+    sharded(ids)
+    handle.remove()
+    return rel_err(sharded(ids).logits, ref(ids).logits)
 
 
 CHECKS: dict[str, Callable[..., dict[str, Any]]] = {

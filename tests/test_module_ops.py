@@ -125,3 +125,5 @@ def test_hooks_run_on_every_call_with_the_unsharded_values(ranks: list[dict[str,
         assert r["fwd"] <= TOL and r["grad"] <= TOL, r
         assert r["recorded"] == (3, 3) and r["recorded_err"] <= TOL, r  # one activation per call, full values
         assert r["graphs"] == 2, r  # the plain call and the call with labels: the global needs no re-capture
+        assert r["removed_before"] <= TOL, r
+        assert r["ablation"] <= TOL and r["stored_graphs"] == 2, r  # first call, then the call with labels

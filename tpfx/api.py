@@ -40,6 +40,8 @@ from tpfx.passes import (
     local_param,
     regathered_in_backward,
 )
+from tpfx.passes.eager_hooks import HOOK_OP
+from tpfx.passes.eager_hooks import rebind as rebind_hooks
 from tpfx.plan import ShardingPlan
 from tpfx.rng import install as install_rng_tracker
 from tpfx.tree import State as TreeState
@@ -232,14 +234,14 @@ class ShardedModule(torch.nn.Module):
             self.__dict__[k] = vars(tree)[k]
         self.__dict__["_tree"] = tree
         self.__dict__["_state"] = TreeState(tree, model)
+        rebind_hooks({id(m): c for m, c in zip(model.modules(), tree.modules(), strict=True)})  # first capture's
         self.__dict__["_model"] = model
         self.__dict__["_graphs"] = {}
         self.__dict__["_store"] = {}
         self.__dict__["_plan"] = plan
         self.__dict__["_aliases"] = _aliases(model)
-        self.rank, self.world_size, self._compile = rank, plan.world_size, compile
+        vars(self).update(rank=rank, world_size=plan.world_size, _compile=compile, _gather_outputs=gather_outputs)
         self.training = model.training  # the first graph is captured in the model's mode; .train()/.eval() switch
-        self._gather_outputs = gather_outputs
         self.__dict__["_group"] = group
         self.__dict__["_namer"] = _group_namer(group, plan.world_size, timeout)
         self._namer.prepare(_replica_groups(plan))
@@ -406,6 +408,10 @@ class ShardedModule(torch.nn.Module):
             raise ValueError("tpfx: add_graph needs a plan derived in this process")
         local_gm = Stages().emit_rank(plan.derivation, self.rank, self._namer, self._store, self._gather_outputs,
                                       local_outputs)
+        if self._compile and any(n.target is HOOK_OP for n in local_gm.graph.nodes):
+            raise NotImplementedError("tpfx: forward hooks on a model sharded with compile=True are not supported "
+                                      "(the compiled backward would fix what a hook does at compile time); remove "
+                                      "the hooks or shard with compile=False")
         fqn_of = {id(p): fqn for fqn, p in self._store.items()}
         buffers = {name for name, _ in self._tree.named_buffers(remove_duplicate=False)}
         slots: list[tuple[dict, str]] = []
@@ -534,9 +540,11 @@ class ShardedModule(torch.nn.Module):
         """Capture, plan and emit a graph for these inputs (no graph serves them yet) from the tree as it is."""
         with self.capturing() as tree:
             plan, dynamic = _derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel)
+        state = self.state_key()  # after the capture took in new modules' parameters (_sync_tree)
         key = self._key(args, kwargs, dynamic, state)
         self.add_graph(plan, key)
-        self.__dict__.setdefault("_alive", []).append(list(self._tree.modules()))  # ids in keys stay unique
+        alive = [(m, list(vars(m).values())) for m in self._tree.modules()]  # what the key names by id stays
+        self.__dict__.setdefault("_alive", []).append(alive)
         return self._graphs[key]
 
     check_first_call = True  # compare the first call's inputs across the group (set False to skip)

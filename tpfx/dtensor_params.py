@@ -145,7 +145,9 @@ class ShardedParameter(DTensor):
         if id(self) not in memo:
             dt = DTensor.from_local(self._local_tensor.clone(), self.device_mesh, self.placements, run_check=False,
                                     shape=self.shape, stride=self.stride())
-            memo[id(self)] = mark(torch.nn.Parameter(dt, requires_grad=self.requires_grad))
+            copy_ = torch.nn.Parameter(dt, requires_grad=self.requires_grad) if isinstance(self, torch.nn.Parameter) \
+                else dt.requires_grad_(self.requires_grad)
+            memo[id(self)] = mark(copy_)
         return memo[id(self)]
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tpfx.passes.eager_hooks import VOLATILE
+
 _CONTAINERS = (dict, OrderedDict, list, set)  # a module's own containers: copied, never shared
 _PLAIN = (bool, int, float, str, types.NoneType, torch.dtype, torch.device)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -52,16 +54,23 @@ def _copy(m: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Modu
 
 
 def _relink(c: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> None:
-    """Modules a copy holds in a plain container (``self.reuse = [self.enc]``) are the tree's copies too."""
-    for k, v in vars(c).items():
-        if k in _OWN or type(v) not in _CONTAINERS:
+    """Modules a copy holds outside ``_modules`` (``self.reuse = [self.enc]``, a module set through
+    ``__dict__``, in a dict, list or tuple) are the tree's copies too."""
+    def swap(item: Any) -> Any:
+        return memo.get(id(item), item) if isinstance(item, torch.nn.Module) else item
+
+    for k, v in list(vars(c).items()):
+        if k in _OWN:
             continue
-        if isinstance(v, dict):
+        if isinstance(v, torch.nn.Module):
+            vars(c)[k] = swap(v)
+        elif isinstance(v, dict):
             for key, item in v.items():
-                if isinstance(item, torch.nn.Module) and id(item) in memo:
-                    v[key] = memo[id(item)]
+                v[key] = swap(item)
         elif isinstance(v, list):
-            v[:] = [memo.get(id(item), item) if isinstance(item, torch.nn.Module) else item for item in v]
+            v[:] = [swap(item) for item in v]
+        elif type(v) is tuple:
+            vars(c)[k] = tuple(swap(item) for item in v)
 
 
 _OWN = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *(
@@ -105,10 +114,11 @@ def _value(v: Any) -> Any:
     return id(v)
 
 
-def _plain(obj: Any) -> tuple:
-    """Every attribute but nn.Module's own containers: plain values, containers' items, others' identity (a
-    config, a function, a tensor held as a plain attribute): replacing or changing one is a change."""
-    return tuple((k, _value(v)) for k, v in vars(obj).items() if k not in _OWN)
+def _plain(obj: Any, skip: set[str] | frozenset[str] = frozenset()) -> tuple:
+    """Every attribute but nn.Module's own containers (and ``skip``): plain values, containers' items, others'
+    identity (a config, a function, a tensor held as a plain attribute): replacing or changing one is a
+    change."""
+    return tuple((k, _value(v)) for k, v in vars(obj).items() if k not in _OWN and k not in skip)
 
 
 def _module_key(m: torch.nn.Module, ids: bool) -> tuple:
@@ -119,7 +129,7 @@ def _module_key(m: torch.nn.Module, ids: bool) -> tuple:
     tensors = tuple((k, t.dtype, t.device.type, id(t) if ids else 0)
                     for k, t in (*d["_parameters"].items(), *d["_buffers"].items()) if t is not None)
     forward = getattr(type(m), "forward", None)
-    return (id(m), id(forward), _plain(m), hooks, tensors)  # a module replaced by an equal one is another module
+    return (id(m), id(forward), _plain(m, VOLATILE.get(id(m), frozenset())), hooks, tensors)  # a module replaced by an equal one is another module
 
 
 class State:
