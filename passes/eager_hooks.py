@@ -10,7 +10,8 @@ the hook is given (the module's arguments, and its output for a forward hook), i
 continue (the output, or the arguments, as the hook leaves them) and a flag saying whether the hook returned
 anything. At run time the op calls the hook with the real tensors and the module, on every call. Its gradient
 is the hook's: a hook that returned something is run again under autograd in backward (on clones, with the
-forward's random state); one that returned ``None`` passes gradients through.
+forward's random state; tensors it reads of its own, such as a trained steering vector, get their gradients
+accumulated as in the unsharded model); one that returned ``None`` passes gradients through.
 
 The op's rule wants every operand replicated: a hook sees the full tensors the unsharded model would pass it
 (a split value is gathered first). The hook must return ``None`` or what it was given, with the same structure,
@@ -107,11 +108,9 @@ def _backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
         leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in saved]
         out, _ = _HOOKS[ctx.key].call([x.clone() for x in leaf], ctx.n_out)
         used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]
-        wrt = [x for x in leaf if x.requires_grad]
-        got = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True) \
-            if used and wrt else [None] * len(wrt)
-    it = iter(got)
-    return [next(it) if x.requires_grad else None for x in leaf], None, None
+        if used:  # backward, not grad(): tensors the hook reads of its own (a trained steering vector) get theirs
+            torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return [x.grad if x.requires_grad else None for x in leaf], None, None
 
 
 hook_op.register_autograd(_backward, setup_context=_setup)

@@ -408,8 +408,25 @@ def _removed_before_sharding(ids: torch.Tensor) -> float:
     return rel_err(sharded(ids).logits, ref(ids).logits)
 
 
+def steering_vector_check(rank: int, world: int) -> dict[str, Any]:
+    """A trained steering vector held outside the model, added by a hook: its gradient is the unsharded one."""
+    warnings.filterwarnings("ignore")
+    ids = models.token_inputs(models.HF_VOCAB)
+    ref = models.llama(layers=2)
+    sharded = tpfx.auto_shard(copy.deepcopy(ref))
+    vecs = {}
+    for name, m in (("ref", ref), ("sharded", sharded)):
+        v = nn.Parameter(torch.full((64,), 0.1))
+        vecs[name] = v
+        m.model.layers[0].register_forward_hook(lambda mod, a, o, v=v: o + v * 2)
+    got, want = sharded(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    got.loss.backward(), want.loss.backward()
+    return {"fwd": rel_err(got.logits, want.logits),
+            "vec_grad": rel_err(vecs["sharded"].grad, vecs["ref"].grad) if vecs["sharded"].grad is not None else 1.0}
+
+
 CHECKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "hooks": hooks_check,
+    "hooks": hooks_check, "steering_vector": steering_vector_check,
     "operations": operations_check, "casts": casts_check, "buffers": buffers_check, "tied": tied_check,
     "dropout_modes": dropout_modes_check, "generate": generate_after_ops_check, "refusals": refusals_check,
     "randomness": randomness_check}  # last: it leaves the ranks' random states apart on purpose
@@ -427,3 +444,4 @@ def all_checks(rank: int, world: int, tmp: str) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - reported to the test
             out[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
     return out
+

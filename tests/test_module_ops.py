@@ -127,3 +127,8 @@ def test_hooks_run_on_every_call_with_the_unsharded_values(ranks: list[dict[str,
         assert r["graphs"] == 2, r  # the plain call and the call with labels: the global needs no re-capture
         assert r["removed_before"] <= TOL, r
         assert r["ablation"] <= TOL and r["stored_graphs"] == 2, r  # first call, then the call with labels
+
+
+def test_a_hooks_own_trained_tensor_gets_its_gradient(ranks: list[dict[str, Any]]) -> None:
+    for r in _check(ranks, "steering_vector"):
+        assert r["fwd"] <= TOL and r["vec_grad"] <= TOL, r
