@@ -8,6 +8,8 @@ from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rule
 from .backward import GradCollective, backward_collectives, sharded_compute
 from .capture import Captured, CaptureError, check_model, dynamic_spec
 from .collectives import checked_before_collectives, failure_message, module_of, regathered_in_backward
+from .eager_hooks import HOOK_OP, VOLATILE
+from .eager_hooks import rebind as rebind_hooks
 from .emit import GroupNamer, collective_nodes, emit, local_param
 from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .plan_data import Collective, ParamPlacement, PlanData, build_plan
@@ -16,7 +18,7 @@ from .redistribute import forward_collective
 from .rules import REGISTRY
 from .stages import Derivation, Stages
 
-__all__ = ["GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
+__all__ = ["HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
            "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
            "build_plan", "check_model", "checked_before_collectives", "collective_nodes", "dynamic_spec", "emit", "failure_message", "local_param",
            "forward_collective", "is_guards", "module_of", "is_seq_split", "nbytes", "propagate", "regathered_in_backward", "shard_tensor",

@@ -28,8 +28,8 @@ from tpfx.dtensor_params import (
     tp_mesh,
 )
 from tpfx.inputs import hf_model, prepare, synthesize
-from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
 from tpfx.passes import (
+    HOOK_OP,
     Derivation,
     Placement,
     PlanData,
@@ -38,10 +38,10 @@ from tpfx.passes import (
     Stages,
     checked_before_collectives,
     local_param,
+    rebind_hooks,
     regathered_in_backward,
 )
-from tpfx.passes.eager_hooks import HOOK_OP
-from tpfx.passes.eager_hooks import rebind as rebind_hooks
+from tpfx.passes import CaptureError as CaptureError  # re-exported: tpfx.api.CaptureError
 from tpfx.plan import ShardingPlan
 from tpfx.rng import install as install_rng_tracker
 from tpfx.tree import State as TreeState

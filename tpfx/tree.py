@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tpfx.passes.eager_hooks import VOLATILE
+from tpfx.passes import VOLATILE
 
 _CONTAINERS = (dict, OrderedDict, list, set)  # a module's own containers: copied, never shared
 _PLAIN = (bool, int, float, str, types.NoneType, torch.dtype, torch.device)
