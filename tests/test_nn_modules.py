@@ -21,7 +21,7 @@ from tpfx.passes.collectives import reduce_grad_spans
 from tpfx.passes.emit import collective_nodes
 from tpfx.passes.pipeline import decompose_bias
 from tpfx.passes.placements import P, R, Shard, shard_tensor
-from tpfx.passes.rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
+from tpfx.passes.rules import WORLD, Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from tpfx.passes.rules_nn import sharded_batch_norm
 
 import tpfx
@@ -165,7 +165,7 @@ def test_batch_norm_over_channel_shard_splits_weights_and_narrows_stats() -> Non
     assert st.want[3] == R and st.want[4] == R  # the running stats are whole buffers, narrowed at run time
     assert st.target is sharded_batch_norm and "tpfx_retarget" not in ctx.node.meta  # rules are pure
     new_args, _ = st.rewrite(("x", "w", "b", "rm", "rv", True, 0.1, 1e-5, False), {}, 1, 2)
-    assert new_args[9:] == ([16], 2, 1, 2)
+    assert new_args[9:] == ([16], 2, 1, 2, WORLD)  # the group its statistics are gathered over
 
 
 def test_batch_norm_statistics_over_a_sharded_batch() -> None:
