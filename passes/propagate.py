@@ -34,7 +34,13 @@ The idea (Megatron's plan, derived instead of written down):
    vocab-split partial sum is reduced and split again (T5's relative position bias, one column per
    head): the trial splits it on its columns instead. A trial that would replicate a full-width
    projection to save a sliver of communication (Doge's per-head dt all-reduce of b*s*n values) is
-   refused: the memory and compute are not worth it.
+   refused: the memory and compute are not worth it. A partial sum reduced straight into a split (``P -> S``:
+   a low-rank adapter ``x -> A -> B`` beside a column-split layer, added to its output) is the same chain in
+   one move: its low-rank column-split A is tried replicated, and B splits by columns as the layer does.
+6. A partial sum all-reduced only to enter a matmul with a replicated weight, whose product is then added to
+   another partial sum (an adapter beside a row-split layer: ``x -> A (row-split) -> B``), is tried carried
+   through the matmul as a partial sum: it joins the layer's own all-reduce (the weight's gradient is then a
+   partial sum, reduced in the backward by Megatron's ``f``). Kept by the rule of step 4.
 
 Collectives are where placements meet: ``P -> R`` all-reduce, ``S -> R`` all-gather (only at
 outputs in a Megatron-shaped model), ``R -> S`` a local slice. Their autograd is Megatron's
@@ -254,9 +260,10 @@ RuleCache = dict[Any, Any]  # rule key -> the rule's result (rules are pure: the
 
 def run_once(gm: fx.GraphModule, world: int, seeds: dict[str, Seed],
              reduce_now: frozenset[str] = frozenset(), cache: RuleCache | None = None,
-             fed: dict[str, Placement] | None = None) -> Propagation:
-    """One propagation round in graph order (see ``_Round``)."""
-    return _Round(gm, world, seeds, reduce_now, cache, fed).run()
+             fed: dict[str, Placement] | None = None, carry: frozenset[str] = frozenset()) -> Propagation:
+    """One propagation round in graph order (see ``_Round``). ``carry``: matmuls that take a partial sum
+    through a replicated weight (step 6)."""
+    return _Round(gm, world, seeds, reduce_now, cache, fed, carry).run()
 
 
 class _Round:
@@ -265,8 +272,9 @@ class _Round:
     produced the shard (the next round honours it)."""
 
     def __init__(self, gm: fx.GraphModule, world: int, seeds: dict[str, Seed], reduce_now: frozenset[str],
-                 cache: RuleCache | None, fed: dict[str, Placement] | None) -> None:
+                 cache: RuleCache | None, fed: dict[str, Placement] | None, carry: frozenset[str]) -> None:
         self.gm, self.world, self.seeds, self.reduce_now, self.cache, self.fed = gm, world, seeds, reduce_now, cache, fed
+        self.carry = carry
         self.params = param_fqns(gm)
         self.prop = Propagation(world, {}, {}, {}, {}, self.params, [], set(), [])
         self.trained = trained(gm, self.params)
@@ -382,6 +390,8 @@ class _Round:
         if busy and not has_free and all(isinstance(o.placement, Replicate) or is_whole(o.placement)
                                          for o in operands):
             return _on_whole(node, operands)
+        if node.name in self.carry and (carried := _carry_partial(operands)) is not None:
+            return carried
         if rule is None:
             name = str(node.target)
             self.prop.unknown_ops.add(name)
@@ -502,7 +512,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     max_rounds = max_rounds or rounds_bound(len(seeds))
     prop = _fixpoint(gm, world, seeds, cache, max_rounds, fed)
-    for step in (_stream_splits, _reduced_then_split):  # steps 4 and 5 of the module docstring
+    for step in (_stream_splits, _split_partials, _reduced_then_split):  # steps 4 and 5 of the module docstring
         found = step(prop, seeds)
         if not found:
             continue
@@ -512,6 +522,11 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s.styles = s.styles - {"vocab"} if why == "vocab" else frozenset({"replicate"})
             s.reasons.append(_TRIAL_REASONS[why])
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds, fed)
+        if _better(_cost(prop), _cost(trial)):
+            prop, seeds = trial, trial_seeds
+    if joins := _partial_joins(prop):  # step 6
+        trial_seeds = {f: replace(s, reasons=list(s.reasons)) for f, s in seeds.items()}
+        trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds, fed, joins)
         if _better(_cost(prop), _cost(trial)):
             prop, seeds = trial, trial_seeds
     _keep_unused_pins(gm, prop, pins or {})
@@ -530,11 +545,12 @@ def rounds_bound(weights: int) -> int:
 
 
 def _fixpoint(gm: fx.GraphModule, world: int, seeds: dict[str, Seed], cache: RuleCache | None,
-              max_rounds: int, fed: dict[str, Placement] | None = None) -> Propagation:
+              max_rounds: int, fed: dict[str, Placement] | None = None, carry: frozenset[str] = frozenset()
+              ) -> Propagation:
     reduce_now: set[str] = set()
     unknown: set[str] = set()
     for rounds in range(1, max_rounds + 1):
-        prop = run_once(gm, world, seeds, frozenset(reduce_now), cache, fed)
+        prop = run_once(gm, world, seeds, frozenset(reduce_now), cache, fed, carry)
         unknown |= prop.unknown_ops
         prop.unknown_ops = set(unknown)
         prop.rounds = rounds
@@ -570,7 +586,9 @@ def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 
     split that made it, or the vocab-split embedding that made it. fqn -> its style."""
     out: dict[str, str] = {}
     for (_, producer), want in prop.wants.items():
-        if not isinstance(want, Shard) or not _replicated(prop.placements.get(producer)):
+        if not isinstance(want, Shard):
+            continue
+        if not _replicated(prop.placements.get(producer)):
             continue
         frontier, seen = [producer], {producer}
         for _ in range(depth):
@@ -589,6 +607,86 @@ def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 
                         nxt.append(y)
             frontier = nxt
     return out
+
+
+def _split_partials(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
+    """Low-rank column-split weights behind a partial sum that is reduced straight into a split (``P -> S``: an
+    adapter ``x -> A -> B`` added to a column-split layer's output, A split by columns, B by rows): replicated,
+    A lets B split by columns as the layer does (step 5, the reduction and the split in one move)."""
+    shapes = {fqn: tuple(node.meta["val"].shape) for node, fqn in prop.param_nodes.items()}
+    out: dict[str, str] = {}
+    for (_, producer), want in prop.wants.items():
+        if isinstance(want, Shard) and isinstance(prop.placements.get(producer), Partial):
+            out |= {f: "colwise" for f in prop.origins.get(producer, frozenset())
+                    if prop.decided.get(f, ("",))[0] == "colwise" and not seeds[f].pinned and _narrowing(
+                        shapes[f], prop.decided[f][1])}
+    return out
+
+
+def _narrowing(shape: tuple[int, ...], pl: Placement) -> bool:
+    """A 2-D weight split on its smaller dim: a low-rank down-projection (r < in), not a layer of its own."""
+    return isinstance(pl, Shard) and len(shape) == 2 and shape[pl.dim] < shape[1 - pl.dim]
+
+
+_MATMULS = {aten.linear, aten.mm, aten.matmul, aten.bmm}
+_LINEAR_PATH = {aten.mul, aten.div, aten.to, aten._to_copy, aten.view, aten.reshape, aten._unsafe_view, aten.clone,
+                aten.alias, aten.contiguous, aten.transpose, aten.permute, aten.t}
+
+
+def _packet(node: fx.Node) -> Any:
+    return getattr(node.target, "overloadpacket", None)
+
+
+def _joins_partial(prop: Propagation, node: fx.Node, depth: int = 8) -> bool:
+    """``node``'s value reaches, through linear ops only, an addition whose other operand is a partial sum."""
+    x = node
+    for _ in range(depth):
+        if len(x.users) != 1:
+            return False
+        u = next(iter(x.users))
+        if _packet(u) in (aten.add, aten.sub):
+            return any(isinstance(prop.placements.get(a), Partial) for a in tensor_inputs(u) if a is not x)
+        if _packet(u) not in _LINEAR_PATH:
+            return False
+        x = u
+    return False
+
+
+def _partial_joins(prop: Propagation) -> frozenset[str]:
+    """Matmuls whose partial-sum input is all-reduced only for their replicated weight, their product then
+    added to another partial sum (a low-rank adapter beside a row-split layer: ``x -> A (row-split) -> B``
+    next to the layer's own partial output). Carried through as a partial sum, it joins the layer's
+    all-reduce; the replicated weight's gradient is then a partial sum too (Megatron's ``f``)."""
+    out = set()
+    for (consumer, producer), want in prop.wants.items():
+        ins = tensor_inputs(consumer)
+        if _packet(consumer) in _MATMULS and isinstance(want, Replicate) and len(ins) == 2 \
+                and isinstance(prop.placements.get(producer), Partial) \
+                and all(_replicated(prop.placements.get(a)) or _weight_of(prop, a) for a in ins if a is not producer) \
+                and _joins_partial(prop, consumer):
+            out.add(consumer.name)
+    return frozenset(out)
+
+
+def _weight_of(prop: Propagation, node: fx.Node) -> str | None:
+    """The parameter ``node`` is (through transposes), if any."""
+    for _ in range(3):
+        if node in prop.param_nodes:
+            return prop.param_nodes[node]
+        if node.target not in _VIEWISH or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _carry_partial(operands: list[Operand]) -> Strategy | None:
+    """A matmul of one partial sum and one replicated operand: the product is a partial sum (no collective)."""
+    partial = [i for i, o in enumerate(operands) if isinstance(o.placement, Partial)]
+    if len(operands) != 2 or len(partial) != 1 or not isinstance(operands[1 - partial[0]].placement, Replicate):
+        return None
+    other = 1 - partial[0]
+    decide: dict[int, tuple[str, Placement]] = {other: ("replicate", R)} if operands[other].free is not None else {}
+    return Strategy({partial[0]: P, other: R}, P, decide)
 
 
 _TRIAL_REASONS = {
@@ -666,7 +764,8 @@ def _replicated(pl: Any) -> bool:
 def _cost(prop: Propagation) -> tuple[int, int]:
     """(bytes of forward all-reduces and gathers, parameter bytes per rank) of a propagation."""
     comm = sum(nbytes(p) for (c, p), w in prop.wants.items()
-               if isinstance(w, Replicate) and forward_collective(prop.placements.get(p), w, prop.world))
+               if (isinstance(w, Replicate) or isinstance(prop.placements.get(p), Partial))
+               and forward_collective(prop.placements.get(p), w, prop.world))
     comm += sum(nbytes(n) for n in prop.reduced_after)
     params = 0
     for node, fqn in prop.param_nodes.items():

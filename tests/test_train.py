@@ -38,7 +38,7 @@ def test_tp2_x_dp2_with_torch_clipping_matches_one_unsharded_process(engine: str
             assert local <= 0.27 * total, r["bytes"]
         else:
             assert local == tp_only, r["bytes"]
-        for what, msg in r["errors"].items():  # tpfx's own slice readers refuse the wrapper's shards
+        for what, msg in r["errors"].items():  # tpfx.save reads this rank's slices: it refuses the wrapper's shards
             assert "data-parallel wrapper" in msg and "torch.nn.utils.clip_grad_norm_" in msg, (what, msg)
 
 

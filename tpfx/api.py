@@ -94,8 +94,14 @@ def _derived(data: PlanData, d: Derivation, stacklevel: int = 4) -> ShardingPlan
 def _derive(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world_size: int, pins: dict | None,
             sequence_parallel: bool, stages: Stages | None = None) -> tuple[ShardingPlan, bool]:
     """The plan for these inputs (``Stages.derive``) and whether its graph serves other shapes."""
-    d, data, dynamic = (Stages() if stages is None else stages).derive(model, args, kwargs, world_size, pins,
-                                                                       sequence_parallel=sequence_parallel)
+    from tpfx.adapters import check, explain
+
+    check(model)
+    try:
+        d, data, dynamic = (Stages() if stages is None else stages).derive(model, args, kwargs, world_size, pins,
+                                                                           sequence_parallel=sequence_parallel)
+    except CaptureError as e:
+        raise CaptureError(explain(model, str(e))) from e
     return _derived(data, d), dynamic
 
 
@@ -344,9 +350,14 @@ class ShardedModule(torch.nn.Module):
     def save_pretrained(self, save_directory: str, *, max_shard_size: int | str = "5GB",
                         timeout_s: float = 300.0) -> None:
         """Write the unsharded model in transformers' layout (config.json, safetensors with the original FQNs
-        and full shapes). Collective: every rank of the group must call it. See ``tpfx.pretrained``."""
+        and full shapes); a peft model writes its adapters in peft's (``tpfx.adapters``). Collective: every rank
+        of the group must call it. See ``tpfx.pretrained``."""
+        from tpfx.adapters import is_peft, save
         from tpfx.pretrained import save_pretrained
 
+        if is_peft(self.tree):  # a peft model saves its adapters, as peft does (tpfx.adapters)
+            save(self, save_directory, timeout_s=timeout_s)
+            return
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, timeout_s=timeout_s)
 
     @property

@@ -9,9 +9,14 @@ within their replica group in backward), so the owner's copy stands for all.
 
 Where every parameter's layout has a DTensor placement, the parameters are DTensors
 (``tpfx.dtensor_params``) and torch's own ``torch.nn.utils.clip_grad_norm_(sharded.parameters(), ...)`` is
-exact too. Where some have none (replica groups, parts held whole), torch's call raises on the mix of
-DTensors and tensors and ``tpfx.clip_grad_norm_(sharded, max_norm)`` is the path; it scales the gradients
-by torch's ``clip_grads_with_norm_`` coefficient.
+exact too. Where some have none (parts of a fused projection of different sizes, parts held whole), torch's
+call raises on the mix of DTensors and tensors and ``tpfx.clip_grad_norm_(sharded, max_norm)`` is the path; it
+scales the gradients by torch's ``clip_grads_with_norm_`` coefficient.
+
+Under a data-parallel wrapper (FSDP2's ``fully_shard``, composable ``replicate``) every gradient is a DTensor:
+a layout with a DTensor placement is one over the dp x tp mesh, whose norm DTensor computes exactly; a plain
+layout is this rank's tensor-parallel tensor, sharded (or replicated) over dp only: it is made whole over dp
+(``full_tensor``), its owned pieces counted as above on the first dp rank, and the shares summed over tp and dp.
 """
 
 from __future__ import annotations
@@ -45,11 +50,51 @@ def owned_norm(grad: torch.Tensor, pl: Placement, rank: int, world: int, norm_ty
     return sum((torch.linalg.vector_norm(p, norm_type, dtype=torch.float64) ** norm_type for p in parts), zero)
 
 
+def _combine(total: torch.Tensor, share: torch.Tensor, norm_type: float) -> torch.Tensor:
+    share = share.to(total.device, torch.float64)
+    return torch.maximum(total, share) if math.isinf(norm_type) else total + share
+
+
+def _wrapped_norm(sharded: ShardedModule, norm_type: float) -> torch.Tensor:
+    """``grad_norm`` under a data-parallel wrapper (the module docstring's last paragraph)."""
+    from torch.distributed.tensor import DTensor
+
+    from tpfx.dtensor_params import dtensor_layout
+
+    whole = torch.zeros((), dtype=torch.float64)  # already the model's (DTensor norms are global)
+    plain = torch.zeros((), dtype=torch.float64)  # this rank's share, summed over tp and dp below
+    dp_group = None
+    for fqn, p in sharded.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        pl = sharded.placement(fqn)
+        if isinstance(g, DTensor) and dtensor_layout(pl, sharded.world_size) is not None:
+            n = torch.linalg.vector_norm(g, norm_type, dtype=torch.float64).full_tensor()
+            whole = _combine(whole, n if math.isinf(norm_type) else n ** norm_type, norm_type)
+            continue
+        if isinstance(g, DTensor):  # this tp rank's own tensor, sharded over dp
+            dp_group, dp_rank = g.device_mesh.get_group(), g.device_mesh.get_local_rank()
+            g = g.full_tensor()
+        else:
+            dp_rank = 0
+        if dp_rank == 0:
+            plain = _combine(plain, owned_norm(g, pl, sharded.rank, sharded.world_size, norm_type), norm_type)
+    op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+    if sharded.world_size > 1:
+        dist.all_reduce(plain, op=op, group=sharded.group)
+    if dp_group is not None:
+        dist.all_reduce(plain, op=op, group=dp_group)
+    total = _combine(whole, plain, norm_type)
+    return total if math.isinf(norm_type) else total ** (1.0 / norm_type)
+
+
 def grad_norm(sharded: ShardedModule, norm_type: float = 2.0) -> torch.Tensor:
     """The norm of the unsharded model's gradient (all parameters together), the same on every rank.
-    Collective over the tensor-parallel group."""
-    sharded.check_own_params("tpfx.grad_norm")
+    Collective over the tensor-parallel group (and the data-parallel one under a wrapper)."""
     norm_type = float(norm_type)
+    if sharded.wrapped():
+        return _wrapped_norm(sharded, norm_type)
     total = torch.zeros((), dtype=torch.float64)
     device = None
     for fqn, p in sharded.named_parameters():

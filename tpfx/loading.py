@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from tpfx.adapters import attach
 from tpfx.api import LAUNCH_HINT, ShardedModule, shard_with, tp_group
 from tpfx.passes import Placement, shard_tensor
 from tpfx.pretrained import (
@@ -77,14 +78,17 @@ def _build_empty(model_cls: Any, config: Any, dtype: torch.dtype, device: torch.
 
 
 def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, model_cls: Any = None,
-                    torch_dtype: torch.dtype | None = None, **auto_shard_kwargs: Any) -> ShardedModule:
+                    torch_dtype: torch.dtype | None = None, adapter: Any = None,
+                    adapter_kwargs: dict[str, Any] | None = None, **auto_shard_kwargs: Any) -> ShardedModule:
     """Load a transformers checkpoint directory straight into this rank's sharded module.
 
     The model is built from ``config.json`` on the meta device, planned, and each rank reads only its own
     slices of each ``*.safetensors`` file (one file or ``model.safetensors.index.json`` with several).
     ``model_cls`` defaults to ``AutoModelForCausalLM``; ``torch_dtype`` defaults to transformers' "auto" (the
-    config's dtype, else the checkpoint's). Other keyword arguments go to ``tpfx.auto_shard``. Needs an
-    initialized process group (``tpfx.launch`` or ``torchrun``)."""
+    config's dtype, else the checkpoint's). ``adapter``: a peft config (a new adapter, initialized as peft
+    does) or a saved adapter's directory (``adapter_kwargs`` go to ``PeftModel.from_pretrained``, e.g.
+    ``is_trainable=True``), put on the base before planning (``tpfx.adapters``). Other keyword arguments go to
+    ``tpfx.auto_shard``. Needs an initialized process group (``tpfx.launch`` or ``torchrun``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
 
@@ -105,8 +109,15 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     params = dict(model.named_parameters())
     pending: dict[str, torch.Tensor] = {}  # full tensors a conversion yielded that are not loaded yet
+    names: dict[str, str] = {}  # the planned model's name -> the base model's (an adapter renames)
+    if adapter is not None:
+        model, names = attach(model, adapter, adapter_kwargs)
+    own = dict(model.named_parameters())
 
     def loader(fqn: str, pl: Placement) -> torch.Tensor:
+        if adapter is not None and fqn not in names:  # the adapter's own: a real tensor, cut here
+            return shard_tensor(own[fqn].detach(), pl, rank, world).to(device).clone()
+        fqn = names.get(fqn, fqn)
         if fqn in found:
             return read_slice(found[fqn], pl, rank, world, params[fqn].dtype, device)
         if fqn not in pending:

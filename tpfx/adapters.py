@@ -1,0 +1,128 @@
+"""Adapters (peft) on a sharded model: attached before planning, saved as peft's own files.
+
+A peft model is planned as any other model (``auto_shard(get_peft_model(model, config))``): the planner sees
+each low-rank adapter beside its base layer and lays it out along the layer's split (``passes/propagate.py``,
+steps 5 and 6), so the forward has the base plan's collectives. Two things are peft's own and live here:
+
+- ``attach``: ``tpfx.from_pretrained(path, t, adapter=...)`` puts an adapter (a ``PeftConfig``, or the
+  directory of a saved adapter) on the storage-less base model it builds, before planning. The base's
+  parameters are fake tensors, the adapter's are real (peft creates them on the base layer's device, CPU,
+  drawing the same random numbers as on a real model); each rank then reads its slices of the base from the
+  checkpoint and cuts its slices of the adapter: no rank ever holds the full model.
+- ``save``: ``sharded.save_pretrained(dir)`` of a peft model writes what peft's ``save_pretrained`` writes
+  (``adapter_config.json``, ``adapter_model.safetensors`` with full shapes), by peft's own code on rank 0,
+  from the adapter tensors gathered there. ``PeftModel.from_pretrained(base, dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tpfx.api import ShardedModule
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """``model`` is a peft ``PeftModel`` (peft need not be installed otherwise)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _types(model: Any) -> dict[str, str]:
+    return {name: str(getattr(c.peft_type, "value", c.peft_type)) for name, c in model.peft_config.items()}
+
+
+def check(model: torch.nn.Module) -> None:
+    """Refuse an adapter that feeds the model through its KV cache (prefix tuning: ``past_key_values``), which a
+    sharded forward does not take, naming the adapter."""
+    if not is_peft(model):
+        return
+    kv = {n: t for n, t in _types(model).items() if t == "PREFIX_TUNING"}
+    if kv:
+        raise ValueError(f"tpfx: peft adapter {', '.join(f'{n!r} ({t})' for n, t in kv.items())} passes its "
+                         "prefix to the model as a KV cache (past_key_values), which a sharded forward does not "
+                         "take; shard a model with LoRA, IA3 or prompt tuning adapters instead")
+
+
+def explain(model: torch.nn.Module, message: str) -> str:
+    """A capture error of a peft model, with the adapter named (its code is part of what was captured)."""
+    if not is_peft(model):
+        return message
+    names = ", ".join(f"{n!r} ({t})" for n, t in _types(model).items())
+    return (f"{message}\n(the model is a peft model with adapter {names}; its code is captured with the base "
+            "model's: LoRA, IA3 and prompt tuning are tested. An adapter that draws a random number to decide "
+            "whether it runs cannot be captured: LoKr and LoHa test torch.rand(1) > module_dropout in train mode "
+            "(even at 0), so they shard in eval mode only)")
+
+
+def attach(model: torch.nn.Module, adapter: Any, adapter_kwargs: dict[str, Any] | None = None
+           ) -> tuple[torch.nn.Module, dict[str, str]]:
+    """``model`` with ``adapter`` on it (``get_peft_model`` for a ``PeftConfig``, ``PeftModel.from_pretrained``
+    for a directory), and the base parameters' names: peft name -> the name in ``model`` (peft keeps the base
+    layers' parameter objects, under ``base_layer``)."""
+    try:
+        from peft import PeftConfig, PeftModel, get_peft_model
+    except ImportError as e:
+        raise ImportError("tpfx: adapter= needs peft (pip install peft)") from e
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    if isinstance(adapter, PeftConfig):
+        wrapped = get_peft_model(model, adapter, **(adapter_kwargs or {}))
+    elif isinstance(adapter, (str, os.PathLike)):
+        wrapped = PeftModel.from_pretrained(model, str(adapter), **(adapter_kwargs or {}))
+    else:
+        raise TypeError(f"tpfx: adapter= takes a peft config or an adapter directory, not {type(adapter).__name__}")
+    base = {n: names[id(p)] for n, p in wrapped.named_parameters(remove_duplicate=False) if id(p) in names}
+    return wrapped, base
+
+
+def _saved_names(tree: torch.nn.Module, adapter_name: str) -> list[str]:
+    """The state-dict names of ``tree`` that peft saves for ``adapter_name``: peft's own filter, run on
+    placeholders and mapped back by identity."""
+    from peft import get_peft_model_state_dict
+
+    holders = {k: torch.empty(0) for k in tree.state_dict(keep_vars=True)}
+    kept = get_peft_model_state_dict(tree, state_dict=holders, adapter_name=adapter_name)
+    ids = {id(v) for v in kept.values()}
+    return [k for k, v in holders.items() if id(v) in ids]
+
+
+def save(sharded: ShardedModule, directory: str | os.PathLike, timeout_s: float = 300.0) -> None:
+    """Write the adapters of ``sharded`` (a sharded ``PeftModel``) as peft does (collective: every rank calls
+    it). Each adapter tensor is gathered to rank 0 in full; rank 0 runs peft's ``save_pretrained`` on them."""
+    from tpfx.pretrained import _barrier, _gather_full, _global, canonical_names
+
+    tree: Any = sharded.tree
+    _barrier(sharded.group, timeout_s, "save_pretrained")
+    local = dict(tree.state_dict(keep_vars=True))
+    canonical = canonical_names(tree)
+    error: str | None = None
+    for adapter_name in list(tree.peft_config):
+        full: dict[str, torch.Tensor] = {}
+        for name in _saved_names(tree, adapter_name):
+            t = _gather_full(sharded, canonical.get(name, name), _local(local[name]))
+            if t is not None:
+                full[name] = t.detach().cpu()
+        if sharded.rank == 0 and error is None:
+            try:
+                tree.save_pretrained(str(directory), state_dict=full, selected_adapters=[adapter_name],
+                                     is_main_process=True)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                error = f"{type(e).__name__}: {e}"
+    status = [error]
+    dist.broadcast_object_list(status, src=_global(sharded.group, 0), group=sharded.group)
+    if status[0] is not None:
+        raise RuntimeError(f"tpfx.save_pretrained: rank 0 could not write the adapter to {str(directory)!r}: "
+                           f"{status[0]}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from tpfx.dtensor_params import local
+
+    return local(t)
