@@ -199,3 +199,48 @@ def checkpointings(rank: int, world: int) -> dict[str, dict[str, Any]]:
     if world == 2:
         runs["sp"] = checkpointing(rank, world, "nonreentrant", True)
     return runs
+
+
+def _split_k(model: nn.Module, plan: Any, t: int) -> nn.Module:
+    """The unsharded model with each row-split linear layer's contraction summed in ``t`` parts, as the ranks
+    sum it: the rounding a split contraction has in any precision, with no sharding at all."""
+    for name, m in model.named_modules():
+        pp = plan.placements.get(f"{name}.weight")
+        if isinstance(m, nn.Linear) and pp is not None and pp.style == "rowwise":
+            def forward(x: torch.Tensor, m: nn.Linear = m) -> torch.Tensor:
+                out = sum(F.linear(a, w) for a, w in zip(x.chunk(t, -1), m.weight.chunk(t, 1), strict=True))
+                return out if m.bias is None else out + m.bias  # (..., out)
+            m.forward = forward  # type: ignore[method-assign]
+    return model
+
+
+def bf16_check(rank: int, world: int) -> dict[str, dict[str, float]]:
+    """bf16 autocast over fp32 weights, and bf16 weights: the sharded model's loss and gradients against the
+    unsharded model's, next to the same distance for the unsharded model with split contractions (the
+    rounding noise of a split-K sum in bf16)."""
+    import contextlib
+
+    from numerics import rel_err
+
+    out = {}
+    for mode in ("autocast", "bf16"):
+        def build(mode: str = mode) -> nn.Module:
+            m = models.llama(layers=2)
+            return m.to(torch.bfloat16) if mode == "bf16" else m
+
+        sharded, ref, split = tpfx.auto_shard(build()), build(), build()
+        _split_k(split, sharded.plan, world)
+        ids = models.token_inputs(models.HF_VOCAB, 4, 16, seed=1)
+        losses = []
+        for m in (sharded, ref, split):
+            with torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext():
+                loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach().float())
+        cmp = compare_parameters(sharded, ref, sharded.plan, rank, grads=True)
+        full = dict(ref.named_parameters())
+        noise = max(rel_err(p.grad.float(), full[n].grad.float()) for n, p in split.named_parameters())
+        out[mode] = {"loss": rel_err(losses[0], losses[1]), "loss_noise": rel_err(losses[2], losses[1]),
+                     "grad": max(cmp["errors"].values()), "grad_noise": noise,
+                     "dtype": str(next(iter(sharded.parameters())).dtype)}
+    return out

@@ -40,3 +40,14 @@ def test_activation_checkpointing_is_honoured_in_the_per_rank_graphs(world: int)
             assert r["sharded"] <= bound * r["ref"], (name, r)
             if r["plain_ref"] is not None:
                 assert r["ref"] < 0.5 * r["plain_ref"], (name, r)  # checkpointing saves memory at all here
+
+
+def test_bf16_training_is_within_the_rounding_of_a_split_contraction() -> None:
+    # bf16 autocast (fp32 weights) and bf16 weights: sharded vs unsharded differs by rounding, as much as the
+    # unsharded model with its row-split contractions summed in 2 parts does (measured: gradients 1.0e-2 vs
+    # 9.8e-3 under autocast, 1.6e-2 vs 1.1e-2 with bf16 weights; losses 2e-6 vs 1e-5)
+    for res in launch(finetune_cases.bf16_check, 2, timeout_s=300):
+        for mode, r in res.items():
+            assert r["grad_noise"] > 1e-3 and r["loss_noise"] > 0, (mode, r)  # bf16 rounding is there to see
+            assert r["grad"] <= 2 * r["grad_noise"] and r["loss"] <= 2 * r["loss_noise"], (mode, r)
+        assert res["bf16"]["dtype"] == "torch.bfloat16" and res["autocast"]["dtype"] == "torch.float32", res
