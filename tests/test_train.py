@@ -113,3 +113,15 @@ def test_readme_trainer_example_runs() -> None:
         assert abs(a - b) <= 1e-5 * b and abs(c - d) <= 1e-5 * d, line
     assert "steps 4-5 as the uninterrupted run: True" in stdout, stdout
     assert float(re.findall(r"rel err (\S+)", stdout)[0]) <= 1e-5, stdout
+
+
+def test_lightning_model_parallel_strategy_example_trains_as_unsharded(tmp_path) -> None:
+    # Lightning's ModelParallelStrategy (dp=2 x tp=2 on 4 CPU processes), configure_model = tpfx.auto_shard over
+    # its tensor_parallel axis + FSDP2 over data_parallel, gradient_clip_val=0.5: the unsharded model's losses
+    # on the same global batches
+    import json
+
+    run_example("lightning_tp.py", str(tmp_path / "out.json"))
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert len(res["tpfx"]) == len(res["unsharded"]) == 3, res
+    assert rel_err(torch.tensor(res["tpfx"]), torch.tensor(res["unsharded"])) <= TOL, res
