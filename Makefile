@@ -8,6 +8,7 @@ bench:
 	$(PYTHON) benchmarks/plan_time.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/plan_quality.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/runtime.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/finetune.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/checkpoint.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py --prefix

@@ -20,7 +20,7 @@ import _common as C
 
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
-NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "sequence_parallel", "checkpoint", "generate",
+NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "finetune", "sequence_parallel", "checkpoint", "generate",
          "generate_prefix", "call_check", "blocks_check")
 
 
@@ -401,6 +401,34 @@ def section_train_2d(d: dict[str, Any] | None) -> str:
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
 
 
+def section_finetune(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## Fine-tuning recipes\n\nNot run (`python benchmarks/finetune.py`).\n"
+    cfg, step, saved = d["config"], d["step_s"], d["saved_bytes"]
+    recipes = ["plain", "checkpointed", "lora"]
+    rows = []
+    for r in recipes:
+        row = [r]
+        for tool in ("tpfx", "hf-tp_plan"):
+            k = f"{tool}/{r}"
+            row += [C.fmt_ms(step.get(k)), C.fmt_bytes(saved.get(k))] if k in step else ["skipped", "-"]
+        rows.append(row)
+    skipped = "".join(f"\n- `{k}` skipped: {why[:160]}" for k, why in d["skipped"].items())
+    errs = [v for v in d["loss_err"].values() if v == v]
+    return "\n".join([
+        "## Fine-tuning recipes at t=2\n",
+        header(d),
+        f"Llama hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, batch "
+        f"{d['batch'][0]}x{d['batch'][1]}; {d['world']} ranks, 1 thread each. One step = forward with labels, "
+        f"backward, AdamW on the trainable parameters; ms, median of {d['iters']} steps, max over ranks. Saved: "
+        "bytes autograd keeps for backward per rank over one forward (parameters excluded). `checkpointed`: "
+        "`gradient_checkpointing_enable()` before sharding; `lora`: peft LoRA r=8 on every projection "
+        "(tpfx: `from_pretrained(adapter=...)`; HF: `get_peft_model` on the `tp_plan` model). First losses "
+        f"against the unsharded model's, rel {max(errs):.1e} at most. One run, no verdicts.\n",
+        md_table(["recipe", "tpfx step ms", "tpfx saved", "HF tp_plan step ms", "HF tp_plan saved"], rows),
+        skipped, ""])
+
+
 def section_sequence_parallel(d: dict[str, Any] | None) -> str:
     if d is None:
         return "## Sequence parallelism\n\nNot run (`python benchmarks/sequence_parallel.py`).\n"
@@ -580,6 +608,7 @@ def main() -> None:
         section_plan_quality(data["plan_quality"]),
         section_runtime(data["runtime"]),
         section_train_2d(data["train_2d"]),
+        section_finetune(data["finetune"]),
         section_sequence_parallel(data["sequence_parallel"]),
         section_checkpoint(data["checkpoint"]),
         section_generate(data["generate"], data["generate_prefix"]),
