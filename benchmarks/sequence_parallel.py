@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 import tpfx
-from tpfx.api import _prepare_kwargs
+from tpfx.derive import prepare_kwargs as _prepare_kwargs
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=8, vocab_size=2048, max_position_embeddings=1024)

@@ -114,13 +114,15 @@ class Stages:
         return self.timed("emit", emit, d.gm, d.prop, rank, group_name, store, gather_outputs, local_outputs)
 
     def derive(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world: int,
-               pins: dict[str, tuple[str, Placement | None]] | None = None, fed: dict[str, Placement] | None = None,
+               pins: dict[str, tuple[str, Placement | None]] | None = None,
+               fed: dict[str, Placement] | Callable[[fx.GraphModule], dict[str, Placement]] | None = None,
                sequence_parallel: bool = False) -> tuple[Derivation, PlanData, bool]:
         """capture -> normalize -> propagate -> build_plan; returns the derivation, the plan's data and whether
-        the capture has dynamic dims."""
+        the capture has dynamic dims. ``fed``: placements of inputs the caller passes split (a KV cache), or a
+        function of the normalized graph that names them."""
         captured = self.capture(model, args, kwargs)
         gm = self.normalize(captured)
-        d = self.propagate(gm, world, pins, fed, sequence_parallel)
+        d = self.propagate(gm, world, pins, fed(gm) if callable(fed) else fed, sequence_parallel)
         data = self.build_plan(d)
         if captured.whole_because:
             data.fallbacks.insert(0, {"capture": "whole model", "reason": captured.whole_because})

@@ -16,7 +16,7 @@ from fuzz_models import SEQ, FuzzModel, Spec, inputs
 from numerics import ABS_FLOOR, GRAD_FLOOR_FRACTION, TOL, rel_err
 from simulate import emit_all, run_ranks
 
-from tpfx.api import _plan_graph, capture
+from tpfx.derive import capture, plan_graph
 
 WORLDS = tuple(range(2, 9))
 
@@ -58,7 +58,7 @@ def check(spec: Spec, worlds: tuple[int, ...] = WORLDS, dtype: torch.dtype = tor
             warnings.simplefilter("ignore")
             if not dynamic and seq != SEQ:  # a static capture serves only its own shapes
                 gm = capture(model, *inputs(spec, 1, dtype, seq))[0]
-            plan = _plan_graph(gm, world, None, sequence_parallel=sequence_parallel)
+            plan = plan_graph(gm, world, None, sequence_parallel=sequence_parallel)
         fwd, grad, worst = 0.0, 0.0, ""
         params = dict(model.named_parameters())
         for rank, (out, grads) in enumerate(_run(plan, args, kwargs, probe)):

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from simulate import emit_all, run_ranks
 
 import tpfx
-from tpfx.api import CaptureError, _plan_graph, capture
+from tpfx.api import CaptureError
+from tpfx.derive import capture, plan_graph
 
 
 @pytest.mark.parametrize("world_size", [2, None])
@@ -74,7 +75,7 @@ def test_a_world_size_wider_than_every_weight_warns_and_stays_exact() -> None:
     assert got[0].filename == __file__  # the warning points at the caller's line
     gm, _ = capture(model, (x,), {})
     with pytest.warns(UserWarning, match="no weight is split") as got:
-        _plan_graph(gm, 8, None)
+        plan_graph(gm, 8, None)
     assert got[0].filename == __file__
     assert {p.style for p in plan.placements.values()} == {"replicate"}
     assert _simulated_error(plan, model, x) == 0.0

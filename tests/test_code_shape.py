@@ -49,7 +49,7 @@ def test_propagation_leaves_the_graph_as_it_found_it() -> None:
     planning at t=4 with sequence parallelism between two plans at t=2 changes no node's meta and not the plan."""
     import models
 
-    from tpfx.api import _plan_graph, capture
+    from tpfx.derive import capture, plan_graph
     from tpfx.inputs import synthesize
 
     def meta(gm: Any) -> dict[str, Any]:
@@ -58,11 +58,11 @@ def test_propagation_leaves_the_graph_as_it_found_it() -> None:
 
     for model in (models.gpt2(layers=1), models.llama(num_kv_heads=2, layers=1)):
         gm, _ = capture(model, *synthesize(model))
-        first = _plan_graph(gm, 2, None).digest()
+        first = plan_graph(gm, 2, None).digest()
         before = meta(gm)
         assert not any("tpfx_retarget" in m for m in before.values())
-        _plan_graph(gm, 4, None, sequence_parallel=True)
-        assert _plan_graph(gm, 2, None).digest() == first
+        plan_graph(gm, 4, None, sequence_parallel=True)
+        assert plan_graph(gm, 2, None).digest() == first
         assert meta(gm) == before
 
 

@@ -11,7 +11,7 @@ import torch
 from tpfx.passes.emit import collective_nodes, emit
 from tpfx.passes.placements import Shard
 
-from tpfx.api import _plan_graph, capture
+from tpfx.derive import capture, plan_graph
 from tpfx.generate import CacheStep, _cache_outputs
 
 
@@ -20,7 +20,7 @@ def _graphs(kv: int, world: int):
     step = CacheStep(model, [None, None])
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     gm, _ = capture(step, (ids, ()), {"attention_mask": torch.ones(2, 10, dtype=torch.long), "position_ids": None})
-    prefill = _plan_graph(gm, world, None)
+    prefill = plan_graph(gm, world, None)
     layout, local, _ = _cache_outputs(gm, prefill.derivation.prop)
     past = tuple(torch.zeros(2, kv, 10, 8) for _ in range(4))
     dgm, dynamic = capture(step, (ids[:, :1], past), {"attention_mask": torch.ones(2, 11, dtype=torch.long),
@@ -39,7 +39,7 @@ def test_decode_graph_keeps_the_cache_split_with_megatron_collectives(kv: int, w
     groups = min(kv, world)  # KV heads split, or replicated within groups when the ranks outnumber them
     assert layout == [Shard(1, groups, (kv,))] * 4 and local == frozenset(range(1, 5)), layout
     fed = {f"past_{i}": p for i, p in enumerate(layout)}
-    decode = _plan_graph(dgm, world, prefill.pins(), fed=fed)
+    decode = plan_graph(dgm, world, prefill.pins(), fed=fed)
     assert decode.digest() == prefill.digest()  # one set of weight placements
     assert _cache_outputs(dgm, decode.derivation.prop)[0] == layout  # leaves in the layout it came in
     for rank in range(world):
@@ -48,5 +48,5 @@ def test_decode_graph_keeps_the_cache_split_with_megatron_collectives(kv: int, w
         assert kinds["all_reduce"] == 2 * 2 + 1 and kinds["all_gather"] == 1, kinds  # 2/layer, embedding; logits
         assert not any(n.op == "call_module" for n in local_gm.graph.nodes)  # full-shape guards not emitted
     # the same graph with the cache passed whole would gather new keys/values in every layer
-    unfed = _plan_graph(dgm, world, prefill.pins())
+    unfed = plan_graph(dgm, world, prefill.pins())
     assert _kinds(emit(dgm, unfed.derivation.prop, 0, lambda r: "fake"))["all_gather"] > 1

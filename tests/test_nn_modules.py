@@ -398,10 +398,10 @@ def test_no_grad_region_is_inlined_and_split_like_the_rest() -> None:
 def test_heads_folded_into_the_batch_are_unfolded_and_head_parallel(world: int) -> None:
     # [B*n, S, d] with a run-time B has no static layout for a split of n; capture rewrites the bmm/baddbmm into
     # a matmul over [B, n, S, d] (the repeated per-head bias broadcast over B), so attention splits by heads
-    from tpfx.api import _examples, capture
+    from tpfx.derive import capture, examples
 
     model = nn_cases.build("folded_heads")
-    gm, dynamic = capture(model, *_examples(model, (nn_cases.inputs((2, 6, 32), 0),), None))
+    gm, dynamic = capture(model, *examples(model, (nn_cases.inputs((2, 6, 32), 0),), None))
     targets = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
     assert dynamic and targets["aten.bmm.default"] == targets["aten.baddbmm.default"] == 0
     assert targets["aten.matmul.default"] == 2

@@ -130,11 +130,11 @@ def test_unknown_op_is_warned_and_its_region_replicated() -> None:
 def test_in_place_writes_into_intermediates_are_functionalized() -> None:
     # MLA builds its keys with `key[..., :d].copy_(k_nope)`: sharding that graph as it is would write into a
     # redistributed copy; tpfx captures it functionally (slice_scatter) instead
-    from tpfx.api import _examples, capture
+    from tpfx.derive import capture, examples
     from tpfx.families import tiny_causal_lm
 
     model = tiny_causal_lm("deepseek_v3")
-    gm, _ = capture(model, *_examples(model, None, None))
+    gm, _ = capture(model, *examples(model, None, None))
     targets = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
     assert targets["aten.slice_scatter.default"] >= 2 and targets["aten.copy_.default"] == 0
     assert targets["aten.copy.default"] == 0  # copy(dst, src) of equal shapes is src (no eager derivative)
@@ -221,14 +221,14 @@ def test_plans_agree_with_hf_where_a_trial_could_mislead(family: str, worlds: tu
     # Gemma 3n: the AltUp projections before the first layer would split the residual stream and invert every
     # layer (q/k/v rowwise); replicated, each layer pairs its own splits as HF plans them. Doge: replicating
     # v_proj would save only the per-head dt all-reduce (b*s*n values), not worth a full projection per rank
-    from tpfx.api import _examples, _plan_graph, capture
     from tpfx.coverage import hf_agreement
+    from tpfx.derive import capture, examples, plan_graph
     from tpfx.families import tiny_causal_lm
 
     model = tiny_causal_lm(family).eval()
-    gm, _ = capture(model, *_examples(model, None, None))  # one capture, planned at every world size
+    gm, _ = capture(model, *examples(model, None, None))  # one capture, planned at every world size
     for world in worlds:
-        plan = _plan_graph(gm, world, None)
+        plan = plan_graph(gm, world, None)
         hf = hf_agreement(plan, model)
         assert hf["differ"] == [] and len(hf["agree"]) >= 7, (world, hf)
         if family == "gemma3n_text":
@@ -242,10 +242,10 @@ def test_a_pinned_weight_the_new_graph_does_not_use_does_not_block_it() -> None:
     model = models.llama(num_kv_heads=2)
     first = tpfx.plan(model, 2)
     embeds = torch.randn(2, 5, model.config.hidden_size)
-    from tpfx.api import _plan_graph, capture
+    from tpfx.derive import capture, plan_graph
 
     gm, _ = capture(model, (), {"inputs_embeds": embeds, "use_cache": False})
-    second = _plan_graph(gm, 2, first.pins())
+    second = plan_graph(gm, 2, first.pins())
     assert first.placements["model.embed_tokens.weight"].style == "vocab"
     assert second.placements == first.placements and second.digest() == first.digest()
 

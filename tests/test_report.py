@@ -369,7 +369,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
     from tpfx.passes import backward_collectives, collective_nodes, trained
     from tpfx.passes import collectives as C
 
-    from tpfx.api import _plan_graph, capture
+    from tpfx.derive import capture, plan_graph
     from tpfx.families import tiny_causal_lm
 
     backward = {C.reduce_grad: "all_reduce", C.reduce_grad_spans: "all_reduce", C.gather_seq: "reduce_scatter",
@@ -382,7 +382,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
     seen: Counter[str] = Counter()
     for model, ins, t, sp in cases:
         gm, _ = capture(model, *(ins if ins is not None else synthesize(model)))
-        plan = _plan_graph(gm, t, None, sequence_parallel=sp)
+        plan = plan_graph(gm, t, None, sequence_parallel=sp)
         assert plan.derivation is not None and plan.context is None
         names = {n.name for n in trained(gm, plan.derivation.prop.param_nodes, floating=True)}
         ctx = plan.report_context()

@@ -92,7 +92,7 @@ def test_segments_with_their_own_group_counts():
 
 
 def test_constant_list_index_becomes_a_slice():
-    from tpfx.api import _examples, capture
+    from tpfx.derive import capture, examples
 
     class Pick(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_constant_list_index_becomes_a_slice():
 
     m = Pick()
     x = torch.randn(2, 3, 4)
-    gm, _ = capture(m, *_examples(m, (x,), None))
+    gm, _ = capture(m, *examples(m, (x,), None))
     slices = {tuple(n.args[1:]) for n in gm.graph.nodes if n.target is aten.slice.Tensor and n.args[1] == 2}
     assert slices == {(2, 1, 2), (2, 0, 2)}
     # [3, 1] is not a run; [-2] counts from a run-time size (the dims are dynamic here): both kept

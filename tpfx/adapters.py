@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from tpfx.api import ShardedModule
+    from tpfx.runtime.interface import Sharded as ShardedModule
 
 
 def is_peft(model: torch.nn.Module) -> bool:

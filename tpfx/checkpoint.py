@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ from tpfx.dtensor_params import local
 from tpfx.passes import Shard
 
 if TYPE_CHECKING:
-    from tpfx.api import ShardedModule
+    from tpfx.runtime.interface import Sharded as ShardedModule
 
 __all__ = ["save", "load"]
 
@@ -107,7 +107,7 @@ def _state(sharded: ShardedModule, optimizer: torch.optim.Optimizer | None) -> t
     for fqn, b in sharded.persistent_buffers().items():  # held whole on every rank (running statistics)
         state[f"model.{fqn}"] = b
     if optimizer is not None:
-        osd = get_optimizer_state_dict(sharded, optimizer,
+        osd = get_optimizer_state_dict(cast(torch.nn.Module, sharded), optimizer,
                                        options=StateDictOptions(flatten_optimizer_state_dict=True))
         for key, value in osd.items():
             if (mine := local(value)) is not value:  # moments of DTensor parameters are DTensors: their chunks
@@ -198,7 +198,7 @@ def load(sharded: ShardedModule, path: str | os.PathLike, *, optimizer: torch.op
     dcp.load(state, checkpoint_id=str(path), planner=_LoadPlanner(layouts), process_group=sharded.group)
     if optimizer is not None:  # loaded into the local tensors in place: hand torch back the DTensors
         osd = {k[len("optim."):]: wrapped.get(k, v) for k, v in state.items() if k.startswith("optim.")}
-        set_optimizer_state_dict(sharded, optimizer, osd,
+        set_optimizer_state_dict(cast(torch.nn.Module, sharded), optimizer, osd,
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
     if dist.is_initialized():
         dist.barrier(sharded.group)

@@ -31,7 +31,7 @@ from tpfx.dtensor_params import local
 from tpfx.passes import Placement, Shard
 
 if TYPE_CHECKING:
-    from tpfx.api import ShardedModule
+    from tpfx.runtime.interface import Sharded as ShardedModule
 
 __all__ = ["clip_grad_norm_", "grad_norm", "owned_norm"]
 

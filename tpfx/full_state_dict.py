@@ -17,7 +17,7 @@ dict is alive (``tpfx.from_pretrained`` and ``tpfx.load`` read only a rank's sli
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -28,7 +28,7 @@ from tpfx.passes import shard_tensor
 from tpfx.pretrained import canonical_names, full_shape
 
 if TYPE_CHECKING:
-    from tpfx.api import ShardedModule
+    from tpfx.runtime.interface import Sharded as ShardedModule
 
 __all__ = ["load_state_dict"]
 
@@ -64,7 +64,7 @@ def load_state_dict(sharded: ShardedModule, state_dict: Mapping[str, Any], stric
         else:
             raise RuntimeError(f"tpfx: load_state_dict: {key!r} has shape {tuple(value.shape)}; parameter {fqn!r} "
                                f"is {full} in full (give the full tensor, or a DTensor)")
-    result = torch.nn.Module.load_state_dict(sharded, rest, strict=False, assign=assign)
+    result = torch.nn.Module.load_state_dict(cast(torch.nn.Module, sharded), rest, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if k not in loaded and aliases.get(k, k) not in loaded]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(f"Error(s) in loading state_dict for {type(sharded).__name__}: missing keys "

@@ -40,8 +40,8 @@ from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tpfx.agreement import agree, describe
+from tpfx.derive import derive
 from tpfx.passes import Placement, Replicate, Shard, Stages, is_guards
-from tpfx.plan import ShardingPlan
 
 __all__ = ["SplitCache", "generate"]
 
@@ -197,25 +197,26 @@ class Decoder:
         self.state = 0  # the tree's state key, taken once per generate call (tpfx.tree)
 
     def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        """The runner serving these inputs and the export guards it must pass (captured on first use)."""
+        """The ``(graph, runner)`` serving these inputs and the export guards it must pass (captured on first
+        use)."""
         sm, (ids, past) = self.sharded, args
         batch = int(ids.shape[0])
         base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1)
         exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
         for key in (base, exact):
-            if key in sm._graphs:
-                return sm._graphs[key][1], self.guards.get(key)
+            if (entry := sm.graph(key)) is not None:
+                return entry, self.guards.get(key)
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
+        fed = (lambda gm: self._fed(gm, batch)) if phase == "decode" else None
         stages = Stages(blocks=False)  # each layer reads its own cache inputs, which stitching does not map
         with sm.capturing():  # the tree, with full-shape stand-ins for its parameters
-            captured = stages.capture(self.step, args, kwargs)
-        gm = stages.normalize(captured)
-        key = base if captured.dynamic else exact
-        fed = self._fed(gm, batch) if phase == "decode" else None
-        d = stages.propagate(gm, sm.world_size, sm.pins(), fed)
-        plan = ShardingPlan.derived(stages.build_plan(d), d)
-        layout, local, full = _cache_outputs(gm, d.prop)
+            plan, dynamic = derive(self.step, args, kwargs, sm.world_size, sm.pins(), stages=stages, fed=fed,
+                                   warn=False)
+        assert plan.derivation is not None
+        gm, prop = plan.derivation.gm, plan.derivation.prop
+        key = base if dynamic else exact
+        layout, local, full = _cache_outputs(gm, prop)
         if phase == "prefill":
             self.cache_layout[batch], self.full_sizes[batch] = layout, full
             agree(sm.group, [str(p) for p in layout], "the KV cache layout")
@@ -227,7 +228,7 @@ class Decoder:
         if fed and guard is not None:  # emission drops it (it reads full shapes): run it on meta stand-ins
             self.guards[key] = (gm.get_submodule("_guards_fn"), [a.name for a in guard.args])
         sm.add_graph(plan, key, local_outputs=local)
-        return sm._graphs[key][1], self.guards.get(key)
+        return sm.graph(key), self.guards.get(key)
 
     def _full(self, past: tuple[torch.Tensor, ...], device: Any) -> tuple[torch.Tensor, ...]:
         batch = int(past[0].shape[0])
@@ -253,13 +254,13 @@ class Decoder:
             attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
                                         device=input_ids.device)
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
-        runner, guard = self._graph(phase, (input_ids, past), kwargs)
+        entry, guard = self._graph(phase, (input_ids, past), kwargs)
         if guard is not None:  # export's shape checks, on the full shapes this rank's slices stand for
             fn, names = guard
             env = {"input_ids": input_ids, **kwargs, **{f"past_{i}": t for i, t in
                                                          enumerate(self._full(past, "meta"))}}
             fn(*[env[n] for n in names])
-        logits, new = runner(input_ids, past, **kwargs)  # (B, 1, V) on every rank; this rank's KV heads
+        logits, new = self.sharded.call(entry, (input_ids, past), kwargs)  # (B, 1, V) on every rank; this rank's KV heads
         cache.fill(tuple(new), int(input_ids.shape[1]))
         return logits
 
@@ -299,9 +300,8 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
             or kwargs.get("cache_implementation") is not None:
         raise ValueError("tpfx.generate keeps its own head-split KV cache (SplitCache); pass no cache= or "
                          "cache_implementation=")
-    if "decoder" not in sharded.__dict__:
-        sharded.__dict__["decoder"] = Decoder(sharded)
-    decoder: Decoder = sharded.__dict__["decoder"]
+    decoder: Decoder = sharded.attachment("decoder", lambda: Decoder(sharded))
+    sharded.check_params()  # as forward does: the parameters the graphs will be fed are this rank's slices
     decoder.state = sharded.state_key()
     agree(sharded.group, (describe(args), describe(kwargs)), "the arguments of generate", share_rng=True)
     proxy = _proxy(sharded, decoder)

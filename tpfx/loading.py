@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from tpfx.adapters import attach
-from tpfx.api import LAUNCH_HINT, ShardedModule, shard_with, tp_group
+from tpfx.api import shard_with
 from tpfx.passes import Placement, shard_tensor
 from tpfx.pretrained import (
     _ST_DTYPES,
@@ -23,6 +23,7 @@ from tpfx.pretrained import (
     match_tensors,
     read_slice,
 )
+from tpfx.runtime import LAUNCH_HINT, ShardedModule, tp_group
 
 __all__ = ["from_pretrained"]
 

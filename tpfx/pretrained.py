@@ -47,7 +47,7 @@ from tpfx.dtensor_params import local as local_of
 from tpfx.passes import Placement, Shard
 
 if TYPE_CHECKING:
-    from tpfx.api import ShardedModule
+    from tpfx.runtime.interface import Sharded as ShardedModule
 
 __all__ = ["save_pretrained", "CheckpointError", "index_checkpoint", "match_tensors", "read_slice"]
 
@@ -314,7 +314,7 @@ def _local_tensors(sharded: ShardedModule) -> dict[str, torch.Tensor]:
 def full_shape(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> tuple[int, ...]:
     """The unsharded shape of ``fqn``, whose local tensor (slice, or whole where it is not split) is ``local``."""
     pp = sharded.plan.placements.get(fqn)
-    return tuple(pp.shape) if pp is not None and fqn in sharded._store else tuple(local.shape)
+    return tuple(pp.shape) if pp is not None and sharded.holds(fqn) else tuple(local.shape)
 
 
 def _senders(pl: Placement, world: int) -> list[int]:
