@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from . import collectives as C
+from .kinds import OPS, STEPS
 from .placements import Partial, Replicate, Shard, is_seq_split
 from .propagate import Propagation, moves, tensor_inputs
 from .redistribute import plan_redistribution
@@ -63,7 +65,8 @@ class GradCollective:
     consumers: tuple[fx.Node, ...] = ()  # the sharded ops the value enters (none for scattered / replicas)
 
 
-_KIND = {"f": "all_reduce", "gather_seq": "reduce_scatter", "split_even": "all_gather"}
+_KIND: dict[str, str] = {via: str(OPS[op].backward) for via, op in
+                         {"f": C.reduce_grad, "gather_seq": C.gather_seq, "split_even": C.split_even}.items()}
 
 
 def _entering(prop: Propagation, node: fx.Node, a: fx.Node) -> tuple[fx.Node, str] | None:
@@ -80,7 +83,8 @@ def _entering(prop: Propagation, node: fx.Node, a: fx.Node) -> tuple[fx.Node, st
     return (a, "split_even") if any(s.kind == "split_even" for s in steps) and is_float(a) else None
 
 
-_STEP_BACKWARD = {"reduce_scatter": ("all_gather", "scattered"), "scatter": ("all_reduce", "scatter")}
+_STEP_BACKWARD: dict[str, tuple[str, str]] = {name: (str(k.backward), k.paired) for name, k in STEPS.items()
+                                              if k.paired is not None}
 
 
 def _step_pairs(prop: Propagation) -> list[GradCollective]:

@@ -523,10 +523,6 @@ def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: in
     return _ParallelCrossEntropy.apply(logits, target, start, reduction, ignore_index, group)
 
 
-COLLECTIVES = {parallel_cross_entropy: "parallel_cross_entropy", all_reduce: "all_reduce", all_gather: "all_gather",
-               scatter: "scatter", reduce_grad: "reduce_grad", reduce_grad_spans: "reduce_grad",
-               reduce_scatter: "reduce_scatter", gather_seq: "all_gather", gather_even: "all_gather",
-               split_even: "scatter"}
 DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
 
 
@@ -585,7 +581,3 @@ def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
     attn = torch.ops.aten._safe_softmax.default(attn, -1)
     attn = dropout_chunk(attn, p, True, 1, groups, segs, sgroups, tuple(range(attn.dim())), rank, world)
     return attn @ v  # (B, H/t, L, Dv)
-
-
-# the collectives whose backward communicates: emission passes them ``where`` (``where_of``) to name in a failure
-NAMED_BACKWARD = {reduce_grad, reduce_grad_spans, scatter, reduce_scatter, gather_seq, gather_even, split_even}

@@ -22,9 +22,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import collectives as C
 from .backward import operand_grad, sharded_compute
 from .checkpoint import checkpoint_regions
+from .kinds import OPS, STEPS, listed
 from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
 from .propagate import Propagation, group_of, is_guards
-from .redistribute import Groups, Step, plan_redistribution
+from .redistribute import Step, plan_redistribution
 from .rules import WORLD
 
 aten = torch.ops.aten
@@ -38,31 +39,13 @@ def _fetch(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def _arg(groups: Groups | None) -> int | list[int] | None:
-    return list(groups) if isinstance(groups, tuple) else groups
-
-
 def _step(call: Callable[..., fx.Node], step: Step, x: fx.Node, rank: int, world: int, wg: str,
           src: fx.Node) -> fx.Node:
-    """The graph node of one redistribution step (``passes/redistribute.py``) applied to ``x``."""
-    k, dim, segs = step.kind, step.dim, list(step.segs)
-    if k == "reduce_scatter":
-        return call(C.reduce_scatter, x, dim, world, wg, src=src)
-    if k in ("split_even", "gather_even"):
-        return call(C.split_even if k == "split_even" else C.gather_even, x, dim, rank, world, wg, src=src)
-    if k == "to_partial":
-        return call(C.to_partial, x, rank, src=src)
-    if k == "all_reduce":
-        return call(C.all_reduce, x, wg, src=src)
-    if k == "refine":
-        return call(C.refine, x, dim, segs, _arg(step.src_groups), _arg(step.dst_groups), rank, world, src=src)
-    if k == "unwhole":
-        return call(C.unwhole, x, world, src=src)
-    if k == "all_gather":
-        extra = () if step.src_groups is None else (_arg(step.src_groups),)
-        return call(C.all_gather, x, dim, segs, rank, world, wg, *extra, src=src)
-    assert k == "scatter", k
-    return call(C.scatter, x, dim, _arg(step.dst_groups), segs, rank, world, wg, src=src)
+    """The graph node of one redistribution step (``passes/redistribute.py``) applied to ``x``: its kind's op
+    and arguments (``kinds.STEPS``)."""
+    kind = STEPS[step.kind]
+    assert kind.args is not None, step.kind
+    return call(kind.op, x, *kind.args(step, rank, world, wg), src=src)
 
 
 def local_param(full: torch.Tensor, placement: Placement, rank: int, world: int) -> torch.nn.Parameter:
@@ -116,7 +99,8 @@ class _Emitter:
         ``src`` and its module), to name it if that backward fails."""
         if where is None and src is not None:
             where = C.where_of(src)
-        kwargs: dict[str, Any] = {"where": where} if fn in C.NAMED_BACKWARD and where else {}
+        named = (kind := OPS.get(fn)) is not None and kind.named
+        kwargs: dict[str, Any] = {"where": where} if named and where else {}
         n = self.new.call_function(fn, tuple(args), kwargs)
         if src is not None and "nn_module_stack" in src.meta:  # attribute the collective to its layer
             n.meta["nn_module_stack"] = src.meta["nn_module_stack"]
@@ -214,9 +198,9 @@ class _Emitter:
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
         if node in prop.reduced_after:
-            y = self.call(C.all_reduce, y, wg, src=node)
+            y = _step(self.call, Step("all_reduce"), y, self.rank, world, wg, node)
         elif node in prop.scattered_after:
-            y = self.call(C.reduce_scatter, y, prop.placements[node].dim, world, wg, src=node)
+            y = _step(self.call, Step("reduce_scatter", prop.placements[node].dim), y, self.rank, world, wg, node)
         self.env[node] = y
 
 
@@ -263,5 +247,4 @@ def _sdpa(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, r
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
     """(kind, node) for every collective in an emitted graph, forward ones and reduce_grad."""
-    return [(C.COLLECTIVES[n.target], n) for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in C.COLLECTIVES]
+    return [(name, n) for n in gm.graph.nodes if n.op == "call_function" and (name := listed(n.target)) is not None]

@@ -173,10 +173,6 @@ R = Replicate()
 P = Partial()
 
 
-def is_shard(p: object) -> bool:
-    return isinstance(p, Shard)
-
-
 def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.Tensor:
     """This rank's local piece of the full tensor ``x`` under placement ``p`` (a sequence split included)."""
     if not isinstance(p, Shard):
@@ -186,16 +182,3 @@ def shard_tensor(x: torch.Tensor, p: Placement, rank: int, world: int) -> torch.
         return x.narrow(p.dim, p.chunk(rank, world) * n, n)
     pieces = [x.narrow(p.dim, start, n) for start, n, _ in p.pieces(rank, world)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, p.dim)
-
-
-def refine_local(x: torch.Tensor, src: Shard, dst: Shard, rank: int, world: int) -> torch.Tensor:
-    """Narrow a local ``src`` chunk to the finer ``dst`` chunk (per segment, the source group count divides the
-    destination's; even chunks)."""
-    pieces, off = [], 0
-    for seg, g1, g2 in zip(src.segs, src.seg_groups, dst.seg_groups):
-        j1, j2 = rank * g1 // world, rank * g2 // world
-        n1, n2 = seg // g1, seg // g2
-        start = j2 * n2 - j1 * n1
-        pieces.append(x.narrow(src.dim, off + start, n2))
-        off += n1
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, src.dim)

@@ -2,7 +2,7 @@
 
 One pure function, ``plan_redistribution(have, want, world)``, answers it for every caller: emission builds a
 graph node per step (``emit.redistribute``), and the plan, the report and the planner's cost count the steps
-that communicate (``forward_collective``). A step is a collective (``COMMS``) or a local op:
+that communicate (``forward_collective``). A step is a collective or a local op (``kinds.STEPS`` describes each):
 
     Partial  -> seq split   reduce_scatter                        (Megatron-SP, after a row split)
     Replicate-> seq split   split_even                            (own chunk)
@@ -20,12 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .kinds import STEPS
 from .placements import Partial, Placement, Replicate, Shard, is_seq_split, is_whole
 
 Groups = int | tuple[int, ...]  # a group count, or one per segment
-
-COMMS = {"reduce_scatter": "reduce_scatter", "gather_even": "all_gather", "all_reduce": "all_reduce",
-         "all_gather": "all_gather"}  # step kind -> the collective it is
 
 
 @dataclass(frozen=True)
@@ -86,4 +84,4 @@ def forward_collective(have: Placement | None, want: Placement, world: int) -> s
 
 def steps_collective(steps: Iterable[Step]) -> str | None:
     """The collective (if any) among redistribution ``steps``."""
-    return next((COMMS[s.kind] for s in steps if s.kind in COMMS), None)
+    return next((f for s in steps if (f := STEPS[s.kind].forward) is not None), None)

@@ -318,11 +318,6 @@ def pointwise(ctx: OpCtx) -> Result:
 # ----------------------------------------------------------------------------- views
 
 
-def _shard_of(ctx: OpCtx) -> tuple[int, Shard] | None:
-    s = sharded(ctx.operands)
-    return (s[0], ctx.operands[s[0]].placement) if s else None  # type: ignore[return-value]
-
-
 def _pass_partial(ctx: OpCtx) -> Strategy | None:
     if isinstance(ctx.operands[0].placement, Partial):
         return Strategy({0: P} | {i: R for i in range(1, len(ctx.operands))}, P)

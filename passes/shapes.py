@@ -45,13 +45,6 @@ def as_int(e: Expr) -> int | None:
     return int(e) if e.is_Integer else None
 
 
-def _prod(xs: Sequence[Expr]) -> Expr:
-    out: Expr = sympy.Integer(1)
-    for x in xs:
-        out = out * x
-    return out
-
-
 def _eq(a: Expr, b: Expr) -> bool:
     return sympy.expand(a - b) == 0
 

@@ -366,7 +366,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
     with its kind, once per value and kind: a value that enters one op through Megatron's f and joins the
     sequence split elsewhere (split_even) has both, an all-reduce and an all-gather (the report used to keep only
     the last kind it saw); a scatter after a gather has its gradient all-reduce."""
-    from tpfx.passes import backward_collectives, collective_nodes, trained
+    from tpfx.passes import backward_collectives, collective_nodes, kinds, trained
     from tpfx.passes import collectives as C
 
     from tpfx.derive import capture, plan_graph
@@ -374,7 +374,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
 
     backward = {C.reduce_grad: "all_reduce", C.reduce_grad_spans: "all_reduce", C.gather_seq: "reduce_scatter",
                 C.split_even: "all_gather", C.reduce_scatter: "all_gather", C.scatter: "all_reduce"}
-    forward = set(C.COLLECTIVES)
+    forward = {op for op in kinds.OPS if kinds.listed(op)}
     block, block_inputs = _parallel_block_model()
     cases: list[tuple[torch.nn.Module, Any, int, bool]] = [(block, block_inputs, 6, True), (models.llama(num_kv_heads=2, layers=1), None, 4, True),
              (models.gpt2(layers=1), None, 2, True), (models.llama(num_kv_heads=2, layers=1), None, 4, False),

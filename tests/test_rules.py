@@ -5,7 +5,8 @@ from __future__ import annotations
 import sympy
 import torch
 import torch.fx as fx
-from tpfx.passes.placements import P, R, Shard, refine_local, shard_tensor
+from tpfx.passes.collectives import refine
+from tpfx.passes.placements import P, R, Shard, shard_tensor
 from tpfx.passes.rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
 from tpfx.passes.shapes import map_shard, view_groups
 
@@ -63,7 +64,7 @@ def test_shard_tensor_segments_and_refine():
     assert shard_tensor(x, q, 2, 4).tolist() == shard_tensor(x, q, 3, 4).tolist() == list(range(6, 12))
     fine = Shard(0, 4, (12,))
     for r in range(4):
-        assert torch.equal(refine_local(shard_tensor(x, q, r, 4), q, fine, r, 4), shard_tensor(x, fine, r, 4))
+        assert torch.equal(refine(shard_tensor(x, q, r, 4), 0, [12], 2, 4, r, 4), shard_tensor(x, fine, r, 4))
 
 
 def test_segments_with_their_own_group_counts():
