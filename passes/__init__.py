@@ -7,7 +7,7 @@ from . import eager_hooks as _eager_hooks  # noqa: F401  (registers tpfx::hook a
 from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rules)
 from .backward import GradCollective, backward_collectives, sharded_compute
 from .capture import Captured, CaptureError, check_model, dynamic_spec
-from .collectives import checked_before_collectives, failure_message, module_of, regathered_in_backward
+from .collectives import module_of, regathered_in_backward, set_failure_message, set_pending, settle_pending
 from .eager_hooks import HOOK_OP, VOLATILE
 from .eager_hooks import rebind as rebind_hooks
 from .emit import GroupNamer, collective_nodes, emit, local_param
@@ -20,6 +20,7 @@ from .stages import Derivation, Stages
 
 __all__ = ["HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
            "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
-           "build_plan", "check_model", "checked_before_collectives", "collective_nodes", "dynamic_spec", "emit", "failure_message", "local_param",
+           "build_plan", "check_model", "collective_nodes", "dynamic_spec", "emit", "local_param", "set_failure_message",
+           "set_pending", "settle_pending",
            "forward_collective", "is_guards", "module_of", "is_seq_split", "nbytes", "propagate", "regathered_in_backward", "shard_tensor",
            "tensor_inputs"]

@@ -22,9 +22,11 @@ every rank (``f`` sits where a replicated value enters sharded compute); a ``Sha
 group* (backward is linear, so that stays true through any op), which is reduced only at the
 weight (``reduce_grad`` over the replica group) or where it meets an ``f``.
 
-A check the ranks of a group run before they communicate (``checked_before_collectives``: the runtime's
-comparison of a call's shapes, issued asynchronously when the call starts) is settled by the first of these
-collectives in eager mode, so its round trip overlaps the compute before it instead of delaying the call.
+The runtime hooks in through two calls, its policies staying in ``tpfx``: ``set_pending`` (a check the ranks of
+a group run before they communicate, the runtime's comparison of a call's shapes issued asynchronously when the
+call starts, settled by the first of these collectives in eager mode so its round trip overlaps the compute
+before it: ``tpfx.agreement``) and ``set_failure_message`` (what a failed backward collective says: which
+ranks are gone, ``tpfx.faults``).
 """
 
 from __future__ import annotations
@@ -42,29 +44,24 @@ from .placements import Shard, chunk_range, shard_tensor
 c10d = torch.ops._c10d_functional
 
 
-_pending = threading.local()  # .check: see checked_before_collectives (per thread: a simulated world's ranks)
+_pending = threading.local()  # .check: run before this thread's next collective (per thread: simulated ranks)
 
 
-def _settle() -> None:
-    """Run the pending check (once) before this thread's next collective: eager code only; a compiled graph
-    never sees one (its caller settles it before the call)."""
+def set_pending(check: Callable[[], None] | None) -> None:
+    """The runtime's hook: ``check`` runs right before this thread's next collective (once), or never if none
+    comes before ``set_pending`` is called again (``tpfx.agreement.checked_before_collectives``)."""
+    _pending.check = check
+
+
+def settle_pending() -> None:
+    """Run the pending check (once) now: eager code only; a compiled graph never sees one (its caller settles
+    it before the call)."""
     if not torch.compiler.is_compiling() and getattr(_pending, "check", None) is not None:
         check, _pending.check = _pending.check, None
         check()
 
 
-@contextmanager
-def checked_before_collectives(check: Callable[[], None] | None) -> Iterator[None]:
-    """Within the block, ``check`` runs right before the first collective of this process, or at the block's
-    end if none came (every rank runs it: the ranks of a group issue the same collectives). A check still
-    pending when the block raises is dropped: the error is already on its way."""
-    _pending.check = check
-    try:
-        yield
-    except BaseException:
-        _pending.check = None
-        raise
-    _settle()
+_settle = settle_pending
 
 
 def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -72,49 +69,17 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
 
 
-ROLL_CALL_S = 2.0  # how long ranks wait for each other to check in after a failed collective
-_rolls: dict[str, int] = {}
+def _plain_failure(rank: int, what: str, error: BaseException, group: str | None) -> str:
+    return f"tpfx: rank {rank}: {what} failed: {type(error).__name__}: {error}"
 
 
-def _silent_ranks(group: str, wait_s: float) -> list[int] | str | None:
-    """After a failed collective of ``group``, every rank that reaches its failure checks in on the process
-    group's store; the group ranks that have not checked in after ``wait_s`` seconds (dead, or stuck outside
-    this collective). A string where the store itself is gone; None where there is no group or store to ask."""
-    import time
-
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d_
-
-    try:
-        pg = c10d_._resolve_process_group(group)  # type: ignore[arg-type]
-        ranks, store = dist.get_process_group_ranks(pg), c10d_._get_default_store()
-    except Exception:  # noqa: BLE001 - no process group (a simulated one), or torch moved its internals
-        return None
-    n = _rolls[group] = _rolls.get(group, -1) + 1  # the n-th failure on this group: same on every survivor
-    keys = {r: f"tpfx/roll_call/{group}/{n}/{r}" for r in ranks}
-    try:
-        store.set(keys[dist.get_rank()], "1")
-        deadline = time.monotonic() + wait_s
-        while True:
-            silent = [dist.get_group_rank(pg, r) for r in ranks if not store.check([keys[r]])]
-            if not silent or time.monotonic() >= deadline:
-                return silent
-            time.sleep(0.05)
-    except Exception as e:  # noqa: BLE001 - the store's host is gone too
-        return f"the group's store is unreachable ({type(e).__name__}): the process hosting it (rank 0 or the launcher) died"
+_describe: list[Callable[[int, str, BaseException, str | None], str]] = [_plain_failure]
 
 
-def peers_note(group: str | None, wait_s: float = ROLL_CALL_S) -> str:
-    """Which ranks of ``group`` did not check in after a failure (a roll call on the store, ``wait_s`` at most)."""
-    found = _silent_ranks(group, wait_s) if group else None
-    if found is None:
-        return ""
-    if isinstance(found, str):
-        return f"; {found}"
-    if not found:
-        return "; every rank of the group reached a failed collective (none died: see the first rank's error)"
-    return (f"; rank{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} of the group did not check in within "
-            f"{wait_s:g} s: dead, or stuck outside this collective")
+def set_failure_message(fn: Callable[[int, str, BaseException, str | None], str]) -> None:
+    """The runtime's hook: ``fn(rank, what, error, group)`` is the message a failed backward collective raises
+    with (``tpfx.faults`` adds which ranks of the group are gone)."""
+    _describe[0] = fn
 
 
 def module_of(node: Any) -> str:
@@ -136,14 +101,6 @@ def where_of(node: Any) -> str:
     return f"{node.name} ({module_of(node) or 'the model'})"
 
 
-def failure_message(rank: int, what: str, error: BaseException, group: str | None = None) -> str:
-    """``what`` (a collective, where it sits) failed on ``rank``: the backend's first line, the ranks of
-    ``group`` that did not answer a roll call (``peers_note``), and why it happens."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return (f"tpfx: rank {rank}: {what} failed: {type(error).__name__}: {first}{peers_note(group)} (a peer rank "
-            "died or stalled; with tpfx.launch the failing rank's own error is reported first)")
-
-
 def _named(kind: str, where: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``fn(*args)``, a collective of a backward: a failure (a peer died, a timeout) raises naming it and
     ``where`` (the forward node it pairs with, and its module: emission passes it, autograd runs backward
@@ -154,7 +111,7 @@ def _named(kind: str, where: str, fn: Callable[..., torch.Tensor], *args: Any) -
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         group = next((a for a in reversed(args) if isinstance(a, str)), None)  # the collective's group name
         at = f" for {where}" if where else ""
-        raise RuntimeError(failure_message(rank, f"{kind}{at} in the backward", e, group)) from e
+        raise RuntimeError(_describe[0](rank, f"{kind}{at} in the backward", e, group)) from e
 
 
 def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,

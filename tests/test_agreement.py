@@ -10,9 +10,10 @@ import models
 import pytest
 import torch
 from simulate import emit_all, run_ranks
-from tpfx.passes import checked_before_collectives, collectives
+from tpfx.passes import collectives
 
 import tpfx
+from tpfx.agreement import checked_before_collectives
 
 
 def _calls_made(rank: int) -> int:

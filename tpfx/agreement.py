@@ -7,14 +7,18 @@ all-gather of a digest (tensors by shape, dtype and content) turns that into an 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Disagreement", "agree", "agree_later", "describe", "draws_random", "gloo_twin", "host_group", "rng_digest", "signature"]
+from tpfx.passes import set_pending, settle_pending
+
+__all__ = ["Disagreement", "agree", "agree_later", "checked_before_collectives", "describe", "draws_random",
+           "gloo_twin", "host_group", "rng_digest", "signature"]
 
 
 class Disagreement(RuntimeError):
@@ -132,3 +136,17 @@ def agree(group: Any, what: Any, name: str, share_rng: bool = False) -> None:
                            "same inputs and options")
     if share_rng:
         torch.set_rng_state(got[0][1])
+
+
+@contextlib.contextmanager
+def checked_before_collectives(check: Callable[[], None] | None) -> Iterator[None]:
+    """Within the block, ``check`` runs right before the first collective of this thread, or at the block's
+    end if none came (every rank runs it: the ranks of a group issue the same collectives). A check still
+    pending when the block raises is dropped: the error is already on its way."""
+    set_pending(check)
+    try:
+        yield
+    except BaseException:
+        set_pending(None)
+        raise
+    settle_pending()

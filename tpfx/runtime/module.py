@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from tpfx.agreement import checked_before_collectives
 from tpfx.derive import derive, prepare_kwargs
 from tpfx.dtensor_params import (
     ParamFeeder,
@@ -34,12 +35,12 @@ from tpfx.dtensor_params import (
     params_as_inputs,
     tp_mesh,
 )
+from tpfx.faults import describe_failure
 from tpfx.passes import (
     HOOK_OP,
     Placement,
     Replicate,
     Stages,
-    checked_before_collectives,
     local_param,
     rebind_hooks,
     regathered_in_backward,
@@ -473,8 +474,6 @@ class ShardedModule(torch.nn.Module):
         except Disagreement:
             raise
         except RuntimeError as e:  # a collective that failed: name its node (tpfx.faults)
-            from tpfx.faults import describe_failure
-
             msg = describe_failure(e, local, self.rank)
             if msg is None:
                 raise
