@@ -12,13 +12,14 @@ from .eager_hooks import HOOK_OP, VOLATILE
 from .eager_hooks import rebind as rebind_hooks
 from .emit import GroupNamer, collective_nodes, emit, local_param
 from .placements import Partial, Placement, Replicate, Shard, is_seq_split, shard_tensor
-from .plan_data import Collective, ParamPlacement, PlanData, build_plan
+from .plan_data import INDEX, Collective, ParamPlacement, PlanData, build_plan, fold
 from .propagate import Propagation, Seed, is_guards, nbytes, propagate, tensor_inputs, trained
 from .redistribute import forward_collective
 from .rules import REGISTRY
+from .shapes import hint
 from .stages import Derivation, Stages
 
-__all__ = ["HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
+__all__ = ["INDEX", "fold", "hint", "HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
            "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
            "build_plan", "check_model", "collective_nodes", "dynamic_spec", "emit", "local_param", "set_failure_message",
            "set_pending", "settle_pending",

@@ -71,6 +71,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import capture as _capture
 from .checkpoint import renumber
+from .shapes import hint
 
 # the default of Stages(blocks=...) and tpfx.plan(blocks=...); tpfx.passes.blocks.ENABLED = False captures
 # every model whole (auto_shard included)
@@ -355,9 +356,9 @@ def _static(x: Any, device: torch.device | None) -> Any:
     capture."""
     if not isinstance(x, torch.Tensor):
         return x
-    hint = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in x.shape]
-    stride = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in x.stride()]
-    return torch.empty_strided(hint, stride, dtype=x.dtype, device=device or x.device)
+    sizes = [hint(d, -1) for d in x.shape]  # a size with no hint fails in empty_strided, as before
+    stride = [hint(d, -1) for d in x.stride()]
+    return torch.empty_strided(sizes, stride, dtype=x.dtype, device=device or x.device)
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)

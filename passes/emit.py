@@ -27,6 +27,7 @@ from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, sha
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Step, plan_redistribution
 from .rules import WORLD
+from .shapes import hint
 
 aten = torch.ops.aten
 GroupNamer = Callable[[tuple[int, ...]], str]
@@ -207,7 +208,7 @@ class _Emitter:
 def _memory_order(val: Any) -> tuple[int, ...]:
     """The dims of a (fake) tensor, outermost in memory first (by the strides' hints: no guard is added, so
     no dynamic dim is specialized)."""
-    strides = [(s.node.hint or 0) if isinstance(s, torch.SymInt) else int(s) for s in val.stride()]
+    strides = [hint(s, 0) for s in val.stride()]
     return tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
 
 

@@ -13,7 +13,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .shapes import sym
+from .shapes import hint, sym
 
 log = logging.getLogger("tpfx.passes")
 aten = torch.ops.aten
@@ -98,8 +98,7 @@ def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
     ea, eb = sym(a), sym(b)
     if sympy.simplify(ea - eb) == 0:
         return True
-    ha = a.node.hint if isinstance(a, torch.SymInt) else a
-    hb = b.node.hint if isinstance(b, torch.SymInt) else b
+    ha, hb = hint(a), hint(b)
     return ha is not None and hb is not None and int(ha) == int(hb) and int(ha) != 1
 
 

@@ -15,6 +15,13 @@ from .placements import Placement, Replicate, Shard, shard_tensor
 from .propagate import Propagation, Seed, moves, nbytes
 from .redistribute import steps_collective
 
+INDEX = re.compile(r"\.(\d+)(?=\.|$)")  # a container index in a module path: ``.17`` of ``model.layers.17.mlp``
+
+
+def fold(name: str) -> str:
+    """``model.layers.17.mlp.down_proj.weight`` -> ``model.layers.*.mlp.down_proj.weight``."""
+    return INDEX.sub(".*", name)
+
 
 @dataclass(frozen=True)
 class ParamPlacement:
@@ -77,8 +84,8 @@ class PlanData:
                 continue
             # PyTorch/HF RowwiseParallel on an nn.Embedding splits the vocab rows
             style = "rowwise" if p.style == "vocab" else p.style
-            per_module.setdefault(re.sub(r"\.\d+\.", ".*.", module + "."), set()).add(style)
-        return {k.rstrip("."): "/".join(sorted(v)) for k, v in sorted(per_module.items())}
+            per_module.setdefault(fold(module), set()).add(style)
+        return {k: "/".join(sorted(v)) for k, v in sorted(per_module.items())}
 
     def shard(self, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
         return shard_tensor(full, self.placements[fqn].as_placement(), rank, self.world_size)

@@ -73,7 +73,7 @@ from .placements import (
 )
 from .redistribute import Step, forward_collective, plan_redistribution
 from .rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
-from .shapes import shape_of
+from .shapes import hint, shape_of
 
 aten = torch.ops.aten
 
@@ -885,7 +885,7 @@ def nbytes(node: fx.Node) -> int:
     if isinstance(val, torch.Tensor):
         n = 1
         for s in val.shape:
-            n *= int(s) if not isinstance(s, torch.SymInt) else int(s.node.hint) if s.node.hint is not None else 1
+            n *= hint(s, 1)
         return n * val.element_size()
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 import sympy
 import torch
@@ -26,6 +26,21 @@ import torch
 from .placements import Shard, is_whole
 
 Expr: TypeAlias = Any  # a sympy expression (sympy ships no type information)
+
+
+@overload
+def hint(x: Any, default: int) -> int: ...
+
+
+@overload
+def hint(x: Any, default: None = None) -> int | None: ...
+
+
+def hint(x: Any, default: int | None = None) -> int | None:
+    """An int, or a SymInt's traced value (``default`` where it has none): no guard added, nothing specialized."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint) if x.node.hint is not None else default
+    return int(x)
 
 
 def sym(x: object) -> Expr:

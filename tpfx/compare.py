@@ -25,7 +25,6 @@ Collective bytes, forward, for the example shapes of the planned graph:
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 
     from tpfx.plan import ShardingPlan
 
-_DIGITS = re.compile(r"\.\d+(?=\.|$)")
 
 FAMILY = {
     "colwise": "colwise", "colwise_gather_output": "colwise", "colwise_rep": "colwise",
@@ -108,7 +106,7 @@ class Comparison:
 
 
 def _hf_name(name: str) -> str:
-    return _DIGITS.sub(".*", name)
+    return fold(name)
 
 
 def _matches(key: str, name: str) -> bool:

@@ -28,7 +28,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tpfx.passes import backward_collectives, is_seq_split, module_of, nbytes, tensor_inputs, trained
+from tpfx.passes import (
+    INDEX,
+    backward_collectives,
+    fold,
+    hint,
+    is_seq_split,
+    module_of,
+    nbytes,
+    tensor_inputs,
+    trained,
+)
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -36,7 +46,6 @@ if TYPE_CHECKING:
     from tpfx.passes import Propagation
     from tpfx.plan import ShardingPlan
 
-_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 _NODE_SUFFIX = re.compile(r"\b([A-Za-z]\w*?)_\d+:")
 _WEIGHT_STYLES = frozenset({"colwise", "rowwise", "vocab", "shard"})
 CONTEXT_VERSION = 1
@@ -45,14 +54,9 @@ CONTEXT_VERSION = 1
 # ----------------------------------------------------------------------------------------- names
 
 
-def fold(name: str) -> str:
-    """``model.layers.17.mlp.down_proj.weight`` -> ``model.layers.*.mlp.down_proj.weight``."""
-    return _INDEX.sub(".*", name)
-
-
 def layer_of(name: str) -> tuple[str, int] | None:
     """``model.layers.17.mlp`` -> ``("model.layers", 17)``: the first indexed container of a name."""
-    m = _INDEX.search(name)
+    m = INDEX.search(name)
     return (name[:m.start()], int(m.group(1))) if m else None
 
 
@@ -101,15 +105,8 @@ def describe_placement(pl: Any, ndim: int | None = None, world: int | None = Non
 def numel(shape: Iterable[Any]) -> int:
     n = 1
     for s in shape:
-        n *= _int(s)
+        n *= hint(s, 1)
     return n
-
-
-def _int(s: Any) -> int:
-    if isinstance(s, torch.SymInt):
-        hint = s.node.hint
-        return int(hint) if hint is not None else 1
-    return int(s)
 
 
 def fmt_bytes(n: int | float | None) -> str:
@@ -210,7 +207,7 @@ def _info(kind: str, after: fx.Node, before: str, nbytes: int, pass_: str, sourc
     val = after.meta.get("val")
     return {"kind": kind, "after": after.name, "before": before, "bytes": int(nbytes), "pass": pass_,
             "scope": scope, "index": index, "sources": srcs, "op": op_name(after), "module": module,
-            "shape": [_int(s) for s in val.shape] if isinstance(val, torch.Tensor) else [],
+            "shape": [hint(s, 1) for s in val.shape] if isinstance(val, torch.Tensor) else [],
             "itemsize": val.element_size() if isinstance(val, torch.Tensor) else 0, "derived": derived}
 
 
