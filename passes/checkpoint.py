@@ -16,11 +16,16 @@ not to. So:
    recompute does), with the random state of the forward (the same dropout masks).
 
 A block capture's stitched copies of a layer get a region of their own (``blocks._copy_layers``).
+
+3. ``checkpointing_layers`` (``auto_shard(..., activation_checkpointing=True)``): for a model that does not ask
+   for checkpointing itself, each layer of its stack (its longest ``nn.ModuleList``) runs through
+   ``torch.utils.checkpoint`` while export traces, so steps 1 and 2 make it a region: checkpointing per block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -72,6 +77,43 @@ def marking_regions() -> Iterator[None]:
     finally:
         torch_checkpoint._checkpoint_without_reentrant_generator = plain
         torch_checkpoint.CheckpointFunction = reentrant  # type: ignore[misc]
+
+
+def stack_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of the model's stack: its longest ``nn.ModuleList`` (the first of equal length)."""
+    lists = [list(m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) and name]
+    return max(lists, key=len) if lists else []
+
+
+def _checkpoints_itself(model: torch.nn.Module) -> bool:
+    """transformers' ``gradient_checkpointing_enable()`` was called: the model checkpoints its layers itself."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@contextlib.contextmanager
+def checkpointing_layers(model: torch.nn.Module) -> Iterator[None]:
+    """While active, each layer of the model's stack runs through ``torch.utils.checkpoint`` (non-reentrant);
+    a model that checkpoints its layers itself is left as it is."""
+    if _checkpoints_itself(model):
+        yield
+        return
+    layers = stack_layers(model)
+    if not layers:
+        raise CheckpointPolicyError("tpfx: activation_checkpointing=True checkpoints each layer of the model's "
+                                    "stack (its longest nn.ModuleList), and this model has none; call "
+                                    "torch.utils.checkpoint in its forward instead (tpfx honours it)")
+    saved = [(layer, vars(layer).get("forward")) for layer in layers]
+    for layer in layers:
+        layer.forward = functools.partial(torch_checkpoint.checkpoint, layer.forward,  # type: ignore[method-assign]
+                                          use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, own in saved:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own  # type: ignore[method-assign]
 
 
 def renumber(node: fx.Node, suffix: str) -> None:

@@ -28,6 +28,7 @@ import torch.fx as fx
 from . import blocks as _blocks
 from . import capture as _capture
 from . import pipeline
+from .checkpoint import checkpointing_layers
 from .eager_hooks import eager_hooks
 from .emit import GroupNamer, emit
 from .placements import Placement
@@ -64,8 +65,11 @@ def _gc_paused() -> Any:
 class Stages:
     """Runs the stages and adds each one's seconds to ``timings`` (a caller's dict, or a new one)."""
 
-    def __init__(self, timings: dict[str, float] | None = None, blocks: bool | None = None) -> None:
+    def __init__(self, timings: dict[str, float] | None = None, blocks: bool | None = None,
+                 checkpoint_layers: bool = False) -> None:
         self.timings: dict[str, float] = {} if timings is None else timings
+        # every layer of the stack a checkpointed region (checkpoint.checkpointing_layers)
+        self.checkpoint_layers = checkpoint_layers
         # capture a stack of identical layers through three of them (blocks.py); default: blocks.ENABLED
         self.blocks = _blocks.ENABLED if blocks is None else blocks
 
@@ -82,7 +86,8 @@ class Stages:
         reason the stack could not be used in ``Captured.whole_because``. The model is left as it was given
         (``capture.ModelState``)."""
         why = None
-        with eager_hooks(model), _capture.ModelState(model) as state:  # from and back to the model as given
+        layers = checkpointing_layers(model) if self.checkpoint_layers else contextlib.nullcontext()
+        with layers, eager_hooks(model), _capture.ModelState(model) as state:  # from and back to the model as given
             if self.blocks:
                 got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
                 if isinstance(got, _capture.Captured):

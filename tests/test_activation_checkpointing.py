@@ -54,3 +54,29 @@ def test_a_checkpoint_policy_tpfx_cannot_carry_is_refused_at_planning() -> None:
 
     with pytest.raises(CheckpointPolicyError, match="selective activation checkpointing"):
         tpfx.plan(Selective(), 2, example_inputs=(torch.randn(2, 16),))
+
+
+def test_activation_checkpointing_option_makes_each_stack_layer_a_region() -> None:
+    # auto_shard(..., activation_checkpointing=True) for a model that does not checkpoint itself: the stages
+    # capture each layer of its longest ModuleList as a checkpointed region (block capture's copies included),
+    # the model left as it was; a model with no stack is refused
+    from tpfx.passes import Stages
+    from tpfx.passes.checkpoint import KEY, CheckpointPolicyError
+
+    from tpfx.derive import derive
+
+    model = models.llama(layers=5)
+    ids = models.token_inputs(model.config.vocab_size, 2, 8, seed=1)
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    plan, _ = derive(model, (), kwargs, 2, None, stages=Stages(checkpoint_layers=True))
+    assert plan.derivation is not None
+    regions = {n.meta.get("custom", {}).get(KEY) for n in plan.derivation.gm.graph.nodes} - {None}
+    assert len(regions) == 5, regions
+    assert all("forward" not in vars(layer) for layer in model.model.layers)  # unwrapped after the capture
+    for gm, _ in emit_all(plan):
+        assert sum(getattr(n.target, "__name__", "") == "_checkpointed" for n in gm.graph.nodes) == 5
+    plain, _ = derive(model, (), kwargs, 2, None)  # without the option: no region
+    assert plain.derivation is not None and not any(n.meta.get("custom", {}).get(KEY) is not None
+                                                    for n in plain.derivation.gm.graph.nodes)
+    with pytest.raises(CheckpointPolicyError, match="longest nn.ModuleList"):
+        derive(models.mlp(), (models.mlp_inputs(),), {}, 2, None, stages=Stages(checkpoint_layers=True))

@@ -28,8 +28,9 @@ def test_dropout_under_the_default_attention_trains_as_the_unsharded_model(world
 
 @pytest.mark.parametrize("world", [2])
 def test_activation_checkpointing_is_honoured_in_the_per_rank_graphs(world: int) -> None:
-    # transformers' gradient_checkpointing_enable (non-reentrant and reentrant) and a model calling
-    # torch.utils.checkpoint itself: every checkpointed region is one checkpoint() call per rank, gradients
+    # transformers' gradient_checkpointing_enable (non-reentrant and reentrant), a model calling
+    # torch.utils.checkpoint itself, and auto_shard(activation_checkpointing=True) on a model that does not
+    # checkpoint ("option"): every checkpointed region is one checkpoint() call per rank, gradients
     # exact, and the bytes kept for backward those of the unsharded checkpointed model (plain TP keeps each
     # layer's replicated input), about half with sequence parallelism
     for res in launch(finetune_cases.checkpointings, world, timeout_s=500):

@@ -47,7 +47,8 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp",
-               sequence_parallel: bool = False, timeout: float | None = None) -> ShardedModule:
+               sequence_parallel: bool = False, timeout: float | None = None,
+               activation_checkpointing: bool = False) -> ShardedModule:
     """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
 
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
@@ -59,13 +60,16 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     instead of all-reduce); the sequence length must then be divisible by the tp size. ``timeout`` (seconds):
     how long any collective of the tp group may wait for a peer before raising on this rank (sets the group's
     timeout; default: the group's own, 30 min on gloo and 10 min on NCCL unless ``init_process_group(timeout=)``
-    said otherwise)."""
+    said otherwise). ``activation_checkpointing=True``: each layer of the model's stack (its longest
+    ``nn.ModuleList``) is a checkpointed region of the per-rank graphs (recomputed in backward), as
+    ``gradient_checkpointing_enable()`` or ``torch.utils.checkpoint`` in the model's code would make it."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
                       group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
-                      mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel, timeout=timeout)
+                      mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel, timeout=timeout,
+                      activation_checkpointing=activation_checkpointing)
 
 
 def _check_unwrapped(model: torch.nn.Module) -> None:
@@ -87,7 +91,8 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                group: dist.ProcessGroup | None = None, compile: bool = False,
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, loader: ParamLoader | None = None, mesh: Any = None,
-               tp_axis: str = "tp", sequence_parallel: bool = False, timeout: float | None = None) -> ShardedModule:
+               tp_axis: str = "tp", sequence_parallel: bool = False, timeout: float | None = None,
+               activation_checkpointing: bool = False) -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
     instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
     then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
@@ -114,12 +119,14 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     if plan is None or not lazy:
         args, kwargs = examples(model, example_inputs, example_kwargs)
         pins = plan.pins() if plan is not None else override_pins(model, overrides)
-        planned, dynamic = derive(model, args, kwargs, world_size, pins, sequence_parallel)
+        planned, dynamic = derive(model, args, kwargs, world_size, pins, sequence_parallel,
+                                  Stages(checkpoint_layers=activation_checkpointing))
         first = (planned, args, kwargs, dynamic)
         plan = planned
     check_agreement(plan, group)
     sharded = sharded_class(type(model))(model, plan, rank, group, compile, gather_outputs,  # type: ignore[arg-type]
-                                          timeout, mesh[tp_axis] if mesh is not None else None)
+                                          timeout, mesh[tp_axis] if mesh is not None else None,
+                                          activation_checkpointing)
     sharded.load_params(model, loader or _slicer(model, plan, rank))
     if first is not None:
         planned, args, kwargs, dynamic = first

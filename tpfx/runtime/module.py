@@ -99,7 +99,8 @@ class ShardedModule(torch.nn.Module):
     _group: Any
 
     def __init__(self, model: torch.nn.Module, plan: ShardingPlan, rank: int, group: Any,
-                 compile: bool, gather_outputs: bool = True, timeout: float | None = None, mesh: Any = None) -> None:
+                 compile: bool, gather_outputs: bool = True, timeout: float | None = None, mesh: Any = None,
+                 checkpoint_layers: bool = False) -> None:
         super().__init__()
         tree = build_tree(model)  # the model's module types; its containers are this module's (tpfx.tree)
         for k in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
@@ -118,6 +119,7 @@ class ShardedModule(torch.nn.Module):
         self.__dict__["_namer"] = group_namer(group, plan.world_size, timeout)
         self._namer.prepare(replica_groups(plan))
         self.__dict__["_given_mesh"] = mesh  # the tp mesh given (a mesh axis), else one built on first use
+        self.__dict__["_checkpoint_layers"] = checkpoint_layers  # auto_shard(activation_checkpointing=True)
 
     def load_params(self, model: torch.nn.Module, loader: Callable[[str, Placement], torch.Tensor]) -> None:
         """Register every parameter of ``model`` in the tree as ``loader(fqn, placement)`` gives this rank's
@@ -434,7 +436,8 @@ class ShardedModule(torch.nn.Module):
     def _capture(self, args: tuple, kwargs: dict[str, Any], state: int) -> tuple[fx.GraphModule, Any]:
         """Capture, plan and emit a graph for these inputs (no graph serves them yet) from the tree as it is."""
         with self.capturing() as tree:
-            plan, dynamic = derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel)
+            plan, dynamic = derive(tree, args, kwargs, self.world_size, self.pins(), self._plan.sequence_parallel,
+                                   Stages(checkpoint_layers=self.__dict__["_checkpoint_layers"]))
         state = self.state_key()  # after the capture took in new modules' parameters (_sync_tree)
         key = self._key(args, kwargs, dynamic, state)
         self.add_graph(plan, key)
