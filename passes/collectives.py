@@ -31,7 +31,6 @@ ranks are gone, ``tpfx.faults``).
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -425,15 +424,6 @@ def refine(x: torch.Tensor, dim: int, segs: list[int], src_groups: int | list[in
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
-def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, n: int, padding_idx: int = -1) -> torch.Tensor:
-    """Lookup in this rank's rows [start, start + n) of a vocab-split table; other tokens give zeros."""
-    local = ids - start
-    outside = (local < 0) | (local >= n)
-    pad = padding_idx - start if 0 <= padding_idx - start < n else None
-    out = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight, padding_idx=pad)
-    return out.masked_fill(outside.unsqueeze(-1), 0.0)
-
-
 class _ParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, start, reduction, ignore_index, group):  # type: ignore[override]
@@ -478,63 +468,3 @@ def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: in
     """Cross-entropy of vocab-split logits [N, V/t] (this rank's columns start at ``start``): 3 all-reduces
     of N values forward (max, sum of exp, target logit), none backward; the logits are never gathered."""
     return _ParallelCrossEntropy.apply(logits, target, start, reduction, ignore_index, group)
-
-
-DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
-
-
-def _full_noise(x: torch.Tensor, op: Any, p: float, dim: int, full: int, order: tuple[int, ...]) -> Any:
-    """``op`` (a dropout) of ones shaped like the unsharded value (``full`` along ``dim``, its memory order
-    ``order``, outermost first): the noise the unsharded run multiplies by, drawn as it draws it."""
-    shape = list(x.shape)
-    shape[dim] = full
-    ones = x.new_ones([shape[d] for d in order]).permute([order.index(d) for d in range(x.dim())])
-    return op(ones, p, True)
-
-
-def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, groups: int, segs: tuple[int, ...],
-                  sgroups: tuple[int, ...] | None, order: tuple[int, ...], rank: int, world: int,
-                  native: bool = False) -> Any:
-    """A training dropout of this rank's chunk ``x`` of a split value, exactly the unsharded run's: every rank
-    draws the full value's noise (the same on every rank of the group, whose generators then advance as the
-    unsharded run's does) and multiplies its chunk by its chunk of it. Drawing only a chunk would repeat one
-    mask across chunks (every rank's generator is in the same state). Costs the full value's random numbers
-    and one transient tensor of its size."""
-    op = torch.ops.aten.native_dropout.default if native else torch.ops.aten.dropout.default
-    if not train or p == 0:
-        return op(x, p, train)
-    pl = Shard(dim, groups, tuple(segs), tuple(sgroups) if sgroups else None)
-    noise = _full_noise(x, op, p, dim, x.shape[dim] * world if pl.even else sum(segs), order)
-    if native:
-        return x * shard_tensor(noise[0], pl, rank, world), shard_tensor(noise[1], pl, rank, world)
-    return x * shard_tensor(noise, pl, rank, world)
-
-
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                       p: float, is_causal: bool, scale: float | None, enable_gqa: bool, groups: int,
-                       segs: tuple[int, ...], sgroups: tuple[int, ...] | None, rank: int, world: int
-                       ) -> torch.Tensor:
-    """``scaled_dot_product_attention`` with dropout of this rank's heads (dim 1 split as ``Shard(1, groups,
-    segs, sgroups)``) as the unsharded run computes it: torch's math path (q and k each scaled by the scale's
-    root, the mask added, a safe softmax), the attention weights dropped out by this rank's chunk of the full
-    (B, H, L, S) noise the unsharded kernel draws (``dropout_chunk``), then times v. On CPU the unsharded
-    kernel takes this path, so a sharded run is the unsharded one mask for mask; where a fused kernel draws
-    inside itself (CUDA), no run can reproduce it, and each head's noise is still its own slice of one draw
-    (never a mask repeated across the ranks' heads)."""
-    root = (1.0 / math.sqrt(q.size(-1)) if scale is None else abs(scale)) ** 0.5
-    q = q * (-root if scale is not None and scale < 0 else root)  # (B, H/t, L, D)
-    if enable_gqa:
-        k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
-        v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-    attn = q @ (k.transpose(-2, -1) * root)  # (B, H/t, L, S)
-    if is_causal:
-        causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-        attn = attn.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
-    attn = torch.ops.aten._safe_softmax.default(attn, -1)
-    attn = dropout_chunk(attn, p, True, 1, groups, segs, sgroups, tuple(range(attn.dim())), rank, world)
-    return attn @ v  # (B, H/t, L, Dv)

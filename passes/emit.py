@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import collectives as C
+from . import kernels as K
 from .backward import operand_grad, sharded_compute
 from .checkpoint import checkpoint_regions
 from .kinds import OPS, STEPS, listed
@@ -191,9 +192,9 @@ class _Emitter:
         elif node.op == "placeholder":
             self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
             return
-        elif target in C.DROPOUTS:
+        elif target in K.DROPOUTS:
             target, args, kwargs = _dropout(node, args, kwargs, prop, self.rank, world)
-        elif target is C.SDPA:
+        elif target is K.SDPA:
             target, args, kwargs = _sdpa(node, args, kwargs, prop, self.rank, world)
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
@@ -214,7 +215,7 @@ def _memory_order(val: Any) -> tuple[int, ...]:
 
 def _dropout(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
              world: int) -> tuple[Any, Any, dict[str, Any]]:
-    """A dropout of a split value becomes ``C.dropout_chunk`` (the unsharded run's noise, this rank's chunk);
+    """A dropout of a split value becomes ``K.dropout_chunk`` (the unsharded run's noise, this rank's chunk);
     one of a value every rank holds whole draws the whole noise already and stays."""
     pl = prop.placements.get(node)  # the chunk it computes on (its input as it arrives: redistributed maybe)
     pl = pl[0] if isinstance(pl, (list, tuple)) else pl  # native_dropout: (out, mask), placed alike
@@ -223,7 +224,7 @@ def _dropout(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation
     x, p, train = args
     order = _memory_order(node.args[0].meta["val"])  # type: ignore[union-attr]
     native = node.target is torch.ops.aten.native_dropout.default
-    return C.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world, native), {}
+    return K.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world, native), {}
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -232,7 +233,7 @@ _SDPA_DEFAULTS = (None, 0.0, False, None, False)
 
 def _sdpa(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
           world: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Attention with dropout over split heads becomes ``C.sdpa_dropout_chunk`` (the unsharded run's noise,
+    """Attention with dropout over split heads becomes ``K.sdpa_dropout_chunk`` (the unsharded run's noise,
     this rank's heads); without dropout, or over heads every rank holds, it stays. Dropout over a value split
     along another dim is refused."""
     bound = dict(zip(_SDPA_ARGS, (*args, *_SDPA_DEFAULTS[len(args) - 3:]), strict=False)) | kwargs
@@ -243,7 +244,7 @@ def _sdpa(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, r
         raise NotImplementedError(f"tpfx: {node.name}: attention with dropout (p={p}) on a value split along dim "
                                   f"{pl.dim}, not its heads: its noise cannot be drawn as the unsharded run's; "
                                   "train with the attention dropout at 0, or plan without this split")
-    return C.sdpa_dropout_chunk, (*(bound[a] for a in _SDPA_ARGS), pl.groups, pl.segs, pl.sgroups, rank, world), {}
+    return K.sdpa_dropout_chunk, (*(bound[a] for a in _SDPA_ARGS), pl.groups, pl.segs, pl.sgroups, rank, world), {}
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:

@@ -25,6 +25,7 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 
+from . import kernels
 from .placements import P, Partial, Placement, R, Replicate, Shard, chunk_range, group_at, is_whole
 from .shapes import Expr, as_int, divisible_prefix, map_shard
 
@@ -761,13 +762,8 @@ def reduce_(ctx: OpCtx) -> Result:
         def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
             return (args[0], list(dims), keepdim, n), {}
 
-        return Strategy({0: p}, P, rewrite=rw, target=partial_mean)
+        return Strategy({0: p}, P, rewrite=rw, target=kernels.partial_mean)
     return _reduce(ctx, dims, keepdim, linear=False)
-
-
-def partial_mean(x: torch.Tensor, dims: list[int], keepdim: bool, n: int) -> torch.Tensor:
-    """This rank's summand of a mean over a sharded dim of global size ``n``."""
-    return x.sum(dims, keepdim=keepdim, dtype=x.dtype) / n
 
 
 @register(aten.max, aten.min, aten.argmax, aten.argmin, aten.topk, aten.sort, aten.cumsum, aten.cumprod,
@@ -1025,7 +1021,7 @@ def embedding(ctx: OpCtx) -> Result:
 
 
 def _vocab_op() -> Any:
-    from .collectives import vocab_embedding
+    from .kernels import vocab_embedding
 
     return vocab_embedding
 

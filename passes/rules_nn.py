@@ -37,7 +37,8 @@ import torch
 import torch.fx as fx
 
 from . import rules
-from .placements import P, Partial, Placement, R, Shard, shard_tensor
+from .kernels import sharded_batch_norm, sharded_instance_norm
+from .placements import P, Partial, Placement, R, Shard
 from .rules import (
     WORLD,
     Fallback,
@@ -204,35 +205,6 @@ def spatial(ctx: OpCtx) -> Result:
 
 
 # ----------------------------------------------------------------------------- normalization
-
-
-def sharded_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                       momentum: float, eps: float, cudnn: bool, segs: list[int], groups: int, rank: int,
-                       world: int, group: str = "", instance: bool = False) -> torch.Tensor:
-    """Batch (or instance) norm of this rank's channels. The running statistics are whole buffers on every
-    rank: this rank's chunk is read and, in training, every rank's updated chunk is gathered and written back
-    in place (one small all-gather per statistic), so each rank's buffers stay the unsharded model's."""
-    from .collectives import all_gather
-
-    p = Shard(0, groups, tuple(segs))
-    stats = [None if s is None else shard_tensor(s, p, rank, world).clone() for s in (running_mean, running_var)]
-    fn = torch.instance_norm if instance else torch.batch_norm
-    y = fn(x, weight, bias, stats[0], stats[1], training, momentum, eps, cudnn)
-    if training:
-        with torch.no_grad():
-            for full, local in zip((running_mean, running_var), stats, strict=True):
-                if full is not None and local is not None:
-                    full.copy_(all_gather(local, 0, list(segs), rank, world, group, groups))  # (C,)
-    return y
-
-
-def sharded_instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                          running_mean: torch.Tensor | None, running_var: torch.Tensor | None, use_input_stats: bool,
-                          momentum: float, eps: float, cudnn: bool, segs: list[int], groups: int, rank: int,
-                          world: int, group: str = "") -> torch.Tensor:
-    return sharded_batch_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn,
-                              segs, groups, rank, world, group, instance=True)
 
 
 def _param_want(ctx: OpCtx, i: int | None, sh: Shard, want: dict[int, Placement],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import models
 import pytest
 import torch
-from tpfx.passes.collectives import dropout_chunk
 from tpfx.passes.emit import emit
+from tpfx.passes.kernels import dropout_chunk
 from tpfx.passes.placements import Shard, seq_shard, shard_tensor
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -84,7 +84,7 @@ def _sdpa_inputs(heads: int = 4) -> tuple[torch.Tensor, ...]:
 def test_attention_dropout_over_split_heads_is_the_unsharded_kernel_s(world: int) -> None:
     # F.scaled_dot_product_attention with dropout (transformers' default attention in training) on CPU draws
     # its noise over the whole (B, H, L, S) weights: each rank's heads get exactly their chunk of it
-    from tpfx.passes.collectives import sdpa_dropout_chunk
+    from tpfx.passes.kernels import sdpa_dropout_chunk
 
     q, k, v = _sdpa_inputs()
     torch.manual_seed(7)
@@ -102,7 +102,7 @@ def test_attention_dropout_over_split_heads_is_the_unsharded_kernel_s(world: int
 def test_attention_dropout_masks_of_two_ranks_heads_are_independent_at_rate_p() -> None:
     # what a fused kernel (CUDA) cannot reproduce is still drawn per head: rank 0's and rank 1's heads, from one
     # random state, get different masks (never one mask repeated), each dropping p within its binomial bound
-    from tpfx.passes.collectives import sdpa_dropout_chunk
+    from tpfx.passes.kernels import sdpa_dropout_chunk
 
     n = 64
     q, k = torch.zeros(2, 4, n, 8), torch.zeros(2, 4, n, 8)  # uniform attention: weights 1/n

@@ -19,10 +19,10 @@ from numerics import TOL
 from simulate import run_ranks
 from tpfx.passes.collectives import reduce_grad_spans
 from tpfx.passes.emit import collective_nodes
+from tpfx.passes.kernels import sharded_batch_norm
 from tpfx.passes.pipeline import decompose_bias
 from tpfx.passes.placements import P, R, Shard, shard_tensor
 from tpfx.passes.rules import WORLD, Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
-from tpfx.passes.rules_nn import sharded_batch_norm
 
 import tpfx
 from tpfx.launch import launch

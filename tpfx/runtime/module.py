@@ -368,7 +368,9 @@ class ShardedModule(torch.nn.Module):
             raise RuntimeError(f"tpfx: {fqn!r} holds a slice laid out for another place (a sharded parameter "
                                "moved or copied there after auto_shard: a new layer, an adapter wrapping a layer); "
                                "tpfx plans by parameter names, so change the unsharded model and shard it anew "
-                               "(tpfx.auto_shard), or assign full tensors (each rank keeps its slice)")
+                               "(tpfx.auto_shard), or assign full tensors (each rank keeps its slice). For peft "
+                               "adapters: tpfx.auto_shard(get_peft_model(model, config)), or "
+                               "tpfx.from_pretrained(path, adapter=config) to load the base by slices")
         if tuple(p.shape) != full:
             raise RuntimeError(f"tpfx: parameter {fqn!r} was replaced after auto_shard by a {type(p).__name__} of "
                                f"shape {tuple(p.shape)}; the plan holds it as {full} in full. Assign the full tensor "
