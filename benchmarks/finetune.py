@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import _common as C
@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 import tpfx
+
+sys.path.insert(0, str(C.ROOT / "tests"))
+from finetune_cases import saved_bytes  # noqa: E402  (the tests' count: saved_tensors_hooks, each storage once)
 
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512)
@@ -68,23 +71,6 @@ def build(tool: str, recipe: str, path: str, world: int) -> torch.nn.Module:
     if recipe == "lora":
         model = get_peft_model(model, _lora())
     return model
-
-
-def saved_bytes(model: torch.nn.Module, step: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward during one forward, each storage once, parameters excluded."""
-    params = {tpfx.local(p).untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = tpfx.local(t).untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
 
 
 def bench(rank: int, world: int, path: str, batch: list[int], vocab: int, iters: int, warmup: int) -> dict[str, Any]:
@@ -130,7 +116,7 @@ def bench(rank: int, world: int, path: str, batch: list[int], vocab: int, iters:
                     times[tool].append(t.s)
         for tool, (model, _) in runs.items():
             res["times"][f"{tool}/{recipe}"] = C.median(times[tool])
-            res["saved"][f"{tool}/{recipe}"] = saved_bytes(model, lambda m=model: m(input_ids=ids, labels=ids).loss)
+            res["saved"][f"{tool}/{recipe}"] = saved_bytes(lambda m=model: m(input_ids=ids, labels=ids).loss, model)
             model.zero_grad()
         del runs
     return res
