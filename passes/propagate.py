@@ -522,12 +522,15 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s.styles = s.styles - {"vocab"} if why == "vocab" else frozenset({"replicate"})
             s.reasons.append(_TRIAL_REASONS[why])
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds, fed)
-        if _better(_cost(prop), _cost(trial)):
+        local = step is _split_partials  # an adapter's layout: it must not cost a split elsewhere
+        if _better(_cost(prop), _cost(trial)) and not (local and _unsplit(prop, trial, set(found))):
             prop, seeds = trial, trial_seeds
     if joins := _partial_joins(prop):  # step 6
         trial_seeds = {f: replace(s, reasons=list(s.reasons)) for f, s in seeds.items()}
         trial = _fixpoint(gm, world, trial_seeds, cache, max_rounds, fed, joins)
-        if _better(_cost(prop), _cost(trial)):
+        carried = {w for n in gm.graph.nodes if n.name in joins for a in tensor_inputs(n)
+                   if (w := _weight_of(prop, a)) is not None}  # the weights carried through, held whole
+        if _better(_cost(prop), _cost(trial)) and not _unsplit(prop, trial, carried):
             prop, seeds = trial, trial_seeds
     _keep_unused_pins(gm, prop, pins or {})
     _check_pins(prop, seeds)
@@ -685,6 +688,9 @@ def _carry_partial(operands: list[Operand]) -> Strategy | None:
     if len(operands) != 2 or len(partial) != 1 or not isinstance(operands[1 - partial[0]].placement, Replicate):
         return None
     other = 1 - partial[0]
+    free = operands[other].free
+    if free is not None and "replicate" not in free.styles:
+        return None  # a weight pinned to a split
     decide: dict[int, tuple[str, Placement]] = {other: ("replicate", R)} if operands[other].free is not None else {}
     return Strategy({partial[0]: P, other: R}, P, decide)
 
@@ -697,6 +703,14 @@ _TRIAL_REASONS = {
     "vocab": "not vocab-split: its partial sum was all-reduced and split again; split on the embedding dim "
              "instead",
 }
+
+
+def _unsplit(prop: Propagation, trial: Propagation, allowed: set[str]) -> list[str]:
+    """Weights ``prop`` splits and ``trial`` replicates, beyond ``allowed`` (the ones the trial set out to
+    replicate): an adapter's trial that would undo a layer's split elsewhere (GPT-2's fused ``c_attn``, whose
+    adapter cannot follow its parts) is not taken."""
+    return [f for f, (style, _) in trial.decided.items() if style == "replicate" and f not in allowed
+            and prop.decided.get(f, ("replicate",))[0] != "replicate"]
 
 
 def _better(base: tuple[int, int], trial: tuple[int, int]) -> bool:

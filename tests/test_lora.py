@@ -114,3 +114,20 @@ def test_readme_lora_example_runs(tmp_path) -> None:
     tpfx_losses, ref_losses = (eval(line.split(": ", 1)[1]) for line in lines[2:4])  # noqa: S307 - our own print
     assert rel_err(torch.tensor(tpfx_losses), torch.tensor(ref_losses)) <= TOL, lines
     assert float(lines[-1].rsplit(" ", 1)[1]) <= 1e-5, lines[-1]
+
+
+ATTACKS = ["llama_lora_all", "hand_plain_both", "hand_bias_B_both", "hand_gelu_both", "peft_gpt2_conv1d",
+           "peft_gpt2_wte", "hand_plain_pinB_col", "peft_llama_kv1_mqa", "peft_opt_proj", "other_ia3_all"]
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_adversarial_adapters_plan_exactly_and_never_cost_more(name: str) -> None:
+    # from the attack generator (tests/lora_attack.py: 60 cases, `python tests/lora_attack.py` prints them all):
+    # simulated ranks match the unsharded model, and the new planner steps never add forward collectives nor
+    # undo a base layer's split (GPT-2's fused c_attn with LoRA: the trial is refused, measured 10 collectives
+    # / 86 KB vs 14 / 87 KB before the steps); a pinned adapter weight is kept pinned
+    import lora_attack
+
+    case = next(c for c in lora_attack.CASES if c.name == name)
+    r = lora_attack.check(case, 2)
+    assert r.verdict in ("ok", "rounding"), lora_attack._fmt(r)

@@ -172,10 +172,3 @@ def emit_rank(plan: ShardingPlan, rank: int, timings: dict[str, float] | None = 
 def shard_tensor(plan: ShardingPlan, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
     """``rank``'s slice of a full tensor laid out like parameter ``fqn`` (e.g. its gradient)."""
     return plan.shard(fqn, full, rank)
-
-
-# TEMPORARY aliases while a helper's script still imports them (removed before commit)
-from tpfx.derive import capture as capture  # noqa: E402
-from tpfx.derive import examples as _examples  # noqa: E402,F401
-from tpfx.derive import override_pins as _override_pins  # noqa: E402,F401
-from tpfx.derive import plan_graph as _plan_graph  # noqa: E402,F401
