@@ -3,7 +3,7 @@
 Each kind of data movement the per-rank graphs perform is an op of ``collectives.py``; this table says, once:
 
     op          the kernel the emitted graph calls (its autograd is Megatron's pair)
-    listed      its name where a graph's collectives are listed (plans, reports, failure messages)
+    listed      its name where a graph's collectives are listed (plans, reports, failure messages); None: local
     forward     the collective its forward performs, as the plan counts it (None: local, no data moves)
     backward    the collective its backward performs (None: none, or local)
     named       whether emission tells it where it sits (``where=``), to name its backward if that fails
@@ -32,7 +32,7 @@ def _groups(groups: Any) -> int | list[int] | None:
 @dataclass(frozen=True)
 class Kind:
     op: Callable[..., Any]
-    listed: str
+    listed: str | None  # None: a local op, not listed among a graph's collectives
     forward: str | None = None
     backward: str | None = None
     named: bool = False
@@ -54,10 +54,10 @@ STEPS: dict[str, Kind] = {
                        args=lambda s, r, w, g: (s.dim, r, w, g)),
     "scatter": Kind(C.scatter, "scatter", backward="all_reduce", named=True, paired="scatter",
                     args=lambda s, r, w, g: (s.dim, _groups(s.dst_groups), list(s.segs), r, w, g)),
-    "refine": Kind(C.refine, "refine",
+    "refine": Kind(C.refine, None,
                    args=lambda s, r, w, g: (s.dim, list(s.segs), _groups(s.src_groups), _groups(s.dst_groups), r, w)),
-    "to_partial": Kind(C.to_partial, "to_partial", args=lambda s, r, w, g: (r,)),
-    "unwhole": Kind(C.unwhole, "unwhole", args=lambda s, r, w, g: (w,)),
+    "to_partial": Kind(C.to_partial, None, args=lambda s, r, w, g: (r,)),
+    "unwhole": Kind(C.unwhole, None, args=lambda s, r, w, g: (w,)),
 }
 
 _GRADIENT_ONLY = [
@@ -68,10 +68,9 @@ _GRADIENT_ONLY = [
 ]
 
 OPS: dict[Any, Kind] = {k.op: k for k in [*STEPS.values(), *_GRADIENT_ONLY]}
-LISTED = {"all_reduce", "all_gather", "reduce_scatter", "scatter", "reduce_grad", "parallel_cross_entropy"}
 
 
 def listed(op: Any) -> str | None:
     """The name ``op`` is listed under among a graph's collectives (None: a local op)."""
     kind = OPS.get(op)
-    return kind.listed if kind is not None and kind.listed in LISTED else None
+    return kind.listed if kind is not None else None

@@ -589,9 +589,7 @@ def _reduced_then_split(prop: Propagation, seeds: dict[str, Seed], depth: int = 
     split that made it, or the vocab-split embedding that made it. fqn -> its style."""
     out: dict[str, str] = {}
     for (_, producer), want in prop.wants.items():
-        if not isinstance(want, Shard):
-            continue
-        if not _replicated(prop.placements.get(producer)):
+        if not isinstance(want, Shard) or not _replicated(prop.placements.get(producer)):
             continue
         frontier, seen = [producer], {producer}
         for _ in range(depth):
@@ -691,7 +689,7 @@ def _carry_partial(operands: list[Operand]) -> Strategy | None:
     free = operands[other].free
     if free is not None and "replicate" not in free.styles:
         return None  # a weight pinned to a split
-    decide: dict[int, tuple[str, Placement]] = {other: ("replicate", R)} if operands[other].free is not None else {}
+    decide: dict[int, tuple[str, Placement]] = {other: ("replicate", R)} if free is not None else {}
     return Strategy({partial[0]: P, other: R}, P, decide)
 
 

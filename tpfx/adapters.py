@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from tpfx.dtensor_params import local
+
 if TYPE_CHECKING:
     from tpfx.runtime.interface import Sharded as ShardedModule
 
@@ -82,12 +84,12 @@ def attach(model: torch.nn.Module, adapter: Any, adapter_kwargs: dict[str, Any] 
     return wrapped, base
 
 
-def _saved_names(tree: torch.nn.Module, adapter_name: str) -> list[str]:
-    """The state-dict names of ``tree`` that peft saves for ``adapter_name``: peft's own filter, run on
+def _saved_names(tree: torch.nn.Module, names: list[str], adapter_name: str) -> list[str]:
+    """The state-dict ``names`` of ``tree`` that peft saves for ``adapter_name``: peft's own filter, run on
     placeholders and mapped back by identity."""
     from peft import get_peft_model_state_dict
 
-    holders = {k: torch.empty(0) for k in tree.state_dict(keep_vars=True)}
+    holders = {k: torch.empty(0) for k in names}
     kept = get_peft_model_state_dict(tree, state_dict=holders, adapter_name=adapter_name)
     ids = {id(v) for v in kept.values()}
     return [k for k, v in holders.items() if id(v) in ids]
@@ -100,13 +102,13 @@ def save(sharded: ShardedModule, directory: str | os.PathLike, timeout_s: float 
 
     tree: Any = sharded.tree
     _barrier(sharded.group, timeout_s, "save_pretrained")
-    local = dict(tree.state_dict(keep_vars=True))
+    state = dict(tree.state_dict(keep_vars=True))
     canonical = canonical_names(tree)
     error: str | None = None
     for adapter_name in list(tree.peft_config):
         full: dict[str, torch.Tensor] = {}
-        for name in _saved_names(tree, adapter_name):
-            t = _gather_full(sharded, canonical.get(name, name), _local(local[name]))
+        for name in _saved_names(tree, list(state), adapter_name):
+            t = _gather_full(sharded, canonical.get(name, name), local(state[name]))
             if t is not None:
                 full[name] = t.detach().cpu()
         if sharded.rank == 0 and error is None:
@@ -120,9 +122,3 @@ def save(sharded: ShardedModule, directory: str | os.PathLike, timeout_s: float 
     if status[0] is not None:
         raise RuntimeError(f"tpfx.save_pretrained: rank 0 could not write the adapter to {str(directory)!r}: "
                            f"{status[0]}")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from tpfx.dtensor_params import local
-
-    return local(t)

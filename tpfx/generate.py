@@ -260,7 +260,8 @@ class Decoder:
             env = {"input_ids": input_ids, **kwargs, **{f"past_{i}": t for i, t in
                                                          enumerate(self._full(past, "meta"))}}
             fn(*[env[n] for n in names])
-        logits, new = self.sharded.call(entry, (input_ids, past), kwargs)  # (B, 1, V) on every rank; this rank's KV heads
+        # (B, 1, V) on every rank; this rank's KV heads
+        logits, new = self.sharded.call(entry, (input_ids, past), kwargs)
         cache.fill(tuple(new), int(input_ids.shape[1]))
         return logits
 
