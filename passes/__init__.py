@@ -3,6 +3,7 @@
 ``stages.py`` reads top to bottom. This package's names are the surface ``tpfx`` uses; the modules' other
 names are the compiler's own."""
 
+from . import eager_functions as _eager_functions  # noqa: F401  (registers tpfx::function and its rule)
 from . import eager_hooks as _eager_hooks  # noqa: F401  (registers tpfx::hook and its rule)
 from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rules)
 from .backward import GradCollective, backward_collectives, sharded_compute

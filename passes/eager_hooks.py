@@ -22,6 +22,7 @@ shapes and dtypes; anything else raises. Attributes a hook sets on its module (`
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,10 +79,14 @@ class _Slot:
 
 
 _HOOKS: dict[int, _Hook] = {}
+_PRE = threading.local()  # the random state each op call started from, until its autograd context takes it
 
 
 @torch.library.custom_op("tpfx::hook", mutates_args=())
 def hook_op(tensors: list[torch.Tensor], key: int, n_out: int) -> list[torch.Tensor]:
+    if not hasattr(_PRE, "rng"):
+        _PRE.rng = {}
+    _PRE.rng[key] = torch.get_rng_state()  # the state the hook's draws start from, for its re-run in backward
     out, returned = _HOOKS[key].call(list(tensors), n_out)
     return [t.clone() for t in out] + [torch.tensor(returned)]
 
@@ -94,7 +99,7 @@ def _(tensors: list[torch.Tensor], key: int, n_out: int) -> list[torch.Tensor]:
 def _setup(ctx: Any, inputs: tuple, output: Any) -> None:
     tensors, key, n_out = inputs
     ctx.key, ctx.n_out, ctx.n_in = key, n_out, len(tensors)
-    ctx.rng = torch.get_rng_state()  # the hook's random draws, for its re-run in backward
+    ctx.rng = getattr(_PRE, "rng", {}).pop(key, None)  # taken before the hook ran (setup runs after the op)
     ctx.save_for_backward(*tensors, output[-1])  # the flag is read in backward (a value, not a shape)
 
 
@@ -104,7 +109,8 @@ def _backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
     if not bool(returned):  # the output went on as it was: its gradient passes through
         return [None] * (ctx.n_in - ctx.n_out) + grads, None, None
     with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(ctx.rng)
+        if ctx.rng is not None:
+            torch.set_rng_state(ctx.rng)
         leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in saved]
         out, _ = _HOOKS[ctx.key].call([x.clone() for x in leaf], ctx.n_out)
         used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]

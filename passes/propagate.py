@@ -22,8 +22,9 @@ The idea (Megatron's plan, derived instead of written down):
    puts every layer downstream of the one before, so fallbacks that chain settle a layer per few rounds.
 4. Megatron undoes each column split with exactly one row split. A column split whose shard reaches
    two or more row-split weights has split a residual stream (Gemma 3n's AltUp projections before the
-   first layer), and every layer below is planned inverted (q/k/v rowwise, o_proj colwise). The first
-   such weights (in graph order) are tried replicated, and the trial is kept if it moves fewer
+   first layer), and every layer below is planned inverted (q/k/v rowwise, o_proj colwise). Row splits of one
+   activation count once (a layer and its adapter's A, or two adapter B's after one A, undo one split). The
+   first such weights (in graph order) are tried replicated, and the trial is kept if it moves fewer
    collective bytes, paying for them with at most the same fraction of parameter bytes per rank:
        accept  iff  comm' < comm  and  params' / params - 1  <=  1 - comm' / comm
 5. Greedy step 1 pairs every column split with the next row split. In a low-rank chain
@@ -735,8 +736,8 @@ def _matmul_of(w: fx.Node) -> list[fx.Node]:
 
 
 def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
-    """The first column-split weights (in graph order) whose shard reaches the contracted dim of two or more
-    row-split weights.
+    """The first column-split weights (in graph order) whose shard reaches the contracted dim of row-split
+    weights through two or more activations.
 
     In Megatron's plan each column split is undone by exactly one row split (q/k/v -> o_proj, gate/up ->
     down_proj). A column split feeding several row splits has split a residual stream (Gemma 3n's AltUp
@@ -744,7 +745,7 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
     only the splits before the first such row split are the cause."""
     nodes: Any = next(iter(prop.param_nodes)).graph.nodes if prop.param_nodes else []
     pos = {n: i for i, n in enumerate(nodes)}
-    fed: dict[str, set[str]] = {}
+    fed: dict[str, set[tuple[str, fx.Node]]] = {}  # column split -> (row-split weight, activation it splits)
     first_op: dict[str, int] = {}
     row_op: dict[str, int] = {}
     for w, fqn in prop.param_nodes.items():
@@ -761,8 +762,9 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
             for a in tensor_inputs(u):
                 for c in prop.origins.get(a, frozenset()):
                     if prop.decided.get(c, ("",))[0] == "colwise" and not seeds[c].pinned:
-                        fed.setdefault(c, set()).add(fqn)
-    many = {c: rows for c, rows in fed.items() if len(rows) >= 2}
+                        fed.setdefault(c, set()).add((fqn, a))
+    # several row splits of one activation (a layer and its adapter's A, two adapter B's of one A) undo one split
+    many = {c: {r for r, _ in rows} for c, rows in fed.items() if len({a for _, a in rows}) >= 2}
     if not many:
         return {}
     first_row = min(row_op[r] for rows in many.values() for r in rows)

@@ -29,6 +29,7 @@ from . import blocks as _blocks
 from . import capture as _capture
 from . import pipeline
 from .checkpoint import checkpointing_layers
+from .eager_functions import eager_functions
 from .eager_hooks import eager_hooks
 from .emit import GroupNamer, emit
 from .placements import Placement
@@ -87,7 +88,7 @@ class Stages:
         (``capture.ModelState``)."""
         why = None
         layers = checkpointing_layers(model) if self.checkpoint_layers else contextlib.nullcontext()
-        with layers, eager_hooks(model), _capture.ModelState(model) as state:  # from and back to the model as given
+        with layers, eager_hooks(model), eager_functions(), _capture.ModelState(model) as state:  # from and back to the model as given
             if self.blocks:
                 got = self.timed("capture", _blocks.capture_blocks, model, args, kwargs)
                 if isinstance(got, _capture.Captured):

@@ -144,7 +144,9 @@ class Numbers:
 
 
 def simulate(model: nn.Module, plan: Any, args: tuple, kwargs: dict[str, Any], dtype: torch.dtype) -> Numbers:
-    """Outputs and local gradients of every simulated rank against the unsharded model (same inputs)."""
+    """Outputs and local gradients of every simulated rank against the unsharded model (same inputs). The rank
+    threads share the process's one random generator, and the reference forward draws first: a model that draws
+    random numbers in its forward (train-mode dropout, PhiMoE's router) is compared on gloo ranks instead."""
     model.zero_grad(set_to_none=True)
     ref = model(*args, **kwargs)
     probes = _probes(ref)
@@ -1070,7 +1072,7 @@ def pretrained_check(rank: int, world: int, root: str, names: list[str]) -> dict
 
             where = [ln.strip().replace("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/", "")
                      for ln in traceback.format_exc().splitlines()
-                     if ln.strip().startswith("File") and ("/work/" in ln or "peft" in ln)][-4:]
+                     if ln.strip().startswith("File") and ("/work/" in ln or "peft" in ln)][-7:]
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]} | at {' <- '.join(reversed(where))}"}
     return out
 

@@ -148,4 +148,36 @@ def from_pretrained_adapter(rank: int, world: int, root: str) -> dict[str, Any]:
                 "peft_reloaded": rel_err(back(input_ids=ids).logits, want),
                 "tpfx_reloaded": rel_err(again(input_ids=ids).logits, want)}
     return {**trained, "files": files, "errs": errs, "base_fraction": base_local / base_full,
-            "again_trained": sum(1 for p in again.parameters() if p.requires_grad)}
+            "again_trained": sum(1 for p in again.parameters() if p.requires_grad),
+            **adapters_made_from_the_base(base_dir, os.path.join(root, "dora_mts"), ids)}
+
+
+DORA_MTS = dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, modules_to_save=["lm_head"],
+                init_lora_weights=False)
+
+
+def adapters_made_from_the_base(base_dir: str, dora_dir: str, ids: torch.Tensor) -> dict[str, Any]:
+    """Adapter parameters peft computes from the base weights: a saved DoRA + modules_to_save adapter (magnitude
+    and the lm_head copy read from its file), a new modules_to_save copy (read from the base checkpoint), and the
+    refusals of new adapters whose initial values need the full base (DoRA, PiSSA, OLoRA)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        saved = tpfx.from_pretrained(base_dir, adapter=dora_dir).eval()
+        ref = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), dora_dir).eval()
+        out["dora_mts_dir"] = rel_err(saved(input_ids=ids).logits, ref(input_ids=ids).logits)
+        mts = dict(r=4, target_modules=["o_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+        torch.manual_seed(6)
+        new = tpfx.from_pretrained(base_dir, adapter=LoraConfig(**mts)).eval()
+        torch.manual_seed(6)
+        ref = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(**mts)).eval()
+        out["mts_new"] = rel_err(new(input_ids=ids).logits, ref(input_ids=ids).logits)
+    for kw in (dict(use_dora=True), dict(init_lora_weights="pissa"), dict(init_lora_weights="olora")):
+        try:
+            tpfx.from_pretrained(base_dir, adapter=LoraConfig(r=4, target_modules=["q_proj"], **kw))
+            out[str(kw)] = "accepted"
+        except ValueError as e:
+            out[str(kw)] = str(e)
+    return out

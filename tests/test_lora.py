@@ -83,8 +83,16 @@ def test_adapter_on_a_sliced_base_saves_peft_files(tmp_path) -> None:
     # the memory-efficient path: tpfx.from_pretrained reads each rank's base slices and puts a new adapter on
     # (initialized as peft does on the unsharded model: same seed, same numbers); trained, it is saved as peft's
     # files that PeftModel.from_pretrained loads unsharded, and tpfx.from_pretrained(adapter=dir) loads sharded
+    from peft import LoraConfig, get_peft_model
+
     models.llama(layers=2).save_pretrained(tmp_path / "base")
+    torch.manual_seed(4)
+    get_peft_model(models.llama(layers=2), LoraConfig(**lora_cases.DORA_MTS)).save_pretrained(tmp_path / "dora_mts")
     for res in launch(lora_cases.from_pretrained_adapter, 2, str(tmp_path), timeout_s=300):
+        # adapter parameters peft computes from the base: read from the adapter's file or the base checkpoint
+        assert res["dora_mts_dir"] <= TOL and res["mts_new"] <= TOL, res
+        for kw in ("{'use_dora': True}", "{'init_lora_weights': 'pissa'}", "{'init_lora_weights': 'olora'}"):
+            assert "from the full base weights" in res[kw] and kw.strip("{}").split(": ")[1] in res[kw], res[kw]
         assert rel_err(torch.tensor(res["losses"]), torch.tensor(res["ref_losses"])) <= TOL, res
         assert res["grad_err"] <= TOL, res
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(res["files"]), res["files"]
@@ -117,7 +125,8 @@ def test_readme_lora_example_runs(tmp_path) -> None:
 
 
 ATTACKS = ["llama_lora_all", "hand_plain_both", "hand_bias_B_both", "hand_gelu_both", "peft_gpt2_conv1d",
-           "peft_gpt2_wte", "hand_plain_pinB_col", "peft_llama_kv1_mqa", "peft_opt_proj", "other_ia3_all"]
+           "peft_gpt2_wte", "hand_plain_pinB_col", "peft_llama_kv1_mqa", "peft_opt_proj", "other_ia3_all",
+           "hand_two_B_both"]  # one A, two B's: its two row splits undo one split (step 4 keeps fc1/fc2 split)
 
 
 @pytest.mark.parametrize("name", ATTACKS)

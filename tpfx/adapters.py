@@ -17,10 +17,12 @@ steps 5 and 6), so the forward has the base plan's collectives. Two things are p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import maybe_get_fake_mode
 
 from tpfx.dtensor_params import local
 
@@ -64,24 +66,98 @@ def explain(model: torch.nn.Module, message: str) -> str:
             "(even at 0), so they shard in eval mode only)")
 
 
+_READS_BASE = ("use_dora", "init_lora_weights")  # config fields whose new adapter reads the base weights
+
+
+def _refuse_base_reading(config: Any) -> None:
+    """A new adapter whose initial values are computed from the base weights (DoRA's magnitude, PiSSA's and
+    OLoRA's decompositions, LoftQ, EVA, CorDA) cannot be made from a base no rank holds: refused, naming it."""
+    init = getattr(config, "init_lora_weights", True)
+    reads = [f"init_lora_weights={init!r}"] if isinstance(init, str) and init not in ("gaussian", "orthogonal") else []
+    reads += ["use_dora=True"] if getattr(config, "use_dora", False) else []
+    if reads:
+        raise ValueError(f"tpfx.from_pretrained: a new {getattr(getattr(config, 'peft_type', None), 'value', 'peft')} adapter with "
+                         f"{' and '.join(reads)} computes its initial values from the full base weights, which "
+                         "no rank holds here; create it with peft on an unsharded model once, save it "
+                         "(model.save_pretrained(dir)) and pass adapter=dir, or shard the peft model itself "
+                         "with tpfx.auto_shard(get_peft_model(model, config))")
+
+
 def attach(model: torch.nn.Module, adapter: Any, adapter_kwargs: dict[str, Any] | None = None
            ) -> tuple[torch.nn.Module, dict[str, str]]:
     """``model`` with ``adapter`` on it (``get_peft_model`` for a ``PeftConfig``, ``PeftModel.from_pretrained``
     for a directory), and the base parameters' names: peft name -> the name in ``model`` (peft keeps the base
-    layers' parameter objects, under ``base_layer``)."""
+    layers' parameter objects, under ``base_layer``; a ``modules_to_save`` copy of a base module is read from
+    the checkpoint as its original). An adapter parameter peft made from the storage-less base (DoRA's
+    magnitude, a ``modules_to_save`` copy) is read from the adapter's directory when there is one."""
     try:
         from peft import PeftConfig, PeftModel, get_peft_model
     except ImportError as e:
         raise ImportError("tpfx: adapter= needs peft (pip install peft)") from e
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     if isinstance(adapter, PeftConfig):
+        _refuse_base_reading(adapter)
         wrapped = get_peft_model(model, adapter, **(adapter_kwargs or {}))
     elif isinstance(adapter, (str, os.PathLike)):
-        wrapped = PeftModel.from_pretrained(model, str(adapter), **(adapter_kwargs or {}))
+        # low_cpu_mem_usage: peft makes the adapter on the meta device and assigns the saved tensors, computing
+        # nothing from the storage-less base
+        kwargs = {"low_cpu_mem_usage": True} | (adapter_kwargs or {})
+        wrapped = PeftModel.from_pretrained(model, str(adapter), **kwargs)
     else:
         raise TypeError(f"tpfx: adapter= takes a peft config or an adapter directory, not {type(adapter).__name__}")
     base = {n: names[id(p)] for n, p in wrapped.named_parameters(remove_duplicate=False) if id(p) in names}
+    fake = [n for n, p in wrapped.named_parameters() if n not in base and (p.is_meta or maybe_get_fake_mode(p) is not None)]
+    if fake and isinstance(adapter, (str, os.PathLike)):
+        fake = _read_saved(wrapped, fake, Path(adapter))
+    base |= _copies_of_base(wrapped, fake, base)
+    if left := [n for n in fake if n not in base]:
+        raise ValueError(f"tpfx.from_pretrained: peft adapter {', '.join(map(repr, _types(wrapped).items()))} "
+                         f"computes {left[:3]} from the base weights, which no rank holds here; shard the peft "
+                         "model itself with tpfx.auto_shard(get_peft_model(model, config))")
     return wrapped, base
+
+
+def _read_saved(model: torch.nn.Module, wanted: list[str], directory: Path) -> list[str]:
+    """Give the adapter parameters ``wanted`` their saved values (full shapes) from ``directory``'s adapter
+    file, found by peft's own naming; returns those it does not hold."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = directory / "adapter_model.safetensors"
+    if not file.is_file():
+        return wanted
+    holders = {k: torch.empty(0) for k in wanted}
+    configs: dict[str, Any] = model.peft_config  # type: ignore[assignment]
+    saved = {id(v): k for adapter_name in configs
+             for k, v in get_peft_model_state_dict(model, state_dict=holders, adapter_name=adapter_name).items()}
+    left = []
+    with safe_open(str(file), "pt") as f:
+        keys = set(f.keys())
+        for name in wanted:
+            key = saved.get(id(holders[name]))
+            if key not in keys:
+                left.append(name)
+                continue
+            module, _, leaf = name.rpartition(".")
+            old = model.get_parameter(name)
+            value = f.get_tensor(key).to(old.dtype)  # (full shape)
+            if tuple(value.shape) != tuple(old.shape):
+                raise ValueError(f"tpfx.from_pretrained: {key!r} in {str(file)!r} has shape {list(value.shape)}, "
+                                 f"the adapter expects {list(old.shape)}")
+            model.get_submodule(module)._parameters[leaf] = torch.nn.Parameter(value, old.requires_grad)
+    return left
+
+
+def _copies_of_base(model: torch.nn.Module, fake: list[str], base: dict[str, str]) -> dict[str, str]:
+    """peft's ``modules_to_save`` copies of base modules (``X.modules_to_save.<adapter>.Y``, a deep copy of
+    ``X.original_module.Y``): their names -> the checkpoint names of the originals."""
+    out = {}
+    for name in fake:
+        head, sep, tail = name.partition(".modules_to_save.")
+        original = f"{head}.original_module.{tail.partition('.')[2]}"
+        if sep and original in base:
+            out[name] = base[original]
+    return out
 
 
 def _saved_names(tree: torch.nn.Module, names: list[str], adapter_name: str) -> list[str]:
