@@ -1,6 +1,6 @@
 """Block capture against whole capture, every causal-LM family: the stitched graph must be the whole one.
 
-For every family of ``tpfx.families.causal_lm_families()``: its tiny random-init model with 10 layers (per-layer
+For every family of ``tpfx.testing.families.causal_lm_families()``: its tiny random-init model with 10 layers (per-layer
 config lists such as ``layer_types`` repeated to 10, so a hybrid's kinds each have 3 traced layers before some of
 their layers stand in), captured whole (``passes.capture.capture``) and through
 block capture (``passes.blocks.capture_blocks``). Where block capture stitches, every node is compared (op,
@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 def build(family: str, layers: int) -> torch.nn.Module:
     """The family's tiny model with ``layers`` layers (its per-layer config lists repeated to that length)."""
-    from tpfx.families import LAYER_COUNTS, tiny_causal_lm
+    from tpfx.testing.families import LAYER_COUNTS, tiny_causal_lm
 
     tiny = tiny_causal_lm(family)
     key = next((k for k in LAYER_COUNTS if isinstance(getattr(tiny.config, k, None), int)), None)
@@ -97,7 +97,7 @@ def check(family: str, layers: int, with_numerics: bool = False) -> dict[str, An
 
 
 def main() -> None:
-    from tpfx.families import causal_lm_families
+    from tpfx.testing.families import causal_lm_families
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=None)

@@ -1,5 +1,5 @@
 """Family coverage table: every transformers causal-LM family with a ``base_model_tp_plan``, sharded on gloo
-ranks by ``tpfx.coverage`` and compared with the unsharded model.
+ranks by ``tpfx.testing.coverage`` and compared with the unsharded model.
 
     python benchmarks/coverage.py [--world 2] [--families a,b]      # run the sweep (~15-20 min on 2 cores)
     python benchmarks/coverage.py --from-json results/coverage_t2.json   # only render the table
@@ -30,7 +30,7 @@ def run(world: int, families: list[str], save: Any = None, chunk: int = 10,
     """Every family on ``world`` gloo ranks, ``chunk`` per launch (bounds one process's memory); ``save(rows)``
     after each chunk with the families not reached yet marked ``not-run``, so a stopped sweep keeps its rows."""
     import tpfx
-    from tpfx.coverage import combine_ranks, run_families
+    from tpfx.testing.coverage import combine_ranks, run_families
 
     out: list[dict[str, Any]] = []
     for i in range(0, len(families), chunk):
@@ -48,7 +48,7 @@ def _per_layer(r: dict[str, Any], kind: str, outside: int) -> float:
 
 
 def render(results: list[dict[str, Any]], world: int, sp: bool = False) -> str:
-    from tpfx.coverage import tolerance
+    from tpfx.testing.coverage import tolerance
 
     ok = [r for r in results if r["status"] == "ok"]
     stopped = [r for r in results if r["status"] == "not-run"]
@@ -105,7 +105,7 @@ def main() -> None:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:
-        from tpfx.families import causal_lm_families
+        from tpfx.testing.families import causal_lm_families
 
         fams = args.families.split(",") if args.families else causal_lm_families()
         out = HERE / "results" / f"coverage_t{args.world}{'_sp' if args.sequence_parallel else ''}.json"

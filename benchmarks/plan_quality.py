@@ -113,10 +113,10 @@ ABBREV = {
 
 
 def tiny_model(family: str) -> torch.nn.Module:
-    """The family's default config shrunk to ``TINY`` sizes through its constructor (``tpfx.families``)."""
+    """The family's default config shrunk to ``TINY`` sizes through its constructor (``tpfx.testing.families``)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    from tpfx.families import tiny_config
+    from tpfx.testing.families import tiny_config
 
     cfg = tiny_config(family, sizes=TINY)
     kwargs: dict[str, Any] = {}

@@ -5,7 +5,6 @@ names are the compiler's own."""
 
 from . import eager_functions as _eager_functions  # noqa: F401  (registers tpfx::function and its rule)
 from . import eager_hooks as _eager_hooks  # noqa: F401  (registers tpfx::hook and its rule)
-from . import rules_nn as _rules_nn  # noqa: F401  (registers the nn-module rules)
 from .backward import GradCollective, backward_collectives, sharded_compute
 from .capture import Captured, CaptureError, check_model, dynamic_spec
 from .collectives import module_of, regathered_in_backward, set_failure_message, set_pending, settle_pending

@@ -20,15 +20,13 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import collectives as C
-from . import kernels as K
 from .backward import operand_grad, sharded_compute
 from .checkpoint import checkpoint_regions
 from .kinds import OPS, STEPS, listed
-from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
+from .placements import Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Step, plan_redistribution
 from .rules import WORLD
-from .shapes import hint
 
 aten = torch.ops.aten
 GroupNamer = Callable[[tuple[int, ...]], str]
@@ -192,10 +190,8 @@ class _Emitter:
         elif node.op == "placeholder":
             self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
             return
-        elif target in K.DROPOUTS:
-            target, args, kwargs = _dropout(node, args, kwargs, prop, self.rank, world)
-        elif target is K.SDPA:
-            target, args, kwargs = _sdpa(node, args, kwargs, prop, self.rank, world)
+        elif strat is not None and strat.late is not None:  # dropout, attention with dropout (their rules)
+            target, args, kwargs = strat.late(node, prop.placements.get(node), args, kwargs, self.rank, world)
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
@@ -204,47 +200,6 @@ class _Emitter:
         elif node in prop.scattered_after:
             y = _step(self.call, Step("reduce_scatter", prop.placements[node].dim), y, self.rank, world, wg, node)
         self.env[node] = y
-
-
-def _memory_order(val: Any) -> tuple[int, ...]:
-    """The dims of a (fake) tensor, outermost in memory first (by the strides' hints: no guard is added, so
-    no dynamic dim is specialized)."""
-    strides = [hint(s, 0) for s in val.stride()]
-    return tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
-
-
-def _dropout(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
-             world: int) -> tuple[Any, Any, dict[str, Any]]:
-    """A dropout of a split value becomes ``K.dropout_chunk`` (the unsharded run's noise, this rank's chunk);
-    one of a value every rank holds whole draws the whole noise already and stays."""
-    pl = prop.placements.get(node)  # the chunk it computes on (its input as it arrives: redistributed maybe)
-    pl = pl[0] if isinstance(pl, (list, tuple)) else pl  # native_dropout: (out, mask), placed alike
-    if not isinstance(pl, Shard) or is_whole(pl) or kwargs:
-        return node.target, args, kwargs
-    x, p, train = args
-    order = _memory_order(node.args[0].meta["val"])  # type: ignore[union-attr]
-    native = node.target is torch.ops.aten.native_dropout.default
-    return K.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world, native), {}
-
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = (None, 0.0, False, None, False)
-
-
-def _sdpa(node: fx.Node, args: Any, kwargs: dict[str, Any], prop: Propagation, rank: int,
-          world: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Attention with dropout over split heads becomes ``K.sdpa_dropout_chunk`` (the unsharded run's noise,
-    this rank's heads); without dropout, or over heads every rank holds, it stays. Dropout over a value split
-    along another dim is refused."""
-    bound = dict(zip(_SDPA_ARGS, (*args, *_SDPA_DEFAULTS[len(args) - 3:]), strict=False)) | kwargs
-    p, pl = bound["dropout_p"], prop.placements.get(node)
-    if not isinstance(p, float | int) or p == 0 or not isinstance(pl, Shard) or is_whole(pl):
-        return node.target, args, kwargs
-    if pl.dim != 1:
-        raise NotImplementedError(f"tpfx: {node.name}: attention with dropout (p={p}) on a value split along dim "
-                                  f"{pl.dim}, not its heads: its noise cannot be drawn as the unsharded run's; "
-                                  "train with the attention dropout at 0, or plan without this split")
-    return K.sdpa_dropout_chunk, (*(bound[a] for a in _SDPA_ARGS), pl.groups, pl.segs, pl.sgroups, rank, world), {}
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:

@@ -61,9 +61,6 @@ def sharded_instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
                               segs, groups, rank, world, group, instance=True)
 
 
-DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
-
-
 def _full_noise(x: torch.Tensor, op: Any, p: float, dim: int, full: int, order: tuple[int, ...]) -> Any:
     """``op`` (a dropout) of ones shaped like the unsharded value (``full`` along ``dim``, its memory order
     ``order``, outermost first): the noise the unsharded run multiplies by, drawn as it draws it."""
@@ -89,9 +86,6 @@ def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, group
     if native:
         return x * shard_tensor(noise[0], pl, rank, world), shard_tensor(noise[1], pl, rank, world)
     return x * shard_tensor(noise, pl, rank, world)
-
-
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,

@@ -12,7 +12,7 @@ are the same with and without it). One walk in graph order:
 
 1. A node joins the split *region* when its placement in the TP plan is replicated (or partial, with an
    operand in the region), its value is floating point with the sequence length at dim 1 (batch-first, the
-   sequence of the first input), its rule is one of the sequence-local families (``SEQ_RULES``: pointwise,
+   sequence of the first input), its rule is registered sequence-local (``rules.SEQ_LOCAL``: pointwise,
    norms, reductions over other dims), and that rule, fed ``seq_shard(1)`` for operands in the region and for
    partial operands (reduce-scattered on the way in), returns its output on ``seq_shard(1)`` with no rewrite
    and no weight decision. A partial node off the region keeps summing partials: they are reduced once.
@@ -43,7 +43,6 @@ from .placements import Partial, Replicate, seq_shard
 from .propagate import Propagation, _out_shapes, _shape, tensor_inputs, trained
 from .rules import OpCtx, Operand, Strategy, lookup
 
-SEQ_RULES = frozenset({rules.pointwise, rules.norm, rules.reduce_, rules.sum_})
 SEQ_DIM = 1
 
 
@@ -74,7 +73,7 @@ def _try_join(node: fx.Node, prop: Propagation, region: set[fx.Node], seq: Any,
     if node.op != "call_function" or not isinstance(cur, (Replicate, Partial)) or not _on_sequence(node, seq):
         return None
     rule = lookup(node.target)
-    if rule not in SEQ_RULES:
+    if rule not in rules.SEQ_LOCAL:
         return None
     inputs = tensor_inputs(node)
     split = seq_shard(SEQ_DIM, prop.world)

@@ -4,7 +4,8 @@ a fixed set of models, written as one JSON file; two snapshots must be byte-iden
     python scripts/snapshot.py OUT.json [--quick]
 
 Models: tests/models.py's llama, gpt2 and bert with and without sequence parallelism at t=2 and t=4, the first
-fuzz models (tests/fuzz_models.py) at t=3, 4 and 6, and 15 causal-LM families' tiny models at t=2 and t=4.
+fuzz models (tests/fuzz_models.py) at t=3, 4 and 6, 15 causal-LM families' tiny models at t=2 and t=4, and on 2
+gloo ranks a round trip through from_pretrained, generate, a training step, tpfx.save and tpfx.load.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 from fuzz_models import FuzzModel, inputs  # noqa: E402
 
 import tpfx  # noqa: E402
-from tpfx.families import tiny_causal_lm  # noqa: E402
+from tpfx.testing.families import tiny_causal_lm  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmo2", "phi3", "gemma", "gemma2", "gpt2",
             "falcon", "opt", "bloom", "gptj", "gpt_neox"]
@@ -54,6 +55,31 @@ def fuzz_specs(n: int) -> list[Any]:
     return got
 
 
+def round_trips(rank: int, world: int, root: str) -> dict[str, Any]:
+    """On 2 gloo ranks: a tiny Llama from a saved checkpoint (``tpfx.from_pretrained``) generates greedily, takes
+    one SGD step, is saved with ``tpfx.save`` and read back into a fresh copy with ``tpfx.load``; the tokens, the
+    loss and the reloaded logits (rounded) go into the snapshot."""
+    import os
+
+    torch.set_num_threads(1)
+    ids = models.token_inputs(models.HF_VOCAB, 2, 6, seed=3)
+    sharded = tpfx.from_pretrained(os.path.join(root, "base")).eval()
+    tokens = sharded.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    sharded.train()
+    loss = sharded(input_ids=ids, labels=ids).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in sharded.parameters():
+            tpfx.local(p).sub_(0.1 * tpfx.local(p.grad))
+    tpfx.save(sharded, os.path.join(root, "ckpt"))
+    again = tpfx.from_pretrained(os.path.join(root, "base")).eval()
+    tpfx.load(again, os.path.join(root, "ckpt"))
+    with torch.no_grad():
+        logits = again(input_ids=ids).logits
+    return {"tokens": tokens.tolist(), "loss": round(float(loss.detach()), 5),
+            "reloaded_logits": [round(float(v), 4) for v in logits.flatten()[:16]]}
+
+
 def main() -> None:
     out, quick = sys.argv[1], "--quick" in sys.argv
     snap: dict[str, Any] = {}
@@ -74,6 +100,13 @@ def main() -> None:
                 snap[f"{fam}/t{t}"] = entry(tiny_causal_lm(fam, seed=0), t)
             except Exception as e:  # noqa: BLE001
                 snap[f"{fam}/t{t}"] = {"error": f"{type(e).__name__}: {e}"}
+    import tempfile
+
+    from tpfx.launch import launch
+
+    with tempfile.TemporaryDirectory() as root:
+        models.llama(layers=2).save_pretrained(Path(root) / "base")
+        snap["round_trips/t2"] = launch(round_trips, 2, root, timeout_s=300)
     Path(out).write_text(json.dumps(snap, indent=0, sort_keys=True))
     print(f"wrote {out}: {len(snap)} cases")
 

@@ -194,7 +194,7 @@ def full_state_dict_check(rank: int, world: int) -> dict[str, Any]:
     weights: GPT-2 (fused ``c_attn``, a _StridedShard DTensor; the tied LM head under its alias) and Falcon
     (a plain per-part parameter). Each must then hold exactly the slices ``auto_shard`` cuts from that model,
     and give its outputs; strict mode reports a missing key, and a wrong shape raises."""
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     out: dict[str, Any] = {}
     for name, make in (("gpt2", lambda seed: tiny_causal_lm("gpt2", seed=seed)),

@@ -6,11 +6,11 @@ from typing import Any
 
 import models
 import torch
-from numerics import rel_err
+from numerics import grad_errors, rel_err
 from torch.distributed.tensor import DTensor
 
 import tpfx
-from tpfx.families import tiny_causal_lm
+from tpfx.testing.families import tiny_causal_lm
 
 BUILDERS = {"llama": lambda: models.llama(num_kv_heads=2), "gpt2": lambda: models.gpt2(),
             "falcon": lambda: tiny_causal_lm("falcon", seed=0)}
@@ -26,11 +26,9 @@ def clip_check(rank: int, world: int, name: str, norm_type: float) -> dict[str, 
     ref(input_ids=ids, labels=ids).loss.backward()
     local_norm = float(torch.nn.utils.get_total_norm([tpfx.local(p.grad) for p in sharded.parameters()], norm_type))
     want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1, norm_type)
-    full = dict(ref.named_parameters())
 
     def grad_err() -> float:
-        return max(rel_err(p.grad, tpfx.shard_tensor(sharded.plan, n, full[n].grad, rank))
-                   for n, p in sharded.named_parameters())
+        return max(grad_errors(sharded, ref, rank).values())
 
     saved = [tpfx.local(p.grad).clone() for p in sharded.parameters()]
     try:  # torch's own call: exact where every parameter is a DTensor, else it raises on the mix

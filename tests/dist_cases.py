@@ -6,7 +6,7 @@ from typing import Any
 
 import models
 import torch
-from numerics import rel_err
+from numerics import grad_errors, rel_err
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tpfx
@@ -32,9 +32,7 @@ class FlipMLP(torch.nn.Module):
 
 
 def _grad_err(sharded: torch.nn.Module, ref: torch.nn.Module, rank: int) -> float:
-    full = dict(ref.named_parameters())
-    return max(rel_err(p.grad, tpfx.shard_tensor(sharded.plan, n, full[n].grad, rank))
-               for n, p in sharded.named_parameters())
+    return max(grad_errors(sharded, ref, rank).values())
 
 
 def lm_check(rank: int, world: int, build: str, compile: bool) -> dict[str, Any]:
@@ -128,7 +126,7 @@ def parallel_loss_check(rank: int, world: int, build: str, gather_outputs: bool)
 def t5() -> torch.nn.Module:
     from transformers import T5ForConditionalGeneration
 
-    from tpfx.families import tiny_config
+    from tpfx.testing.families import tiny_config
 
     cfg = tiny_config("t5")
     cfg.decoder_start_token_id = cfg.pad_token_id = 0

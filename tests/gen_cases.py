@@ -13,7 +13,7 @@ from tpfx.passes.emit import collective_nodes
 from transformers import DynamicCache
 
 import tpfx
-from tpfx.families import tiny_causal_lm
+from tpfx.testing.families import tiny_causal_lm
 
 NEW_TOKENS = 16
 MODES: dict[str, dict[str, Any]] = {"greedy": {}, "beam": {"num_beams": 3},

@@ -631,7 +631,7 @@ case("peft_gpt2_wte", base=lambda: _hf(_gpt2_base()))(
 
 
 def _family(model_type: str, **overrides: Any) -> nn.Module:
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     return tiny_causal_lm(model_type, seed=0, **overrides).float().eval()
 
@@ -1198,7 +1198,7 @@ def main(argv: list[str]) -> list[Result]:
         run_clip(list(CLIP_MODELS))
         return []
     if "--families" in argv:  # python tests/lora_attack.py --families [fam,fam,...|all] [--no-lora]
-        from tpfx.families import causal_lm_families
+        from tpfx.testing.families import causal_lm_families
 
         i = argv.index("--families")
         pick = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "all"

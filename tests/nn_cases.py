@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from numerics import rel_err
+from numerics import grad_errors, rel_err
 from torch import nn
 
 import tpfx
@@ -237,17 +237,6 @@ def _objective(y: torch.Tensor, seed: int = 1234) -> torch.Tensor:
     return (y * proj).sum() / y.numel()
 
 
-def _grad_errors(sharded: nn.Module, ref: nn.Module, rank: int) -> dict[str, float]:
-    full = dict(ref.named_parameters())
-    scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
-    floor = max(1e-7, 1e-2 * scale)  # as numerics.compare_parameters: exact zeros are compared absolutely
-    out = {}
-    for n, p in sharded.named_parameters():
-        expected = tpfx.shard_tensor(sharded.plan, n, full[n].grad, rank)
-        out[n] = rel_err(p.grad, expected, floor)
-    return out
-
-
 def _buffer_errors(sharded: nn.Module, ref: nn.Module, x: torch.Tensor, rank: int) -> dict[str, float]:
     """Each running statistic of the sharded module (whole on every rank) vs the reference."""
     mine = dict(sharded.named_buffers())
@@ -265,7 +254,7 @@ def check_one(rank: int, world: int, name: str) -> dict[str, Any]:
         res: dict[str, Any] = {"forward": rel_err(y, ref_y)}
         _objective(y).backward()
         _objective(ref_y).backward()
-        grads = _grad_errors(sharded, ref, rank)
+        grads = grad_errors(sharded, ref, rank)
         res["grad"] = max(grads.values())
         res["grad_worst"] = max(grads, key=lambda k: grads[k])
         res["buffers"] = _buffer_errors(sharded, ref, x, rank)

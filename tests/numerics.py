@@ -132,6 +132,12 @@ def compare_outputs(out: Any, ref_out: Any) -> dict[str, float]:
     return {k: rel_err(got.get(k), v) for k, v in want.items()}
 
 
+def grad_errors(sharded: nn.Module, ref: nn.Module, rank: int) -> dict[str, float]:
+    """Each sharded parameter's gradient against ``tpfx.shard_tensor`` of the reference's (floored as
+    ``compare_parameters``): the one tier-1 helper the gloo cases share."""
+    return compare_parameters(sharded, ref, sharded.plan, rank, grads=True)["errors"]  # type: ignore[attr-defined]
+
+
 def compare_parameters(
     sharded: nn.Module, ref: nn.Module, plan: Any, rank: int, *, grads: bool
 ) -> dict[str, Any]:

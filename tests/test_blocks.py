@@ -158,7 +158,7 @@ def test_plain_stack_stitches_and_a_stack_of_all_different_layers_falls_back() -
 
 def test_a_stack_that_starts_with_other_layers_traces_them_and_stitches_the_rest() -> None:
     # DeepSeek-V3's layout: the first layers dense, the others MoE (first_k_dense_replace)
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm("deepseek_v3", num_hidden_layers=6, first_k_dense_replace=2)
     found = blocks.find_stack(model)

@@ -63,7 +63,7 @@ def _bert() -> torch.nn.Module:
 
 
 def _mixtral() -> torch.nn.Module:
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm("mixtral", num_hidden_layers=6)
     model.config.output_router_logits = True

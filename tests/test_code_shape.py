@@ -12,7 +12,7 @@ PASSES = Path(__file__).resolve().parents[1] / "passes"
 
 def test_no_function_in_passes_is_over_80_lines() -> None:
     long = []
-    for path in sorted(PASSES.glob("*.py")):
+    for path in sorted(PASSES.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -36,9 +36,9 @@ def test_one_registry_whatever_the_import_order() -> None:
     from tpfx.passes.rules import register
 
     outs = {first: subprocess.run([sys.executable, "-c", f"import {first}; {_REGISTRY}"], capture_output=True,
-                                  text=True, timeout=120, check=True).stdout for first in ("tpfx.passes.rules_nn",
+                                  text=True, timeout=120, check=True).stdout for first in ("tpfx.passes.rules.nn",
                                                                                          "tpfx.report")}
-    assert len(set(outs.values())) == 1 and "rules_nn.view" in outs["tpfx.report"], outs
+    assert len(set(outs.values())) == 1 and "rules.views.view" in outs["tpfx.report"], outs
     with pytest.raises(RuntimeError, match="already has the rule"):
         register(torch.ops.aten.view)(lambda ctx: None)
 
@@ -70,13 +70,14 @@ ROOT = PASSES.parent
 
 
 def _module_name(path: Path) -> str:
-    pkg = "tpfx.passes" if path.parent.name == "passes" else "tpfx"
-    return pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+    rel = path.relative_to(ROOT).with_suffix("").parts  # passes/rules/core -> tpfx.passes.rules.core
+    parts = ["tpfx", *rel] if rel[0] == "passes" else list(rel)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """The tpfx modules ``path`` imports when it runs (top level and inside functions; ``TYPE_CHECKING``
-    blocks excluded: they never run)."""
+def _imports(path: Path, typing: bool = False) -> set[str]:
+    """The tpfx modules ``path`` imports (top level and inside functions; ``TYPE_CHECKING`` blocks only with
+    ``typing``)."""
     tree = ast.parse(path.read_text())
     typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
                    for stmt in n.body for x in ast.walk(stmt)}
@@ -84,23 +85,25 @@ def _imports(path: Path) -> set[str]:
     package = me if path.stem == "__init__" else me.rpartition(".")[0]
     out: set[str] = set()
     for n in ast.walk(tree):
-        if id(n) in typing_only:
+        if id(n) in typing_only and not typing:
             continue
         if isinstance(n, ast.Import):
             out |= {a.name for a in n.names}
         elif isinstance(n, ast.ImportFrom):
-            base = (package + ("." + n.module if n.module else "")) if n.level else (n.module or "")
+            up = package.rsplit(".", n.level - 1)[0] if n.level > 1 else package
+            base = (up + ("." + n.module if n.module else "")) if n.level else (n.module or "")
             out |= {f"{base}.{a.name}" for a in n.names} if not n.module else {base}
-    return {m for m in out if m.startswith("tpfx") and m != me}
+    return {m for m in out if m.startswith("tpfx") and m != me and m != package}
 
 
 def test_no_import_cycle() -> None:
-    """No tpfx module imports, at run time, a module that imports it back (type-only imports excluded)."""
+    """No tpfx module imports a module that imports it back: at run time, inside functions, or for types only
+    (``TYPE_CHECKING``): the plan's views type it by a protocol, not by importing ``tpfx.plan``."""
     import networkx as nx
 
     g = nx.DiGraph()
-    for path in [*sorted((ROOT / "tpfx").glob("*.py")), *sorted(PASSES.glob("*.py"))]:
-        g.add_edges_from((_module_name(path), m) for m in _imports(path))
+    for path in [*sorted((ROOT / "tpfx").rglob("*.py")), *sorted(PASSES.rglob("*.py"))]:
+        g.add_edges_from((_module_name(path), m) for m in _imports(path, typing=True))
     assert g.number_of_edges() > 50
     assert list(nx.simple_cycles(g)) == []
 

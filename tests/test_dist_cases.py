@@ -70,7 +70,7 @@ def test_t5_encoder_decoder_with_cross_attention() -> None:
 
 def test_multi_head_latent_attention_at_4_ranks() -> None:
     # DeepSeek-V3's MLA (functionalized key assembly, low-rank q/kv chains) and its MoE layer on 4 gloo ranks
-    from tpfx.coverage import run_families
+    from tpfx.testing.coverage import run_families
 
     for res in launch(run_families, 4, ["deepseek_v3"], timeout_s=600):
         (r,) = res
@@ -84,7 +84,7 @@ def test_families_hf_does_not_plan_match_the_unsharded_model() -> None:
     # OPT, BLOOM (alibi, baddbmm), Falcon (numpy_T + matmul, multi-query attention in one fused projection) and
     # GPT-J (parallel block): no base_model_tp_plan to compare with; exact, and split (GPT-2, BERT and T5 are
     # checked by their own cases)
-    from tpfx.coverage import run_families
+    from tpfx.testing.coverage import run_families
 
     fams = ["opt", "bloom", "falcon", "gptj"]
     for res in launch(run_families, 2, fams, timeout_s=900):

@@ -1,5 +1,5 @@
 """Every transformers causal-LM family with a ``base_model_tp_plan``, enumerated from transformers itself,
-sharded on real gloo ranks and compared with the unsharded model (``tpfx.coverage``).
+sharded on real gloo ranks and compared with the unsharded model (``tpfx.testing.coverage``).
 
 Families whose tiny config cannot be built or whose unsharded model fails are reported with the reason (they
 are listed in the test output, never silently dropped); a tpfx error or a numeric mismatch fails the test.
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tpfx.coverage import combine_ranks, run_families, tolerance
-from tpfx.families import causal_lm_families
 from tpfx.launch import launch
+from tpfx.testing.coverage import combine_ranks, run_families, tolerance
+from tpfx.testing.families import causal_lm_families
 
 _CHOICE = os.environ.get("TPFX_FAMILIES", "")
 FAMILIES = (causal_lm_families() if _CHOICE == "all" else [f for f in _CHOICE.split(",") if f]
@@ -35,7 +35,7 @@ def _sweep(world: int) -> list[dict[str, Any]]:
 
 
 def test_generic_shrink_keeps_each_layer_kind_and_head_relations() -> None:
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     hybrid = tiny_causal_lm("olmo_hybrid").config  # linear-attention layers with a full-attention one every 4th
     assert set(hybrid.layer_types) == {"linear_attention", "full_attention"}

@@ -1,6 +1,6 @@
 """Non-transformer modules: convolutions, pooling, batch/group norm, nn.MultiheadAttention.
 
-Tier 1: the rules of ``passes/rules_nn.py`` on shapes alone. Tier 2: plans and emitted per-rank graphs (styles,
+Tier 1: the rules of ``passes/rules/nn.py`` on shapes alone. Tier 2: plans and emitted per-rank graphs (styles,
 collective counts) without a process group. Tier 3 (slow): one ``tpfx.launch`` per world size runs every model
 of ``nn_cases.CASES`` (forward, gradients, one SGD step, batch-norm running statistics vs. the unsharded model).
 """
@@ -14,15 +14,18 @@ import nn_cases
 import pytest
 import sympy
 import torch
-import torch.fx as fx
 from numerics import TOL
+from rule_helpers import ctx as _ctx
+from rule_helpers import free as _free
+from rule_helpers import op as _op
+from rule_helpers import rule as _rule
 from simulate import run_ranks
 from tpfx.passes.collectives import reduce_grad_spans
 from tpfx.passes.emit import collective_nodes
 from tpfx.passes.kernels import sharded_batch_norm
 from tpfx.passes.pipeline import decompose_bias
 from tpfx.passes.placements import P, R, Shard, shard_tensor
-from tpfx.passes.rules import WORLD, Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
+from tpfx.passes.rules import WORLD, Fallback, FreeParam, Strategy, lookup
 
 import tpfx
 from tpfx.launch import launch
@@ -33,29 +36,6 @@ I = sympy.Integer  # noqa: E741
 
 
 # ----------------------------------------------------------------------------- tier 1: rules
-
-
-def _op(shape, placement=R, free: FreeParam | None = None, dtype=torch.float32) -> Operand:
-    g = fx.Graph()
-    return Operand(g.placeholder("x"), tuple(I(s) if isinstance(s, int) else s for s in shape), dtype, placement, free)
-
-
-def _shape(s):
-    return tuple(I(x) if isinstance(x, int) else x for x in s)
-
-
-def _ctx(target, operands, out_shape, args, world=2) -> OpCtx:
-    node = fx.Graph().create_node("call_function", target, tuple(args), {})
-    out = [_shape(s) for s in out_shape] if isinstance(out_shape, list) else _shape(out_shape)
-    return OpCtx(node, operands, world, out)
-
-
-def _free(fqn="w", world=2, styles=("colwise", "rowwise", "vocab", "shard", "replicate")) -> FreeParam:
-    return FreeParam(fqn, frozenset(styles), world)
-
-
-def _rule(target, operands, out_shape, args, world=2):
-    return lookup(target)(_ctx(target, operands, out_shape, args, world))
 
 
 def test_conv2d_colwise_when_input_replicated() -> None:

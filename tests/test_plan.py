@@ -131,7 +131,7 @@ def test_in_place_writes_into_intermediates_are_functionalized() -> None:
     # MLA builds its keys with `key[..., :d].copy_(k_nope)`: sharding that graph as it is would write into a
     # redistributed copy; tpfx captures it functionally (slice_scatter) instead
     from tpfx.derive import capture, examples
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm("deepseek_v3")
     gm, _ = capture(model, *examples(model, None, None))
@@ -144,7 +144,7 @@ def test_in_place_writes_into_intermediates_are_functionalized() -> None:
 def test_multi_head_latent_attention_is_megatron_exact(world: int) -> None:
     # q: x -> q_a (h x r) -> norm -> q_b (r x n*d): pairing q_a/q_b column/row would all-reduce q and split it
     # again; tpfx keeps q_a (and kv_a) replicated, splits q_b/kv_b by heads and o_proj by rows
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm("deepseek_v3")
     plan = tpfx.plan(model, world)
@@ -181,7 +181,7 @@ def test_t5_relative_position_bias_is_split_by_heads(world: int) -> None:
 def test_bloom_heads_folded_into_the_batch_are_head_parallel(world: int) -> None:
     # BLOOM folds heads into the batch ([B*n, S, d]) for baddbmm with alibi and bmm; capture unfolds them, so
     # the fused qkv is split by heads and dense by rows: Megatron's 2 all-reduces per layer
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     plan = tpfx.plan(tiny_causal_lm("bloom"), world)
     for i in range(2):
@@ -198,7 +198,7 @@ def test_falcon_multi_query_attention_is_head_parallel(world: int) -> None:
     # Falcon-7B's layout: query_key_value is [n*d | d | d] (one key and one value head), viewed as n+2 heads and
     # cut by a slice and two list indexes. The query rows split, the key/value rows are held whole on every rank;
     # the parallel block sums attention and MLP before one all-reduce per layer
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm("falcon")
     assert model.config.multi_query and not model.config.new_decoder_architecture
@@ -221,9 +221,9 @@ def test_plans_agree_with_hf_where_a_trial_could_mislead(family: str, worlds: tu
     # Gemma 3n: the AltUp projections before the first layer would split the residual stream and invert every
     # layer (q/k/v rowwise); replicated, each layer pairs its own splits as HF plans them. Doge: replicating
     # v_proj would save only the per-head dt all-reduce (b*s*n values), not worth a full projection per rank
-    from tpfx.coverage import hf_agreement
     from tpfx.derive import capture, examples, plan_graph
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.coverage import hf_agreement
+    from tpfx.testing.families import tiny_causal_lm
 
     model = tiny_causal_lm(family).eval()
     gm, _ = capture(model, *examples(model, None, None))  # one capture, planned at every world size

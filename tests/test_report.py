@@ -370,7 +370,7 @@ def test_report_lists_every_backward_collective_of_the_emitted_graph() -> None:
     from tpfx.passes import collectives as C
 
     from tpfx.derive import capture, plan_graph
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     backward = {C.reduce_grad: "all_reduce", C.reduce_grad_spans: "all_reduce", C.gather_seq: "reduce_scatter",
                 C.split_even: "all_gather", C.reduce_scatter: "all_gather", C.scatter: "all_reduce"}

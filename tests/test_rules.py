@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import sympy
 import torch
-import torch.fx as fx
+from rule_helpers import ctx as _ctx
+from rule_helpers import free as _free
+from rule_helpers import op as _op
 from tpfx.passes.collectives import refine
 from tpfx.passes.placements import P, R, Shard, shard_tensor
-from tpfx.passes.rules import Fallback, FreeParam, OpCtx, Operand, Strategy, lookup
+from tpfx.passes.rules import Fallback, FreeParam, Strategy, lookup
 from tpfx.passes.shapes import map_shard, view_groups
 
 aten = torch.ops.aten
 s0, s1 = sympy.symbols("s0 s1", positive=True, integer=True)
 I = sympy.Integer  # noqa: E741
-
-
-def _node(target, args) -> fx.Node:
-    g = fx.Graph()
-    return g.create_node("call_function", target, args, {})
-
-
-def _op(shape, placement=R, free: FreeParam | None = None, dtype=torch.float32) -> Operand:
-    g = fx.Graph()
-    return Operand(g.placeholder("x"), tuple(I(s) if isinstance(s, int) else s for s in shape), dtype, placement, free)
-
-
-def _ctx(target, operands, out_shape, args=None, world=2) -> OpCtx:
-    node = _node(target, tuple(args) if args is not None else tuple(o.node for o in operands))
-    out = [tuple(I(x) if isinstance(x, int) else x for x in s) for s in out_shape] if isinstance(out_shape, list) \
-        else tuple(I(x) if isinstance(x, int) else x for x in out_shape)
-    return OpCtx(node, operands, world, out)
-
-
-def _free(fqn="w", world=2):
-    return FreeParam(fqn, frozenset({"colwise", "rowwise", "vocab", "shard", "replicate"}), world)
 
 
 def test_view_groups_symbolic_batch():

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from tpfx.passes import Propagation
-    from tpfx.plan import ShardingPlan
+    from tpfx.report import PlanView
 
 Source = tuple[str, str, "int | None"]  # (graph id, placement label, layer index of the source)
 STYLE_COLORS = {"colwise": "#4e79a7", "rowwise": "#f28e2b", "vocab": "#59a14f", "shard": "#b07aa1",
@@ -58,7 +58,7 @@ DOT_MISSING = ("tpfx: rendering needs the Graphviz `dot` program, which is not i
 # ------------------------------------------------------------------------------------ the graph
 
 
-def _need_graph(plan: ShardingPlan) -> None:
+def _need_graph(plan: PlanView) -> None:
     if plan.derivation is None:
         raise ValueError("tpfx: drawing needs a plan derived in this process (tpfx.plan), not one loaded from "
                          "JSON: the dataflow graph is not saved")
@@ -73,7 +73,7 @@ def _is_float(node: fx.Node) -> bool:
 class _Builder:
     """Contracts the planned ATen graph to weights, collectives, inputs and outputs."""
 
-    def __init__(self, plan: ShardingPlan) -> None:
+    def __init__(self, plan: PlanView) -> None:
         from tpfx.report import analyze
 
         assert plan.derivation is not None
@@ -203,7 +203,7 @@ class _Builder:
             self.g.nodes["out"].update(kind="output", name="output", scope="", style="", detail="", count=1)
 
 
-def dataflow(plan: ShardingPlan) -> nx.DiGraph:
+def dataflow(plan: PlanView) -> nx.DiGraph:
     """The contracted graph. Node attrs: ``kind`` (weight | collective | junction | input | output),
     ``name``, ``style``, ``scope`` (folded layer container or ""), ``detail``; edge attrs: ``labels`` (the
     placements sent) and ``loop`` (the edge enters the next copy of a repeated layer)."""
@@ -233,7 +233,7 @@ def _node_attrs(data: dict[str, Any], scope_name: str) -> dict[str, str]:
     return {"label": data["name"], "shape": "ellipse", "style": "solid"}
 
 
-def to_dot(plan: ShardingPlan) -> str:
+def to_dot(plan: PlanView) -> str:
     """Graphviz DOT text of ``dataflow(plan)``: one cluster per repeated-layer container (``×N``)."""
     import graphviz
 
@@ -298,7 +298,7 @@ def _run_dot(text: str, fmt: str, out: str | None = None) -> bytes:
     return res.stdout
 
 
-def render(plan: ShardingPlan, path: str) -> str:
+def render(plan: PlanView, path: str) -> str:
     """Write the drawing to ``path``; the format is the suffix (svg, png, pdf, ...). Needs Graphviz."""
     fmt = path.rsplit(".", 1)[-1].lower() if "." in path else "svg"
     text = to_dot(plan)
@@ -306,7 +306,7 @@ def render(plan: ShardingPlan, path: str) -> str:
     return path
 
 
-def to_svg(plan: ShardingPlan) -> str:
+def to_svg(plan: PlanView) -> str:
     """The drawing as inline SVG markup (no XML prolog). Needs Graphviz."""
     svg = _run_dot(to_dot(plan), "svg").decode()
     return svg[svg.index("<svg"):]
@@ -339,7 +339,7 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _graph_section(plan: ShardingPlan) -> str:
+def _graph_section(plan: PlanView) -> str:
     if plan.derivation is None:
         return '<p class="muted">No drawing: this plan was loaded without its graph (re-plan to draw it).</p>'
     if has_dot():
@@ -349,7 +349,7 @@ def _graph_section(plan: ShardingPlan) -> str:
             f"<pre>{html.escape(to_dot(plan))}</pre>")
 
 
-def _explanations(plan: ShardingPlan, rep: Any) -> str:
+def _explanations(plan: PlanView, rep: Any) -> str:
     from tpfx.explain import explain
 
     items = []
@@ -362,7 +362,7 @@ def _explanations(plan: ShardingPlan, rep: Any) -> str:
     return "".join(items) or '<p class="muted">no matrices</p>'
 
 
-def html_page(plan: ShardingPlan) -> str:
+def html_page(plan: PlanView) -> str:
     """The self-contained page: drawing, parameter and collective tables, totals, fallbacks, explanations."""
     rep = build_report(plan)
     e = html.escape
@@ -397,7 +397,7 @@ emission inserts them.</p>
 """
 
 
-def to_html(plan: ShardingPlan, path: str | None = None) -> str:
+def to_html(plan: PlanView, path: str | None = None) -> str:
     """The page as text; also written to ``path`` when given. No network: everything is inline."""
     page = html_page(plan)
     if path is not None:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from tpfx.passes import Propagation
-    from tpfx.plan import ShardingPlan
+    from tpfx.report import PlanView
 
 MAX_PATH = 8
 
@@ -90,7 +90,7 @@ class Explanation:
 # ----------------------------------------------------------------------------------------- lookup
 
 
-def resolve_name(plan: ShardingPlan, name: str) -> str:
+def resolve_name(plan: PlanView, name: str) -> str:
     """A parameter FQN, or a module name meaning its ``weight``; KeyError with suggestions otherwise."""
     if name in plan.placements:
         return name
@@ -114,7 +114,7 @@ def _squash(ops: list[str]) -> list[str]:
     return out if len(out) <= MAX_PATH else out[:MAX_PATH // 2] + ["…"] + out[-MAX_PATH // 2:]
 
 
-def _consumers(plan: ShardingPlan, fqn: str) -> tuple[list[fx.Node], set[fx.Node]]:
+def _consumers(plan: PlanView, fqn: str) -> tuple[list[fx.Node], set[fx.Node]]:
     """(ops where the weight meets activations, in graph order; the weight and its reshapes). Ops that only
     reshape the weight itself (``transpose`` of a fused expert tensor) are looked through."""
     assert plan.derivation is not None
@@ -167,7 +167,7 @@ def walk_up(prop: Propagation, start: fx.Node, order: dict[fx.Node, int]) -> tup
     return sorted(origins), _squash([op_name(n) for n in path])
 
 
-def walk_down(plan: ShardingPlan, start: fx.Node) -> list[Resolution]:
+def walk_down(plan: PlanView, start: fx.Node) -> list[Resolution]:
     """Follow ``start``'s non-replicated output to the collectives or weights that resolve it."""
     assert plan.derivation is not None
     prop = plan.derivation.prop
@@ -202,7 +202,7 @@ def walk_down(plan: ShardingPlan, start: fx.Node) -> list[Resolution]:
 # ----------------------------------------------------------------------------------------- story
 
 
-def _decision(ex: Explanation, plan: ShardingPlan, fqn: str) -> str:
+def _decision(ex: Explanation, plan: PlanView, fqn: str) -> str:
     p = plan.placements[fqn]
     dim = f"dim {p.dim}" if p.dim is not None else ""
     if p.style == "colwise":
@@ -225,7 +225,7 @@ def _decision(ex: Explanation, plan: ShardingPlan, fqn: str) -> str:
     return f"{ex.consumer} runs replicated (input {ex.received}, output {ex.output}): kept whole"
 
 
-def _layout_notes(plan: ShardingPlan, fqn: str) -> list[str]:
+def _layout_notes(plan: PlanView, fqn: str) -> list[str]:
     p = plan.placements[fqn]
     notes = []
     if p.dim is not None and p.groups < plan.world_size:
@@ -249,7 +249,7 @@ def _resolution_text(r: Resolution) -> str:
     return f"its output flows{via} to an {r.kind} after {r.where} ({fmt_bytes(r.bytes)} for the example shapes)"
 
 
-def _stored_resolutions(plan: ShardingPlan, fqn: str) -> list[Resolution]:
+def _stored_resolutions(plan: PlanView, fqn: str) -> list[Resolution]:
     """Forward collectives the stored report context attributes to this weight's module."""
     ctx = plan.context or {}
     module = weight_module(fqn)
@@ -261,7 +261,7 @@ def _stored_resolutions(plan: ShardingPlan, fqn: str) -> list[Resolution]:
     return out
 
 
-def explain(plan: ShardingPlan, name: str) -> Explanation:
+def explain(plan: PlanView, name: str) -> Explanation:
     """Why ``name`` (a parameter FQN or a module name) has its placement in ``plan``."""
     fqn = resolve_name(plan, name)
     p = plan.placements[fqn]
@@ -278,7 +278,7 @@ def explain(plan: ShardingPlan, name: str) -> Explanation:
     return ex
 
 
-def _trace(plan: ShardingPlan, fqn: str, ex: Explanation) -> None:
+def _trace(plan: PlanView, fqn: str, ex: Explanation) -> None:
     assert plan.derivation is not None
     prop = plan.derivation.prop
     consumers, chain = _consumers(plan, fqn)

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from rich.console import Console
@@ -43,8 +43,21 @@ from tpfx.passes import (
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from tpfx.passes import Propagation
-    from tpfx.plan import ShardingPlan
+    from tpfx.passes import Collective, Derivation, ParamPlacement, Propagation
+
+
+class PlanView(Protocol):
+    """What the views of a plan (this report, ``explain``, ``draw``) read: ``tpfx.plan.PlanView`` is one, and
+    calls them (the views never import it)."""
+
+    world_size: int
+    placements: dict[str, ParamPlacement]
+    collectives: list[Collective]
+    fallbacks: list[dict[str, str]]
+    unknown_ops: list[str]
+    sequence_parallel: bool
+    derivation: Derivation | None  # the graph state planned (None when loaded from JSON)
+    context: dict[str, Any] | None  # what ``analyze`` found, stored with the plan
 
 _NODE_SUFFIX = re.compile(r"\b([A-Za-z]\w*?)_\d+:")
 _WEIGHT_STYLES = frozenset({"colwise", "rowwise", "vocab", "shard"})
@@ -211,7 +224,7 @@ def _info(kind: str, after: fx.Node, before: str, nbytes: int, pass_: str, sourc
             "itemsize": val.element_size() if isinstance(val, torch.Tensor) else 0, "derived": derived}
 
 
-def _forward_infos(plan: ShardingPlan, nodes: dict[str, fx.Node],
+def _forward_infos(plan: PlanView, nodes: dict[str, fx.Node],
                    origins: dict[fx.Node, frozenset[str]]) -> list[dict[str, Any]]:
     out = []
     for c in plan.collectives:
@@ -222,7 +235,7 @@ def _forward_infos(plan: ShardingPlan, nodes: dict[str, fx.Node],
     return out
 
 
-def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation,
+def _backward_infos(plan: PlanView, gm: fx.GraphModule, prop: Propagation,
                     nodes: dict[str, fx.Node]) -> list[dict[str, Any]]:
     """The backward collectives emission adds (``tpfx.passes.backward_collectives``) on values that carry
     gradients: Megatron's ``f`` and its sequence-parallel forms, and replica-group gradient reductions."""
@@ -246,7 +259,7 @@ def _backward_infos(plan: ShardingPlan, gm: fx.GraphModule, prop: Propagation,
     return out
 
 
-def _replica_info(plan: ShardingPlan, node: fx.Node, fqn: str) -> dict[str, Any]:
+def _replica_info(plan: PlanView, node: fx.Node, fqn: str) -> dict[str, Any]:
     """A weight split into fewer chunks than ranks: its gradient summed over each replica group."""
     p = plan.placements[fqn]
     pl = p.as_placement()
@@ -286,7 +299,7 @@ def _layers(names: Iterable[str]) -> dict[str, int]:
     return {k: len(v) for k, v in sorted(seen.items())}
 
 
-def analyze(plan: ShardingPlan) -> dict[str, Any] | None:
+def analyze(plan: PlanView) -> dict[str, Any] | None:
     """The JSON-able facts the report needs (stored by ``to_json``); None for a plan with no graph and no
     stored context."""
     if plan.derivation is None:
@@ -428,7 +441,7 @@ class Report:
         return (4 if self.sequence_parallel else 2) * self.n_layers * self.tokens * self.hidden * self.act_itemsize
 
 
-def _param_groups(plan: ShardingPlan, ctx: dict[str, Any] | None) -> list[ParamGroup]:
+def _param_groups(plan: PlanView, ctx: dict[str, Any] | None) -> list[ParamGroup]:
     order = {n: i for i, n in enumerate((ctx or {}).get("order", []))}
     sizes = (ctx or {}).get("itemsize", {})
     groups: dict[tuple, list[str]] = {}
@@ -448,7 +461,7 @@ def _label(name: str, members: list[str]) -> str:
     return name.replace(".*", ".{" + ",".join(map(str, indices)) + "}", 1)
 
 
-def _collective_groups(plan: ShardingPlan, ctx: dict[str, Any] | None) -> list[CollectiveGroup]:
+def _collective_groups(plan: PlanView, ctx: dict[str, Any] | None) -> list[CollectiveGroup]:
     infos = (ctx or {}).get("collectives")
     if infos is None:  # no graph, no context: group by node name only
         infos = [{"kind": c.kind, "pass": c.pass_, "scope": "", "sources": [], "bytes": c.bytes,
@@ -465,7 +478,7 @@ def _collective_groups(plan: ShardingPlan, ctx: dict[str, Any] | None) -> list[C
     return sorted(out, key=lambda c: (c.pass_ != "forward", c.scope == "", c.scope, c.kind, c.sources, c.at))
 
 
-def _replicated(plan: ShardingPlan, ctx: dict[str, Any] | None, params: list[ParamGroup]) -> list[tuple[str, str]]:
+def _replicated(plan: PlanView, ctx: dict[str, Any] | None, params: list[ParamGroup]) -> list[tuple[str, str]]:
     """Replicated matrices with the recorded reasons, gathers kept at nodes, and ops without a rule."""
     reasons: dict[str, list[str]] = {}
     for f in plan.fallbacks:
@@ -504,7 +517,7 @@ def _no_reason(shape: tuple[int, ...], world: int) -> str:
     return f"no reason recorded: no split reached it (its consumers run replicated){hint}"
 
 
-def build_report(plan: ShardingPlan, hidden: int | None = None) -> Report:
+def build_report(plan: PlanView, hidden: int | None = None) -> Report:
     """Collect the report's tables; ``hidden`` overrides the hidden size read off the graph."""
     ctx = analyze(plan)
     params = _param_groups(plan, ctx)
@@ -592,7 +605,7 @@ def totals_lines(rep: Report) -> list[str]:
     return lines
 
 
-def render_text(plan: ShardingPlan, width: int | None = 140, hidden: int | None = None) -> str:
+def render_text(plan: PlanView, width: int | None = 140, hidden: int | None = None) -> str:
     """``print(plan)``: parameter groups, collectives per layer and step, totals, fallbacks."""
     rep = build_report(plan, hidden)
     buf = io.StringIO()

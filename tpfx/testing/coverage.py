@@ -28,7 +28,7 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-7) ->
 def check_family(model_type: str, rank: int, world: int, seq: int = 6, batch: int = 3,
                  sequence_parallel: bool = False) -> dict[str, Any]:
     import tpfx
-    from tpfx.families import default_config_error, tiny_causal_lm
+    from tpfx.testing.families import default_config_error, tiny_causal_lm
 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"family": model_type, "world": world, "sequence_parallel": sequence_parallel}
@@ -127,7 +127,7 @@ def _fp32_floor(model_type: str, ref: torch.nn.Module, logits: torch.Tensor, ids
                 labels: torch.Tensor) -> float:
     """How far the unsharded fp32 model itself is from its fp64 twin (same metric as the sharded check):
     the rounding noise fp32 adds for this family. Ill-conditioned families (e.g. Gemma 4) exceed 1e-5."""
-    from tpfx.families import tiny_causal_lm
+    from tpfx.testing.families import tiny_causal_lm
 
     try:
         twin = tiny_causal_lm(model_type).eval().double()

@@ -20,13 +20,14 @@ channels are whole groups (``num_groups`` becomes local).
 
 Messages never name a parameter: the planner memoizes rule results across identical layers.
 
-Two wrappers refine rules of ``rules.py`` without changing what they accept: ``unflatten`` of a sharded
+Two wrappers in ``views.py`` refine its rules without changing what they accept: ``unflatten`` of a sharded
 fused projection (``nn.MultiheadAttention``'s in_proj ``[.., 3E] -> [.., 3, E]``) asks for q/k/v
 segments instead of giving up, and a ``view`` that folds the sharded dim together with a run-time size
 (MHA's ``[S, B, E] -> [S, B*heads, d]``, which no static ``Shard`` can describe) says so in its reason.
 With a dynamic batch, MHA's attention is therefore replicated (its MLP still splits); the fused kernels
 ``_native_multi_head_attention`` / ``_transformer_encoder_layer_fwd`` (never emitted by export) fall back.
 """
+
 
 from __future__ import annotations
 
@@ -36,23 +37,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import rules
-from .kernels import sharded_batch_norm, sharded_instance_norm
-from .placements import P, Partial, Placement, R, Shard
-from .rules import (
-    WORLD,
-    Fallback,
-    OpCtx,
-    Operand,
-    Result,
-    Rewrite,
-    Strategy,
-    einsum_rule,
-    norm_dim,
-    register,
-    uniform_only,
-)
-from .shapes import as_int, view_groups
+from ..kernels import sharded_batch_norm, sharded_instance_norm
+from ..placements import P, Partial, Placement, R, Shard
+from ..shapes import as_int
+from .core import WORLD, Fallback, OpCtx, Operand, Result, Rewrite, Strategy, register, uniform_only
+from .matmuls import einsum_rule
+from .reductions import norm
 
 aten = torch.ops.aten
 
@@ -265,7 +255,7 @@ def group_norm(ctx: OpCtx) -> Result:
     x = ctx.operands[0]
     p = x.placement
     if not (isinstance(p, Shard) and p.dim == 1):
-        return rules.norm(ctx)
+        return norm(ctx)
     G = ctx.arg("num_groups")
     C = as_int(x.shape[1])
     if not isinstance(G, int) or C is None:
@@ -328,44 +318,3 @@ def fused_attention(ctx: OpCtx) -> Result:
     """The eval fast paths of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (export traces the
     decomposed path instead): their weights are inside one kernel with global head counts."""
     return Fallback(f"{ctx.node.target} is a fused kernel with global head counts; it runs replicated")
-
-
-# ----------------------------------------------------------------------------- refinements of rules.py
-
-@register(aten.unflatten)
-def unflatten(ctx: OpCtx) -> Result:
-    """As ``rules.flatten``; when the sharded dim of a single-segment shard is unflattened into ``[n, ..]``
-    parts (a fused q/k/v projection ``[.., 3E] -> [.., 3, E]``), ask for ``n`` segments (each part split)."""
-    r = rules.flatten(ctx)
-    if not isinstance(r, Fallback) or r.groups or r.segs:
-        return r
-    x = ctx.operands[0]
-    p = x.placement
-    if not isinstance(p, Shard) or len(p.segs) != 1 or p.dim != norm_dim(ctx.args[1], x.ndim):
-        return r
-    n, size = ctx.args[2][0], p.segs[0]
-    if isinstance(n, int) and n > 1 and size % n == 0 and (size // n) % p.groups == 0:
-        return Fallback(f"{ctx.node.target} cuts the sharded dim {size} into {n} parts (a fused projection): "
-                        f"each part is split on its own", 0, segs=(size // n,) * n, within=p.segs)
-    return r
-
-
-@register(aten.view, aten.reshape, aten._unsafe_view)
-def view(ctx: OpCtx) -> Result:
-    """As ``rules.view``, with a precise reason when the sharded dim is folded together with a run-time size."""
-    r = rules.view(ctx)
-    if not isinstance(r, Fallback) or r.groups:
-        return r
-    x = ctx.operands[0]
-    p = x.placement
-    groups = view_groups(x.shape, ctx.out_shapes) if isinstance(p, Shard) else None
-    for gi, gj in groups or []:
-        if p.dim in gi:  # type: ignore[union-attr]
-            sizes = [x.shape[k] for k in gi] + [ctx.out_shapes[k] for k in gj]
-            dyn = [s for s in sizes if as_int(s) is None]
-            if dyn:
-                r.reason = (f"view {list(x.shape)} -> {list(ctx.out_shapes)} folds the sharded dim together with "
-                            f"the run-time size {dyn[0]} (as nn.MultiheadAttention's [seq, batch*heads, head_dim] "
-                            f"does): no static split describes it, so that region runs replicated")
-            break
-    return r
