@@ -2,7 +2,7 @@
 
     capture      torch.export (non-strict) on example inputs -> ATen GraphModule        (capture.py)
     normalize    clean-up passes, linted after each: functionalized views relaxed, grad regions inlined,
-                 aliases canonical, biases split off, variance decomposed, ...          (pipeline.py)
+                 aliases canonical, biases split off, variance decomposed, ...          (normalize.py)
     propagate    a placement for every value and a style for every weight, to a fixpoint (propagate.py);
                  with sequence parallelism, the residual stream split by sequence       (sequence_parallel.py)
     build_plan   the plan as plain data: placements by FQN, collectives by node name    (plan_data.py)
@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from . import blocks as _blocks
 from . import capture as _capture
-from . import pipeline
+from . import normalize
 from .checkpoint import checkpointing_layers
 from .eager_functions import eager_functions
 from .eager_hooks import eager_hooks
@@ -100,9 +100,9 @@ class Stages:
         return captured
 
     def normalize(self, captured: _capture.Captured) -> fx.GraphModule:
-        passes = ([pipeline.relax_views] if captured.functionalized else []) + pipeline.CLEANUPS
+        passes = ([normalize.relax_views] if captured.functionalized else []) + normalize.CLEANUPS
         with _gc_paused():
-            return pipeline.run_passes(captured.gm, passes, self.timings)  # each pass timed by name
+            return normalize.run_passes(captured.gm, passes, self.timings)  # each pass timed by name
 
     def propagate(self, gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placement | None]] | None = None,
                   fed: dict[str, Placement] | None = None, sequence_parallel: bool = False) -> Derivation:

@@ -11,8 +11,8 @@ PASSES = Path(__file__).resolve().parents[1] / "passes"
 
 
 def test_no_function_in_passes_is_over_80_lines() -> None:
-    long = []
-    for path in sorted(PASSES.rglob("*.py")):
+    long = []  # the compiler and the runtime package
+    for path in [*sorted(PASSES.rglob("*.py")), *sorted((PASSES.parent / "tpfx" / "runtime").glob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -155,7 +155,7 @@ def test_the_plan_is_plain_data() -> None:
 
 def test_stages_are_timed_by_the_runner() -> None:
     import models
-    from tpfx.passes.pipeline import CLEANUPS
+    from tpfx.passes.normalize import CLEANUPS
 
     import tpfx
 

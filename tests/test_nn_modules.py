@@ -23,7 +23,7 @@ from simulate import run_ranks
 from tpfx.passes.collectives import reduce_grad_spans
 from tpfx.passes.emit import collective_nodes
 from tpfx.passes.kernels import sharded_batch_norm
-from tpfx.passes.pipeline import decompose_bias
+from tpfx.passes.normalize import decompose_bias
 from tpfx.passes.placements import P, R, Shard, shard_tensor
 from tpfx.passes.rules import WORLD, Fallback, FreeParam, Strategy, lookup
 
@@ -249,7 +249,7 @@ class _Stats(torch.nn.Module):
 
 
 def test_variance_is_two_means_and_aliases_are_canonical() -> None:
-    from tpfx.passes.pipeline import canonicalize_aliases, decompose_variance
+    from tpfx.passes.normalize import canonicalize_aliases, decompose_variance
 
     x = torch.randn(3, 5, 7) * 4 + 10  # a large mean: a one-pass E[x^2] - E[x]^2 would lose digits
     gm = torch.export.export(_Stats(), (x,), strict=False).module()

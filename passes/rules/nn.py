@@ -5,7 +5,7 @@ matmul over channels whose spatial and kernel dims are carried along, so it is t
 ``B k ... , O k ... -> B O ...`` with the spatial/kernel dims as unshardable letters (``_``):
 fed a replicated activation it splits its weight on the output channels (``colwise``, W ``Shard(0)``,
 output ``Shard(1)``), fed an activation split on the input channels it splits W on dim 1 (``rowwise``,
-output ``Partial``). The conv bias is split off by ``decompose_bias`` (``passes/pipeline.py``) so the
+output ``Partial``). The conv bias is split off by ``decompose_bias`` (``passes/normalize.py``) so the
 pointwise rule places it like a linear bias: sharded after a column split, added once after the
 reduction of a row split.
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..placements import P, Partial, R, Replicate, Shard, group_at, is_whole
 from ..shapes import as_int, divisible_prefix, map_shard, view_groups
 from .core import (
     Fallback,
     OpCtx,
-    Operand,
     Result,
-    Rewrite,
     Strategy,
     aten,
     check_sizes_static,
@@ -26,6 +24,9 @@ from .core import (
     resize_arg,
     sharded,
 )
+
+if TYPE_CHECKING:
+    from .core import Operand, Rewrite  # annotations only
 
 # ----------------------------------------------------------------------------- views
 
