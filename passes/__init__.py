@@ -8,6 +8,7 @@ from . import eager_hooks as _eager_hooks  # noqa: F401  (registers tpfx::hook a
 from .backward import GradCollective, backward_collectives, sharded_compute
 from .capture import Captured, CaptureError, check_model, dynamic_spec
 from .collectives import module_of, regathered_in_backward, set_failure_message, set_pending, settle_pending
+from .eager_functions import FUNCTION_OP
 from .eager_hooks import HOOK_OP, VOLATILE
 from .eager_hooks import rebind as rebind_hooks
 from .emit import GroupNamer, collective_nodes, emit, local_param
@@ -19,7 +20,7 @@ from .rules import REGISTRY
 from .shapes import hint
 from .stages import Derivation, Stages
 
-__all__ = ["INDEX", "fold", "hint", "HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
+__all__ = ["INDEX", "fold", "hint", "FUNCTION_OP", "HOOK_OP", "VOLATILE", "rebind_hooks", "GradCollective", "backward_collectives", "sharded_compute", "trained", "CaptureError", "Captured", "Collective", "Derivation", "GroupNamer", "ParamPlacement", "Partial",
            "Placement", "PlanData", "Propagation", "REGISTRY", "Replicate", "Seed", "Shard", "Stages",
            "build_plan", "check_model", "collective_nodes", "dynamic_spec", "emit", "local_param", "set_failure_message",
            "set_pending", "settle_pending",

@@ -7,11 +7,12 @@ model would get other gradients than unsharded, at any world size. So, while a m
 (``eager_functions``), each call of a Function subclass (not torch's own, and not one whose class says
 ``tpfx_traced = True``: its backward is its forward's derivative) becomes one opaque op at its call site,
 ``tpfx::function(tensors, key)``: its inputs are the tensor arguments, its outputs the tensors ``apply``
-returned. The call is intercepted in torch's ``Function.apply`` itself (its code is swapped while capturing), so
-an ``apply`` bound before capture (``act = MyFn.apply``) is seen too. At run time the op calls the Function's
-``apply`` on the tensors it is given; its gradient is the Function's own backward, reached by running ``apply``
-again under autograd in backward (on copies, with the random state the forward started from). Calls with equal
-non-tensor arguments share a key, so identical layers stay identical graphs (block capture).
+returned. The call is intercepted in torch's ``Function.apply`` itself (its code is swapped while a thread
+captures, for that thread's calls), so an ``apply`` bound before capture (``act = MyFn.apply``) is seen too. At
+run time the op calls the Function's ``apply`` once on the tensors it is given, under autograd when gradients
+are on; the op's backward runs that graph, so the gradient is the Function's own backward, with the draws and
+side effects of one forward. Calls with equal non-tensor arguments share a key, so identical layers stay
+identical graphs (block capture).
 
 Placement. A Function whose forward and backward are both elementwise — every ATen op of the two, traced on meta
 tensors of the call's shapes and again one larger in every dim, is tagged pointwise by torch (or copies, or
@@ -23,6 +24,8 @@ replicated (a split value is gathered first), as ``tpfx::hook`` does.
 
 Refused at capture: a ``torch.Generator`` argument (its state between calls cannot be reproduced) and a
 Function that writes into its inputs (``ctx.mark_dirty``: the op's inputs are values the model may read again).
+Planning traces a Function's forward and backward on fake and meta tensors (no real side effects); calls with
+equal constants share one record for the process's life (``_CALLS``), objects passed to them included.
 """
 
 from __future__ import annotations
@@ -80,21 +83,24 @@ class _Call:
 
 _CALLS: dict[int, _Call] = {}
 _KEYS: dict[tuple, int] = {}  # a call's class, argument structure and constants -> its key
-_PRE = threading.local()  # the random state each op call started from, until its autograd context takes it
-
-
-def _rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+_PRE = threading.local()  # each op call's autograd graph, until the op's autograd context takes it
+_LOCK = threading.Lock()
 
 
 @torch.library.custom_op("tpfx::function", mutates_args=())
 def function_op(tensors: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-    if not hasattr(_PRE, "state"):
-        _PRE.state = {}
-    _PRE.state[key] = _rng_state(list(tensors))
-    with torch.no_grad():
-        return [t.clone() for t in _CALLS[key].apply(list(tensors))]
+    if not any(t.requires_grad for t in tensors):  # no gradient asked for (autograd runs this op's kernel alone)
+        with torch.no_grad():
+            return [t.clone() for t in _CALLS[key].apply(list(tensors))]
+    # gradients asked for: the Function runs once, under autograd; its graph waits for the op's backward (the
+    # autograd context takes it right after; under an outer no_grad it is replaced by the key's next call)
+    if not hasattr(_PRE, "graphs"):
+        _PRE.graphs = {}
+    leaf = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    with torch.enable_grad():
+        out = _CALLS[key].apply(leaf)
+    _PRE.graphs[key] = (leaf, out)
+    return [t.detach().clone() for t in out]
 
 
 @function_op.register_fake
@@ -110,24 +116,18 @@ def _(tensors: list[torch.Tensor], key: int) -> list[torch.Tensor]:
 
 
 def _setup(ctx: Any, inputs: tuple, output: Any) -> None:
-    tensors, key = inputs
-    ctx.key, ctx.rng = key, getattr(_PRE, "state", {}).pop(key, None)
+    _, key = inputs
+    ctx.graph = getattr(_PRE, "graphs", {}).pop(key, None)  # the forward's own graph (None while tracing)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, as the Function would see it
-    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
-    cpu, cuda = ctx.rng if ctx.rng is not None else (None, [])
-    with torch.enable_grad(), torch.random.fork_rng(devices=[d for d, _ in cuda]):
-        if cpu is not None:  # the draws of the forward (a stochastic rounding's noise), again
-            torch.set_rng_state(cpu)
-        for d, state in cuda:
-            torch.cuda.set_rng_state(state, d)
-        leaf = [x.detach().requires_grad_(x.is_floating_point() or x.is_complex()) for x in ctx.saved_tensors]
-        out = _CALLS[ctx.key].apply(leaf)
-        used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]
-        if used:  # backward, not grad(): tensors the Function reads of its own get theirs accumulated
-            torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    if ctx.graph is None:
+        raise RuntimeError("tpfx: a custom autograd Function's op reached backward without its forward's graph")
+    leaf, out = ctx.graph
+    used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]
+    if used:  # backward, not grad(): tensors the Function reads of its own get theirs accumulated
+        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
     return [x.grad if x.requires_grad else None for x in leaf], None
 
 
@@ -141,18 +141,20 @@ _MOVES = {_aten.detach.default, _aten.alias.default, _aten.clone.default, _aten.
 _SHAPED = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default,
            _aten.zeros.default, _aten.empty.memory_format, _aten.full.default, _aten.new_zeros.default,
            _aten.new_empty.default, _aten.new_full.default}  # elementwise when given the operands' own shape
-_ELEMENTWISE: dict[tuple[int, tuple], bool] = {}
+_ELEMENTWISE: dict[tuple[int, tuple, int], bool] = {}
 
 
-def _elementwise(key: int, shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> bool:
-    """Whether the Function's forward and backward on tensors of these shapes use elementwise ops only."""
-    if (key, shapes) not in _ELEMENTWISE:
-        grown = tuple((tuple(d + 1 if d > 1 else d for d in s), t) for s, t in shapes)
-        a, b = _trace(_CALLS[key], shapes), _trace(_CALLS[key], grown)
-        _ELEMENTWISE[key, shapes] = a is not None and a == b and all(
+def _elementwise(key: int, shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...], world: int) -> bool:
+    """Whether the Function's forward and backward on tensors of these shapes use elementwise ops only, with the
+    same constants at the full size, at other sizes and at a rank's slice."""
+    if (key, shapes, world) not in _ELEMENTWISE:
+        grown = tuple((tuple(d + 1 + i if d > 1 else d for i, d in enumerate(s)), t) for s, t in shapes)
+        local = tuple((tuple(max(1, -(-d // world)) if d > 1 else d for d in s), t) for s, t in shapes)
+        a, *others = (_trace(_CALLS[key], x) for x in (shapes, grown, local))
+        _ELEMENTWISE[key, shapes, world] = a is not None and all(b == a for b in others) and all(
             op in _MOVES or torch.Tag.pointwise in getattr(op, "tags", ()) or (op in _SHAPED and ok)
             for op, _, ok in a)
-    return _ELEMENTWISE[key, shapes]
+    return _ELEMENTWISE[key, shapes, world]
 
 
 def _trace(call: _Call, shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> list[tuple] | None:
@@ -162,7 +164,7 @@ def _trace(call: _Call, shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...])
     shape = shapes[0][0]
 
     def both(*xs: torch.Tensor) -> list[torch.Tensor]:
-        leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+        leaf = [x.detach().requires_grad_(x.is_floating_point() or x.is_complex()) for x in xs]
         out = call.apply([x.clone() for x in leaf])
         if any(tuple(o.shape) != shape for o in out):
             raise ValueError("not elementwise")
@@ -185,7 +187,7 @@ def _trace(call: _Call, shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...])
     for n in gm.graph.nodes:
         if n.op == "call_function":
             args = tuple(const(a) for a in n.args) + tuple((k, const(v)) for k, v in sorted(n.kwargs.items()))
-            lists = [a for a in n.args[1:] if isinstance(a, (list, tuple))]
+            lists = [a for a in n.args if isinstance(a, (list, tuple)) and not any(isinstance(x, torch.fx.Node) for x in a)]
             out.append((n.target, args, all(const(a) == "shape" for a in lists)))
     return out
 
@@ -197,7 +199,7 @@ def function_rule(ctx: OpCtx) -> Result:
     ops = ctx.operands
     given = [a for a in ctx.node.args[0] if isinstance(a, torch.fx.Node)]  # type: ignore[union-attr]  # repeats too
     shapes = tuple((tuple(hint(d, 2) for d in a.meta["val"].shape), a.meta["val"].dtype) for a in given)
-    if ops and len({o.shape for o in ops}) == 1 and _elementwise(int(ctx.arg("key")), shapes):
+    if ops and len({o.shape for o in ops}) == 1 and _elementwise(int(ctx.arg("key")), shapes, ctx.world):
         return pointwise(ctx)
     n_out = len(ctx.out_shapes) if isinstance(ctx.out_shapes, list) else 1
     return Strategy({i: R for i in range(len(ops))}, tuple([R] * n_out))
@@ -207,14 +209,15 @@ _CONSTANT = (int, float, bool, str, type(None), torch.dtype, torch.device, torch
 
 
 def _key(fn: type, spec: Any, leaves: list[Any]) -> int:
-    """The call's key: equal for calls of one class with one argument structure and equal constants (objects by
-    identity)."""
-    sig = (fn, str(spec), tuple("tensor" if isinstance(v, _Slot) else (type(v), v) if isinstance(v, _CONSTANT)
-                                else ("object", id(v)) for v in leaves))
-    if sig not in _KEYS:
-        _KEYS[sig] = len(_KEYS) + 1
-        _CALLS[_KEYS[sig]] = _Call(fn, spec, leaves)
-    return _KEYS[sig]
+    """The call's key: equal for calls of one class with one argument structure and equal constants (floats by
+    their bits, so -0.0 is not 0.0; objects by identity)."""
+    sig = (fn, str(spec), tuple("tensor" if isinstance(v, _Slot) else (float, v.hex()) if isinstance(v, float)
+                                else (type(v), v) if isinstance(v, _CONSTANT) else ("object", id(v)) for v in leaves))
+    with _LOCK:
+        if sig not in _KEYS:
+            _KEYS[sig] = len(_KEYS) + 1
+            _CALLS[_KEYS[sig]] = _Call(fn, spec, leaves)
+        return _KEYS[sig]
 
 
 def _stand_in(fn: type, *args: Any, **kwargs: Any) -> Any:
@@ -232,7 +235,7 @@ def _honoured(fn: type) -> bool:
 
 
 def _dispatch(cls: type, *args: Any, **kwargs: Any) -> Any:
-    if _honoured(cls):
+    if _honoured(cls) and threading.get_ident() in _CAPTURING:
         return _stand_in(cls, *args, **kwargs)
     return _APPLY(cls, *args, **kwargs)
 
@@ -251,22 +254,27 @@ def _trampoline() -> types.CodeType:
 
 
 _TRAMPOLINE = _trampoline()
-_DEPTH = [0]
+_CAPTURING: dict[int, int] = {}  # thread id -> how many captures it is inside
 
 
 @contextlib.contextmanager
 def eager_functions() -> Iterator[None]:
-    """While capturing: each call of a Function a model defines as ``tpfx::function`` (see the module
-    docstring); torch's own ``apply`` put back after."""
+    """While this thread captures: each call of a Function a model defines as ``tpfx::function`` (see the module
+    docstring); torch's own ``apply`` put back when no thread captures."""
     module = torch.autograd.function
-    if _DEPTH[0] == 0:
-        module._tpfx_function_dispatch = _dispatch  # type: ignore[attr-defined]
-        _TORCH_APPLY.__code__ = _TRAMPOLINE
-    _DEPTH[0] += 1
+    me = threading.get_ident()
+    with _LOCK:
+        if not _CAPTURING:
+            module._tpfx_function_dispatch = _dispatch  # type: ignore[attr-defined]
+            _TORCH_APPLY.__code__ = _TRAMPOLINE
+        _CAPTURING[me] = _CAPTURING.get(me, 0) + 1
     try:
         yield
     finally:
-        _DEPTH[0] -= 1
-        if _DEPTH[0] == 0:
-            _TORCH_APPLY.__code__ = _APPLY.__code__
-            del module._tpfx_function_dispatch  # type: ignore[attr-defined]
+        with _LOCK:
+            _CAPTURING[me] -= 1
+            if not _CAPTURING[me]:
+                del _CAPTURING[me]
+            if not _CAPTURING:
+                _TORCH_APPLY.__code__ = _APPLY.__code__
+                del module._tpfx_function_dispatch  # type: ignore[attr-defined]

@@ -86,7 +86,9 @@ _PRE = threading.local()  # the random state each op call started from, until it
 def hook_op(tensors: list[torch.Tensor], key: int, n_out: int) -> list[torch.Tensor]:
     if not hasattr(_PRE, "rng"):
         _PRE.rng = {}
-    _PRE.rng[key] = torch.get_rng_state()  # the state the hook's draws start from, for its re-run in backward
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    # the state the hook's draws start from (CPU and the tensors' GPUs), for its re-run in backward
+    _PRE.rng[key] = torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
     out, returned = _HOOKS[key].call(list(tensors), n_out)
     return [t.clone() for t in out] + [torch.tensor(returned)]
 
@@ -108,9 +110,12 @@ def _backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
     *saved, returned = ctx.saved_tensors
     if not bool(returned):  # the output went on as it was: its gradient passes through
         return [None] * (ctx.n_in - ctx.n_out) + grads, None, None
-    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        if ctx.rng is not None:
-            torch.set_rng_state(ctx.rng)
+    cpu, cuda = ctx.rng if ctx.rng is not None else (None, [])
+    with torch.enable_grad(), torch.random.fork_rng(devices=[d for d, _ in cuda]):
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        for d, state in cuda:
+            torch.cuda.set_rng_state(state, d)
         leaf = [x.detach().requires_grad_(x.is_floating_point()) for x in saved]
         out, _ = _HOOKS[ctx.key].call([x.clone() for x in leaf], ctx.n_out)
         used = [(o, g) for o, g in zip(out, grads, strict=True) if o.requires_grad and g is not None]

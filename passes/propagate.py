@@ -736,8 +736,8 @@ def _matmul_of(w: fx.Node) -> list[fx.Node]:
 
 
 def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
-    """The first column-split weights (in graph order) whose shard reaches the contracted dim of row-split
-    weights through two or more activations.
+    """The first column-split weights (in graph order) whose shard reaches the contracted dim of two or more
+    row-split weights through two or more activations.
 
     In Megatron's plan each column split is undone by exactly one row split (q/k/v -> o_proj, gate/up ->
     down_proj). A column split feeding several row splits has split a residual stream (Gemma 3n's AltUp
@@ -764,7 +764,8 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
                     if prop.decided.get(c, ("",))[0] == "colwise" and not seeds[c].pinned:
                         fed.setdefault(c, set()).add((fqn, a))
     # several row splits of one activation (a layer and its adapter's A, two adapter B's of one A) undo one split
-    many = {c: {r for r, _ in rows} for c, rows in fed.items() if len({a for _, a in rows}) >= 2}
+    many = {c: {r for r, _ in rows} for c, rows in fed.items()
+            if len({r for r, _ in rows}) >= 2 and len({a for _, a in rows}) >= 2}
     if not many:
         return {}
     first_row = min(row_op[r] for rows in many.values() for r in rows)

@@ -161,3 +161,56 @@ def test_functions_tpfx_cannot_carry_are_refused_by_name(name: str) -> None:
     case = next(c for c in functions_attack.CASES if c.name == name)
     r = functions_attack.run(case, case.worlds[0])
     assert r.verdict == "CRASH" and ("mark_dirty" in r.error or "torch.Generator" in r.error), r.error
+
+
+class SizeSwitch(torch.autograd.Function):
+    """Pointwise ops, but a constant chosen by the width: on a rank's slice it would be the other one."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x * (2.0 if x.shape[-1] >= 64 else 3.0)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g * (2.0 if g.shape[-1] >= 64 else 3.0)
+
+
+def test_a_constant_that_depends_on_the_slice_is_not_elementwise() -> None:
+    torch.manual_seed(1)
+    _, plain, _ = _run(Net(None), 2)
+    _, switch, n = _run(Net(SizeSwitch), 2)  # full width 64: the same at 65, not at a rank's 32
+    assert n.fwd <= TOL and n.grad <= TOL, (n.fwd, n.grad, n.worst)
+    assert switch[0] > plain[0]  # given the full tensors
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c):  # type: ignore[no-untyped-def]
+        return x * torch.copysign(torch.tensor(1.0), torch.tensor(c))  # -0.0 and 0.0 give other signs
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g, None
+
+
+def test_calls_with_equal_constants_share_a_key_and_minus_zero_is_not_zero() -> None:
+    from tpfx.passes.eager_functions import _key, _Slot
+
+    same = _key(Scale, "spec", [_Slot(), 0.5]), _key(Scale, "spec", [_Slot(), 0.5])
+    assert same[0] == same[1]
+    assert _key(Scale, "spec", [_Slot(), 0.0]) != _key(Scale, "spec", [_Slot(), -0.0])
+    assert _key(Scale, "spec", [_Slot(), 1]) != _key(Scale, "spec", [_Slot(), True])
+
+
+def test_torch_apply_is_put_back_after_a_refused_capture_and_functions_count_as_random() -> None:
+    import functions_attack
+    from tpfx.passes.eager_functions import _APPLY
+
+    from tpfx.agreement import draws_random
+
+    torch_apply = torch.autograd.Function.__dict__["apply"].__func__
+    case = next(c for c in functions_attack.CASES if c.name == "generator_stochround")
+    assert functions_attack.run(case, 2).verdict == "CRASH"
+    assert torch_apply.__code__ is _APPLY.__code__  # torch's own code again
+    gm, _, _ = _run(Net(StraightThrough), 2)
+    assert draws_random(gm)  # a Function may draw: train-mode calls check the ranks' random states agree

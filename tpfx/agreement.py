@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tpfx.passes import set_pending, settle_pending
+from tpfx.passes import FUNCTION_OP, HOOK_OP, set_pending, settle_pending
 
 __all__ = ["Disagreement", "agree", "agree_later", "checked_before_collectives", "describe", "draws_random",
            "gloo_twin", "host_group", "rng_digest", "signature"]
@@ -59,8 +59,8 @@ def signature(value: Any) -> Any:
 
 def draws_random(gm: Any) -> bool:
     """Whether a graph (or a region it calls) draws random numbers: an ATen op tagged
-    ``nondeterministic_seeded`` (dropout, bernoulli, rand, ...; attention only with ``dropout_p > 0``) or a
-    dropout kernel of emission's."""
+    ``nondeterministic_seeded`` (dropout, bernoulli, rand, ...; attention only with ``dropout_p > 0``), a
+    dropout kernel of emission's, or user code run eagerly (a hook, a custom autograd Function)."""
     for m in gm.modules():
         for n in getattr(getattr(m, "graph", None), "nodes", ()):
             t = n.target
@@ -71,6 +71,8 @@ def draws_random(gm: Any) -> bool:
                 if p != 0.0:
                     return True
             elif torch.Tag.nondeterministic_seeded in getattr(t, "tags", ()) or "dropout" in getattr(t, "__name__", ""):
+                return True
+            elif t in (HOOK_OP, FUNCTION_OP):  # user code run eagerly may draw from the default generator
                 return True
     return False
 

@@ -428,7 +428,7 @@ def index(ctx: OpCtx) -> Result:
 
 @register(aten.unflatten)
 def unflatten(ctx: OpCtx) -> Result:
-    """As ``rules.flatten``; when the sharded dim of a single-segment shard is unflattened into ``[n, ..]``
+    """As ``flatten``; when the sharded dim of a single-segment shard is unflattened into ``[n, ..]``
     parts (a fused q/k/v projection ``[.., 3E] -> [.., 3, E]``), ask for ``n`` segments (each part split)."""
     r = flatten(ctx)
     if not isinstance(r, Fallback) or r.groups or r.segs:
@@ -446,7 +446,7 @@ def unflatten(ctx: OpCtx) -> Result:
 
 @register(aten.view, aten.reshape, aten._unsafe_view)
 def view(ctx: OpCtx) -> Result:
-    """As ``rules.view``, with a precise reason when the sharded dim is folded together with a run-time size."""
+    """As ``_view``, with a precise reason when the sharded dim is folded together with a run-time size."""
     r = _view(ctx)
     if not isinstance(r, Fallback) or r.groups:
         return r
