@@ -15,8 +15,8 @@ side effects of one forward. Calls with equal non-tensor arguments share a key, 
 identical graphs (block capture).
 
 Placement. A Function whose forward and backward are both elementwise — every ATen op of the two, traced on meta
-tensors of the call's shapes and again one larger in every dim, is tagged pointwise by torch (or copies, or
-makes a tensor of the operands' shape), with the same constants in both traces (a scalar computed from a shape
+tensors of the call's shapes, of other sizes and of a rank's slice, is tagged pointwise by torch (or copies, or
+makes a tensor of the operands' shape), with the same constants in every trace (a scalar computed from a shape
 would differ on a rank's slice), and its tensors all have one shape — computes each element from the same
 element of its inputs, so it runs on each rank's slices as it is: it takes the pointwise rule (the operands'
 common split, no collective). Any other sees the full tensors the unsharded model passes it: every operand
@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from .eager_hooks import Slot, fill, holes
 from .placements import R
 from .rules import OpCtx, Result, Strategy, pointwise, register
 from .shapes import hint
@@ -52,33 +53,27 @@ _APPLY = types.FunctionType(_TORCH_APPLY.__code__, _TORCH_APPLY.__globals__, "ap
                             _TORCH_APPLY.__closure__)  # a copy that keeps torch's code while the original is swapped
 
 
-class _Slot:
-    """Where a tensor stood among a Function's arguments."""
-
-
 @dataclass
 class _Call:
     fn: type  # the Function subclass
     spec: Any = None  # the structure of the arguments (args, kwargs)
-    leaves: list[Any] = field(default_factory=list)  # their leaves at capture (tensors as _Slot)
+    leaves: list[Any] = field(default_factory=list)  # their leaves at capture (tensors as Slot)
     out_spec: Any = None  # the structure of what apply returned
     out_leaves: list[Any] = field(default_factory=list)  # non-tensor leaves of the result, as at capture
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        it = iter(tensors)
-        args, kwargs = tree_unflatten([next(it) if isinstance(v, _Slot) else v for v in self.leaves], self.spec)
+        args, kwargs = fill(self.leaves, self.spec, tensors)
         flat, spec = tree_flatten(_APPLY(self.fn, *args, **kwargs))
         if self.out_spec is None:  # the first call (export's, on fake tensors): the result's structure
             self.out_spec = spec
-            self.out_leaves = [_Slot() if isinstance(v, torch.Tensor) else v for v in flat]
+            self.out_leaves = holes(flat)
         if spec != self.out_spec:
             raise RuntimeError(f"tpfx: the autograd Function {self.fn.__qualname__} returned another structure "
                                "than when the model was captured")
         return [t for t in flat if isinstance(t, torch.Tensor)]
 
     def result(self, outs: list[torch.Tensor]) -> Any:
-        it = iter(outs)
-        return tree_unflatten([next(it) if isinstance(v, _Slot) else v for v in self.out_leaves], self.out_spec)
+        return fill(self.out_leaves, self.out_spec, outs)
 
 
 _CALLS: dict[int, _Call] = {}
@@ -211,7 +206,7 @@ _CONSTANT = (int, float, bool, str, type(None), torch.dtype, torch.device, torch
 def _key(fn: type, spec: Any, leaves: list[Any]) -> int:
     """The call's key: equal for calls of one class with one argument structure and equal constants (floats by
     their bits, so -0.0 is not 0.0; objects by identity)."""
-    sig = (fn, str(spec), tuple("tensor" if isinstance(v, _Slot) else (float, v.hex()) if isinstance(v, float)
+    sig = (fn, str(spec), tuple("tensor" if isinstance(v, Slot) else (float, v.hex()) if isinstance(v, float)
                                 else (type(v), v) if isinstance(v, _CONSTANT) else ("object", id(v)) for v in leaves))
     with _LOCK:
         if sig not in _KEYS:
@@ -226,7 +221,7 @@ def _stand_in(fn: type, *args: Any, **kwargs: Any) -> Any:
         raise ValueError(f"tpfx: the autograd Function {fn.__qualname__} is given a torch.Generator, whose state "
                          "between calls a captured graph cannot reproduce; draw from the default generator")
     tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-    key = _key(fn, spec, [_Slot() if isinstance(v, torch.Tensor) else v for v in flat])
+    key = _key(fn, spec, holes(flat))
     return _CALLS[key].result(list(FUNCTION_OP(tensors, key)))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +44,11 @@ class _Hook:
     module: torch.nn.Module
     pre: bool  # a forward pre-hook (given the arguments) or a forward hook (given arguments and output)
     spec: Any = None  # the structure of what the hook is given at this call site (a tuple: args[, kwargs][, out])
-    leaves: list[Any] = field(default_factory=list)  # its leaves at capture (tensors as _Slot)
+    leaves: list[Any] = field(default_factory=list)  # its leaves at capture (tensors as Slot)
     out_spec: Any = None  # the structure of what goes on (the output, or the arguments)
 
     def given(self, tensors: list[torch.Tensor]) -> tuple:
-        it = iter(tensors)
-        return tree_unflatten([next(it) if isinstance(v, _Slot) else v for v in self.leaves], self.spec)
+        return fill(self.leaves, self.spec, tensors)
 
     def call(self, tensors: list[torch.Tensor], n_out: int) -> tuple[list[torch.Tensor], bool]:
         """Run the hook on these tensors: the tensors that go on (what it returned, else what it was given) and
@@ -74,8 +73,19 @@ class _Hook:
         return kept, True
 
 
-class _Slot:
-    """Where a tensor stood among a hook's inputs."""
+class Slot:
+    """Where a tensor stood among the leaves of a structure (a hook's or a custom Function's arguments)."""
+
+
+def holes(flat: list[Any]) -> list[Any]:
+    """``flat`` (a structure's leaves) with each tensor replaced by a ``Slot``."""
+    return [Slot() if isinstance(v, torch.Tensor) else v for v in flat]
+
+
+def fill(leaves: list[Any], spec: Any, tensors: Iterable[torch.Tensor]) -> Any:
+    """The structure ``spec`` of ``leaves``, its slots filled with ``tensors`` in order."""
+    it = iter(tensors)
+    return tree_unflatten([next(it) if isinstance(v, Slot) else v for v in leaves], spec)
 
 
 _HOOKS: dict[int, _Hook] = {}
@@ -140,13 +150,12 @@ def _stand_in(fn: Callable[..., Any], pre: bool) -> Callable[..., Any]:
         entry = _Hook(fn, module, pre)  # one per call site: a module called twice may be given other things
         _HOOKS[id(entry)] = entry
         flat, entry.spec = tree_flatten(given)
-        entry.leaves = [_Slot() if isinstance(v, torch.Tensor) else v for v in flat]
+        entry.leaves = holes(flat)
         tensors = [v for v in flat if isinstance(v, torch.Tensor)]
         goes_on = given[0] if pre and len(given) == 1 else given if pre else given[-1]
         on_flat, entry.out_spec = tree_flatten(goes_on)
         n_out = sum(isinstance(v, torch.Tensor) for v in on_flat)
-        out = iter(HOOK_OP(tensors, id(entry), n_out)[:n_out])
-        return tree_unflatten([next(out) if isinstance(v, torch.Tensor) else v for v in on_flat], entry.out_spec)
+        return fill(holes(on_flat), entry.out_spec, HOOK_OP(tensors, id(entry), n_out)[:n_out])
 
     return stand_in
 

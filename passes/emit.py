@@ -23,10 +23,10 @@ from . import collectives as C
 from .backward import operand_grad, sharded_compute
 from .checkpoint import checkpoint_regions
 from .kinds import OPS, STEPS, listed
-from .placements import Placement, Replicate, Shard, is_seq_split, is_whole, shard_tensor
+from .placements import Placement, Replicate, Shard, is_seq_split, shard_tensor
 from .propagate import Propagation, group_of, is_guards
 from .redistribute import Step, plan_redistribution
-from .rules import WORLD
+from .rules import WORLD, late_of
 
 aten = torch.ops.aten
 GroupNamer = Callable[[tuple[int, ...]], str]
@@ -190,11 +190,8 @@ class _Emitter:
         elif node.op == "placeholder":
             self.env[node] = self.new.node_copy(node, lambda a: self.env[a])
             return
-        elif strat is not None and strat.late is not None:  # dropout, attention with dropout (their rules)
-            target, args, kwargs = strat.late(node, prop.placements.get(node), args, kwargs, self.rank, world)
-        elif target in _DROPOUTS and _split(prop.placements.get(node)):
-            raise RuntimeError(f"tpfx internal error: {node.name} draws dropout on a split value with no rewrite "
-                               "from its rule; please report it with the model")
+        elif (late := late_of(target)) is not None:  # dropout's noise, attention's (rules.register_late)
+            target, args, kwargs = late(node, prop.placements.get(node), args, kwargs, self.rank, world)
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)
@@ -203,14 +200,6 @@ class _Emitter:
         elif node in prop.scattered_after:
             y = _step(self.call, Step("reduce_scatter", prop.placements[node].dim), y, self.rank, world, wg, node)
         self.env[node] = y
-
-
-_DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default}
-
-
-def _split(pl: Any) -> bool:
-    pl = pl[0] if isinstance(pl, (list, tuple)) else pl
-    return isinstance(pl, Shard) and not is_whole(pl)
 
 
 def collective_nodes(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:

@@ -745,7 +745,8 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
     only the splits before the first such row split are the cause."""
     nodes: Any = next(iter(prop.param_nodes)).graph.nodes if prop.param_nodes else []
     pos = {n: i for i, n in enumerate(nodes)}
-    fed: dict[str, set[tuple[str, fx.Node]]] = {}  # column split -> (row-split weight, activation it splits)
+    fed: dict[str, set[str]] = {}  # column split -> the row-split weights it reaches
+    through: dict[str, set[fx.Node]] = {}  # column split -> the activations it reaches them through
     first_op: dict[str, int] = {}
     row_op: dict[str, int] = {}
     for w, fqn in prop.param_nodes.items():
@@ -762,10 +763,10 @@ def _stream_splits(prop: Propagation, seeds: dict[str, Seed]) -> dict[str, str]:
             for a in tensor_inputs(u):
                 for c in prop.origins.get(a, frozenset()):
                     if prop.decided.get(c, ("",))[0] == "colwise" and not seeds[c].pinned:
-                        fed.setdefault(c, set()).add((fqn, a))
+                        fed.setdefault(c, set()).add(fqn)
+                        through.setdefault(c, set()).add(a)
     # several row splits of one activation (a layer and its adapter's A, two adapter B's of one A) undo one split
-    many = {c: {r for r, _ in rows} for c, rows in fed.items()
-            if len({r for r, _ in rows}) >= 2 and len({a for _, a in rows}) >= 2}
+    many = {c: rows for c, rows in fed.items() if len(rows) >= 2 and len(through[c]) >= 2}
     if not many:
         return {}
     first_row = min(row_op[r] for rows in many.values() for r in rows)

@@ -194,7 +194,8 @@ class Scale(torch.autograd.Function):
 
 
 def test_calls_with_equal_constants_share_a_key_and_minus_zero_is_not_zero() -> None:
-    from tpfx.passes.eager_functions import _key, _Slot
+    from tpfx.passes.eager_functions import _key
+    from tpfx.passes.eager_hooks import Slot as _Slot
 
     same = _key(Scale, "spec", [_Slot(), 0.5]), _key(Scale, "spec", [_Slot(), 0.5])
     assert same[0] == same[1]

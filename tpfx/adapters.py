@@ -66,9 +66,6 @@ def explain(model: torch.nn.Module, message: str) -> str:
             "(even at 0), so they shard in eval mode only)")
 
 
-_READS_BASE = ("use_dora", "init_lora_weights")  # config fields whose new adapter reads the base weights
-
-
 def _refuse_base_reading(config: Any) -> None:
     """A new adapter whose initial values are computed from the base weights (DoRA's magnitude, PiSSA's and
     OLoRA's decompositions, LoftQ, EVA, CorDA) cannot be made from a base no rank holds: refused, naming it."""
@@ -120,21 +117,18 @@ def attach(model: torch.nn.Module, adapter: Any, adapter_kwargs: dict[str, Any] 
 def _read_saved(model: torch.nn.Module, wanted: list[str], directory: Path) -> list[str]:
     """Give the adapter parameters ``wanted`` their saved values (full shapes) from ``directory``'s adapter
     file, found by peft's own naming; returns those it does not hold."""
-    from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
     file = directory / "adapter_model.safetensors"
     if not file.is_file():
         return wanted
-    holders = {k: torch.empty(0) for k in wanted}
     configs: dict[str, Any] = model.peft_config  # type: ignore[assignment]
-    saved = {id(v): k for adapter_name in configs
-             for k, v in get_peft_model_state_dict(model, state_dict=holders, adapter_name=adapter_name).items()}
+    saved = {name: key for adapter_name in configs for name, key in _peft_keys(model, wanted, adapter_name).items()}
     left = []
     with safe_open(str(file), "pt") as f:
         keys = set(f.keys())
         for name in wanted:
-            key = saved.get(id(holders[name]))
+            key = saved.get(name)
             if key not in keys:
                 left.append(name)
                 continue
@@ -160,15 +154,15 @@ def _copies_of_base(model: torch.nn.Module, fake: list[str], base: dict[str, str
     return out
 
 
-def _saved_names(tree: torch.nn.Module, names: list[str], adapter_name: str) -> list[str]:
-    """The state-dict ``names`` of ``tree`` that peft saves for ``adapter_name``: peft's own filter, run on
-    placeholders and mapped back by identity."""
+def _peft_keys(model: torch.nn.Module, names: list[str], adapter_name: str) -> dict[str, str]:
+    """Of the state-dict ``names`` of ``model``, those peft saves for ``adapter_name``, each with the key it saves
+    it under: peft's own filter and renaming, run on placeholders and mapped back by identity."""
     from peft import get_peft_model_state_dict
 
     holders = {k: torch.empty(0) for k in names}
-    kept = get_peft_model_state_dict(tree, state_dict=holders, adapter_name=adapter_name)
-    ids = {id(v) for v in kept.values()}
-    return [k for k, v in holders.items() if id(v) in ids]
+    kept = get_peft_model_state_dict(model, state_dict=holders, adapter_name=adapter_name)
+    key_of = {id(v): k for k, v in kept.items()}
+    return {k: key_of[id(v)] for k, v in holders.items() if id(v) in key_of}
 
 
 def save(sharded: ShardedModule, directory: str | os.PathLike, timeout_s: float = 300.0) -> None:
@@ -183,7 +177,7 @@ def save(sharded: ShardedModule, directory: str | os.PathLike, timeout_s: float 
     error: str | None = None
     for adapter_name in list(tree.peft_config):
         full: dict[str, torch.Tensor] = {}
-        for name in _saved_names(tree, list(state), adapter_name):
+        for name in _peft_keys(tree, list(state), adapter_name):
             t = _gather_full(sharded, canonical.get(name, name), local(state[name]))
             if t is not None:
                 full[name] = t.detach().cpu()

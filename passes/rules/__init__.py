@@ -32,6 +32,7 @@ from .core import (
     Rewrite,
     Rule,
     Strategy,
+    late_of,
     lookup,
     register,
     register_name,
@@ -41,5 +42,5 @@ from .matmuls import grouped_mm
 from .values import metadata_only
 
 __all__ = ["NAMED", "REGISTRY", "SEQ_LOCAL", "WORLD", "Fallback", "FreeParam", "OpCtx", "Operand", "Result",
-           "Rewrite", "Rule", "Strategy", "grouped_mm", "lookup", "metadata_only", "pointwise", "register",
+           "Rewrite", "Rule", "Strategy", "grouped_mm", "late_of", "lookup", "metadata_only", "pointwise", "register",
            "register_name"]

@@ -52,9 +52,6 @@ class Strategy:
     decide: dict[int, tuple[str, Placement]] = field(default_factory=dict)
     rewrite: Rewrite | None = None
     target: Any = None  # with ``rewrite``: the op emitted in the node's place (None: the node's own)
-    # a rewrite chosen at emission from the node's final placement (which sequence parallelism may change after
-    # the rules ran): (node, placement, args, kwargs, rank, world) -> (target, args, kwargs)
-    late: Late | None = None
 
 
 @dataclass
@@ -123,6 +120,27 @@ def register(*targets: Any, seq_local: bool = False) -> Callable[[Rule], Rule]:
         return fn
 
     return deco
+
+
+LATE: dict[Any, Late] = {}  # op -> its rewrite chosen at emission (``register_late``)
+
+
+def register_late(*targets: Any) -> Callable[[Late], Late]:
+    """A rewrite of every node of these ops, chosen at emission from the node's final placement (sequence
+    parallelism may change it after the rules ran): ``(node, placement, args, kwargs, rank, world) -> (target,
+    args, kwargs)``, the node as it is where the placement asks for nothing (dropout's noise on a split value)."""
+
+    def deco(fn: Late) -> Late:
+        for t in targets:
+            LATE[t] = fn
+        return fn
+
+    return deco
+
+
+def late_of(target: Any) -> Late | None:
+    packet = getattr(target, "overloadpacket", None)
+    return LATE.get(target) or (LATE.get(packet) if packet is not None else None)
 
 
 NAMED: dict[str, Rule] = {}  # custom ops registered by other libraries, keyed by "namespace::name"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,7 +11,19 @@ import torch.fx as fx
 from .. import kernels
 from ..placements import P, Partial, Placement, R, Replicate, Shard, is_whole
 from ..shapes import hint
-from .core import Fallback, OpCtx, Operand, Result, Strategy, aten, finest, keep, register, sharded
+from .core import (
+    Fallback,
+    OpCtx,
+    Operand,
+    Result,
+    Strategy,
+    aten,
+    finest,
+    keep,
+    register,
+    register_late,
+    sharded,
+)
 
 # ----------------------------------------------------------------------------- pointwise
 
@@ -25,7 +36,7 @@ POINTWISE = [
     aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.logical_not, aten.logical_and,
     aten.logical_or, aten.bitwise_not, aten.bitwise_and, aten.bitwise_or, aten.__and__, aten.__or__,
     aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.detach,
-    aten.reciprocal, aten.square, aten.log1p, aten.expm1,
+    aten.dropout, aten.native_dropout, aten.reciprocal, aten.square, aten.log1p, aten.expm1,
     aten.floor_divide, aten.remainder, aten.fill, aten.zeros_like, aten.ones_like, aten.empty_like,
     aten.full_like, aten.lift_fresh_copy, aten.leaky_relu, aten.hardtanh, aten.softplus, aten.mish,
     aten.elu, aten.gelu_, aten.silu_, aten.relu_, aten.add_, aten.mul_, aten.copy, aten.rsub,
@@ -100,13 +111,6 @@ def pointwise(ctx: OpCtx) -> Result:
     return Strategy(want, best.moved(od), decide)
 
 
-@register(aten.dropout, aten.native_dropout, seq_local=True)
-def dropout(ctx: OpCtx) -> Result:
-    """Pointwise; in training, a split value draws its chunk of the unsharded run's noise (``dropout_chunk``)."""
-    s = pointwise(ctx)
-    return replace(s, late=dropout_chunk) if isinstance(s, Strategy) else s
-
-
 def _memory_order(val: Any) -> tuple[int, ...]:
     """The dims of a (fake) tensor, outermost in memory first (by the strides' hints: no guard is added, so
     no dynamic dim is specialized)."""
@@ -114,6 +118,7 @@ def _memory_order(val: Any) -> tuple[int, ...]:
     return tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
 
 
+@register_late(aten.dropout, aten.native_dropout)
 def dropout_chunk(node: fx.Node, pl: Any, args: tuple, kwargs: dict, rank: int, world: int
                   ) -> tuple[Any, tuple, dict]:
     """A dropout of a split value becomes ``kernels.dropout_chunk`` (the unsharded run's noise, this rank's

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any, cast
 
 import torch.fx as fx
@@ -24,6 +23,7 @@ from .core import (
     finest,
     keep,
     register,
+    register_late,
     register_name,
 )
 
@@ -211,13 +211,14 @@ def sdpa(ctx: OpCtx) -> Result:
     r = einsum_rule(ctx, specs, _letters(nb) + "se", cast(list[int], idx))
     if isinstance(r, Strategy) and isinstance(r.out, Partial):
         return Fallback("attention over a sharded head dim or sequence", 0)
-    return replace(r, late=sdpa_dropout_chunk) if isinstance(r, Strategy) else r
+    return r
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = (None, 0.0, False, None, False)
 
 
+@register_late(aten.scaled_dot_product_attention)
 def sdpa_dropout_chunk(node: fx.Node, pl: Any, args: tuple, kwargs: dict, rank: int, world: int
                        ) -> tuple[Any, tuple, dict]:
     """Attention with dropout over split heads becomes ``kernels.sdpa_dropout_chunk`` (the unsharded run's
