@@ -116,7 +116,7 @@ def _colwise_or_replicated(specs: list[str], out: str, idx: list[int], ops: list
                 g = max(gs)
                 if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
                     g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds)
-                if g < 2:
+                if g < 2 and o.free.groups != 1:  # 1 group asked for: held whole (a single key/value head)
                     break
                 sh = Shard(d, g, segs, gs)
                 decide[idx[k]] = ("colwise", sh)
@@ -196,6 +196,8 @@ def sdpa(ctx: OpCtx) -> Result:
     if ctx.kwargs.get("enable_gqa"):
         return Fallback("sdpa with enable_gqa", ki)
     nb = q.ndim - 2
+    if (kv := _kv_off_heads(ctx, q, (ki, vi), nb)) is not None:  # type: ignore[arg-type]
+        return kv
     specs = [_batch_spec(q, nb, "st"), _batch_spec(k, nb, "ud"), _batch_spec(v, nb, "ue")]
     specs[0] = specs[0][:-1] + "d"
     idx = [qi, ki, vi]
@@ -212,6 +214,22 @@ def sdpa(ctx: OpCtx) -> Result:
     if isinstance(r, Strategy) and isinstance(r.out, Partial):
         return Fallback("attention over a sharded head dim or sequence", 0)
     return r
+
+
+def _kv_off_heads(ctx: OpCtx, q: Operand, kv: tuple[int, int], nb: int) -> Fallback | None:
+    """Query split by heads while a key or value arrives split along another dim: its heads could not carry
+    the split (multi-query attention's single key/value head, viewed ``[.., d] -> [.., 1, d]``, leaves only the
+    head dim). Ask for it held whole on every rank (1 group): each rank's query heads read all of it, and its
+    weight's gradient is summed over the ranks, as for key/value heads replicated within groups."""
+    qp = q.placement
+    if not isinstance(qp, Shard) or is_whole(qp) or qp.dim != nb - 1:
+        return None
+    for i in kv:
+        p = ctx.operands[i].placement
+        if isinstance(p, Shard) and not is_whole(p) and not p.even and p.dim != nb - 1:
+            return Fallback(f"key/value split along dim {p.dim}, not its heads, beside query heads split "
+                            f"{qp.groups} ways: held whole", i, groups=1)
+    return None
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
