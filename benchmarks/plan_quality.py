@@ -329,6 +329,64 @@ def run_7b(t: int) -> dict[str, Any]:
     return row
 
 
+# name -> (Llama shape overrides, t): head counts the world size does not divide, and one key/value head
+HEADS = {
+    "llama-7B 32 heads t=3": ({}, 3),
+    "llama-7B 32 heads t=6": ({}, 6),
+    "32 heads / 8 KV t=3": ({"num_key_value_heads": 8}, 3),
+    "qwen2-7B 28 heads / 4 KV t=8": ({"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                      "num_key_value_heads": 4, "head_dim": 128}, 8),
+    "hidden 3072 / 24 heads t=5": ({"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+                                    "num_key_value_heads": 24, "head_dim": 128}, 5),
+    "1 KV head (MQA) t=4": ({"num_key_value_heads": 1}, 4),
+    "1 KV head (MQA) t=8": ({"num_key_value_heads": 1}, 8),
+}
+
+
+def _ideal(heads: int, kv: int, t: int) -> tuple[int, int]:
+    """The head-parallel ideal on the fullest rank: ceil(heads/t) query heads (q and o), and the most key/value
+    heads any rank's query heads read (k and v)."""
+    rep, q_most, kv_most = heads // kv, 0, 0
+    base, extra = divmod(heads, t)
+    for r in range(t):
+        a = r * base + min(r, extra)
+        b = a + base + (1 if r < extra else 0)
+        q_most = max(q_most, b - a)
+        kv_most = max(kv_most, (b - 1) // rep - a // rep + 1 if b > a else 0)
+    return q_most, kv_most
+
+
+def _rows_per_rank(plan: Any, fqn: str, dim: int, t: int) -> list[int]:
+    p = plan.placements[fqn]
+    if p.dim != dim:
+        return [p.shape[dim]] * t
+    return [p.as_placement().local_size(r, t) for r in range(t)]
+
+
+def run_heads(name: str) -> dict[str, Any]:
+    overrides, t = HEADS[name]
+    model = C.meta_llama("7B", **overrides)
+    cfg = model.config
+    heads, kv, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    d = getattr(cfg, "head_dim", None) or hidden // heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = tpfx.plan(model, t, example_kwargs=example(model))
+    attn = "model.layers.0.self_attn."
+    q = _rows_per_rank(plan, attn + "q_proj.weight", 0, t)
+    o = _rows_per_rank(plan, attn + "o_proj.weight", 1, t)
+    k = _rows_per_rank(plan, attn + "k_proj.weight", 0, t)
+    q_ideal, kv_ideal = _ideal(heads, kv, t)
+    return {"name": name, "t": t, "heads": heads, "kv": kv, "head_dim": d,
+            "q_heads_per_rank": [n // d for n in q], "kv_heads_per_rank": [n // d for n in k],
+            "kv_placement": plan.placements[attn + "k_proj.weight"].placement,
+            "q_o_vs_ideal": max(a + b for a, b in zip(q, o)) / (2 * q_ideal * d),
+            "kv_vs_ideal": max(k) / (kv_ideal * d),
+            "per_layer_all_reduce": analyse_plan(plan, model, t, BATCH * SEQ)["per_layer_count_mean"],
+            "gathers": plan.count("all_gather"),
+            "node_fallbacks": len([f for f in plan.fallbacks if "node" in f])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"families {','.join(QUICK_FAMILIES)} at t=2 only")
@@ -351,6 +409,11 @@ def main() -> None:
             )
             rows.append(row)
     big = None if args.no_7b else run_7b(8)
+    heads = [] if args.no_7b else [run_heads(n) for n in HEADS]
+    for h in heads:
+        console.print(f"  {h['name']}: query heads per rank {h['q_heads_per_rank']}, key/value heads per rank "
+                      f"{h['kv_heads_per_rank']}, q/o ÷ ideal {h['q_o_vs_ideal']:.3f}, k/v ÷ ideal "
+                      f"{h['kv_vs_ideal']:.3f}, {h['per_layer_all_reduce']:.2g} all-reduces per layer")
 
     table = Table(
         title=f"forward collectives vs Megatron (b*s = {BATCH}x{SEQ}, fp32; per layer: attributed to "
@@ -440,6 +503,14 @@ def main() -> None:
                     "ok": big["per_layer_count_mean"] == 2,
                 }
             )
+    for h in heads:
+        targets.append({"target": f"{h['name']}: q/o on the fullest rank <= 1.02 x ceil(heads/t) heads, "
+                                  "2 all-reduces per layer",
+                        "value": round(h["q_o_vs_ideal"], 4),
+                        "ok": h["q_o_vs_ideal"] <= 1.02 and h["per_layer_all_reduce"] == 2})
+        targets.append({"target": f"{h['name']}: k/v on the fullest rank <= 1.02 x the key/value heads its query "
+                                  "heads read",
+                        "value": round(h["kv_vs_ideal"], 4), "ok": h["kv_vs_ideal"] <= 1.02})
     tt = Table(title="targets")
     for col in ("target", "value", "verdict"):
         tt.add_column(col)
@@ -448,7 +519,8 @@ def main() -> None:
     console.print(tt)
     path = C.write_json(
         "plan_quality",
-        {"batch": BATCH, "seq": SEQ, "tiny_config": TINY, "rows": rows, "llama_7b": big, "targets": targets},
+        {"batch": BATCH, "seq": SEQ, "tiny_config": TINY, "rows": rows, "llama_7b": big, "heads": heads,
+         "targets": targets},
         args.quick,
     )
     console.print(f"wrote {path.relative_to(C.ROOT)}")

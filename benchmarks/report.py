@@ -235,6 +235,18 @@ def section_plan_quality(d: dict[str, Any] | None) -> str:
                 + (f"; no-rule ops: {ops}" if ops else "")
             )
         out.append("")
+    if d.get("heads"):
+        out += ["\n### Head counts the world size does not divide, and one key/value head\n",
+                "Full-size Llama shapes on the meta device (32 layers, plan only). `q heads/rank`: whole query "
+                "heads per rank; `q/o ÷ ideal`: q and o rows on the fullest rank ÷ ceil(heads/t) heads; `k/v ÷ "
+                "ideal`: k rows on the fullest rank ÷ the key/value heads its query heads read (key/value heads "
+                "held whole on every rank where the query split does not nest in them).\n",
+                md_table(["shape", "t", "q heads/rank", "k/v heads/rank", "k/v placement", "q/o ÷ ideal",
+                          "k/v ÷ ideal", "AR/layer (Megatron 2)", "gathers/step"],
+                         [[h["name"], h["t"], "/".join(map(str, h["q_heads_per_rank"])),
+                           "/".join(map(str, h["kv_heads_per_rank"])), f"`{h['kv_placement']}`",
+                           f"{h['q_o_vs_ideal']:.3f}", f"{h['kv_vs_ideal']:.3f}", f"{h['per_layer_all_reduce']:.2g}",
+                           h["gathers"]] for h in d["heads"]]), ""]
     out += ["\n### Targets\n", fmt_targets(d["targets"]), ""]
     return "\n".join(out)
 

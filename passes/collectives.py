@@ -114,10 +114,10 @@ def _named(kind: str, where: str, fn: Callable[..., torch.Tensor], *args: Any) -
 
 
 def _gather(x: torch.Tensor, dim: int, segs: tuple[int, ...], gs: tuple[int, ...], rank: int, world: int,
-            group: str) -> torch.Tensor:
+            group: str, unit: int = 1) -> torch.Tensor:
     """All-gather a Shard(dim, segs, a group count per segment): every rank's piece (uneven ones padded in transit),
     then one copy of each chunk of each segment, in order."""
-    sizes = [[chunk_range(s, g, r * g // world)[1] for s, g in zip(segs, gs)] for r in range(world)]
+    sizes = [[chunk_range(s, g, r * g // world, unit)[1] for s, g in zip(segs, gs)] for r in range(world)]
     width = max(sum(sz) for sz in sizes)
     mine = sum(sizes[rank])
     if mine < width:
@@ -163,44 +163,44 @@ def _per_seg(groups: int | list[int] | tuple[int, ...], segs: tuple[int, ...]) -
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, segs, rank, world, group, groups):  # type: ignore[override]
+    def forward(ctx, x, dim, segs, rank, world, group, groups, unit):  # type: ignore[override]
         segs = tuple(segs)
         gs = _per_seg(groups, segs)
-        ctx.args = (dim, segs, rank, world, gs)
-        return _gather(x, dim, segs, gs, rank, world, group)
+        ctx.args = (dim, segs, rank, world, gs, unit)
+        return _gather(x, dim, segs, gs, rank, world, group, unit)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        dim, segs, rank, world, gs = ctx.args
+        dim, segs, rank, world, gs, unit = ctx.args
         pieces, off = [], 0
         for s, k in zip(segs, gs):
-            start, n = chunk_range(s, k, rank * k // world)
+            start, n = chunk_range(s, k, rank * k // world, unit)
             piece = g.narrow(dim, off + start, n)
             # a chunk held by world/k ranks: its gradient is partial within that replica group
             pieces.append(piece if k == world else piece * (k / world))
             off += s
-        return torch.cat(pieces, dim).contiguous(), None, None, None, None, None, None
+        return torch.cat(pieces, dim).contiguous(), None, None, None, None, None, None, None
 
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, groups, segs, rank, world, group, where):  # type: ignore[override]
+    def forward(ctx, x, dim, groups, segs, rank, world, group, where, unit):  # type: ignore[override]
         segs = tuple(segs)
         gs = _per_seg(groups, segs)
-        ctx.args, ctx.where = (x.shape, dim, gs, segs, rank, world, group), where
-        return shard_tensor(x, Shard(dim, max(gs), segs, gs), rank, world).contiguous()
+        ctx.args, ctx.where = (x.shape, dim, gs, segs, rank, world, group, unit), where
+        return shard_tensor(x, Shard(dim, max(gs), segs, gs, unit), rank, world).contiguous()
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        shape, dim, gs, segs, rank, world, group = ctx.args
+        shape, dim, gs, segs, rank, world, group, unit = ctx.args
         full = g.new_zeros(shape)
         off = loc = 0
         for s, k in zip(segs, gs):
-            start, n = chunk_range(s, k, rank * k // world)
+            start, n = chunk_range(s, k, rank * k // world, unit)
             full.narrow(dim, off + start, n).copy_(g.narrow(dim, loc, n))
             off += s
             loc += n
-        return _named("all_reduce of scatter", ctx.where, _all_reduce, full, group), *(None,) * 7
+        return _named("all_reduce of scatter", ctx.where, _all_reduce, full, group), *(None,) * 8
 
 
 class _Unwhole(torch.autograd.Function):
@@ -388,15 +388,16 @@ def reduce_grad(x: torch.Tensor, group: str, where: str = "") -> torch.Tensor:
 
 
 def all_gather(x: torch.Tensor, dim: int, segs: list[int], rank: int, world: int, group: str,
-               groups: int | list[int] | None = None) -> torch.Tensor:
-    """Shard(dim, groups, segs) -> Replicate (groups: one count, or one per segment; default the world size)."""
-    return _AllGather.apply(x, dim, tuple(segs), rank, world, group, groups or world)
+               groups: int | list[int] | None = None, unit: int = 1) -> torch.Tensor:
+    """Shard(dim, groups, segs, unit=unit) -> Replicate (groups: one count, or one per segment; default the world
+    size)."""
+    return _AllGather.apply(x, dim, tuple(segs), rank, world, group, groups or world, unit)
 
 
 def scatter(x: torch.Tensor, dim: int, groups: int | list[int], segs: list[int], rank: int, world: int,
-            group: str, where: str = "") -> torch.Tensor:
-    """Replicate -> Shard(dim, groups, segs): a local slice; gradients are summed back."""
-    return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group, where)
+            group: str, unit: int = 1, where: str = "") -> torch.Tensor:
+    """Replicate -> Shard(dim, groups, segs, unit=unit): a local slice; gradients are summed back."""
+    return _Scatter.apply(x, dim, groups, tuple(segs), rank, world, group, where, unit)
 
 
 def unwhole(x: torch.Tensor, world: int) -> torch.Tensor:

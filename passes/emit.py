@@ -192,6 +192,11 @@ class _Emitter:
             return
         elif (late := late_of(target)) is not None:  # dropout's noise, attention's (rules.register_late)
             target, args, kwargs = late(node, prop.placements.get(node), args, kwargs, self.rank, world)
+        if target is torch.ops.aten.view.default:
+            # a rank's value may be laid out unlike the captured one (a gathered tensor is contiguous where the
+            # unsharded one was a transposed view, so ``.contiguous()`` traced to nothing): the same value by
+            # reshape, which copies only where a view is impossible
+            target = torch.ops.aten.reshape.default
         y = self.new.create_node(node.op, target, args, kwargs, name=node.name)
         y.meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta") and not k.startswith("tpfx_")}
         y.meta["tpfx_placement"] = prop.placements.get(node)

@@ -72,7 +72,7 @@ def _full_noise(x: torch.Tensor, op: Any, p: float, dim: int, full: int, order: 
 
 def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, groups: int, segs: tuple[int, ...],
                   sgroups: tuple[int, ...] | None, order: tuple[int, ...], rank: int, world: int,
-                  native: bool = False) -> Any:
+                  native: bool = False, unit: int = 1) -> Any:
     """A training dropout of this rank's chunk ``x`` of a split value, exactly the unsharded run's: every rank
     draws the full value's noise (the same on every rank of the group, whose generators then advance as the
     unsharded run's does) and multiplies its chunk by its chunk of it. Drawing only a chunk would repeat one
@@ -81,7 +81,7 @@ def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, group
     op = torch.ops.aten.native_dropout.default if native else torch.ops.aten.dropout.default
     if not train or p == 0:
         return op(x, p, train)
-    pl = Shard(dim, groups, tuple(segs), tuple(sgroups) if sgroups else None)
+    pl = Shard(dim, groups, tuple(segs), tuple(sgroups) if sgroups else None, unit)
     noise = _full_noise(x, op, p, dim, x.shape[dim] * world if pl.even else sum(segs), order)
     if native:
         return x * shard_tensor(noise[0], pl, rank, world), shard_tensor(noise[1], pl, rank, world)
@@ -90,8 +90,8 @@ def dropout_chunk(x: torch.Tensor, p: float, train: bool | None, dim: int, group
 
 def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                        p: float, is_causal: bool, scale: float | None, enable_gqa: bool, groups: int,
-                       segs: tuple[int, ...], sgroups: tuple[int, ...] | None, rank: int, world: int
-                       ) -> torch.Tensor:
+                       segs: tuple[int, ...], sgroups: tuple[int, ...] | None, rank: int, world: int,
+                       unit: int = 1) -> torch.Tensor:
     """``scaled_dot_product_attention`` with dropout of this rank's heads (dim 1 split as ``Shard(1, groups,
     segs, sgroups)``) as the unsharded run computes it: torch's math path (q and k each scaled by the scale's
     root, the mask added, a safe softmax), the attention weights dropped out by this rank's chunk of the full
@@ -111,5 +111,6 @@ def sdpa_dropout_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
     if attn_mask is not None:
         attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
     attn = torch.ops.aten._safe_softmax.default(attn, -1)
-    attn = dropout_chunk(attn, p, True, 1, groups, segs, sgroups, tuple(range(attn.dim())), rank, world)
+    attn = dropout_chunk(attn, p, True, 1, groups, segs, sgroups, tuple(range(attn.dim())), rank, world, False,
+                         unit)
     return attn @ v  # (B, H/t, L, Dv)

@@ -47,13 +47,15 @@ STEPS: dict[str, Kind] = {
                            named=True, paired="scattered", args=lambda s, r, w, g: (s.dim, w, g)),
     "all_gather": Kind(C.all_gather, "all_gather", forward="all_gather",
                        args=lambda s, r, w, g: (s.dim, list(s.segs), r, w, g)
-                       + (() if s.src_groups is None else (_groups(s.src_groups),))),
+                       + (() if s.src_groups is None else (_groups(s.src_groups),))
+                       + (() if s.unit == 1 else (s.unit,))),
     "gather_even": Kind(C.gather_even, "all_gather", forward="all_gather", named=True,
                         args=lambda s, r, w, g: (s.dim, r, w, g)),
     "split_even": Kind(C.split_even, "scatter", backward="all_gather", named=True,
                        args=lambda s, r, w, g: (s.dim, r, w, g)),
     "scatter": Kind(C.scatter, "scatter", backward="all_reduce", named=True, paired="scatter",
-                    args=lambda s, r, w, g: (s.dim, _groups(s.dst_groups), list(s.segs), r, w, g)),
+                    args=lambda s, r, w, g: (s.dim, _groups(s.dst_groups), list(s.segs), r, w, g)
+                    + (() if s.unit == 1 else (s.unit,))),
     "refine": Kind(C.refine, None,
                    args=lambda s, r, w, g: (s.dim, list(s.segs), _groups(s.src_groups), _groups(s.dst_groups), r, w)),
     "to_partial": Kind(C.to_partial, None, args=lambda s, r, w, g: (r,)),

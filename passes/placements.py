@@ -47,6 +47,7 @@ class Shard:
     groups: int
     segs: tuple[int, ...]
     sgroups: tuple[int, ...] | None = None  # per segment, only where they differ (None: all ``groups``)
+    unit: int = 1  # chunks are whole multiples of it (uneven splits at head boundaries); 1 where chunks are equal
 
     def __post_init__(self) -> None:
         if self.sgroups is not None:
@@ -54,6 +55,11 @@ class Shard:
                 raise ValueError(f"per-segment groups {self.sgroups} do not fit {self.segs} in {self.groups}")
             if len(set(self.sgroups)) == 1:
                 object.__setattr__(self, "sgroups", None)  # one canonical form: uniform is None
+        if self.unit != 1:
+            if any(s % self.unit for s in self.segs):
+                raise ValueError(f"segments {self.segs} are not whole multiples of the unit {self.unit}")
+            if all(s % (g * self.unit) == 0 for s, g in zip(self.segs, self.seg_groups)):
+                object.__setattr__(self, "unit", 1)  # equal chunks: the unit changes nothing (one canonical form)
 
     def __str__(self) -> str:
         g = f"/{self.groups}"
@@ -66,7 +72,8 @@ class Shard:
         else:
             s = "[" + "+".join(f"{n}" if k == self.groups else f"{n}/{k}"
                                for n, k in zip(self.segs, self.sgroups)) + "]"
-        return f"S({self.dim}{g}{s})"
+        u = f"x{self.unit}" if self.unit != 1 else ""
+        return f"S({self.dim}{g}{s}{u})"
 
     @property
     def even(self) -> bool:
@@ -83,7 +90,7 @@ class Shard:
         return replace(self, dim=dim)
 
     def local_segs(self, rank: int = 0, world: int | None = None) -> tuple[int, ...]:
-        return tuple(chunk_range(s, g, rank * g // world if world else 0)[1]
+        return tuple(chunk_range(s, g, rank * g // world if world else 0, self.unit)[1]
                      for s, g in zip(self.segs, self.seg_groups))
 
     def local_size(self, rank: int = 0, world: int | None = None) -> int:
@@ -109,7 +116,7 @@ class Shard:
         they are concatenated locally. Checkpoint I/O reads and writes exactly these ranges."""
         out, off, local = [], 0, 0
         for seg, g in zip(self.segs, self.seg_groups):
-            start, n = chunk_range(seg, g, rank * g // world)
+            start, n = chunk_range(seg, g, rank * g // world, self.unit)
             out.append((off + start, n, local))
             off, local = off + seg, local + n
         return out
@@ -122,7 +129,7 @@ class Shard:
 
     @property
     def uneven(self) -> bool:
-        return any(s % g for s, g in zip(self.segs, self.seg_groups))
+        return any(s % (g * self.unit) for s, g in zip(self.segs, self.seg_groups))
 
 
 def seq_shard(dim: int, world: int) -> Shard:
@@ -161,11 +168,12 @@ def whole_mark(shape: tuple, prefer: int = 0) -> Shard | None:
     return None
 
 
-def chunk_range(size: int, groups: int, j: int) -> tuple[int, int]:
+def chunk_range(size: int, groups: int, j: int, unit: int = 1) -> tuple[int, int]:
     """(start, length) of chunk ``j`` of ``size`` split ``groups`` ways, balanced like ``torch.tensor_split``:
-    the first ``size % groups`` chunks are one longer (uneven splits, e.g. a vocab of 50257 on 2 ranks)."""
-    base, extra = divmod(size, groups)
-    return j * base + min(j, extra), base + (1 if j < extra else 0)
+    the first ``size % groups`` chunks are one longer (uneven splits, e.g. a vocab of 50257 on 2 ranks). With a
+    ``unit``, the ``size / unit`` units are so split (8 heads of 8 rows on 3 ranks: 24, 24 and 16 rows)."""
+    base, extra = divmod(size // unit, groups)
+    return (j * base + min(j, extra)) * unit, (base + (1 if j < extra else 0)) * unit
 
 
 Placement = Replicate | Partial | Shard

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,9 +33,11 @@ class ParamPlacement:
     groups: int = 1
     segs: tuple[int, ...] = ()
     sgroups: tuple[int, ...] | None = None  # per segment, where they differ (whole key/value heads in a fused qkv)
+    unit: int = 1  # uneven chunks in whole multiples of it (heads not divisible by the group count)
 
     def as_placement(self) -> Placement:
-        return Shard(self.dim, self.groups, self.segs, self.sgroups) if self.dim is not None else Replicate()
+        return Shard(self.dim, self.groups, self.segs, self.sgroups, self.unit) if self.dim is not None \
+            else Replicate()
 
     def local_shape(self) -> tuple[int, ...]:
         if self.dim is None:
@@ -49,12 +52,23 @@ class ParamPlacement:
         d = asdict(self)
         if d["sgroups"] is None:
             del d["sgroups"]  # uniform groups: the same data (and digest) as before the field existed
+        if d["unit"] == 1:
+            del d["unit"]  # likewise
         return d
 
     @classmethod
     def from_dict(cls, v: dict[str, Any]) -> ParamPlacement:
         return cls(**{**v, "shape": tuple(v["shape"]), "segs": tuple(v["segs"]),
                       "sgroups": tuple(v["sgroups"]) if v.get("sgroups") else None})
+
+
+def _chunk_layout(p: ParamPlacement, world: int) -> bool:
+    """The layout is ``torch.chunk``'s over all ``world`` ranks of one segment (what HF's colwise/rowwise do)."""
+    pl = p.as_placement()
+    if not isinstance(pl, Shard) or len(pl.segs) != 1 or pl.groups != world:
+        return False
+    step = -(-pl.segs[0] // world)
+    return all(pl.local_size(r, world) == max(0, min(step, pl.segs[0] - r * step)) for r in range(world))
 
 
 @dataclass(frozen=True)
@@ -76,8 +90,17 @@ class PlanData:
     sequence_parallel: bool = False  # activations only: the residual stream split by sequence between blocks
 
     def to_tp_plan(self) -> dict[str, str]:
-        """HF-style ``{"model.layers.*.self_attn.q_proj": "colwise", ...}`` (non-replicated modules)."""
+        """HF-style ``{"model.layers.*.self_attn.q_proj": "colwise", ...}`` (non-replicated modules). HF's styles
+        split a weight in ``torch.chunk``'s sizes over all ranks: a layout they cannot express (whole heads split
+        unevenly, a part held whole, chunks replicated within groups) is named in a ``UserWarning``."""
         per_module: dict[str, set[str]] = {}
+        inexact = sorted({fold(fqn.rpartition(".")[0]) for fqn, p in self.placements.items()
+                          if p.dim is not None and not _chunk_layout(p, self.world_size)})
+        if inexact:
+            warnings.warn(f"tpfx: HF's tp_plan styles cannot express the layout of {', '.join(inexact[:4])}"
+                          f"{' and others' if len(inexact) > 4 else ''} (uneven whole heads, parts held whole, or "
+                          "chunks replicated within groups): HF would split them in torch.chunk's sizes",
+                          stacklevel=2)
         for fqn, p in self.placements.items():
             module, _, leaf = fqn.rpartition(".")
             if leaf != "weight" or p.style == "replicate":
@@ -132,7 +155,7 @@ def _placements(prop: Propagation) -> dict[str, ParamPlacement]:
         shape = tuple(int(s) for s in node.meta["val"].shape)
         style, pl = prop.decided.get(fqn, ("replicate", Replicate()))
         if isinstance(pl, Shard):
-            placements[fqn] = ParamPlacement(style, str(pl), shape, pl.dim, pl.groups, pl.segs, pl.sgroups)
+            placements[fqn] = ParamPlacement(style, str(pl), shape, pl.dim, pl.groups, pl.segs, pl.sgroups, pl.unit)
         else:
             placements[fqn] = ParamPlacement("replicate", "R", shape)
     return dict(sorted(placements.items()))

@@ -89,6 +89,7 @@ class Seed:
     groups: int
     segs: tuple[int, ...] | None = None
     sgroups: tuple[int, ...] | None = None  # per segment (with segs), where a part is held whole
+    unit: int = 1  # uneven chunks in whole multiples of it (heads not divisible by the group count)
     pinned: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -244,7 +245,7 @@ def _rule_key(node: fx.Node, operands: list[Operand], out_shapes: Any) -> Any:
     solution: a repeated decoder block is solved once, not once per layer."""
     ops = tuple((o.shape, o.dtype, o.placement, o.trained,
                  None if o.free is None else (o.free.styles, o.free.groups, o.free.segs, o.free.sgroups,
-                                              o.free.dim_map, o.free.uneven)) for o in operands)
+                                              o.free.dim_map, o.free.uneven, o.free.unit)) for o in operands)
     val = node.meta.get("val")
     fixed = node.meta.get("tpfx_rule_key")  # the parts no round changes, once per node (while its args stand)
     if fixed is None or fixed[0] is not node.args or fixed[1] is not node.kwargs or fixed[2] is not val:
@@ -373,7 +374,7 @@ class _Round:
             free = None
             if fqn is not None and fqn not in self.prop.decided:
                 s = self.seeds[fqn]
-                free = FreeParam(fqn, s.styles, s.groups, s.segs, s.sgroups, dim_map)
+                free = FreeParam(fqn, s.styles, s.groups, s.segs, s.sgroups, dim_map, unit=s.unit)
             elif fqn is not None and fqn in self.chains:
                 self.materialize(fqn)
             val = a.meta["val"]
@@ -412,10 +413,11 @@ class _Round:
         culprits = [result.operand] if result.operand is not None else [
             i for i, o in enumerate(operands) if isinstance(o.placement, Shard)]
         src = frozenset().union(*[self.origins.get(operands[i].node, frozenset()) for i in culprits])
-        kind = "groups" if result.groups else "segs" if result.segs else "replicate"
-        value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else None)
+        kind = "groups" if result.groups else "segs" if result.segs else "unit" if result.unit else "replicate"
+        value = result.groups or ((result.segs, result.sgroups, result.within) if result.segs else
+                                  (result.unit, result.within) if result.unit else None)
         movable = frozenset(f for f in src if not seeds[f].pinned and f not in self.tainted_seeds)
-        if movable and (node not in self.tainted or result.groups or result.segs):
+        if movable and (node not in self.tainted or result.groups or result.segs or result.unit):
             prop.demands.append(Demand(movable, kind, value, f"{node.name}: {result.reason}"))
         elif unpinned := frozenset(f for f in src if not seeds[f].pinned):
             prop.held.append(Demand(unpinned, kind, value, f"{node.name}: {result.reason}"))
@@ -509,7 +511,7 @@ def propagate(gm: fx.GraphModule, world: int, pins: dict[str, tuple[str, Placeme
             s = seeds[fqn]
             s.styles, s.pinned = frozenset({style}), True
             if isinstance(pl, Shard):
-                s.groups, s.segs, s.sgroups = pl.groups, pl.segs, pl.sgroups
+                s.groups, s.segs, s.sgroups, s.unit = pl.groups, pl.segs, pl.sgroups, pl.unit
     cache: RuleCache | None = None if os.environ.get("TPFX_NO_RULE_CACHE") else {}
     max_rounds = max_rounds or rounds_bound(len(seeds))
     prop = _fixpoint(gm, world, seeds, cache, max_rounds, fed)
@@ -839,6 +841,13 @@ def _apply(s: Seed, prop: Propagation, fqn: str, kind: str, value: Any, reason: 
         s.groups = value
         s.reasons.append(f"groups {value}: {reason}")
         return True
+    if kind == "unit" and (unit := _unit_of(prop, fqn, *value)) is not None:
+        new = math.lcm(s.unit, unit)
+        if new == s.unit:
+            return False
+        s.unit = new
+        s.reasons.append(f"uneven whole parts of {new}: {reason}")
+        return True
     if kind == "segs" and (fit := _merged(prop, fqn, s, *value)) is not None:
         segs, gs = fit
         groups, sgroups = (min(s.groups, gs[0]), None) if len(set(gs)) == 1 else (s.groups, gs)
@@ -887,6 +896,18 @@ def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgro
         merged.append((e - start, g))
         start = e
     return tuple(s for s, _ in merged), tuple(g for _, g in merged)
+
+
+def _unit_of(prop: Propagation, fqn: str, unit: int, within: tuple[int, ...]) -> int | None:
+    """A demand's unit (in the units of the op that raised it, whose operand had segments ``within``) on weight
+    ``fqn``'s split dim, or None where the weight's split is not that operand's (scaled alike)."""
+    style, pl = prop.decided.get(fqn, ("", R))
+    if not isinstance(pl, Shard) or len(pl.segs) != 1 or sum(pl.segs) % sum(within):
+        return None
+    k = sum(pl.segs) // sum(within)
+    if tuple(w * k for w in within) != pl.segs:
+        return None
+    return unit * k
 
 
 def group_of(p: Shard, rank: int, world: int) -> tuple[int, ...]:

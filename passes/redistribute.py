@@ -33,6 +33,7 @@ class Step:
     segs: tuple[int, ...] = ()
     src_groups: Groups | None = None  # group count(s) of the value before the step (None: the collective's default)
     dst_groups: Groups | None = None  # ... after it
+    unit: int = 1  # uneven chunks in whole multiples of it (``Shard.unit``)
 
 
 def groups_arg(p: Shard) -> Groups:
@@ -47,7 +48,7 @@ def _refinable(have: Shard, want: Shard) -> bool:
 
 def _gather(have: Shard, world: int) -> list[Step]:
     if have.groups == world or have.uneven or have.sgroups is not None:
-        return [Step("all_gather", have.dim, have.segs, groups_arg(have))]
+        return [Step("all_gather", have.dim, have.segs, groups_arg(have), unit=have.unit)]
     if all(s % world == 0 for s in have.segs):  # refine locally first: less data to move
         return [Step("refine", have.dim, have.segs, have.groups, world), Step("all_gather", have.dim, have.segs)]
     return [Step("all_gather", have.dim, have.segs, have.groups)]  # e.g. 10 columns in 2 chunks on 4 ranks
@@ -67,7 +68,7 @@ def plan_redistribution(have: Placement | None, want: Placement, world: int) -> 
     if isinstance(have, Partial):
         steps.append(Step("all_reduce"))
         have = Replicate()
-    scatter = [Step("scatter", want.dim, want.segs, None, groups_arg(want))] if isinstance(want, Shard) else []
+    scatter = [Step("scatter", want.dim, want.segs, None, groups_arg(want), want.unit)] if isinstance(want, Shard) else []
     if isinstance(have, Shard) and isinstance(want, Shard) and _refinable(have, want):
         return steps + [Step("refine", have.dim, have.segs, groups_arg(have), groups_arg(want))]
     if is_whole(have):  # every rank holds it all: nothing moves, its gradient is shared out

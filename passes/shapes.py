@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias, overload
 
 import sympy
@@ -140,11 +141,32 @@ def divisible_prefix(src: Sequence[Expr], dst: Sequence[Expr], p: Shard
     return None
 
 
-def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int:
+@dataclass(frozen=True)
+class Cut:
+    """What a view needs of a split it cannot carry: chunks in whole multiples of ``unit`` elements of the split
+    dim (``[.., n*d] -> [.., n, d]`` with ``n`` not divisible by the group count: whole heads, ``unit = d``)."""
+
+    unit: int
+
+
+def _uneven_heads(outs: list[int], gj: list[int], In: int, p: Shard) -> Shard | Cut | None:
+    """A single-segment split of the outermost dim of a view group into at least ``p.groups`` outer parts
+    (``[n*d] -> [n, d]`` with ``n >= groups``): the split lands on ``n`` in uneven whole parts (8 heads on 3 ranks:
+    3, 3 and 2) if its chunks are whole multiples of the inner size; otherwise the unit that would make them so."""
+    if len(p.segs) != 1 or p.sgroups is not None or outs[0] < p.groups:
+        return None
+    inner = math.prod(outs[1:])
+    flat = p.unit * In  # the chunks' unit in the group's flattened index space
+    if flat % inner == 0:
+        return Shard(gj[0], p.groups, (outs[0],), unit=flat // inner)
+    return Cut(math.lcm(flat, inner) // In)
+
+
+def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | Cut | int:
     """Move ``p`` (on ``src``) through a view to ``dst``.
 
-    Returns the output Shard, or an int: the largest group count (< p.groups) that would map
-    (1 when none does), for the planner to demote to.
+    Returns the output Shard; or a ``Cut``, the unit of uneven whole parts (heads) that would map; or an int:
+    the largest group count (< p.groups) that would map (1 when none does), for the planner to demote to.
     """
     groups = view_groups(src, dst)
     if groups is None:
@@ -161,10 +183,11 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
         if None in outer or None in inner or None in outs:
             return 1  # a symbolic size shares the group: no static layout
         K, In = math.prod(outer), math.prod(inner)  # type: ignore[arg-type]
-        if p.uneven:  # uneven chunks survive only a view that keeps the dim
+        heads = _uneven_heads(outs, gj, In, p) if K == 1 else None  # type: ignore[arg-type]
+        if p.uneven:  # uneven chunks survive a view that keeps the dim, or cuts it at their unit
             if K == 1 and In == 1 and len(gj) == 1:
                 return p.moved(gj[0])
-            return math.gcd(p.groups, *p.segs)
+            return heads if heads is not None else math.gcd(p.groups, *p.segs)
         flat = [seg * In for seg in p.segs] * K
         gflat = list(p.seg_groups) * K
         best_g = 1
@@ -183,5 +206,5 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | int
             if all(s % g == 0 for s, g in zip(segs, gs)):
                 return Shard(gj[e], p.groups, segs, gs)
             best_g = max(best_g, math.gcd(p.groups, *segs))
-        return best_g
+        return heads if heads is not None else best_g
     return 1

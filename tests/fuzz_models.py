@@ -7,9 +7,11 @@ optional in-model cross-entropy). Blocks:
 - ``mlp``: two linears (bias or not), an activation, optionally gated (a second up projection, separate or
   fused and cut by ``chunk`` / ``split`` / slices);
 - ``attn``: q/k/v as three linears or one fused projection cut by ``split`` / slices / ``chunk``; MHA, GQA or
-  MQA with random head counts and head dims; heads made by ``view`` / ``reshape`` / ``unflatten`` and
-  ``transpose`` / ``permute``; key/value heads repeated by ``repeat_interleave`` or ``expand`` + ``reshape``;
-  ``scaled_dot_product_attention`` or softmax written out; heads merged by ``reshape`` / ``flatten``;
+  MQA with random head counts (key/value heads 1-7, often prime to the world size) and head dims (2-16);
+  heads made by ``view`` / ``reshape`` / ``unflatten`` and ``transpose`` / ``permute``; key/value heads
+  repeated by ``repeat_interleave`` or ``expand`` + ``reshape``; ``scaled_dot_product_attention``, softmax
+  written out with ``@`` or ``einsum``; heads merged by ``reshape`` / ``flatten`` /
+  ``.contiguous().view(b, s, -1)``;
 - ``parts``: one projection cut into 2-4 parts of random sizes, each part activated, then concatenated
   into one down projection or each given its own down projection (summed);
 - ``parallel``: attention and MLP on the same normed input, both added to the residual;
@@ -65,15 +67,16 @@ class Spec:
 
 @st.composite
 def _attn_opts(draw: Any, hidden: int) -> dict[str, Any]:
-    kv = draw(st.sampled_from((1, 2, 3, 4)))
+    kv = draw(st.sampled_from((1, 2, 3, 4, 5, 7)))  # head counts prime to most world sizes
     heads = kv * draw(st.sampled_from((1, 2, 3)))  # MHA when the factor is 1, MQA when kv == 1
     fused = draw(st.sampled_from(("none", "split", "slice") + (("chunk",) if heads == kv else ())))
-    return {"heads": heads, "kv": kv, "head_dim": draw(st.sampled_from((2, 3, 4))), "bias": draw(st.booleans()),
+    return {"heads": heads, "kv": kv, "head_dim": draw(st.sampled_from((2, 3, 4, 8, 16))),
+            "bias": draw(st.booleans()),
             "fused": fused, "split_heads": draw(st.sampled_from(("view", "reshape", "unflatten"))),
             "order": draw(st.sampled_from(("transpose", "permute"))),
             "repeat": draw(st.sampled_from(("repeat_interleave", "expand"))),
-            "core": draw(st.sampled_from(("sdpa", "manual"))), "causal": draw(st.booleans()),
-            "merge": draw(st.sampled_from(("reshape", "flatten")))}
+            "core": draw(st.sampled_from(("sdpa", "manual", "einsum"))), "causal": draw(st.booleans()),
+            "merge": draw(st.sampled_from(("reshape", "flatten", "contiguous_view")))}
 
 
 @st.composite
@@ -214,13 +217,17 @@ class Attention(nn.Module):
         if self.o["core"] == "sdpa":
             a = F.scaled_dot_product_attention(q, k, v, is_causal=self.o["causal"])
         else:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(self.o["head_dim"])  # (B, heads, S, S)
+            scores = q @ k.transpose(-1, -2) if self.o["core"] == "manual" \
+                else torch.einsum("bhsd,bhud->bhsu", q, k)  # (B, heads, S, S)
+            scores = scores / math.sqrt(self.o["head_dim"])
             if self.o["causal"]:
                 s = x.shape[1]
                 mask = torch.ones(s, s, dtype=torch.bool).tril()
                 scores = scores.masked_fill(~mask, float("-inf"))
-            a = scores.softmax(-1) @ v
+            a = scores.softmax(-1) @ v if self.o["core"] == "manual" else torch.einsum("bhsu,bhud->bhsd", scores.softmax(-1), v)
         a = a.transpose(1, 2)  # (B, S, heads, d)
+        if self.o["merge"] == "contiguous_view":
+            return self.out(a.contiguous().view(a.shape[0], a.shape[1], -1))
         a = a.reshape(a.shape[0], a.shape[1], -1) if self.o["merge"] == "reshape" else a.flatten(2)
         return self.out(a)
 

@@ -13,7 +13,7 @@ import conftest
 import fuzz
 import pytest
 import torch
-from fuzz_models import Block, Spec, specs
+from fuzz_models import Block, FuzzModel, Spec, inputs, specs
 from hypothesis import HealthCheck, given, seed, settings
 from simulate import emit_all, run_ranks
 from tpfx.passes import collectives
@@ -102,6 +102,25 @@ def test_mqa_value_bias_gradient_is_exact_in_float64() -> None:
     (o64,) = fuzz.check(spec, (3,), torch.float64)
     assert o64.forward <= fuzz.EXACT64 and o64.grads <= fuzz.EXACT64, o64
     assert o64.fallbacks > 0  # the ops without a rule were replicated, with a fallback recorded
+
+
+def test_five_heads_merged_by_contiguous_view_split_in_whole_heads_at_every_world_size() -> None:
+    """Found by the extended fuzzer: 5 heads of 2 unflattened from a split projection and merged by
+    ``.transpose(1, 2).contiguous().view(b, s, -1)``. The unflatten asked for each head split on its own (a fused
+    projection's parts), a gather left the attention output laid out unlike the capture, whose ``.contiguous()``
+    had traced to nothing, and the ``view`` raised at t=2, 4, 6 and 8. Now q/k/v split in whole heads (3 and 2
+    at t=2), and a rank graph's views are reshapes."""
+    attn = {"heads": 5, "kv": 5, "head_dim": 2, "bias": False, "fused": "none", "split_heads": "unflatten",
+            "order": "transpose", "repeat": "repeat_interleave", "core": "sdpa", "causal": False,
+            "merge": "contiguous_view"}
+    spec = Spec(8, 0, 6, False, False, (Block("attn", "layer", attn),), seed=0)
+    for o in fuzz.check(spec):
+        assert o.ok, o
+    args, kwargs = inputs(spec, 1)
+    plan = tpfx.plan(FuzzModel(spec), 2, example_inputs=args, example_kwargs=kwargs)
+    assert plan.placements["blocks.0.attn.q.weight"].unit == 2  # whole heads of 2 rows
+    gm = tpfx.emit_rank(plan, 0)
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.view.default]
 
 
 def _sample(n: int) -> list[Spec]:

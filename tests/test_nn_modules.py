@@ -208,9 +208,14 @@ def test_baddbmm_addend_follows_the_matmul() -> None:
 
 
 def test_unflatten_of_fused_projection_asks_for_segments() -> None:
+    # [.., 96] -> [.., 3, 32] on 2 ranks: first whole parts of 32 (as heads t does not divide: 2 and 1 parts);
+    # taking a part out of that uneven split then asks for each part split on its own (a fused projection)
     x = _op((s0, s1, 96), Shard(2, 2, (96,)))
     res = _rule(aten.unflatten.int, [x], (s0, s1, 3, 32), [x.node, -1, [3, 32]])
-    assert isinstance(res, Fallback) and res.segs == (32, 32, 32)
+    assert isinstance(res, Fallback) and res.unit == 32 and res.within == (96,)
+    parts = _op((s0, s1, 3, 32), Shard(2, 2, (3,)))  # the uneven whole parts
+    res = _rule(aten.select.int, [parts], (s0, s1, 32), [parts.node, 2, 0])
+    assert isinstance(res, Fallback) and (res.segs, res.sgroups, res.within) == ((1, 1, 1), (2, 2, 2), (3,))
     x = _op((s0, s1, 96), Shard(2, 2, (32, 32, 32)))
     st = _rule(aten.unflatten.int, [x], (s0, s1, 3, 32), [x.node, -1, [3, 32]])
     assert isinstance(st, Strategy) and st.out == Shard(3, 2, (32,))
@@ -345,7 +350,7 @@ def test_multihead_attention_dynamic_batch_replicates_attention_with_reason(name
     assert styles[pre + "in_proj_weight"] == "replicate" and styles[pre + "out_proj.weight"] == "replicate"
     assert styles[mlp[0] + ".weight"] == "colwise" and styles[mlp[1] + ".weight"] == "rowwise"
     reasons = " ".join(f["reason"] for f in plan.fallbacks if f.get("param") == pre + "in_proj_weight")
-    assert "fused projection" in reasons and "batch*heads" in reasons and "run-time size" in reasons
+    assert "unflatten" in reasons and "batch*heads" in reasons and "run-time size" in reasons
     assert _forward_collectives(plan, 1) == Counter({"all_reduce": 1})  # the MLP's
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 
 import models
@@ -98,17 +99,22 @@ def test_plan_on_meta_device_full_size_shapes() -> None:
 
 
 @pytest.mark.parametrize("heads", [4, 2])
-def test_indivisible_heads_split_their_divisible_part_or_replicate_with_reasons(heads: int) -> None:
-    # hidden 96 on t=3 ranks: 4 heads (head_dim 24) -> the first 3 heads split, the 4th held whole on every rank;
-    # 2 heads (head_dim 48) -> no part of 2 splits 3 ways: attention replicated. The reasons are recorded
+def test_indivisible_heads_split_in_whole_heads_or_replicate_with_reasons(heads: int) -> None:
+    # hidden 96 on t=3 ranks: 4 heads (head_dim 24) -> 2, 1 and 1 whole heads per rank (rows cut at head
+    # boundaries); 2 heads (head_dim 48) -> fewer heads than ranks and no group count dividing both: attention
+    # replicated, with a warning. The reasons are recorded
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=heads, use_cache=False)
-    plan = tpfx.plan(LlamaForCausalLM(cfg), 3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        plan = tpfx.plan(LlamaForCausalLM(cfg), 3)
+    assert any("no head-parallel plan" in str(w.message) for w in rec) == (heads == 2)
     for n in ("q_proj", "k_proj", "v_proj"):
         p = plan.placements[f"model.layers.0.self_attn.{n}.weight"]
         if heads == 4:
-            assert (p.style, p.segs, p.sgroups) == ("colwise", (72, 24), (3, 1)), p
+            assert (p.style, p.segs, p.unit) == ("colwise", (96,), 24), p
+            assert [p.as_placement().local_size(r, 3) for r in range(3)] == [48, 24, 24]
         else:
             assert p.style == "replicate", p
     o = plan.placements["model.layers.0.self_attn.o_proj.weight"]

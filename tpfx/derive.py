@@ -13,6 +13,7 @@ cache fed as this rank's heads), the tests and the fuzzer (a normalized graph pl
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +65,24 @@ def derived(data: PlanData, d: Derivation, stacklevel: int = 4, warn: bool = Tru
         widest = max((max(p.shape, default=0) for p in plan.placements.values()), default=0)
         warnings.warn(f"tpfx: no weight is split at world_size={world_size} (the widest weight dim is {widest}; "
                       "see plan.fallbacks): every rank holds and computes the whole model", stacklevel=stacklevel)
+    elif warn and world_size > 1 and (why := _indivisible_views(plan)):
+        warnings.warn(why, stacklevel=stacklevel)
     return plan
+
+
+def _indivisible_views(plan: ShardingPlan) -> str | None:
+    """A warning naming the weights replicated because a view cuts their split dim into parts no split of the
+    ranks can carry (fewer heads than ranks, with no group count dividing both), and what that costs per rank."""
+    reasons = {f["param"]: f["reason"] for f in plan.fallbacks
+               if "param" in f and f["reason"].startswith("replicated:") and "splits the sharded dim" in f["reason"]}
+    if not reasons:
+        return None
+    t = plan.world_size
+    extra = sum(math.prod(plan.placements[f].shape) for f in reasons) * (t - 1) // t
+    first = sorted(reasons)[0]
+    return (f"tpfx: {len(reasons)} weights (e.g. {first}) are replicated, not split: {reasons[first].split(': ', 1)[1]}; "
+            f"{extra:,} more elements per rank than a split would hold (heads fewer than the ranks and no group "
+            f"count dividing both: no head-parallel plan exists at world_size={t}; see plan.fallbacks)")
 
 
 def derive(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world_size: int, pins: dict | None,

@@ -83,7 +83,7 @@ def dtensor_layout(pl: Placement, world: int) -> tuple[int, tuple[DPlacement, ..
     if not isinstance(pl, Shard) or pl.sgroups is not None or pl.groups >= world or world % pl.groups:
         return None
     k = pl.groups
-    outer = dtensor_placement(Shard(pl.dim, k, pl.segs), k)  # rank r holds chunk r // (world // k)
+    outer = dtensor_placement(Shard(pl.dim, k, pl.segs, unit=pl.unit), k)  # rank r holds chunk r // (world // k)
     return (k, (outer, DReplicate())) if outer is not None else None
 
 

@@ -112,6 +112,8 @@ def describe_placement(pl: Any, ndim: int | None = None, world: int | None = Non
         extra += f", {pl.groups} groups"
     if len(pl.segs) > 1:
         extra += f", segs {'+'.join(map(str, pl.segs))}"
+    if pl.unit != 1:
+        extra += f", whole parts of {pl.unit}"
     return f"S({dim}{extra})"
 
 

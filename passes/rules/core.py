@@ -29,6 +29,7 @@ class FreeParam:
     sgroups: tuple[int, ...] | None = None  # caps per segment where they differ (whole key/value heads)
     dim_map: tuple[int | None, ...] | None = None  # operand dim -> parameter dim (after transposes/casts)
     uneven: bool = True  # may be split into unequal chunks
+    unit: int = 1  # chunks in whole multiples of it (an uneven split at head boundaries)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Fallback:
     groups: int | None = None  # a group count that would work (GQA), for the planner to demote to
     segs: tuple[int, ...] | None = None  # segment boundaries that would work (fused projections)
     sgroups: tuple[int, ...] | None = None  # with segs: a group count per segment (a whole key/value head)
-    within: tuple[int, ...] | None = None  # with segs: the operand's segments they refine (in the operand's units)
+    within: tuple[int, ...] | None = None  # with segs or unit: the operand's segments (in the operand's units)
+    unit: int | None = None  # uneven chunks of whole multiples of this many elements would work (whole heads)
 
 
 @dataclass
@@ -202,7 +204,7 @@ def finest(shards: list[Shard]) -> Shard | None:
     best = max(shards, key=lambda s: s.seg_groups)
     for s in shards:
         if s.segs != best.segs or any(b % g for g, b in zip(s.seg_groups, best.seg_groups)) \
-                or (s.uneven and s.seg_groups != best.seg_groups):
+                or (s.uneven and (s.seg_groups, s.unit) != (best.seg_groups, best.unit)):
             return None
     return best
 

@@ -130,4 +130,4 @@ def dropout_chunk(node: fx.Node, pl: Any, args: tuple, kwargs: dict, rank: int, 
     order = _memory_order(node.args[0].meta["val"])  # type: ignore[union-attr]
     native = node.target is torch.ops.aten.native_dropout.default
     return kernels.dropout_chunk, (x, p, train, pl.dim, pl.groups, pl.segs, pl.sgroups, order, rank, world,
-                                   native), {}
+                                   native) + ((pl.unit,) if pl.unit != 1 else ()), {}

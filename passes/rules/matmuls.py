@@ -62,7 +62,8 @@ def einsum_rule(ctx: OpCtx, specs: list[str], out: str, idx: list[int]) -> Resul
                 return Fallback("a weight pinned rowwise has no contracted dim to split", idx[k])
             saved = o.free.segs if o.free is not None else None
             segs = saved if saved and sum(saved) == size else (size,)  # a saved plan's parts
-            shard_letters = {L: [Shard(0, ctx.world, segs)]}  # its inputs are split locally
+            unit = o.free.unit if o.free is not None and len(segs) == 1 and size % o.free.unit == 0 else 1
+            shard_letters = {L: [Shard(0, ctx.world, segs, unit=unit)]}  # its inputs are split locally
     if len(shard_letters) > 1:
         return Fallback(f"operands sharded on different letters {sorted(shard_letters)}", idx[1])
     if not shard_letters:
@@ -114,11 +115,13 @@ def _colwise_or_replicated(specs: list[str], out: str, idx: list[int], ops: list
                 caps = o.free.sgroups or (o.free.groups,) * len(segs)
                 gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
                 g = max(gs)
-                if g < o.free.groups and len(segs) == 1 and size >= 4 * o.free.groups and o.free.uneven:
-                    g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds)
+                unit = o.free.unit if len(segs) == 1 and size % o.free.unit == 0 else 1
+                if g < o.free.groups and len(segs) == 1 and o.free.uneven \
+                        and (size // unit >= o.free.groups if unit > 1 else size >= 4 * o.free.groups):
+                    g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds, whole units)
                 if g < 2 and o.free.groups != 1:  # 1 group asked for: held whole (a single key/value head)
                     break
-                sh = Shard(d, g, segs, gs)
+                sh = Shard(d, g, segs, gs, unit)
                 decide[idx[k]] = ("colwise", sh)
                 want[idx[k]] = sh
                 return Strategy(want, sh.moved(out.index(L)), decide)
@@ -216,19 +219,34 @@ def sdpa(ctx: OpCtx) -> Result:
     return r
 
 
+def _nests(p: Shard, q: Shard) -> bool:
+    """Every rank's chunk of ``q`` lies inside its chunk of ``p``, so ``p`` becomes ``q`` by a local narrow."""
+    return p == q or (p.segs == q.segs and not p.uneven and not q.uneven
+                      and all(b % g == 0 for g, b in zip(p.seg_groups, q.seg_groups)))
+
+
 def _kv_off_heads(ctx: OpCtx, q: Operand, kv: tuple[int, int], nb: int) -> Fallback | None:
-    """Query split by heads while a key or value arrives split along another dim: its heads could not carry
-    the split (multi-query attention's single key/value head, viewed ``[.., d] -> [.., 1, d]``, leaves only the
-    head dim). Ask for it held whole on every rank (1 group): each rank's query heads read all of it, and its
-    weight's gradient is summed over the ranks, as for key/value heads replicated within groups."""
+    """Query split by heads while a key or value arrives split in a way its heads cannot follow: along another dim
+    (multi-query attention's single key/value head, viewed ``[.., d] -> [.., 1, d]``, leaves only the head dim),
+    or by heads in chunks other than the query's (uneven query heads, 14 on 4 ranks, against 2 key/value heads
+    replicated in 2 groups). Ask for it in fewer groups whose chunks nest in the query's (GQA), else held whole
+    on every rank (1 group): each rank's query heads read all of it, and its weight's gradient is summed over the
+    ranks, as for key/value heads replicated within groups."""
     qp = q.placement
     if not isinstance(qp, Shard) or is_whole(qp) or qp.dim != nb - 1:
         return None
     for i in kv:
         p = ctx.operands[i].placement
-        if isinstance(p, Shard) and not is_whole(p) and not p.even and p.dim != nb - 1:
+        if not isinstance(p, Shard) or is_whole(p) or p.even:
+            continue
+        if p.dim != nb - 1:
             return Fallback(f"key/value split along dim {p.dim}, not its heads, beside query heads split "
                             f"{qp.groups} ways: held whole", i, groups=1)
+        if not _nests(p, qp.moved(p.dim)):
+            g = math.gcd(p.segs[0] // p.unit, qp.groups) if len(p.segs) == 1 and not qp.uneven else 1
+            g = g if g < p.groups else 1
+            return Fallback(f"key/value heads split as {p}, query heads as {qp}: the key/value in {g} group(s)",
+                            i, groups=g)
     return None
 
 
@@ -251,7 +269,7 @@ def sdpa_dropout_chunk(node: fx.Node, pl: Any, args: tuple, kwargs: dict, rank: 
                                   f"{pl.dim}, not its heads: its noise cannot be drawn as the unsharded run's; "
                                   "train with the attention dropout at 0, or plan without this split")
     return kernels.sdpa_dropout_chunk, (*(bound[a] for a in _SDPA_ARGS), pl.groups, pl.segs, pl.sgroups, rank,
-                                        world), {}
+                                        world) + ((pl.unit,) if pl.unit != 1 else ()), {}
 
 
 @register(aten.embedding)
@@ -289,7 +307,7 @@ def _vocab_op() -> Any:
 
 def _vocab_rewrite(p: Shard) -> Rewrite:
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
-        start, n = chunk_range(p.segs[0], p.groups, p.chunk(rank, world))
+        start, n = chunk_range(p.segs[0], p.groups, p.chunk(rank, world), p.unit)
         padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
         return (args[0], args[1], start, n, padding_idx), {}
 
@@ -310,7 +328,7 @@ def loss(ctx: OpCtx) -> Result:
         reduction, ignore = ctx.arg("reduction", 1), ctx.arg("ignore_index", -100)
 
         def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
-            start, _ = chunk_range(p.segs[0], p.groups, p.chunk(rank, world))
+            start, _ = chunk_range(p.segs[0], p.groups, p.chunk(rank, world), p.unit)
             return (args[0], args[1], start, reduction, ignore, WORLD), {}
 
         return Strategy({0: p, 1: R}, R, rewrite=rw, target=_parallel_ce())

@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from ..placements import P, Partial, R, Replicate, Shard, group_at, is_whole
-from ..shapes import as_int, divisible_prefix, map_shard, view_groups
+from ..placements import P, Partial, Placement, R, Replicate, Shard, group_at, is_whole
+from ..shapes import Cut, as_int, divisible_prefix, map_shard, view_groups
 from .core import (
     Fallback,
     OpCtx,
@@ -44,6 +44,8 @@ def _view(ctx: OpCtx) -> Result:  # the rule of ``view`` below, which refines it
     if not isinstance(x.placement, Shard):
         return Strategy({0: R}, R)
     out = map_shard(x.shape, ctx.out_shapes, x.placement)
+    if isinstance(out, Cut):
+        return _cut(ctx, out)
     if isinstance(out, int):
         why = f"view {list(x.shape)} -> {list(ctx.out_shapes)} splits the sharded dim " \
               f"{x.shape[x.placement.dim]} into parts not divisible by {x.placement.groups}"
@@ -55,6 +57,14 @@ def _view(ctx: OpCtx) -> Result:  # the rule of ``view`` below, which refines it
     if (dyn := check_sizes_static(ctx.args[1], dims)) is not None:
         return Fallback(dyn, 0)
     return Strategy({0: x.placement}, out, rewrite=resize_arg(1, dims))
+
+
+def _cut(ctx: OpCtx, cut: Cut) -> Fallback:
+    """Ask the weights behind the split for uneven chunks of whole ``cut.unit`` elements (whole heads)."""
+    p = cast(Shard, ctx.operands[0].placement)
+    return Fallback(f"view {list(ctx.operands[0].shape)} -> {list(ctx.out_shapes)} splits the sharded dim into "
+                    f"parts not divisible by {p.groups}: uneven whole parts of {cut.unit}", 0, unit=cut.unit,
+                    within=p.segs)
 
 
 @register(aten.expand)
@@ -136,9 +146,21 @@ def squeeze(ctx: OpCtx) -> Result:
     return _moved(ctx, f)
 
 
+def _each_part(p: Placement, dim: int, why: str) -> Fallback | None:
+    """Taking single entries of a dim split unevenly in whole parts (``[.., 3E] -> [.., 3, E]`` split as 2 and 1
+    parts, then q, k and v taken out): ask for each part split on its own instead (a fused projection)."""
+    if not isinstance(p, Shard) or p.dim != dim or len(p.segs) != 1 or not p.uneven:
+        return None
+    n = p.segs[0]
+    return Fallback(f"{why}: each of its {n} parts is split on its own", 0, segs=(1,) * n,
+                    sgroups=(p.groups,) * n, within=p.segs)
+
+
 @register(aten.select)
 def select(ctx: OpCtx) -> Result:
     s = norm_dim(ctx.args[1], ctx.operands[0].ndim)
+    if (parts := _each_part(ctx.operands[0].placement, s, "select along a dim split unevenly")) is not None:
+        return parts
     return _moved(ctx, lambda d: None if d == s else (d - 1 if d > s else d), allow_partial=False)
 
 
@@ -191,7 +213,7 @@ def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Resu
             segs = _cuts(p, [c for ab in bounds for c in ab])
             why = f"split of the sharded dim at {sorted({c for ab in bounds for c in ab})} does not fall on shard " \
                   f"boundaries"
-            if segs is None or p.uneven:
+            if segs is None:
                 return Fallback(why, 0)
             # each segment split as finely as it allows: a part smaller than the group count (a single key or
             # value head beside the query heads) is held whole on every rank
@@ -332,6 +354,8 @@ def flatten(ctx: OpCtx) -> Result:  # also unflatten's base (``unflatten`` below
     if not isinstance(x.placement, Shard):
         return Strategy(keep(ctx), R)
     out = map_shard(x.shape, ctx.out_shapes, x.placement)
+    if isinstance(out, Cut):
+        return _cut(ctx, out)
     if isinstance(out, int):
         return Fallback(f"{ctx.node.target} splits the sharded dim into parts not divisible by "
                         f"{x.placement.groups}", 0, groups=out if out > 1 else None)
@@ -364,7 +388,7 @@ def view_as(ctx: OpCtx) -> Result:
         return Strategy({0: R, 1: other.placement}, R) if not isinstance(other.placement, Shard) \
             else Fallback("shape taken from a sharded tensor", 1)
     if ctx.node.target.overloadpacket is aten.expand_as:  # type: ignore[union-attr]
-        out: Shard | int = x.placement.moved(x.placement.dim + len(ctx.out_shapes) - x.ndim)
+        out: Shard | Cut | int = x.placement.moved(x.placement.dim + len(ctx.out_shapes) - x.ndim)
     else:
         out = map_shard(x.shape, ctx.out_shapes, x.placement)
     if isinstance(out, int) or other.placement != out:
@@ -412,7 +436,8 @@ def index(ctx: OpCtx) -> Result:
     d = x.placement.dim
     pos = [k for k, i in enumerate(indices) if i is not None]
     if d in pos:
-        return Fallback("indexing along the sharded dim", 0)
+        return _each_part(x.placement, d, "indexing along a dim split unevenly") \
+            or Fallback("indexing along the sharded dim", 0)
     m = max(len(ctx.operands[ctx.idx(indices[k])].shape) for k in pos)  # type: ignore[index]
     contiguous = pos == list(range(pos[0], pos[-1] + 1))
     if contiguous:
@@ -431,7 +456,7 @@ def unflatten(ctx: OpCtx) -> Result:
     """As ``flatten``; when the sharded dim of a single-segment shard is unflattened into ``[n, ..]``
     parts (a fused q/k/v projection ``[.., 3E] -> [.., 3, E]``), ask for ``n`` segments (each part split)."""
     r = flatten(ctx)
-    if not isinstance(r, Fallback) or r.groups or r.segs:
+    if not isinstance(r, Fallback) or r.groups or r.segs or r.unit:
         return r
     x = ctx.operands[0]
     p = x.placement
