@@ -387,6 +387,32 @@ def run_heads(name: str) -> dict[str, Any]:
             "node_fallbacks": len([f for f in plan.fallbacks if "node" in f])}
 
 
+def _fused_models() -> dict[str, tuple[Any, int, str]]:
+    """name -> (meta model, t, the fused q|k|v weight): fused projections whose heads t does not divide."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    with torch.device("meta"):
+        return {"phi3-mini (32 heads) t=3": (Phi3ForCausalLM(Phi3Config()), 3, "model.layers.0.self_attn.qkv_proj.weight"),
+                "phi3-mini (32 heads) t=5": (Phi3ForCausalLM(Phi3Config()), 5, "model.layers.0.self_attn.qkv_proj.weight"),
+                "gpt2 (12 heads) t=5": (GPT2LMHeadModel(GPT2Config(attn_implementation="eager")), 5,
+                                        "transformer.h.0.attn.c_attn.weight")}
+
+
+def run_fused(name: str, model: Any, t: int, fused: str) -> dict[str, Any]:
+    """Parameters on the fullest rank ÷ (total / t), and forward all-reduces per layer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = tpfx.plan(model, t, example_kwargs=example(model))
+    total = fullest = 0
+    for f, p in plan.placements.items():
+        n = math.prod(p.shape)
+        total += n
+        fullest += n if p.dim is None else n // p.shape[p.dim] * max(_rows_per_rank(plan, f, p.dim, t))
+    return {"name": name, "t": t, "fused_placement": plan.placements[fused].placement,
+            "params_vs_total_over_t": fullest * t / total,
+            "per_layer_all_reduce": analyse_plan(plan, model, t, BATCH * SEQ)["per_layer_count_mean"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"families {','.join(QUICK_FAMILIES)} at t=2 only")
@@ -410,6 +436,10 @@ def main() -> None:
             rows.append(row)
     big = None if args.no_7b else run_7b(8)
     heads = [] if args.no_7b else [run_heads(n) for n in HEADS]
+    fused = [] if args.no_7b else [run_fused(n, *v) for n, v in _fused_models().items()]
+    for f in fused:
+        console.print(f"  {f['name']}: {f['fused_placement']}, params on the fullest rank ÷ total/t "
+                      f"{f['params_vs_total_over_t']:.3f}, {f['per_layer_all_reduce']:.2g} all-reduces per layer")
     for h in heads:
         console.print(f"  {h['name']}: query heads per rank {h['q_heads_per_rank']}, key/value heads per rank "
                       f"{h['kv_heads_per_rank']}, q/o ÷ ideal {h['q_o_vs_ideal']:.3f}, k/v ÷ ideal "
@@ -520,7 +550,7 @@ def main() -> None:
     path = C.write_json(
         "plan_quality",
         {"batch": BATCH, "seq": SEQ, "tiny_config": TINY, "rows": rows, "llama_7b": big, "heads": heads,
-         "targets": targets},
+         "fused": fused, "targets": targets},
         args.quick,
     )
     console.print(f"wrote {path.relative_to(C.ROOT)}")

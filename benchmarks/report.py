@@ -247,6 +247,12 @@ def section_plan_quality(d: dict[str, Any] | None) -> str:
                            "/".join(map(str, h["kv_heads_per_rank"])), f"`{h['kv_placement']}`",
                            f"{h['q_o_vs_ideal']:.3f}", f"{h['kv_vs_ideal']:.3f}", f"{h['per_layer_all_reduce']:.2g}",
                            h["gathers"]] for h in d["heads"]]), ""]
+    if d.get("fused"):
+        out += ["Fused q|k|v projections (full-size configs, meta device), every part split in whole heads:\n",
+                md_table(["model", "t", "fused q|k|v placement", "params on the fullest rank ÷ (total/t)",
+                          "AR/layer (Megatron 2)"],
+                         [[f["name"], f["t"], f"`{f['fused_placement']}`", f"{f['params_vs_total_over_t']:.3f}",
+                           f"{f['per_layer_all_reduce']:.2g}"] for f in d["fused"]]), ""]
     out += ["\n### Targets\n", fmt_targets(d["targets"]), ""]
     return "\n".join(out)
 

@@ -891,7 +891,7 @@ def _merged(prop: Propagation, fqn: str, seed: Seed, segs: tuple[int, ...], sgro
     merged, start = [], 0
     for e in cuts:
         g = math.gcd(group_at(*new, start), group_at(*old, start))
-        if (e - start) % g or pl.groups % g:
+        if pl.groups % g or ((e - start) % g and (e - start) < 2 * g):  # an uneven part: at least 2 rows a rank
             return None
         merged.append((e - start, g))
         start = e
@@ -902,7 +902,11 @@ def _unit_of(prop: Propagation, fqn: str, unit: int, within: tuple[int, ...]) ->
     """A demand's unit (in the units of the op that raised it, whose operand had segments ``within``) on weight
     ``fqn``'s split dim, or None where the weight's split is not that operand's (scaled alike)."""
     style, pl = prop.decided.get(fqn, ("", R))
-    if not isinstance(pl, Shard) or len(pl.segs) != 1 or sum(pl.segs) % sum(within):
+    if not isinstance(pl, Shard):
+        return None
+    if len(within) == 1 and len(pl.segs) > 1 and within[0] in pl.segs:  # one part of a fused projection (q of
+        return unit if all(s % unit == 0 for s in pl.segs) else None  # q|k|v): every part in whole heads alike
+    if sum(pl.segs) % sum(within):
         return None
     k = sum(pl.segs) // sum(within)
     if tuple(w * k for w in within) != pl.segs:

@@ -162,6 +162,16 @@ def _uneven_heads(outs: list[int], gj: list[int], In: int, p: Shard) -> Shard | 
     return Cut(math.lcm(flat, inner) // In)
 
 
+def _whole_units(outs: list[int], gj: list[int], In: int, p: Shard) -> Shard | None:
+    """Segments split unevenly in whole units (``[n*d | d | d]`` with the query heads uneven, the key and value
+    heads whole) through ``[.., (n+2)*d] -> [.., n+2, d]``: onto the outer dim, if every unit is whole inner rows."""
+    inner = math.prod(outs[1:])
+    flat = p.unit * In
+    if flat % inner or any((s * In) % inner for s in p.segs) or sum(s * In // inner for s in p.segs) != outs[0]:
+        return None
+    return Shard(gj[0], p.groups, tuple(s * In // inner for s in p.segs), p.sgroups, flat // inner)
+
+
 def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | Cut | int:
     """Move ``p`` (on ``src``) through a view to ``dst``.
 
@@ -187,6 +197,8 @@ def map_shard(src: Sequence[Expr], dst: Sequence[Expr], p: Shard) -> Shard | Cut
         if p.uneven:  # uneven chunks survive a view that keeps the dim, or cuts it at their unit
             if K == 1 and In == 1 and len(gj) == 1:
                 return p.moved(gj[0])
+            if K == 1 and (parts := _whole_units(outs, gj, In, p)) is not None:  # type: ignore[arg-type]
+                return parts
             return heads if heads is not None else math.gcd(p.groups, *p.segs)
         flat = [seg * In for seg in p.segs] * K
         gflat = list(p.seg_groups) * K

@@ -77,6 +77,32 @@ def test_full_size_attention_is_head_parallel(name: str) -> None:
         assert f"{per_rank} per rank" in text, text
 
 
+def test_fused_projections_split_in_whole_heads_at_full_size() -> None:
+    # q|k|v in one projection, cut into parts before the heads are made: every part split in whole heads
+    # (Phi-3-mini, 32 heads of 96, and GPT-2, 12 heads of 64, were replicated where t does not divide the heads)
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    for build, fused, out, t, d in [
+        (lambda: Phi3ForCausalLM(Phi3Config(num_hidden_layers=LAYERS)), "model.layers.0.self_attn.qkv_proj.weight",
+         ("model.layers.0.self_attn.o_proj.weight", 1), 3, 96),
+        (lambda: GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, attn_implementation="eager")),
+         "transformer.h.0.attn.c_attn.weight", ("transformer.h.0.attn.c_proj.weight", 0), 5, 64),
+    ]:
+        with torch.device("meta"):
+            model = build()
+        plan = tpfx.plan(model, t)
+        p = plan.placements[fused]
+        assert p.unit == d and len(p.segs) == 3 and p.groups == t, p  # each of q, k, v in whole heads
+        heads = p.segs[0] // d
+        assert max(_rows(plan, fused, p.dim)) == 3 * math.ceil(heads / t) * d
+        assert max(_rows(plan, *out)) == math.ceil(heads / t) * d
+        assert plan.count("all_reduce") == 2 * LAYERS + 1 and plan.count("all_gather") == 1, str(plan)
+        total = sum(math.prod(q.shape) for q in plan.placements.values())
+        fullest = sum(math.prod([*q.shape[:q.dim], max(_rows(plan, f, q.dim)), *q.shape[q.dim + 1:]])
+                      if q.dim is not None else math.prod(q.shape) for f, q in plan.placements.items())
+        assert fullest <= 1.03 * total / t, (fullest * t / total)  # was 2.07 (Phi-3, t=3) and 1.35 (GPT-2, t=5)
+
+
 # hidden, heads, kv, t: tiny shapes whose head counts t does not divide, and one key/value head
 SIMULATED = [(64, 8, 8, 3), (96, 12, 12, 5), (64, 8, 2, 3), (64, 8, 1, 2), (64, 8, 1, 3), (64, 8, 1, 4),
              (96, 12, 4, 5), (112, 14, 2, 4), (64, 8, 8, 6), (192, 24, 6, 4), (224, 28, 4, 8)]
@@ -122,6 +148,21 @@ def test_sequence_parallel_with_uneven_heads_on_simulated_ranks(name: str, t: in
     plan = _simulated(heads_cases.build(name), heads_cases.build(name), t, x, x, sequence_parallel=True)
     # Megatron-SP: an all-gather before and a reduce-scatter after each block's split region, no all-reduce
     assert {k: plan.count(k) for k in ("all_reduce", "reduce_scatter")} == {"all_reduce": 0, "reduce_scatter": 5}
+
+
+@pytest.mark.parametrize("t", [3, 5])
+def test_gpt2_fused_c_attn_in_whole_heads_on_simulated_ranks(t: int) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build() -> GPT2LMHeadModel:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=250, n_embd=64, n_layer=LAYERS, n_head=8, n_positions=32,
+                                          attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0, use_cache=False))
+
+    plan = _simulated(build(), build(), t, heads_cases.ids(seed=3), heads_cases.ids(seed=4))
+    assert plan.placements["transformer.h.0.attn.c_attn.weight"].unit == 8
+    assert plan.count("all_reduce") == 2 * LAYERS + 1 and plan.count("all_gather") == 1, str(plan)
 
 
 def test_hf_tp_plan_export_names_what_hf_cannot_express() -> None:
@@ -237,7 +278,7 @@ def test_hand_written_mqa_with_contiguous_view_runs_head_parallel(core: str, t: 
 # EXTRA-COMM ones listed in README's limits): families whose head counts t does not divide, run on simulated ranks
 ATTACK_SAMPLE = [("gemma_h5kv1_d32", 3), ("gemma2_h7kv1_cap", 4), ("qwen3_h7kv1", 5), ("mistral_h7kv7_d24", 6),
                  ("neox_h5_partial", 4), ("bloom_h7_alibi", 4), ("deepseek_v2_h5", 3), ("olmo2_h5kv5", 3),
-                 ("nest_h12kv4", 5)]
+                 ("nest_h12kv4", 5), ("phi3_h5kv5", 3), ("bigcode_mha_h7", 3)]
 
 
 @pytest.mark.parametrize("name,t", ATTACK_SAMPLE)

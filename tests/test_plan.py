@@ -257,8 +257,8 @@ def test_a_pinned_weight_the_new_graph_does_not_use_does_not_block_it() -> None:
 
 
 class _WaitingLayer(torch.nn.Module):
-    """A layer whose fallbacks take propagation two rounds (the fused weight's segments, then a head count
-    that does not split), each waiting for the layer before's."""
+    """A layer whose fallbacks take propagation two rounds (the fused weight's segments, then whole heads for a
+    head count that does not split evenly), each waiting for the layer before's."""
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()
@@ -297,8 +297,10 @@ def test_deep_model_whose_fallbacks_wait_layer_by_layer_converges() -> None:
     plan = tpfx.plan(model, 2, example_inputs=(x,))
     assert plan.derivation.prop.rounds > 50
     first = {k.split(".", 2)[2]: v for k, v in plan.placements.items() if k.startswith("layers.0.")}
-    assert first["fused.weight"].style == "replicate" and plan.placements["head.weight"].style == "colwise"
-    assert len(plan.forward_collectives()) == 1  # the head's output gathered
+    assert first["fused.weight"].placement == "S(0/2[6+12]x2)"  # 3 heads of 2 as 2 and 1, 12 columns as 6 and 6
+    assert first["out.weight"].style == "rowwise" and plan.placements["head.weight"].style == "colwise"
+    # per layer: the mean over the split heads and the output projection reduced; the head's output gathered
+    assert len(plan.forward_collectives()) == 2 * n + 1
     for i in range(n):
         mine = {k.split(".", 2)[2]: v for k, v in plan.placements.items() if k.startswith(f"layers.{i}.")}
         assert mine == first, i

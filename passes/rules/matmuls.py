@@ -115,10 +115,13 @@ def _colwise_or_replicated(specs: list[str], out: str, idx: list[int], ops: list
                 caps = o.free.sgroups or (o.free.groups,) * len(segs)
                 gs = tuple(math.gcd(math.gcd(c, o.free.groups), s) for c, s in zip(caps, segs))
                 g = max(gs)
-                unit = o.free.unit if len(segs) == 1 and size % o.free.unit == 0 else 1
-                if g < o.free.groups and len(segs) == 1 and o.free.uneven \
-                        and (size // unit >= o.free.groups if unit > 1 else size >= 4 * o.free.groups):
-                    g, gs = o.free.groups, (o.free.groups,)  # an uneven split (tensor_split bounds, whole units)
+                u = o.free.unit
+                if g < o.free.groups and o.free.sgroups is None and o.free.uneven \
+                        and all(s // u >= o.free.groups if u > 1 else s >= 4 * o.free.groups for s in segs):
+                    # an uneven split of every part (tensor_split bounds, in whole units where asked: heads)
+                    g, gs = o.free.groups, (o.free.groups,) * len(segs)
+                # whole units (heads) only where every part has a unit for each of its groups (no rank holds none)
+                unit = u if all(s % u == 0 and s // u >= k for s, k in zip(segs, gs)) else 1
                 if g < 2 and o.free.groups != 1:  # 1 group asked for: held whole (a single key/value head)
                     break
                 sh = Shard(d, g, segs, gs, unit)

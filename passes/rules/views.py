@@ -178,35 +178,33 @@ def _cuts(p: Shard, bounds: list[int]) -> tuple[int, ...] | None:
 
 
 def _select_segs(p: Shard, start: int, end: int) -> tuple[Shard, int, int] | None:
-    """The segments covering [start, end) (as a Shard of them) and the local [start, end) — None if not on
+    """The segments covering [start, end) (as a Shard of them) and their index range [i0, i1) -- None if not on
     segment boundaries."""
-    if p.uneven:
-        return None
-    off = loc = 0
-    chosen: list[tuple[int, int]] = []
-    lstart = lend = None
-    for s, g in zip(p.segs, p.seg_groups):
+    off, i0, i1 = 0, None, None
+    for i, s in enumerate(p.segs):
         if off == start:
-            lstart = loc
-        if start <= off and off + s <= end:
-            chosen.append((s, g))
+            i0 = i
         off += s
-        loc += s // g
         if off == end:
-            lend = loc
-    if lstart is None or lend is None or not chosen:
+            i1 = i + 1
+    if i0 is None or i1 is None or i1 <= i0:
         return None
-    gs = tuple(g for _, g in chosen)
-    return Shard(p.dim, max(gs), tuple(s for s, _ in chosen), gs), lstart, lend
+    gs = p.seg_groups[i0:i1]
+    return Shard(p.dim, max(gs), p.segs[i0:i1], gs, p.unit), i0, i1
 
 
-def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Result:
+Locate = Callable[[int, int], list[tuple[int, int]]]  # (rank, world) -> each part's local [start, end)
+
+
+def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> tuple[Strategy, Locate] | Fallback:
+    """Parts [a, b) of the sharded dim, each a run of whole segments: their placements, and where each part lies
+    in a rank's local tensor (uneven chunks: a rank's own sizes). Otherwise ask for segments cut at the bounds."""
     x = ctx.operands[0]
     p = x.placement
     assert isinstance(p, Shard)
     if is_whole(p):  # held whole on every rank: any part is local, as it is
-        return Strategy({0: p}, tuple(Shard(dim, 1, (b - a,)) for a, b in bounds)), list(bounds)  # type: ignore
-    outs, local = [], []
+        return Strategy({0: p}, tuple(Shard(dim, 1, (b - a,)) for a, b in bounds)), lambda r, w: list(bounds)
+    outs, spans = [], []
     for a, b in bounds:
         sel = _select_segs(p, a, b)
         if sel is None:
@@ -221,12 +219,20 @@ def _split_on_shard(ctx: OpCtx, bounds: list[tuple[int, int]], dim: int) -> Resu
             for s in segs:
                 g0 = group_at(p.segs, p.seg_groups, off)  # the group count of the segment it refines
                 taken = any(a <= off and off + s <= b for a, b in bounds)
-                gs.append(math.gcd(g0, s) if taken else g0)  # a part not taken here keeps its count
+                # a part not taken here keeps its count; one taken is split as finely as it divides, or, where
+                # nothing above 1 divides it, unevenly (q of GPT-2's c_attn: 64 rows on 3 ranks)
+                g = math.gcd(g0, s) if taken else g0
+                gs.append(g0 if taken and g == 1 and s >= 2 * g0 else g)
                 off += s
             return Fallback(why, 0, segs=segs, sgroups=tuple(gs), within=p.segs)
         outs.append(sel[0].moved(dim))
-        local.append((sel[1], sel[2]))
-    return Strategy({0: p}, tuple(outs)), local  # type: ignore[return-value]
+        spans.append((sel[1], sel[2]))
+
+    def locate(rank: int, world: int) -> list[tuple[int, int]]:
+        loc = p.local_segs(rank, world)
+        return [(sum(loc[:i0]), sum(loc[:i1])) for i0, i1 in spans]
+
+    return Strategy({0: p}, tuple(outs)), locate
 
 
 @register(aten.slice)
@@ -246,10 +252,10 @@ def slice_(ctx: OpCtx) -> Result:
     res = _split_on_shard(ctx, [(start, end)], dim)
     if isinstance(res, Fallback):
         return res
-    strat, local = cast(tuple[Strategy, list[tuple[int, int]]], res)
-    (ls, le), = local
+    strat, locate = res
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
+        (ls, le), = locate(rank, world)
         return (args[0], args[1], ls, le), kwargs
 
     return Strategy(strat.want, strat.out[0], rewrite=rw)
@@ -275,11 +281,10 @@ def split(ctx: OpCtx) -> Result:
     res = _split_on_shard(ctx, bounds, dim)
     if isinstance(res, Fallback):
         return res
-    strat, local = cast(tuple[Strategy, list[tuple[int, int]]], res)
-    lsizes = [b - a for a, b in local]
+    strat, locate = res
 
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
-        return (args[0], lsizes, dim), {}
+        return (args[0], [b - a for a, b in locate(rank, world)], dim), {}
 
     strat.rewrite = rw
     if ctx.node.target is not aten.split_with_sizes.default:
