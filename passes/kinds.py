@@ -47,7 +47,7 @@ STEPS: dict[str, Kind] = {
                            named=True, paired="scattered", args=lambda s, r, w, g: (s.dim, w, g)),
     "all_gather": Kind(C.all_gather, "all_gather", forward="all_gather",
                        args=lambda s, r, w, g: (s.dim, list(s.segs), r, w, g)
-                       + (() if s.src_groups is None else (_groups(s.src_groups),))
+                       + (() if s.src_groups is None and s.unit == 1 else (_groups(s.src_groups or w),))
                        + (() if s.unit == 1 else (s.unit,))),
     "gather_even": Kind(C.gather_even, "all_gather", forward="all_gather", named=True,
                         args=lambda s, r, w, g: (s.dim, r, w, g)),

@@ -31,6 +31,9 @@ CASES = [
     (Shard(0, 4, (8, 4, 4)), 4, None),  # per part, GQA q/k/v of different sizes
     (Shard(0, 2, (8,)), 4, None),  # KV heads replicated within groups of 2
     (Shard(0, 4, (8, 2, 2), (4, 1, 1)), 4, None),  # q split, k and v held whole (Falcon's MQA)
+    (Shard(0, 3, (24, 24, 24), unit=8), 3, _StridedShard(0, split_factor=3)),  # 3 heads per part on 3: even
+    (Shard(0, 3, (30, 30, 30), unit=6), 3, None),  # 5 heads of 6 per part on 3 ranks (2/2/1): not strided
+    (Shard(0, 3, (30,), unit=6), 3, None),  # 5 heads of 6 (12/12/6 rows): not torch.chunk's 10/10/10
 ]
 
 

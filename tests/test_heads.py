@@ -288,3 +288,18 @@ def test_adversarial_sample_is_exact_and_head_parallel(name: str, t: int) -> Non
     case = next(c for c in heads_attack.cases() if c.name == name)
     line = heads_attack.run_case(case, t)
     assert " OK " in line, line
+
+
+def test_concatenating_whole_head_splits_keeps_their_unit() -> None:
+    # two projections each split in whole heads (5 heads of 8 on 3 ranks: 2/2/1), concatenated along the split dim
+    from rule_helpers import op, rule
+    from tpfx.passes import Shard
+    from tpfx.passes.rules import Fallback, Strategy
+
+    aten = torch.ops.aten
+    a, b = op((2, 40), Shard(1, 3, (40,), unit=8)), op((2, 40), Shard(1, 3, (40,), unit=8))
+    st = rule(aten.cat.default, [a, b], (2, 80), [[a.node, b.node], 1], world=3)
+    assert isinstance(st, Strategy) and st.out == Shard(1, 3, (40, 40), unit=8), st
+    assert st.out.local_segs(2, 3) == (8, 8)  # rank 2 holds 1 head of each part
+    c = op((2, 40), Shard(1, 3, (40,), unit=4))
+    assert isinstance(rule(aten.cat.default, [a, c], (2, 80), [[a.node, c.node], 1], world=3), Fallback)

@@ -67,7 +67,7 @@ def dtensor_placement(pl: Placement, world: int) -> DPlacement | None:
         seg = pl.segs[0]
         fits = [pl.local_size(r, world) for r in range(world)] == _chunk_sizes(seg, world)
         return DShard(pl.dim) if fits else None
-    if len(set(pl.segs)) == 1 and pl.segs[0] % world == 0:
+    if len(set(pl.segs)) == 1 and pl.segs[0] % world == 0 and not pl.uneven:  # uneven whole heads: not strided
         return _StridedShard(pl.dim, split_factor=len(pl.segs))
     return None
 

@@ -233,9 +233,10 @@ def _layout_notes(plan: PlanView, fqn: str) -> list[str]:
                      f"(fewer units than ranks, e.g. GQA key/value heads)")
     if p.unit != 1:
         pl = p.as_placement()
-        parts = [pl.local_size(r, plan.world_size) // p.unit for r in range(plan.world_size)]  # type: ignore[union-attr]
-        notes.append(f"uneven: dim {p.dim} in whole parts of {p.unit} (heads), {'/'.join(map(str, parts))} per rank "
-                     f"({sum(p.segs) // p.unit} not divisible by {p.groups})")
+        first = [pl.local_segs(r, plan.world_size)[0] // p.unit for r in range(plan.world_size)]  # type: ignore[union-attr]
+        each = "" if len(p.segs) == 1 else f" in the first of its {len(p.segs)} parts"
+        notes.append(f"uneven: dim {p.dim} in whole parts of {p.unit} (heads), {'/'.join(map(str, first))} per rank"
+                     f"{each} ({p.segs[0] // p.unit} not divisible by {p.groups})")
     if p.sgroups is not None:
         notes.append(f"fused: dim {p.dim} is {len(p.segs)} segments "
                      + ", ".join(f"{n} in {g} chunk{'s' if g > 1 else ''}" for n, g in zip(p.segs, p.sgroups))

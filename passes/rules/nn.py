@@ -229,6 +229,8 @@ def batch_norm(ctx: OpCtx) -> Result:
         if reduced:
             return Fallback(f"{ctx.node.target} computes statistics over the sharded dim {p.dim}", 0)
         return Strategy(want | {0: p}, p)
+    if p.unit != 1:
+        return Fallback(f"{ctx.node.target} over channels split in whole parts of {p.unit}", 0)
     sh = p.moved(0)
     decide: dict[int, tuple[str, Placement]] = {}
     for name in ("weight", "bias"):

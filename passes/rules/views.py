@@ -311,7 +311,10 @@ def cat(ctx: OpCtx) -> Result:
     if all(isinstance(o.placement, Shard) and o.placement.dim == dim for o in ops):
         segs = tuple(s for o in ops for s in o.placement.segs)  # type: ignore[union-attr]
         gs = tuple(g for o in ops for g in o.placement.seg_groups)  # type: ignore[union-attr]
-        return Strategy(keep(ctx), Shard(dim, max(gs), segs, gs))
+        units = {o.placement.unit for o in ops}  # type: ignore[union-attr]
+        if len(units) > 1:
+            return Fallback("concatenating splits in whole parts of different sizes", 0)
+        return Strategy(keep(ctx), Shard(dim, max(gs), segs, gs, units.pop()))
     if any(isinstance(s, Shard) and s.dim == dim for s in shards):
         return Fallback("concatenating a sharded and a replicated tensor along the sharded dim", 0)
     best = _common_shard(ops)
