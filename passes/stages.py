@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +65,21 @@ def _gc_paused() -> Any:
             gc.enable()
 
 
+# Capture, planning and emission trace with shared state (torch.export, fake-tensor modes of cached blocks, the
+# hook and Function registries patched during a capture): ranks on threads of one process (tpfx.inprocess) take
+# turns; only running the emitted graphs is concurrent.
+TRACE_LOCK = threading.RLock()
+
+
+def _one_at_a_time(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> T:
+        with TRACE_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 class Stages:
     """Runs the stages and adds each one's seconds to ``timings`` (a caller's dict, or a new one)."""
 
@@ -82,6 +99,7 @@ class Stages:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
+    @_one_at_a_time
     def capture(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> _capture.Captured:
         """The model's graph: through three layers of each kind in its stack and stitched (``blocks``), else whole, with the
         reason the stack could not be used in ``Captured.whole_because``. The model is left as it was given
@@ -114,11 +132,13 @@ class Stages:
     def build_plan(self, d: Derivation) -> PlanData:
         return self.timed("build_plan", build_plan, d.prop, d.seeds)
 
+    @_one_at_a_time
     def emit_rank(self, d: Derivation, rank: int, group_name: GroupNamer,
                   store: dict[str, torch.nn.Parameter] | None = None, gather_outputs: bool = True,
                   local_outputs: frozenset[int] = frozenset()) -> fx.GraphModule:
         return self.timed("emit", emit, d.gm, d.prop, rank, group_name, store, gather_outputs, local_outputs)
 
+    @_one_at_a_time
     def derive(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], world: int,
                pins: dict[str, tuple[str, Placement | None]] | None = None,
                fed: dict[str, Placement] | Callable[[fx.GraphModule], dict[str, Placement]] | None = None,

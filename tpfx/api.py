@@ -48,7 +48,7 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, mesh: Any = None, tp_axis: str = "tp",
                sequence_parallel: bool = False, timeout: float | None = None,
-               activation_checkpointing: bool = False) -> ShardedModule:
+               activation_checkpointing: bool = False, devices: Any = None) -> ShardedModule:
     """Shard ``model`` over the ranks of ``group`` (default: the world) and return this rank's module.
 
     Outputs are replicated on every rank. ``gather_outputs=False`` leaves split outputs as this rank's
@@ -66,6 +66,17 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("tpfx.auto_shard needs real weights; the model has parameters on the meta device "
                          "(use tpfx.plan for meta models, tpfx.from_pretrained to load a checkpoint)")
+    if devices is not None:  # every rank in this process, on a thread each (tpfx.inprocess)
+        from tpfx.inprocess import shard_locally
+
+        def shard(rank: int, t: int) -> ShardedModule:
+            return shard_with(model, t, example_inputs=example_inputs, example_kwargs=example_kwargs, compile=compile,
+                              plan=plan, overrides=overrides, gather_outputs=gather_outputs,
+                              sequence_parallel=sequence_parallel, timeout=timeout,
+                              activation_checkpointing=activation_checkpointing)
+
+        return shard_locally(model, devices, world_size, shard, rank=rank, group=group, mesh=mesh,
+                             compile=compile or None)  # type: ignore[return-value]
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
                       group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
                       mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel, timeout=timeout,

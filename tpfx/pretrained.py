@@ -337,6 +337,8 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
     if not isinstance(pl, Shard):
         return local if rank == 0 else None
     senders = _senders(pl, world)
+    if dist.get_backend(group) == "threaded":  # ranks on threads of one process (tpfx.inprocess): no send/recv
+        return _broadcast_full(sharded, fqn, local, pl, senders)
     if rank != 0:
         if rank in senders:
             for _, n, lstart in pl.owned_pieces(rank, world):
@@ -353,6 +355,27 @@ def _gather_full(sharded: ShardedModule, fqn: str, local: torch.Tensor) -> torch
             dist.recv(buf.view(-1).view(torch.uint8), src=_global(group, r), group=group)
             if buf is not dst:
                 dst.copy_(buf)
+    return full
+
+
+def _broadcast_full(sharded: ShardedModule, fqn: str, local: torch.Tensor, pl: Shard,
+                    senders: list[int]) -> torch.Tensor | None:
+    """``_gather_full`` by broadcasts (a group with no point-to-point): each sender's owned pieces in turn."""
+    group, rank, world = sharded.group, sharded.rank, sharded.world_size
+    shape = full_shape(sharded, fqn, local)
+    full = torch.empty(shape, dtype=local.dtype, device=local.device) if rank == 0 else None
+    if full is not None:
+        for start, n, lstart in pl.pieces(0, world):
+            full.narrow(pl.dim, start, n).copy_(local.narrow(pl.dim, lstart, n))
+    for r in senders:
+        for start, n, lstart in pl.owned_pieces(r, world):
+            size = list(shape)
+            size[pl.dim] = n
+            buf = local.narrow(pl.dim, lstart, n).contiguous() if rank == r else \
+                torch.empty(size, dtype=local.dtype, device=local.device)
+            dist.broadcast(buf, src=_global(sharded.group, r), group=group)
+            if full is not None:
+                full.narrow(pl.dim, start, n).copy_(buf)
     return full
 
 
