@@ -201,3 +201,43 @@ def test_bad_devices_are_refused(devices: Any, error: type, match: str) -> None:
 def test_world_size_and_group_must_agree_with_devices() -> None:
     with pytest.raises(ValueError, match="world_size=3 but devices= names 2"):
         tpfx.auto_shard(llama(), 3, devices=["cpu"] * 2)
+
+
+def test_verify_reports_per_layer_and_catches_a_wrong_collective(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = llama(num_kv_heads=1)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = tpfx.verify(model, 4)
+    assert report.ok and report.worst <= TOL
+    rows = {r.name: r for r in report.rows}
+    assert rows["model.layers.0"].collectives == {"all_reduce": 2}  # Megatron's two per layer, kv=1 at t=4
+    assert all(r.grad_error is not None and r.grad_error <= TOL for r in report.rows if r.params)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert "ok" in str(report) and "model.layers.1" in str(report)
+    from torch.testing._internal.distributed import multi_threaded_pg
+
+    work = multi_threaded_pg.AllReduce.work
+
+    def off_by_a_little(self: Any, data: Any) -> Any:  # an all-reduce that is 0.1% off
+        out = work(self, data)
+        for tensors in data:
+            for t in tensors:
+                t.mul_(1 + 1e-3)
+        return out
+
+    monkeypatch.setattr(multi_threaded_pg.AllReduce, "work", off_by_a_little)
+    bad = tpfx.verify(model, 2)
+    assert not bad.ok and bad.worst > 1e-4
+    assert "FAILED" in str(bad)
+
+
+def test_verify_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tpfx.cli import main
+
+    shape = ["llama", "-t", "3", "--layers", "1", "--hidden", "48", "--heads", "6", "--kv-heads", "2",
+             "--intermediate", "64", "--vocab", "64"]
+    assert main(["verify", *shape]) == 0
+    out = capsys.readouterr().out
+    assert "grads model.layers.0" in out and ": ok;" in out
+    assert main(["verify", *shape, "--tol", "1e-12"]) == 1  # fp32 noise exceeds it: a non-zero exit
+    assert "FAILED" in capsys.readouterr().out

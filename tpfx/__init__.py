@@ -14,11 +14,12 @@ from tpfx.launch import launch
 from tpfx.loading import from_pretrained
 from tpfx.plan import Collective, ParamPlacement, ShardingPlan
 from tpfx.pretrained import CheckpointError
+from tpfx.verify import Verification, verify
 
 __all__ = ["auto_shard", "plan", "launch", "shard_tensor", "ShardingPlan", "ParamPlacement", "Collective",
            "ShardedModule", "emit_rank", "compare", "Comparison", "Explanation",
            "from_pretrained", "CheckpointError", "save", "load", "clip_grad_norm_", "grad_norm",
-           "dp_sampler", "local", "CaptureError", "TrainerCheckpoints"]
+           "dp_sampler", "local", "CaptureError", "TrainerCheckpoints", "verify", "Verification"]
 __version__ = "0.1.0"
 
 

@@ -73,7 +73,7 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
             return shard_with(model, t, example_inputs=example_inputs, example_kwargs=example_kwargs, compile=compile,
                               plan=plan, overrides=overrides, gather_outputs=gather_outputs,
                               sequence_parallel=sequence_parallel, timeout=timeout,
-                              activation_checkpointing=activation_checkpointing)
+                              activation_checkpointing=activation_checkpointing, warn_plain=False)
 
         return shard_locally(model, devices, world_size, shard, rank=rank, group=group, mesh=mesh,
                              compile=compile or None)  # type: ignore[return-value]
@@ -103,7 +103,7 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
                plan: ShardingPlan | None = None, overrides: dict[str, str] | None = None,
                gather_outputs: bool = True, loader: ParamLoader | None = None, mesh: Any = None,
                tp_axis: str = "tp", sequence_parallel: bool = False, timeout: float | None = None,
-               activation_checkpointing: bool = False) -> ShardedModule:
+               activation_checkpointing: bool = False, warn_plain: bool = True) -> ShardedModule:
     """``auto_shard``, with this rank's parameters taken from ``loader(fqn, placement)`` (its local slice)
     instead of sliced from the model's own weights: a model whose parameters hold no data (fake tensors) is
     then sharded without ever holding its full weights (``tpfx.from_pretrained``)."""
@@ -142,7 +142,8 @@ def shard_with(model: torch.nn.Module, world_size: int | None = None, *, example
     if first is not None:
         planned, args, kwargs, dynamic = first
         sharded.serve(planned, args, kwargs, dynamic)
-    _warn_plain(sharded)
+    if warn_plain:  # devices= exposes plain pieces that torch's clipping takes (tpfx.inprocess)
+        _warn_plain(sharded)
     return sharded
 
 

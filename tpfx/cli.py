@@ -314,21 +314,40 @@ def plan_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_cmd(args: argparse.Namespace) -> int:
+    """``tpfx verify``: 0 when the plan's ranks match the unsharded model within ``--tol``, else 1."""
+    import tpfx
+
+    with _quiet():
+        if ":" in args.model and not os.path.exists(args.model):
+            model, ex_args, ex_kwargs = load_factory(args.model)
+        else:
+            from transformers import AutoModel, AutoModelForCausalLM
+
+            cfg = build_config(args.model, config_overrides(args))
+            if args.attn:
+                cfg._attn_implementation = args.attn
+            torch.manual_seed(0)
+            try:
+                model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[args.dtype])
+            except ValueError:
+                model = AutoModel.from_config(cfg, dtype=DTYPES[args.dtype])
+            ex_args = None
+            ex_kwargs = _example_ids(cfg, args.batch or 2, args.seq or 8)
+            ex_kwargs = {k: torch.randint(0, int(getattr(cfg, "vocab_size", 2) or 2), tuple(v.shape))
+                         for k, v in ex_kwargs.items()}
+        overrides = _pairs(args.override, "--override") or None
+        report = tpfx.verify(model, args.world_size, example_inputs=ex_args, example_kwargs=ex_kwargs, tol=args.tol,
+                             overrides=overrides, sequence_parallel=args.sequence_parallel)
+    print(report)
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="tpfx", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Automatic tensor parallelism for PyTorch: derive, inspect and check Megatron-style "
-                    "sharding plans.")
-    sub = top.add_subparsers(dest="cmd", required=True, metavar="{plan,demo}")
-    d = sub.add_parser("demo", help="shard a small random-init Llama over CPU processes and check it")
-    d.add_argument("--world-size", type=int, default=2, help="number of gloo processes (default 2)")
-    d.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p = sub.add_parser("plan", help="derive and print the sharding plan of a model (no weights, no processes)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                       description="Derive the sharding plan of MODEL for --world-size ranks on the meta device.")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL and its shape and example inputs (``plan`` and ``verify``)."""
     p.add_argument("model", metavar="MODEL",
                    help="a transformers model type (llama, gpt2, mixtral, ...), a config.json or checkpoint "
                         "directory, or module.path:factory")
@@ -349,6 +368,29 @@ def parser() -> argparse.ArgumentParser:
     ex = p.add_argument_group("example inputs (bytes of collectives are for these shapes)")
     ex.add_argument("--batch", type=int, help="batch size of the example input_ids (default 2)")
     ex.add_argument("--seq", type=int, help="sequence length of the example input_ids (default 8)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="tpfx", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Automatic tensor parallelism for PyTorch: derive, inspect and check Megatron-style "
+                    "sharding plans.")
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="{plan,verify,demo}")
+    d = sub.add_parser("demo", help="shard a small random-init Llama over CPU processes and check it")
+    d.add_argument("--world-size", type=int, default=2, help="number of gloo processes (default 2)")
+    d.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p = sub.add_parser("plan", help="derive and print the sharding plan of a model (no weights, no processes)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Derive the sharding plan of MODEL for --world-size ranks on the meta device.")
+    _model_args(p)
+    v = sub.add_parser("verify", help="run the plan's ranks in this process on CPU and compare with the unsharded "
+                                      "model (exit 1 if any error exceeds --tol)",
+                       description="Build MODEL with random weights, run its --world-size rank plan on CPU threads "
+                                   "of this process and the unsharded model on the same inputs; print the relative "
+                                   "error of the outputs and of each layer's gradients, and the collectives.")
+    _model_args(v)
+    v.add_argument("--tol", type=float, default=1e-5, help="largest relative error accepted (default 1e-5)")
+    v.add_argument("--override", action="append", metavar="PATTERN=STYLE", help="pin weights, as for plan")
     out = p.add_argument_group("output")
     out.add_argument("--format", "-f", default="table", metavar="FORMAT",
                      choices=["table", "json", "tp_plan", "dot", "svg", "png", "pdf", "html", "compare"],
@@ -366,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == "demo":
         return demo(args.world_size, args.layers)
-    if args.compare and args.format == "table":
+    if args.cmd == "plan" and args.compare and args.format == "table":
         args.format = "compare"
     try:
-        return plan_cmd(args)
+        return verify_cmd(args) if args.cmd == "verify" else plan_cmd(args)
     except (CliError, KeyError, FileNotFoundError) as e:
         print(f"tpfx: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
@@ -92,14 +93,17 @@ class Ranks:
         self.t = t
         self._jobs: list[queue.Queue] = [queue.Queue() for _ in range(t)]
         store = dist.HashStore()
-        for r in range(t):
-            threading.Thread(target=self._serve, args=(r, store), daemon=True, name=f"{name}-rank{r}").start()
+        self._threads = [threading.Thread(target=self._serve, args=(r, store), daemon=True, name=f"{name}-rank{r}")
+                         for r in range(t)]
+        for th in self._threads:
+            th.start()
         self.run(lambda r: None)  # every world initialised
 
     def _serve(self, rank: int, store: Any) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("threaded", rank=rank, world_size=self.t, store=store)
-        while (job := self._jobs[rank].get()) is not None:
+        jobs = self._jobs[rank]
+        while (job := jobs.get()) is not None:
             fn, grad, state, fut = job
             try:
                 with torch.set_grad_enabled(grad):
@@ -111,6 +115,7 @@ class Ranks:
                         fut.set_result((fn(rank), gen.get_state()))
             except BaseException as e:  # noqa: BLE001 - handed to the caller (SystemExit: released by a failure)
                 fut.set_exception(e)
+        dist.destroy_process_group()
 
     def run(self, fn: Callable[[int], R], random: bool = False) -> list[R]:
         """``fn(rank)`` on every rank (in the caller's grad mode); the first failure is raised, the others are
@@ -118,6 +123,8 @@ class Ranks:
         caller's state, which is left where rank 0's ended."""
         from torch.testing._internal.distributed.multi_threaded_pg import ProcessLocalGroup
 
+        if not self._jobs:
+            raise RuntimeError("tpfx: this sharded module's rank threads were closed (close()); shard the model anew")
         futs: list[Future] = [Future() for _ in range(self.t)]
         state = torch.get_rng_state() if random else None
         for r in range(self.t):
@@ -138,8 +145,13 @@ class Ranks:
         raise first
 
     def close(self) -> None:
+        """End the threads (each leaves its world), waiting for them."""
         for q in self._jobs:
             q.put(None)
+        self._jobs = []
+        for th in self._threads:
+            if th is not threading.current_thread():
+                th.join(timeout=10.0)
 
 
 @dataclass(frozen=True)
@@ -211,6 +223,11 @@ class LocalSharded(torch.nn.Module):
                         copy = mine if p.dim is None else mine.narrow(p.dim, at, p.n)
                         replicas.append((exposed[p.name], copy))
         vars(self).update(_exposed=exposed, _owners=owners, _replicas=replicas, _seen={}, _rank_params=rank_params)
+        weakref.finalize(self, ranks.close)  # the rank threads end with the module
+
+    def close(self) -> None:
+        """End the rank threads (also done when the module is garbage-collected)."""
+        self._ranks.close()
 
     # --- what torch sees: every element once -------------------------------------------------------------
     def named_parameters(self, prefix: str = "", recurse: bool = True,
