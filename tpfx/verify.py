@@ -153,9 +153,9 @@ def verify(model: torch.nn.Module, world_size: int, *, example_inputs: tuple | N
         outputs = {n: _rel(g, w) for (n, g), (_, w) in zip(got, want, strict=True)}
         weights = _projection([w for _, w in want], seed)
         params = [p for p in ref.parameters() if p.requires_grad]
-        loss = sum((w * x).sum() for (_, x), w in zip(want, weights, strict=True))
+        loss = sum(((w * x).sum() for (_, x), w in zip(want, weights, strict=True)), torch.zeros(()))
         grads = dict(zip([id(p) for p in params], torch.autograd.grad(loss, params, allow_unused=True), strict=True))
-        sloss = sum((w * x).sum() for (_, x), w in zip(got, weights, strict=True))
+        sloss = sum(((w * x).sum() for (_, x), w in zip(got, weights, strict=True)), torch.zeros(()))
         sparams = [p for p in sharded.parameters() if p.requires_grad]
         sgrads = dict(zip([n for n, p in sharded.named_parameters() if p.requires_grad],
                           torch.autograd.grad(sloss, sparams, allow_unused=True), strict=True))
