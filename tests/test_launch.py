@@ -73,3 +73,28 @@ def test_in_process_when_group_initialised(tmp_path) -> None:
             launch(_sum_ranks, 2, 1.0)
     finally:
         dist.destroy_process_group()
+
+
+_NO_FILE = """
+import torch, torch.distributed as dist, tpfx
+def main(rank, world):  # the name multiprocessing's forkserver module also defines
+    x = torch.tensor([rank + 1.0])
+    dist.all_reduce(x)
+    return x.item()
+if __name__ == "__main__":
+    print("ranks:", tpfx.launch(main, 2))
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_launch_from_code_with_no_main_file(how: str) -> None:
+    """Code on stdin or ``python -c`` (as a notebook kernel runs cells) has no main file a forkserver could import:
+    the ranks are forked from the process, and a function named ``main`` is the user's."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", _NO_FILE]
+    done = subprocess.run(cmd, input=_NO_FILE if how == "stdin" else None, capture_output=True, text=True,
+                          timeout=180, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ranks: [3.0, 3.0]" in done.stdout

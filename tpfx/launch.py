@@ -17,6 +17,7 @@ import datetime
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -93,6 +94,9 @@ def _failure_report(ctx: ProcessContext, first: ProcessException, grace_s: float
         if not text and p.exitcode not in (None, 0) and os.path.exists(path) and os.path.getsize(path):
             with open(path, "rb") as f:
                 text = str(pickle.load(f)).strip()
+        if not text and rank == first.error_index:
+            text = (f"{first.msg.strip()} before reporting an error (it failed while starting, before calling "
+                    "the rank function: its stderr above says why)")
         if text or rank == first.error_index:
             failures.append((rank, text))
     failures.sort(key=lambda f: any(m in f[1] for m in _PEER_ERROR))
@@ -110,12 +114,29 @@ def _kill_all(ctx: ProcessContext) -> None:
             p.join()
 
 
+def _start_method() -> str:
+    """``forkserver`` when the main module is a file the server can import; otherwise (a notebook, ``python -c``,
+    code on stdin) the ranks are forked from this process, so functions defined here reach them, unless CUDA is
+    initialised here (a forked child cannot use it): then raise with what to do."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path and os.path.isfile(path):
+        return "forkserver"
+    if torch.cuda.is_initialized() or "fork" not in mp.get_all_start_methods():
+        raise RuntimeError("tpfx.launch: this code has no main file (a notebook, `python -c` or code on stdin), so "
+                           "the ranks would have to be forked from this process, which "
+                           + ("has initialised CUDA (a forked child cannot use it)" if torch.cuda.is_initialized()
+                              else "this platform cannot do") + "; put the rank function in a .py file and run "
+                           "that file, or shard in this process with tpfx.auto_shard(model, devices=[...])")
+    return "fork"
+
+
 def launch(fn: Callable[..., R], world_size: int, *args: Any, timeout_s: float | None = None) -> list[R]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and return the results by rank.
 
     ``fn`` (and ``args``) must be picklable, i.e. ``fn`` is defined at module level: ranks are forked from a
     ``forkserver`` that imports the main module (as spawn does), so scripts must call ``launch`` under
-    ``if __name__ == "__main__":``. Each rank uses one intra-op thread. Return values travel back through
+    ``if __name__ == "__main__":``. Code with no main file (a notebook, ``python -c``, stdin) forks its ranks from
+    this process instead (CPU only: refused once CUDA is initialised). Each rank uses one intra-op thread. Return values travel back through
     ``torch.save``/``torch.load`` and may be tensors, dicts of tensors or any picklable object.
 
     If a process group is already initialised (e.g. under ``torchrun``) with the same world size, ``fn`` is
@@ -138,14 +159,16 @@ def launch(fn: Callable[..., R], world_size: int, *args: Any, timeout_s: float |
 
     port = _free_port()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    method = _start_method()
     with tempfile.TemporaryDirectory(prefix="tpfx_launch_") as tmpdir:
-        mp.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first launch)
+        if method == "forkserver":
+            mp.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first launch)
         ctx = mp.start_processes(
             _worker,
             args=(fn, world_size, port, tmpdir, args, timeout_s, dict(os.environ)),
             nprocs=world_size,
             join=False,
-            start_method="forkserver",
+            start_method=method,
         )
         assert ctx is not None
         try:
