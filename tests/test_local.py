@@ -145,6 +145,11 @@ def test_generate_and_save_pretrained(llama_t2: tuple[Any, torch.nn.Module], tmp
         back = LlamaForCausalLM.from_pretrained(str(tmp_path))
         for k, v in ref.state_dict().items():
             assert rel_err(back.state_dict()[k], v) <= TOL, k
+        loaded = tpfx.from_pretrained(str(tmp_path), devices=["cpu"] * 3)  # each rank reads its slices
+        with torch.no_grad():
+            assert rel_err(loaded(input_ids=ids).logits, ref(input_ids=ids).logits) <= TOL
+        assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in ref.parameters())
+        loaded.close()
     finally:
         sharded.train()
 

@@ -446,11 +446,12 @@ def _state_names(model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
     return names, [n for n, _ in model.named_buffers()]
 
 
-def shard_locally(model: torch.nn.Module, devices: Any, world_size: int | None, shard: Callable[[int, int], Any],
-                  **given: Any) -> LocalSharded:
-    """``shard(rank, t)`` (tpfx's ``shard_with`` on this rank's world) on ``len(devices)`` threads."""
+def shard_locally(model: torch.nn.Module | None, devices: Any, world_size: int | None,
+                  shard: Callable[[int, int], Any], **given: Any) -> LocalSharded:
+    """``shard(rank, t)`` (a rank's ``auto_shard`` or ``from_pretrained``, on its thread's world) on
+    ``len(devices)`` threads; ``model``: the model being sharded, if any (checked to be on one device)."""
     devs = check_devices(devices, world_size, **given)
-    if len({p.device for p in model.parameters()}) > 1:
+    if model is not None and len({p.device for p in model.parameters()}) > 1:
         raise ValueError("tpfx: the model's parameters are on several devices; devices= shards a model held on "
                          "one device (build it on CPU)")
     ranks = Ranks(len(devs))
@@ -459,5 +460,5 @@ def shard_locally(model: torch.nn.Module, devices: Any, world_size: int | None, 
     except BaseException:
         ranks.close()
         raise
-    names, buffers = _state_names(model)
+    names, buffers = _state_names(mods[0].tree)
     return LocalSharded(ranks, mods, names, buffers)

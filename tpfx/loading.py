@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tpfx.adapters import attach
 from tpfx.api import shard_with
 from tpfx.passes import Placement, shard_tensor
+from tpfx.passes.stages import TRACE_LOCK
 from tpfx.pretrained import (
     _ST_DTYPES,
     CheckpointError,
@@ -89,9 +90,20 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     config's dtype, else the checkpoint's). ``adapter``: a peft config (a new adapter, initialized as peft
     does) or a saved adapter's directory (``adapter_kwargs`` go to ``PeftModel.from_pretrained``, e.g.
     ``is_trainable=True``), put on the base before planning (``tpfx.adapters``). Other keyword arguments go to
-    ``tpfx.auto_shard``. Needs an initialized process group (``tpfx.launch`` or ``torchrun``)."""
+    ``tpfx.auto_shard``. Needs an initialized process group (``tpfx.launch`` or ``torchrun``), or ``devices=``
+    (every rank in this process, each reading its own slices: ``tpfx.inprocess``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    devices = auto_shard_kwargs.pop("devices", None)
+    if devices is not None:
+        from tpfx.inprocess import shard_locally
+
+        def one_rank(r: int, t: int) -> Any:
+            return from_pretrained(path, t, model_cls=model_cls, torch_dtype=torch_dtype, adapter=adapter,
+                                   adapter_kwargs=adapter_kwargs, **auto_shard_kwargs, warn_plain=False)
+
+        return shard_locally(None, devices, world_size, one_rank, **{k: auto_shard_kwargs.get(k) or None for k in
+                                                                  ("group", "mesh", "compile")})  # type: ignore[return-value]
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
@@ -104,7 +116,8 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     group = tp_group(auto_shard_kwargs.get("mesh"), auto_shard_kwargs.get("tp_axis", "tp"),
                      auto_shard_kwargs.get("group"))
     device = _device_for(group)
-    model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+    with TRACE_LOCK:  # accelerate's empty-weights build patches nn.Module for every thread: ranks take turns
+        model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
     found, converted = match_tensors(model, entries, str(root))
     _load_buffers(model, entries, device)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
