@@ -74,10 +74,20 @@ TRACE_LOCK = threading.RLock()
 def _one_at_a_time(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def locked(*args: Any, **kwargs: Any) -> T:
-        with TRACE_LOCK:
+        with TRACE_LOCK, _dynamo_compiling():
             return fn(*args, **kwargs)
 
     return locked
+
+
+def _dynamo_compiling() -> Any:
+    """torch.compile's own lock (a rank thread compiling its graph traces with state an export shares), if
+    torch.compile is loaded."""
+    import sys
+
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    lock = getattr(convert, "compile_lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 class Stages:

@@ -246,3 +246,21 @@ def test_verify_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "grads model.layers.0" in out and ": ok;" in out
     assert main(["verify", *shape, "--tol", "1e-12"]) == 1  # fp32 noise exceeds it: a non-zero exit
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_on_threads_matches_unsharded() -> None:
+    """compile=True: each rank thread compiles its graph (torch.compile's lock and tpfx's keep tracing one at a
+    time); forward and gradients exact."""
+    model = llama()
+    model.train()
+    ref = copy.deepcopy(model)
+    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2, compile=True)
+    ids = token_inputs(model.config.vocab_size)
+    out = sharded(input_ids=ids, labels=ids)
+    want = ref(input_ids=ids, labels=ids)
+    assert rel_err(out.logits, want.logits) <= TOL
+    out.loss.backward()
+    want.loss.backward()
+    _grads_match(sharded, ref)
+    sharded.close()

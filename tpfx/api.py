@@ -75,8 +75,8 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
                               sequence_parallel=sequence_parallel, timeout=timeout,
                               activation_checkpointing=activation_checkpointing, warn_plain=False)
 
-        return shard_locally(model, devices, world_size, shard, rank=rank, group=group, mesh=mesh,
-                             compile=compile or None)  # type: ignore[return-value]
+        return shard_locally(model, devices, world_size, shard, rank=rank, group=group,
+                             mesh=mesh)  # type: ignore[return-value]
     return shard_with(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, rank=rank,
                       group=group, compile=compile, plan=plan, overrides=overrides, gather_outputs=gather_outputs,
                       mesh=mesh, tp_axis=tp_axis, sequence_parallel=sequence_parallel, timeout=timeout,

@@ -103,7 +103,7 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
                                    adapter_kwargs=adapter_kwargs, **auto_shard_kwargs, warn_plain=False)
 
         return shard_locally(None, devices, world_size, one_rank, **{k: auto_shard_kwargs.get(k) or None for k in
-                                                                  ("group", "mesh", "compile")})  # type: ignore[return-value]
+                                                                  ("group", "mesh")})  # type: ignore[return-value]
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(LAUNCH_HINT)
