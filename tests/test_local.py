@@ -264,3 +264,19 @@ def test_compile_on_threads_matches_unsharded() -> None:
     want.loss.backward()
     _grads_match(sharded, ref)
     sharded.close()
+
+
+def test_sequence_parallel_on_threads() -> None:
+    model = llama()
+    model.train()
+    ref = copy.deepcopy(model)
+    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2, sequence_parallel=True)
+    assert sharded.plan.count("reduce_scatter") > 0
+    ids = token_inputs(model.config.vocab_size)
+    out = sharded(input_ids=ids, labels=ids)
+    want = ref(input_ids=ids, labels=ids)
+    assert rel_err(out.logits, want.logits) <= TOL
+    out.loss.backward()
+    want.loss.backward()
+    _grads_match(sharded, ref)
+    sharded.close()
