@@ -195,7 +195,8 @@ def test_dropout_and_sampling_draw_the_unsharded_numbers() -> None:
 @pytest.mark.parametrize("devices, error, match", [
     ("cpu", ValueError, "a list of devices"),
     (["cpu", "meta"], ValueError, "mixes device kinds"),
-    (["cuda:0", "cuda:1"], NotImplementedError, "CPU threads"),
+    (["cuda:0", "cuda:1"], ValueError, "is_available"),
+    (["xla:0"], NotImplementedError, "CPU or CUDA"),
     (["nodevice:0"], ValueError, "nodevice"),
 ])
 def test_bad_devices_are_refused(devices: Any, error: type, match: str) -> None:

@@ -69,8 +69,14 @@ def auto_shard(model: torch.nn.Module, world_size: int | None = None, *, example
     if devices is not None:  # every rank in this process, on a thread each (tpfx.inprocess)
         from tpfx.inprocess import shard_locally
 
-        def shard(rank: int, t: int) -> ShardedModule:
+        params = dict(model.named_parameters())
+
+        def shard(rank: int, t: int, device: torch.device) -> ShardedModule:
+            def load(fqn: str, pl: Placement) -> torch.Tensor:  # this rank's slice, on its device
+                return local_param(params[fqn], pl, rank, t).detach().to(device)
+
             return shard_with(model, t, example_inputs=example_inputs, example_kwargs=example_kwargs, compile=compile,
+                              loader=load,
                               plan=plan, overrides=overrides, gather_outputs=gather_outputs,
                               sequence_parallel=sequence_parallel, timeout=timeout,
                               activation_checkpointing=activation_checkpointing, warn_plain=False)

@@ -65,13 +65,13 @@ def _install_threaded_worlds() -> None:
 
 
 class _RankRandom(TorchDispatchMode):
-    """Random ops of this thread draw from ``gen`` (those not given a generator of their own)."""
+    """Random ops of this thread draw from ``gens`` (by the device they draw on), those not given a generator."""
 
     _takes: dict[Any, bool] = {}
 
-    def __init__(self, gen: torch.Generator) -> None:
+    def __init__(self, gens: dict[str, torch.Generator]) -> None:
         super().__init__()
-        self.gen = gen
+        self.gens = gens
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -80,17 +80,35 @@ class _RankRandom(TorchDispatchMode):
             names = [a.name for a in func._schema.arguments]
             takes = self._takes[func] = "generator" in names and names.index("generator") >= len(args)
         if takes and kwargs.get("generator") is None:
-            kwargs = {**kwargs, "generator": self.gen}
+            where = kwargs.get("device") or next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            gen = self.gens.get(torch.device(where).type if where is not None else "cpu")
+            if gen is not None:
+                kwargs = {**kwargs, "generator": gen}
         return func(*args, **kwargs)
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The caller's generator states: the CPU one, and ``device``'s."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 class Ranks:
     """``t`` threads, rank ``r`` on thread ``r`` with its own process-group world; ``run(fn)`` calls ``fn(r)`` on
     every rank at once and returns the results by rank."""
 
-    def __init__(self, t: int, name: str = "tpfx") -> None:
+    def __init__(self, devices: list[torch.device], name: str = "tpfx") -> None:
         _install_threaded_worlds()
-        self.t = t
+        self.t = t = len(devices)
+        self.devices = devices
         self._jobs: list[queue.Queue] = [queue.Queue() for _ in range(t)]
         store = dist.HashStore()
         self._threads = [threading.Thread(target=self._serve, args=(r, store), daemon=True, name=f"{name}-rank{r}")
@@ -101,6 +119,9 @@ class Ranks:
 
     def _serve(self, rank: int, store: Any) -> None:
         torch.set_num_threads(1)
+        device = self.devices[rank]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("threaded", rank=rank, world_size=self.t, store=store)
         jobs = self._jobs[rank]
         while (job := jobs.get()) is not None:
@@ -110,9 +131,9 @@ class Ranks:
                     if state is None:
                         fut.set_result((fn(rank), None))
                         continue
-                    gen = torch.Generator().set_state(state)
-                    with _RankRandom(gen):
-                        fut.set_result((fn(rank), gen.get_state()))
+                    gens = {k: torch.Generator(device if k != "cpu" else "cpu").set_state(v) for k, v in state.items()}
+                    with _RankRandom(gens):
+                        fut.set_result((fn(rank), {k: g.get_state() for k, g in gens.items()}))
             except BaseException as e:  # noqa: BLE001 - handed to the caller (SystemExit: released by a failure)
                 fut.set_exception(e)
         dist.destroy_process_group()
@@ -126,14 +147,14 @@ class Ranks:
         if not self._jobs:
             raise RuntimeError("tpfx: this sharded module's rank threads were closed (close()); shard the model anew")
         futs: list[Future] = [Future() for _ in range(self.t)]
-        state = torch.get_rng_state() if random else None
+        state = _rng_states(self.devices[0]) if random else None
         for r in range(self.t):
             self._jobs[r].put((fn, torch.is_grad_enabled(), state, futs[r]))
         done, pending = wait(futs, return_when=FIRST_EXCEPTION)
         if not pending and all(f.exception() is None for f in futs):
             results = [f.result() for f in futs]
             if random:
-                torch.set_rng_state(results[0][1])
+                _set_rng_states(results[0][1], self.devices[0])
             return [out for out, _ in results]
         wait(futs, timeout=1.0)  # peers that fail on their own (the same error) say so first
         if any(not f.done() for f in futs):
@@ -295,10 +316,12 @@ class LocalSharded(torch.nn.Module):
         flat, spec = tree_flatten((args, kwargs))
         diff = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.requires_grad]
 
+        devices = self._ranks.devices
+
         def call(r: int) -> tuple[Any, list[torch.Tensor]]:
-            mine = list(flat)
+            mine = [x.to(devices[r]) if isinstance(x, torch.Tensor) else x for x in flat]
             for i in diff:
-                mine[i] = flat[i].detach().requires_grad_()
+                mine[i] = flat[i].detach().to(devices[r]).requires_grad_()
             a, k = tree_unflatten(mine, spec)
             return self._mods[r](*a, **k), [mine[i] for i in diff]
 
@@ -311,7 +334,8 @@ class LocalSharded(torch.nn.Module):
         leaves = [p for p in self._exposed.values() if p.requires_grad] + [flat[i] for i in diff]
         if not idx or not leaves:
             return out0
-        back = _Backward(self, [(tree_flatten(o)[0], ins) for o, ins in results], idx)
+        back = _Backward(self, [(tree_flatten(o)[0], ins) for o, ins in results], idx,
+                         [flat[i].device for i in diff])
         for i, b in zip(idx, _Bridge.apply(back, *leaves), strict=True):
             oflat[i] = b
         return tree_unflatten(oflat, ospec)
@@ -327,7 +351,9 @@ class LocalSharded(torch.nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` on every rank together (a head-split cache each); rank 0's result."""
         self._sync_replicas()
-        return self._ranks.run(lambda r: self._mods[r].generate(*args, **kwargs), random=True)[0]
+        config = kwargs.get("generation_config") or self.generation_config
+        sampling = kwargs.get("do_sample", getattr(config, "do_sample", False))  # greedy and beams draw nothing
+        return self._ranks.run(lambda r: self._mods[r].generate(*args, **kwargs), random=bool(sampling))[0]
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The unsharded model in transformers' layout, as ``ShardedModule.save_pretrained`` writes it."""
@@ -369,8 +395,8 @@ class _Backward:
     """What one forward left for its backward: each rank's flattened outputs and differentiable inputs."""
 
     def __init__(self, front: LocalSharded, results: list[tuple[list[Any], list[torch.Tensor]]],
-                 idx: list[int]) -> None:
-        self.front, self.results, self.idx = front, results, idx
+                 idx: list[int], input_devices: list[torch.device]) -> None:
+        self.front, self.results, self.idx, self.input_devices = front, results, idx, input_devices
 
     def __call__(self, grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
         front, results = self.front, self.results
@@ -382,7 +408,8 @@ class _Backward:
 
         def backward(r: int) -> dict[str, torch.Tensor | None]:
             outs, ins = results[r]
-            pairs = [(outs[i], g) for i, g in zip(self.idx, grads, strict=True) if g is not None]
+            device = front._ranks.devices[r]
+            pairs = [(outs[i], g.to(device)) for i, g in zip(self.idx, grads, strict=True) if g is not None]
             leaves = [front._rank_params[r][f] for f in names[r]] + ins
             got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
             return dict(zip(names[r] + [f"input:{k}" for k in range(len(ins))], got, strict=True))
@@ -393,7 +420,8 @@ class _Backward:
             if front._exposed[p.name].requires_grad:
                 g = per_rank[p.rank].get(p.fqn)
                 out.append(None if g is None else p.of(local(g)))
-        out += [per_rank[0][f"input:{k}"] for k in range(len(results[0][1]))]
+        ins = [per_rank[0][f"input:{k}"] for k in range(len(results[0][1]))]
+        out += [None if g is None else g.to(d) for g, d in zip(ins, self.input_devices, strict=True)]
         return out
 
 
@@ -422,10 +450,16 @@ def check_devices(devices: Any, world_size: int | None, **given: Any) -> list[to
     if len({d.type for d in devs}) > 1:
         raise ValueError(f"tpfx: devices= mixes device kinds ({sorted({d.type for d in devs})}); every rank must "
                          "run on the same kind")
-    if devs[0].type != "cpu":
-        raise NotImplementedError(f"tpfx: devices= runs ranks on CPU threads in this version; {devs[0].type} "
-                                  "devices in one process are not supported yet: launch one process per device "
-                                  "(torchrun --nproc-per-node N, or tpfx.launch)")
+    if devs[0].type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"tpfx: devices= runs ranks on CPU or CUDA devices, not {devs[0].type}")
+    if devs[0].type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"tpfx: devices={devices!r} names CUDA devices, but torch.cuda.is_available() is False")
+        devs = [torch.device("cuda", d.index or 0) for d in devs]
+        missing = [str(d) for d in devs if (d.index or 0) >= torch.cuda.device_count()]
+        if missing:
+            raise ValueError(f"tpfx: devices= names {missing[0]}, but this machine has {torch.cuda.device_count()} "
+                             "CUDA devices")
     if world_size is not None and world_size != len(devs):
         raise ValueError(f"tpfx: world_size={world_size} but devices= names {len(devs)} devices (one rank each)")
     bad = [k for k, v in given.items() if v is not None]
@@ -435,6 +469,16 @@ def check_devices(devices: Any, world_size: int | None, **given: Any) -> list[to
         raise RuntimeError("tpfx: devices= runs every rank in this process, but a process group is already "
                            "initialised (a launched rank): call auto_shard(model) without devices= there")
     return devs
+
+
+def _on(mod: Any, device: torch.device) -> Any:
+    """A rank's module with its buffers on its device (its parameters were loaded there)."""
+    if device.type != "cpu":
+        for m in mod.tree.modules():
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = b.to(device)
+    return mod
 
 
 def _state_names(model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
@@ -447,16 +491,16 @@ def _state_names(model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
 
 
 def shard_locally(model: torch.nn.Module | None, devices: Any, world_size: int | None,
-                  shard: Callable[[int, int], Any], **given: Any) -> LocalSharded:
-    """``shard(rank, t)`` (a rank's ``auto_shard`` or ``from_pretrained``, on its thread's world) on
+                  shard: Callable[[int, int, torch.device], Any], **given: Any) -> LocalSharded:
+    """``shard(rank, t, device)`` (a rank's ``auto_shard`` or ``from_pretrained``, on its thread's world) on
     ``len(devices)`` threads; ``model``: the model being sharded, if any (checked to be on one device)."""
     devs = check_devices(devices, world_size, **given)
     if model is not None and len({p.device for p in model.parameters()}) > 1:
         raise ValueError("tpfx: the model's parameters are on several devices; devices= shards a model held on "
                          "one device (build it on CPU)")
-    ranks = Ranks(len(devs))
+    ranks = Ranks(devs)
     try:
-        mods = ranks.run(lambda r: shard(r, len(devs)))
+        mods = ranks.run(lambda r: _on(shard(r, len(devs), devs[r]), devs[r]))
     except BaseException:
         ranks.close()
         raise

@@ -98,7 +98,10 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     if devices is not None:
         from tpfx.inprocess import shard_locally
 
-        def one_rank(r: int, t: int) -> Any:
+        def one_rank(r: int, t: int, device: torch.device) -> Any:
+            if device.type != "cpu":
+                raise NotImplementedError("tpfx.from_pretrained(devices=) reads to CPU ranks in this version; load "
+                                          "on CPU devices, or launch one process per GPU")
             return from_pretrained(path, t, model_cls=model_cls, torch_dtype=torch_dtype, adapter=adapter,
                                    adapter_kwargs=adapter_kwargs, **auto_shard_kwargs, warn_plain=False)
 
