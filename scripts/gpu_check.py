@@ -92,8 +92,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device: skipped")
         return 0
-    import tpfx
     from transformers import MixtralConfig, MixtralForCausalLM
+
+    import tpfx
 
     print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     rows = [_numerics("llama", _llama(), 2)]
