@@ -294,3 +294,13 @@ def test_gpu_check_skips_cleanly_without_a_gpu() -> None:
     done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                           timeout=120, env={**__import__("os").environ, "PYTHON": sys.executable})
     assert done.returncode == 0 and "no CUDA device: skipped" in done.stdout, done.stderr[-1000:]
+
+
+def test_devices_inside_a_launched_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        tpfx.auto_shard(llama(), devices=["cpu"] * 2)
+    with pytest.raises(ValueError, match="cannot be combined with group="):
+        tpfx.auto_shard(llama(), devices=["cpu"] * 2, group=object())
