@@ -13,6 +13,7 @@ bench:
 	$(PYTHON) benchmarks/generate.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py --prefix
 	$(PYTHON) benchmarks/call_check.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/inprocess.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)
 
 .PHONY: coverage

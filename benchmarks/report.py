@@ -21,7 +21,7 @@ import _common as C
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
 NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "finetune", "sequence_parallel", "checkpoint", "generate",
-         "generate_prefix", "call_check", "blocks_check")
+         "generate_prefix", "call_check", "blocks_check", "inprocess")
 
 
 def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
@@ -609,6 +609,27 @@ def section_blocks_check(d: dict[str, Any] | None) -> str:
         md_table(["family", "reason"], odd), ""])
 
 
+def section_inprocess(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "## One process, several devices\n\nNot run (`python benchmarks/inprocess.py`).\n"
+    rows = [[name, f"{r['step_s'] * 1e3:.1f}", f"{r['ms_per_token']:.2f}"] for name, r in d["rows"].items()]
+    shape = d["shape"]
+    gil = d["threads_over_processes"]
+    return "\n".join([
+        "## One process, several devices (`devices=`)\n",
+        header(d),
+        f"Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, vocab {shape['vocab_size']}; "
+        f"training step = forward with labels, backward, AdamW on batch {d['batch']} x {d['seq']}; generate = "
+        f"greedy, batch 1, prompt {d['prompt']}, ms/token = (time of {d['new_tokens']} new tokens - time of 1) / "
+        f"{d['new_tokens'] - 1}; medians of {d['repeats']} repeats. The threads (`auto_shard(model, devices=['cpu'] "
+        f"* {d['world']})`, 1 intra-op thread per rank) and the unsharded model run interleaved in one process; "
+        f"the gloo ranks ({d['world']} processes x 1 thread) in their own run.\n",
+        md_table(["run", "step ms", "generate ms / token"], rows),
+        f"\nThreads / processes: step {gil['step_s']:.2f}x, generate {gil['ms_per_token']:.2f}x. The difference is "
+        "what running the ranks as threads of one Python process costs: the GIL over the per-op Python work, "
+        "every collective a rendezvous of threads, a hand-off per call.\n"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="prefer the *_quick.json results")
@@ -632,6 +653,7 @@ def main() -> None:
         section_generate(data["generate"], data["generate_prefix"]),
         section_call_check(data["call_check"]),
         section_blocks_check(data["blocks_check"]),
+        section_inprocess(data["inprocess"]),
     ]
     OUT_MD.write_text("\n".join(parts))
     plotted = plot(data["plan_time"], data["runtime"], data["generate"])

@@ -304,3 +304,10 @@ def test_devices_inside_a_launched_rank_is_refused(monkeypatch: pytest.MonkeyPat
         tpfx.auto_shard(llama(), devices=["cpu"] * 2)
     with pytest.raises(ValueError, match="cannot be combined with group="):
         tpfx.auto_shard(llama(), devices=["cpu"] * 2, group=object())
+
+
+def test_moving_or_casting_is_refused_not_ignored(llama_t2: tuple[Any, torch.nn.Module]) -> None:
+    sharded, _ = llama_t2
+    for call in (lambda: sharded.half(), lambda: sharded.to(torch.float64), lambda: sharded.cpu()):
+        with pytest.raises(NotImplementedError, match="convert the model first"):
+            call()

@@ -260,6 +260,13 @@ class LocalSharded(torch.nn.Module):
         for _, p in self.named_parameters():
             yield p
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.to()``, ``.half()``, ``.cuda()``: each rank's slices live on its device, in the dtype they were
+        sharded in; refused rather than silently doing nothing."""
+        raise NotImplementedError("tpfx: a model sharded with devices= keeps each rank's slices on its device; "
+                                  ".to()/.half()/.cuda() would not reach them: convert the model first, then "
+                                  "tpfx.auto_shard(model, devices=[...])")
+
     def train(self, mode: bool = True) -> LocalSharded:
         self.training = mode
         for m in self._mods:
