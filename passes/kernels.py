@@ -25,8 +25,15 @@ def partial_mean(x: torch.Tensor, dims: list[int], keepdim: bool, n: int) -> tor
     return x.sum(dims, keepdim=keepdim, dtype=x.dtype) / n
 
 
-def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, n: int, padding_idx: int = -1) -> torch.Tensor:
-    """Lookup in this rank's rows [start, start + n) of a vocab-split table; other tokens give zeros."""
+def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: int, n: int, padding_idx: int = -1,
+                    vocab: int = -1) -> torch.Tensor:
+    """Lookup in this rank's rows [start, start + n) of a vocab-split table; other tokens give zeros. An id
+    outside the whole table (``vocab`` rows) raises ``IndexError`` as ``torch.nn.functional.embedding`` does
+    (every rank alike), instead of a row of zeros."""
+    if vocab > 0 and not torch.compiler.is_compiling() and ids.numel() and (
+            bool((ids < 0).any()) or bool((ids >= vocab).any())):
+        bad = ids[(ids < 0) | (ids >= vocab)][0].item()
+        raise IndexError(f"index {bad} is out of range: the embedding has {vocab} rows (tpfx's vocab-split lookup)")
     local = ids - start
     outside = (local < 0) | (local >= n)
     pad = padding_idx - start if 0 <= padding_idx - start < n else None

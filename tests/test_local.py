@@ -311,3 +311,29 @@ def test_moving_or_casting_is_refused_not_ignored(llama_t2: tuple[Any, torch.nn.
     for call in (lambda: sharded.half(), lambda: sharded.to(torch.float64), lambda: sharded.cpu()):
         with pytest.raises(NotImplementedError, match="convert the model first"):
             call()
+
+
+def test_what_would_reach_one_rank_only_is_refused() -> None:
+    """Module loops (one rank's modules), generate in training with dropout, checkpointed dropout: loud."""
+    model = gpt2()
+    model.train()
+    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2)
+    with pytest.raises(NotImplementedError, match="sharded.apply"):
+        list(sharded.modules())
+    prompt = token_inputs(model.config.vocab_size, seq=4)
+    with pytest.raises(NotImplementedError, match="call .eval"):
+        sharded.generate(prompt, max_new_tokens=2)
+
+    def no_dropout(m: torch.nn.Module) -> None:
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+    sharded.apply(no_dropout)  # every rank's modules: now the same as the unsharded model without dropout
+    model.apply(no_dropout)
+    ids = token_inputs(model.config.vocab_size)
+    assert rel_err(sharded(input_ids=ids).logits, model(input_ids=ids).logits) <= TOL
+    sharded.close()
+    checkpointed = tpfx.auto_shard(gpt2(), devices=["cpu"] * 2, activation_checkpointing=True)
+    checkpointed.train()
+    with pytest.raises(NotImplementedError, match="checkpointed"):
+        checkpointed(input_ids=ids, labels=ids)

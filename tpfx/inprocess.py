@@ -29,6 +29,8 @@ dispatch mode, which is per thread, passes it to every random op), and leaves th
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import queue
 import threading
 import weakref
@@ -50,6 +52,9 @@ R = TypeVar("R")
 
 _installed = threading.Lock()
 _done: list[bool] = []
+# torch's threaded group keys a pending collective by group name, alike in every world ("0"): calls of two
+# modules sharded with devices= take turns, whichever threads make them
+_ONE_CALL = threading.Lock()
 
 
 def _install_threaded_worlds() -> None:
@@ -101,6 +106,25 @@ def _set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _modes(device: torch.device) -> dict[str, Any]:
+    """The caller's thread-local modes a rank's thread takes on: grad, inference, autocast."""
+    kinds = ["cpu"] + ([device.type] if device.type != "cpu" else [])
+    return {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "autocast": {k: (torch.get_autocast_dtype(k), torch.is_autocast_enabled(k)) for k in kinds}}
+
+
+@contextlib.contextmanager
+def _caller_modes(modes: dict[str, Any], device: torch.device) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.set_grad_enabled(modes["grad"]))
+        if modes["inference"]:
+            stack.enter_context(torch.inference_mode())
+        for kind, (dtype, on) in modes["autocast"].items():
+            if on:
+                stack.enter_context(torch.autocast(device.type if kind != "cpu" else "cpu", dtype=dtype))
+        yield
+
+
 class Ranks:
     """``t`` threads, rank ``r`` on thread ``r`` with its own process-group world; ``run(fn)`` calls ``fn(r)`` on
     every rank at once and returns the results by rank."""
@@ -125,31 +149,39 @@ class Ranks:
         dist.init_process_group("threaded", rank=rank, world_size=self.t, store=store)
         jobs = self._jobs[rank]
         while (job := jobs.get()) is not None:
-            fn, grad, state, fut = job
+            fn, modes, state, fut = job
             try:
-                with torch.set_grad_enabled(grad):
+                with _caller_modes(modes, device):
                     if state is None:
                         fut.set_result((fn(rank), None))
-                        continue
-                    gens = {k: torch.Generator(device if k != "cpu" else "cpu").set_state(v) for k, v in state.items()}
-                    with _RankRandom(gens):
-                        fut.set_result((fn(rank), {k: g.get_state() for k, g in gens.items()}))
+                    else:
+                        gens = {k: torch.Generator(device if k != "cpu" else "cpu").set_state(v)
+                                for k, v in state.items()}
+                        with _RankRandom(gens):
+                            fut.set_result((fn(rank), {k: g.get_state() for k, g in gens.items()}))
             except BaseException as e:  # noqa: BLE001 - handed to the caller (SystemExit: released by a failure)
                 fut.set_exception(e)
+            del job, fn, fut  # nothing of a finished call stays reachable from the thread
         dist.destroy_process_group()
 
     def run(self, fn: Callable[[int], R], random: bool = False) -> list[R]:
         """``fn(rank)`` on every rank (in the caller's grad mode); the first failure is raised, the others are
         released from the collectives they wait in. ``random``: every rank draws from a generator with the
         caller's state, which is left where rank 0's ended."""
-        from torch.testing._internal.distributed.multi_threaded_pg import ProcessLocalGroup
 
         if not self._jobs:
             raise RuntimeError("tpfx: this sharded module's rank threads were closed (close()); shard the model anew")
+        with _ONE_CALL:
+            return self._run(fn, random)
+
+    def _run(self, fn: Callable[[int], R], random: bool) -> list[R]:
+        from torch.testing._internal.distributed.multi_threaded_pg import ProcessLocalGroup
+
         futs: list[Future] = [Future() for _ in range(self.t)]
         state = _rng_states(self.devices[0]) if random else None
+        modes = _modes(self.devices[0])
         for r in range(self.t):
-            self._jobs[r].put((fn, torch.is_grad_enabled(), state, futs[r]))
+            self._jobs[r].put((fn, modes, state, futs[r]))
         done, pending = wait(futs, return_when=FIRST_EXCEPTION)
         if not pending and all(f.exception() is None for f in futs):
             results = [f.result() for f in futs]
@@ -218,7 +250,7 @@ class LocalSharded(torch.nn.Module):
     _exposed: dict[str, torch.nn.Parameter]
     _owners: list[Piece]
     _replicas: list[tuple[torch.Tensor, torch.Tensor]]
-    _seen: dict[int, int]
+    _pieces_of: dict[str, list[Piece]]
     _rank_params: list[dict[str, Any]]
 
     def __init__(self, ranks: Ranks, mods: list[Any], names: dict[str, str], buffers: list[str]) -> None:
@@ -243,7 +275,11 @@ class LocalSharded(torch.nn.Module):
                         at = p.at if p.dim is None else next(a for s, _, a in pl.pieces(r, len(mods)) if s == p.start)
                         copy = mine if p.dim is None else mine.narrow(p.dim, at, p.n)
                         replicas.append((exposed[p.name], copy))
-        vars(self).update(_exposed=exposed, _owners=owners, _replicas=replicas, _seen={}, _rank_params=rank_params)
+        pieces_of: dict[str, list[Piece]] = {}
+        for p in owners:
+            pieces_of.setdefault(p.fqn, []).append(p)
+        vars(self).update(_exposed=exposed, _owners=owners, _replicas=replicas, _rank_params=rank_params,
+                          _pieces_of=pieces_of)
         weakref.finalize(self, ranks.close)  # the rank threads end with the module
 
     def close(self) -> None:
@@ -266,6 +302,21 @@ class LocalSharded(torch.nn.Module):
         raise NotImplementedError("tpfx: a model sharded with devices= keeps each rank's slices on its device; "
                                   ".to()/.half()/.cuda() would not reach them: convert the model first, then "
                                   "tpfx.auto_shard(model, devices=[...])")
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a change to one rank's module would not reach the others (``apply`` acts on every rank)."""
+        raise NotImplementedError("tpfx: a model sharded with devices= is t ranks' modules; a loop over "
+                                  "modules() would change only one of them. Use sharded.apply(fn) (fn runs on every "
+                                  "rank's modules), or change the model before tpfx.auto_shard")
+
+    def named_children(self) -> Any:
+        return self.named_modules()
+
+    def apply(self, fn: Callable[[torch.nn.Module], None]) -> LocalSharded:  # type: ignore[override]
+        """``fn`` on every module of every rank's tree (as ``nn.Module.apply``: children first)."""
+        for m in self._mods:
+            m.tree.apply(fn)
+        return self
 
     def train(self, mode: bool = True) -> LocalSharded:
         self.training = mode
@@ -307,15 +358,29 @@ class LocalSharded(torch.nn.Module):
         return bool(self._mods[0].can_generate())
 
     def _sync_replicas(self) -> None:
-        """Copies of a piece on other ranks take its owner's values when the owner changed (an optimizer step)."""
+        """Before every call: an exposed piece whose ``.data`` was replaced is copied into its rank's tensor
+        (and aliases it again); every copy of a piece on other ranks takes its owner's values (optimizers update
+        the owners: fused and ``.data`` updates bump no version counter, so the copy is unconditional); a
+        parameter frozen or unfrozen through its pieces is so on every rank."""
         with torch.no_grad():
+            for p in self._owners:
+                exposed = self._exposed[p.name]
+                own = p.of(local(self._rank_params[p.rank][p.fqn]).detach())
+                if exposed.data_ptr() != own.data_ptr() or exposed.shape != own.shape:
+                    own.copy_(exposed.data)
+                    exposed.data = own
             for own, copy in self._replicas:
-                if own.data_ptr() == copy.data_ptr():
-                    continue
-                v = own._version
-                if self._seen.get(id(copy)) != v:
+                if own.data_ptr() != copy.data_ptr():
                     copy.copy_(own)
-                    self._seen[id(copy)] = own._version
+        for fqn, ps in self._pieces_of.items():
+            wanted = {self._exposed[p.name].requires_grad for p in ps}
+            if len(wanted) > 1:
+                raise RuntimeError(f"tpfx: the pieces of {fqn} disagree on requires_grad; freeze or unfreeze a "
+                                   "parameter as a whole (every piece of it)")
+            flag = wanted.pop()
+            for rp in self._rank_params:
+                if rp[fqn].requires_grad != flag:
+                    rp[fqn].requires_grad_(flag)
 
     # --- calls ------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -333,14 +398,11 @@ class LocalSharded(torch.nn.Module):
             return self._mods[r](*a, **k), [mine[i] for i in diff]
 
         results = self._ranks.run(call, random=self._draws(args, kwargs))
-        out0 = results[0][0]
-        if not torch.is_grad_enabled():
-            return out0
-        oflat, ospec = tree_flatten(out0)
+        oflat, ospec = tree_flatten(results[0][0])
         idx = [i for i, v in enumerate(oflat) if isinstance(v, torch.Tensor) and v.requires_grad]
         leaves = [p for p in self._exposed.values() if p.requires_grad] + [flat[i] for i in diff]
-        if not idx or not leaves:
-            return out0
+        if not idx or not leaves or not torch.is_grad_enabled():  # nothing of the ranks' graphs reachable
+            return tree_unflatten([v.detach() if isinstance(v, torch.Tensor) else v for v in oflat], ospec)
         back = _Backward(self, [(tree_flatten(o)[0], ins) for o, ins in results], idx,
                          [flat[i].device for i in diff])
         for i, b in zip(idx, _Bridge.apply(back, *leaves), strict=True):
@@ -348,19 +410,32 @@ class LocalSharded(torch.nn.Module):
         return tree_unflatten(oflat, ospec)
 
     def _draws(self, args: tuple, kwargs: dict[str, Any]) -> bool:
-        """Whether this call's graph draws random numbers (dropout in training), decided by rank 0's graph."""
-        from tpfx.agreement import draws_random
-
+        """Whether this call's graph draws random numbers (dropout in training), decided by rank 0's graph.
+        Checkpointed regions recompute in backward, where torch's checkpoint restores the shared generator, not
+        a rank's: refused with dropout."""
         if not self.training:
             return False
-        return bool(self._ranks.run(lambda r: r == 0 and draws_random(self._mods[r].graph_module(*args, **kwargs)))[0])
+        return bool(self._ranks.run(lambda r: r == 0 and _random_graph(self._mods[r].graph_module(*args, **kwargs)))[0])
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``generate`` on every rank together (a head-split cache each); rank 0's result."""
+        """transformers' ``generate`` on every rank together (a head-split cache each); rank 0's result. Rank 0
+        gets the caller's streamer and logits processors / stopping criteria; other ranks a copy of the
+        processors and criteria (a stateful one is then called once per rank, each on its own copy)."""
         self._sync_replicas()
+        ids = args[0] if args else kwargs.get("input_ids")
+        if self.training and isinstance(ids, torch.Tensor) and self._draws((), {"input_ids": ids}):
+            raise NotImplementedError("tpfx: generate in training mode with dropout: the sharded decode would not "
+                                      "draw the unsharded model's masks; call .eval() before generate")
         config = kwargs.get("generation_config") or self.generation_config
         sampling = kwargs.get("do_sample", getattr(config, "do_sample", False))  # greedy and beams draw nothing
-        return self._ranks.run(lambda r: self._mods[r].generate(*args, **kwargs), random=bool(sampling))[0]
+        theirs = dict(kwargs)
+        if kwargs.get("streamer") is not None:  # the caller's streamer hears rank 0 only
+            theirs["streamer"] = _quiet(kwargs["streamer"])
+        for k in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn"):
+            if k in theirs:
+                theirs[k] = copy.deepcopy(theirs[k])
+        return self._ranks.run(lambda r: self._mods[r].generate(*args, **(kwargs if r == 0 else theirs)),
+                               random=bool(sampling))[0]
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The unsharded model in transformers' layout, as ``ShardedModule.save_pretrained`` writes it."""
@@ -371,9 +446,7 @@ class LocalSharded(torch.nn.Module):
         if assign:
             raise ValueError("tpfx: devices= keeps each rank's tensors in place; load_state_dict(assign=True) "
                              "would replace the parameters that parameters() exposes")
-        out = self.run(lambda m: m.load_state_dict(state_dict, strict=strict))[0]
-        self._seen.clear()
-        return out
+        return self.run(lambda m: m.load_state_dict(state_dict, strict=strict))[0]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """The unsharded model's state dict (full tensors under the model's names), assembled from the pieces."""
@@ -408,8 +481,9 @@ class _Backward:
     def __call__(self, grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
         front, results = self.front, self.results
         if results is None:
-            raise RuntimeError("tpfx: this output's backward already ran (retain_graph is not supported with "
-                               "devices=)")
+            raise RuntimeError("tpfx: a second backward through the same outputs (retain_graph=True, or a "
+                               "create_graph=True gradient of a gradient) is not supported with devices=; "
+                               "compute the outputs anew for each backward")
         self.results = None  # type: ignore[assignment]
         names = [[f for f, p in rp.items() if p.requires_grad] for rp in front._rank_params]
 
@@ -444,6 +518,30 @@ class _Bridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         return (None, *ctx.back(grads))
+
+
+def _quiet(streamer: Any) -> Any:
+    """A streamer that hears nothing, under the caller's streamer's class name (the ranks compare arguments)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    cls = type(type(streamer).__name__, (BaseStreamer,), {"put": lambda self, value: None, "end": lambda self: None})
+    return cls()
+
+
+def _random_graph(gm: Any) -> bool:
+    from tpfx.agreement import draws_random
+    from tpfx.passes.checkpoint import region
+
+    if not draws_random(gm):
+        return False
+    if any(region(n) is not None for n in gm.graph.nodes) or any(
+            "checkpoint" in str(getattr(n.target, "__name__", "")) for n in gm.graph.nodes):
+        raise NotImplementedError(
+            "tpfx: this training call draws random numbers (dropout) inside activation-checkpointed regions; with "
+            "devices=, their recompute in backward would not draw the forward's masks (torch's checkpoint restores "
+            "the generator ranks on threads share). Set the dropout probabilities to 0, turn checkpointing off, or "
+            "launch one process per rank (tpfx.launch, torchrun)")
+    return True
 
 
 def check_devices(devices: Any, world_size: int | None, **given: Any) -> list[torch.device]:

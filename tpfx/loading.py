@@ -121,6 +121,8 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     device = _device_for(group)
     with TRACE_LOCK:  # accelerate's empty-weights build patches nn.Module for every thread: ranks take turns
         model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+    if dist.get_backend(group) == "threaded":  # ranks on threads (tpfx.inprocess): none registers a parameter
+        dist.barrier(group)  # while another's build has nn.Module patched
     found, converted = match_tensors(model, entries, str(root))
     _load_buffers(model, entries, device)
     rank, world = dist.get_rank(group), dist.get_world_size(group)

@@ -312,7 +312,7 @@ def _vocab_rewrite(p: Shard) -> Rewrite:
     def rw(args: tuple, kwargs: dict, rank: int, world: int) -> tuple[tuple, dict]:
         start, n = chunk_range(p.segs[0], p.groups, p.chunk(rank, world), p.unit)
         padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
-        return (args[0], args[1], start, n, padding_idx), {}
+        return (args[0], args[1], start, n, padding_idx, p.segs[0]), {}
 
     return rw
 

@@ -45,7 +45,6 @@ from tpfx.passes import (
     rebind_hooks,
     regathered_in_backward,
 )
-from tpfx.passes.stages import TRACE_LOCK
 from tpfx.plan import ShardingPlan
 from tpfx.rng import install as install_rng_tracker
 from tpfx.runtime.groups import group_namer, replica_groups
@@ -125,11 +124,10 @@ class ShardedModule(torch.nn.Module):
     def load_params(self, model: torch.nn.Module, loader: Callable[[str, Placement], torch.Tensor]) -> None:
         """Register every parameter of ``model`` in the tree as ``loader(fqn, placement)`` gives this rank's
         tensor: planned parameters their placement's slice, parameters no graph uses whole (replicated)."""
-        with TRACE_LOCK:  # not while another rank's thread builds a model on the meta device (tpfx.loading)
-            for fqn, p in model.named_parameters():
-                pp = self._plan.placements.get(fqn)
-                pl: Placement = pp.as_placement() if pp is not None else Replicate()
-                self._register(fqn, torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad))
+        for fqn, p in model.named_parameters():
+            pp = self._plan.placements.get(fqn)
+            pl: Placement = pp.as_placement() if pp is not None else Replicate()
+            self._register(fqn, torch.nn.Parameter(loader(fqn, pl), requires_grad=p.requires_grad))
 
     def serve(self, plan: ShardingPlan, args: tuple, kwargs: dict[str, Any], dynamic: bool) -> None:
         """Emit ``plan``'s graph for this rank and serve calls with inputs like ``args``/``kwargs`` with it
