@@ -5,10 +5,10 @@ each) vs the unsharded model (1 and 2 threads), on CPU.
 * step: forward with labels, backward, AdamW step; batch x seq tokens; median of the repeats after warm-ups;
 * generate: greedy, batch 1; ms/token = (time of NEW new tokens - time of 1 new token) / (NEW - 1), medians.
 
-The threads and the unsharded model run interleaved in this process; the gloo ranks run in their own two
-processes (a barrier before each timed call, a call's time its slowest rank's). "GIL cost" = threads / gloo
-processes: what running the ranks as threads of one Python process costs against processes, where the GIL,
-the thread rendezvous of every collective and the per-call thread hand-off are the differences.
+The threads and the unsharded model run one after the other in this process; the gloo ranks run in their own
+two processes (a barrier before each timed call, a call's time its slowest rank's). threads / processes: what
+running the ranks as threads of one Python process costs against processes (the GIL, a thread rendezvous per
+collective, a hand-off per call) net of what it saves (gloo's loopback TCP: in-process collectives are copies).
 
     python benchmarks/inprocess.py [--quick]
 """
