@@ -249,38 +249,32 @@ def test_verify_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "FAILED" in capsys.readouterr().out
 
 
+def _one_step_matches(**shard_kwargs: Any) -> Any:
+    """A Llama sharded on 2 threads with ``shard_kwargs``: logits and every piece's gradient as unsharded."""
+    model = llama()
+    model.train()
+    ref = copy.deepcopy(model)
+    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2, **shard_kwargs)
+    ids = token_inputs(model.config.vocab_size)
+    out = sharded(input_ids=ids, labels=ids)
+    want = ref(input_ids=ids, labels=ids)
+    assert rel_err(out.logits, want.logits) <= TOL
+    out.loss.backward()
+    want.loss.backward()
+    _grads_match(sharded, ref)
+    sharded.close()
+    return sharded
+
+
 @pytest.mark.slow
 def test_compile_on_threads_matches_unsharded() -> None:
     """compile=True: each rank thread compiles its graph (torch.compile's lock and tpfx's keep tracing one at a
-    time); forward and gradients exact."""
-    model = llama()
-    model.train()
-    ref = copy.deepcopy(model)
-    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2, compile=True)
-    ids = token_inputs(model.config.vocab_size)
-    out = sharded(input_ids=ids, labels=ids)
-    want = ref(input_ids=ids, labels=ids)
-    assert rel_err(out.logits, want.logits) <= TOL
-    out.loss.backward()
-    want.loss.backward()
-    _grads_match(sharded, ref)
-    sharded.close()
+    time)."""
+    _one_step_matches(compile=True)
 
 
 def test_sequence_parallel_on_threads() -> None:
-    model = llama()
-    model.train()
-    ref = copy.deepcopy(model)
-    sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2, sequence_parallel=True)
-    assert sharded.plan.count("reduce_scatter") > 0
-    ids = token_inputs(model.config.vocab_size)
-    out = sharded(input_ids=ids, labels=ids)
-    want = ref(input_ids=ids, labels=ids)
-    assert rel_err(out.logits, want.logits) <= TOL
-    out.loss.backward()
-    want.loss.backward()
-    _grads_match(sharded, ref)
-    sharded.close()
+    assert _one_step_matches(sequence_parallel=True).plan.count("reduce_scatter") > 0
 
 
 def test_gpu_check_skips_cleanly_without_a_gpu() -> None:
