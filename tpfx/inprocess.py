@@ -8,9 +8,9 @@ a rendezvous of the threads' tensors) is each thread's world, so the graphs' fun
 is the only new part; what the user holds is ``LocalSharded``:
 
     parameters   every element once: each rank's ``owned_pieces`` of a split weight (views into its slice), a
-                 replicated weight as rank 0's; a piece other ranks hold too is copied to them before a call
-                 when its owner changed (an optimizer step), so torch's optimizers and ``clip_grad_norm_``
-                 over ``parameters()`` act on the unsharded model's elements, once each
+                 replicated weight as rank 0's; a piece other ranks hold too is copied to them before every
+                 call (optimizer steps update the owners), so torch's optimizers and ``clip_grad_norm_`` over
+                 ``parameters()`` act on the unsharded model's elements, once each
     forward      every rank runs its graph on its thread (in the caller's grad mode); rank 0's outputs are
                  returned, joined to the caller's autograd graph by one node (``_Bridge``) whose inputs are the
                  exposed parameters and the caller's differentiable inputs. Its backward runs every rank's
@@ -24,7 +24,11 @@ Random numbers: processes each draw from their own generator, seeded alike (the 
 noise and keep their slice). Threads share torch's default generator, so a call that draws (dropout in training,
 sampling in ``generate``) gives every rank a generator of its own with the caller's state (``_RankRandom``: a
 dispatch mode, which is per thread, passes it to every random op), and leaves the caller's generator where rank
-0's ended, as the unsharded model's draws would.
+0's ended, as the unsharded model's draws would. Torch's checkpoint restores the shared generator for its
+recompute, so dropout inside checkpointed regions is refused, as is generate in training mode with dropout.
+
+What would reach one rank only is refused, never ignored: ``modules()`` loops (``apply(fn)`` reaches every rank),
+``.to()`` / ``.half()``, ``load_state_dict(assign=True)``.
 """
 
 from __future__ import annotations
@@ -530,7 +534,7 @@ def _quiet(streamer: Any) -> Any:
 
 def _random_graph(gm: Any) -> bool:
     from tpfx.agreement import draws_random
-    from tpfx.passes.checkpoint import region
+    from tpfx.passes import region
 
     if not draws_random(gm):
         return False

@@ -13,8 +13,7 @@ from safetensors import safe_open
 
 from tpfx.adapters import attach
 from tpfx.api import shard_with
-from tpfx.passes import Placement, shard_tensor
-from tpfx.passes.stages import TRACE_LOCK
+from tpfx.passes import TRACE_LOCK, Placement, shard_tensor
 from tpfx.pretrained import (
     _ST_DTYPES,
     CheckpointError,

@@ -84,7 +84,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
 
 def _parts(model: torch.nn.Module) -> dict[str, str]:
     """Each parameter's part: the layer of the stack it is in, else its module."""
-    from tpfx.passes.checkpoint import stack_layers
+    from tpfx.passes import stack_layers
 
     layers = {id(m) for m in stack_layers(model)}
     prefix = [name for name, m in model.named_modules() if id(m) in layers]
@@ -116,7 +116,7 @@ def _floating(out: Any) -> list[tuple[str, torch.Tensor]]:
 
 def _collectives_by_part(plan: Any, parts: dict[str, str]) -> dict[str, dict[str, int]]:
     """Forward collectives of the plan, by the part of the model they sit after."""
-    from tpfx.passes.collectives import module_of
+    from tpfx.passes import module_of
 
     gm = plan.derivation.gm if plan.derivation is not None else None
     nodes = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
