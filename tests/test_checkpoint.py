@@ -135,9 +135,10 @@ def test_from_pretrained_peak_memory_per_rank(tmp_path: Path) -> None:
     del model
     assert total >= 200e6
     for res in launch(ckpt_cases.memory_check, 2, path, timeout_s=400):
-        bound = 1.15 * total / 2 + largest
+        # docs/checkpoints.md: the peak is this rank's slices plus a few MiB (measured 11-14 MiB here), never a
+        # full tensor (the largest is 32 MiB) or the model
         assert res["local_bytes"] <= 0.51 * total, res
-        assert res["peak_growth"] <= bound, (res, bound, total)
+        assert res["peak_growth"] <= res["local_bytes"] + 24 * 2**20, (res, total, largest)
 
 
 def _corrupt(tmp_path: Path) -> dict[str, str]:

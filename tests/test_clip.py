@@ -37,7 +37,6 @@ def test_owned_shares_add_up_to_the_full_norm(pl, norm_type: float) -> None:
     assert torch.allclose(total, want, rtol=1e-12), (total, want)
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "falcon"])
@@ -67,6 +66,7 @@ def test_clip_grad_norm_infinity_norm() -> None:
         assert res["norm_err"] <= TOL and res["grad_err"] <= TOL, res
 
 
+@pytest.mark.slow
 def test_clip_grad_norm_in_2d_with_plain_layouts() -> None:
     # Phi-3's packed qkv with GQA and Falcon's per-part q/k/v have layouts no DTensor placement describes: under
     # FSDP2 or composable DDP over dp, torch's call cannot take the mix, tpfx.clip_grad_norm_ gives the unsharded

@@ -61,7 +61,7 @@ def test_every_family_matches_the_unsharded_model(world: int) -> None:
     failures, skipped, differ = [], [], []
     agree = 0
     for r in results:
-        if r["status"] in ("build-error", "default-config-error", "model-error"):
+        if r["status"] in ("default-config-error", "model-error"):  # transformers' own failures, listed
             skipped.append(f"{r['family']}: {r['error']}")
             continue
         if r["status"] != "ok":
@@ -76,8 +76,7 @@ def test_every_family_matches_the_unsharded_model(world: int) -> None:
     print(f"\n{len(results) - len(skipped)} families sharded and exact at t={world}; "
           f"{len(skipped)} could not be built here:\n  " + "\n  ".join(skipped))
     print(f"HF colwise/rowwise entries: {agree} agree, {len(differ)} differ:\n  " + "\n  ".join(differ))
-    assert not failures, "\n".join(failures)  # numerics are exact for every family that runs
-    assert len(results) - len(skipped) >= 0.8 * len(results)
-    # HF's plain colwise/rowwise entries: tpfx agrees on the large majority; the rest are listed above (e.g.
-    # multi-head latent attention, where tpfx chooses another exact split or replicates)
-    assert agree >= 0.75 * (agree + len(differ)), differ
+    # tpfx's own errors (its shrinker's "build-error" included) and numeric mismatches fail; only families that
+    # transformers itself cannot build or run are listed and passed over
+    assert not failures, "\n".join(failures)
+    assert agree > 0 and not differ, differ  # HF's plain colwise/rowwise entries: tpfx chooses the same split

@@ -325,14 +325,15 @@ def test_override_lm_head_replicate_removes_the_logits_all_gather() -> None:
     assert tpfx.compare(pinned, hf_llama_tp_plan())["lm_head"].status == "differ"
 
 
-def test_override_pin_is_honoured_or_refused() -> None:
-    """A pin the default plan would not choose: colwise down_proj (its input must be gathered)."""
-    try:
-        pinned = tpfx.plan(models.llama(layers=2), 2, overrides={"model.layers.*.mlp.down_proj": "colwise"})
-    except (ValueError, RuntimeError) as e:
-        assert "down_proj" in str(e)
-        return
+def test_override_pin_is_honoured_and_exact() -> None:
+    """A pin the default plan would not choose: colwise down_proj (its input must be gathered). It is honoured,
+    and the pinned plan still computes the unsharded model's numbers (forward and every gradient)."""
+    pins = {"model.layers.*.mlp.down_proj": "colwise"}
+    pinned = tpfx.plan(models.llama(layers=2), 2, overrides=pins)
     assert pinned.placements["model.layers.0.mlp.down_proj.weight"].style == "colwise"
+    assert tpfx.plan(models.llama(layers=2), 2).placements["model.layers.0.mlp.down_proj.weight"].style == "rowwise"
+    check = tpfx.verify(models.llama(layers=2), 2, overrides=pins)
+    assert check.ok and check.worst <= TOL, check
 
 
 def test_override_matching_nothing_is_an_error() -> None:

@@ -84,6 +84,7 @@ def test_generate_on_a_sequence_parallel_module_gives_the_unsharded_tokens() -> 
         assert res["equal"] and res["new_tokens"] == 6, res
 
 
+@pytest.mark.slow
 def test_gathered_inputs_are_kept_as_chunks_and_regathered_in_backward() -> None:
     for r in tpfx.launch(sp_cases.regather_check, 2, timeout_s=LAUNCH_TIMEOUT_S):
         assert r["gathers"] == 4, r  # attention's and the MLP's input, per layer
