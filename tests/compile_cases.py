@@ -161,3 +161,28 @@ def compile_check(rank: int, world: int, steps: list[tuple[int, int]]) -> dict[s
                  "eager_fw_collectives": fw_count.n, "eager_bw_collectives": bw_count.n}
         res["steps"].append(step)
     return res
+
+
+def dropout_check(rank: int, world: int) -> dict[bool, float]:
+    """GPT-2 with dropout 0.1 in training mode, compile=True, seeded alike with the unsharded eager model: the
+    logits' error with inductor's ``fallback_random`` on (eager's masks: exact) and off (inductor's own draws)."""
+    import train_cases
+
+    ids = models.token_inputs(models.TINY_VOCAB, 2, 8, seed=1)
+    errs = {}
+    for fallback in (True, False):
+        inductor_config.fallback_random = fallback
+        sharded, ref = tpfx.auto_shard(train_cases._dropout_gpt2(), world, compile=True), train_cases._dropout_gpt2()
+        with torch.no_grad():
+            torch.manual_seed(7)
+            got = sharded(input_ids=ids).logits
+            torch.manual_seed(7)
+            want = ref(input_ids=ids).logits
+        errs[fallback] = rel_err(got, want)
+    inductor_config.fallback_random = False
+    return errs
+
+
+def all_checks(rank: int, world: int, steps: list[tuple[int, int]]) -> dict[str, Any]:
+    """Every check of tests/test_compile.py in one launch (inductor's cold compiles dominate)."""
+    return {"dropout": dropout_check(rank, world), **compile_check(rank, world, steps)}

@@ -33,9 +33,9 @@ def test_tp2_x_dp2_with_torch_clipping_matches_one_unsharded_process(engine: str
         assert rel_err(torch.tensor(r["norms"]), torch.tensor(r["ref_norms"])) <= TOL, r
         assert min(r["ref_norms"]) > train_cases.MAX_NORM, r  # clipping engaged at every step
         local, tp_only, total = r["bytes"]
-        assert tp_only <= 0.55 * total, r["bytes"]  # tp alone: about half
+        assert tp_only <= 0.51 * total, r["bytes"]  # tp alone: half (+ the replicated norms); docs/training.md
         if engine.startswith("fsdp"):  # FSDP2 shards every rank's tp slices again over dp: a quarter (+ padding)
-            assert local <= 0.27 * total, r["bytes"]
+            assert local <= 0.26 * total, r["bytes"]
         else:
             assert local == tp_only, r["bytes"]
         for what, msg in r["errors"].items():  # tpfx.save reads this rank's slices: it refuses the wrapper's shards
