@@ -14,6 +14,9 @@ bench:
 	$(PYTHON) benchmarks/generate.py --prefix
 	$(PYTHON) benchmarks/call_check.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/inprocess.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/train_2d.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/sequence_parallel.py $(BENCH_ARGS)
+	$(if $(QUICK),,$(PYTHON) benchmarks/blocks_check.py --numerics)  # every family: not in the quick run
 	$(PYTHON) benchmarks/report.py $(BENCH_ARGS)
 
 .PHONY: coverage

@@ -28,7 +28,7 @@ SHRINK: dict[str, Any] = {
     "first_k_dense_replace": 1, "num_dense_layers": 1, "num_kv_shared_layers": 0,
     # per-layer-input embeddings (Gemma 3n/4), sparse-attention indexers (DSA), Mamba mixers
     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
-    "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8,
+    "index_n_heads": 4, "index_num_heads": 2, "index_head_dim": 16, "index_topk": 8,
     "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16, "mamba_d_ssm": 128,
     # linear-attention mixers (Gated DeltaNet, KDA, ...)
     "linear_num_heads": 8, "linear_head_dim": 8, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
