@@ -338,6 +338,20 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def spread(xs: list[float]) -> float:
+    """Half the interquartile range over the median: the relative noise of one tool's timed runs."""
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return (q[2] - q[0]) / 2 / statistics.median(xs)
+
+
+def ratio_verdict(ratio: float, target: float, noise: float) -> str:
+    """PASS / FAIL for ``ratio <= target``, or "not resolved" when the ratio lies within ``noise`` (relative)
+    of the target: the machine cannot tell the two sides of the bar apart."""
+    if abs(ratio - target) <= noise * ratio:
+        return "not resolved"
+    return verdict(ratio <= target)
+
+
 # --------------------------------------------------------------------------------------------- graphs
 
 _NUMBERED = re.compile(r"^(?:.*\.)?[A-Za-z_]\w*\.(\d+)$")

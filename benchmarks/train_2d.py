@@ -5,13 +5,17 @@
 * ``torch-recipe`` torchtitan's: ``parallelize_module`` over ``mesh["tp"]`` with a Megatron plan (q/k/v,
                    gate/up ``ColwiseParallel``, o/down ``RowwiseParallel``, lm_head
                    ``ColwiseParallel(output_layouts=Replicate())``), then ``fully_shard`` of every decoder
-                   layer and of the root over ``mesh["dp"]``.
+                   layer and of the root over ``mesh["dp"]``;
+* ``torch-recipe-root`` the same TP plan with one root ``fully_shard``, as tpfx is wrapped: on gloo the number of
+                   collectives dominates, so per-layer groups and one root group are different costs, and tpfx is
+                   judged against the faster of the two torch variants.
 
 One step = forward with labels, backward, clipping at 1.0 (``_clip``), AdamW step, zero_grad; each dp
 group reads its own batch. Both tools start from the same weights and are checked first: their losses over the
 warm-up steps must agree (rel <= 1e-5). Then the steps are timed, the tools interleaved round-robin, a barrier
-before each step; a rank's time is its median, a tool's the max over ranks. Goal (issue 13): tpfx's step time
-<= 0.9x the torch recipe's.
+before each step; a rank's time is its median, a tool's the max over ranks, its noise the largest half-IQR / median
+over ranks. Goal (issue 13): tpfx's step time <= 0.9x the faster torch recipe's; a ratio within the two tools'
+combined noise of the bar is "not resolved".
 
     python benchmarks/train_2d.py [--quick] [--iters N]
 """
@@ -48,7 +52,7 @@ def _tpfx(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     return sharded
 
 
-def _torch_recipe(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+def _torch_recipe(model: torch.nn.Module, mesh: Any, per_layer: bool = True) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -61,7 +65,7 @@ def _torch_recipe(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             plan[p + name] = RowwiseParallel()
     parallelize_module(model, mesh["tp"], plan)
-    for layer in model.model.layers:
+    for layer in model.model.layers if per_layer else ():
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
@@ -92,7 +96,8 @@ def bench_rank(rank: int, world: int, layers: int, iters: int, warmup: int) -> d
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank = mesh["dp"].get_local_rank()
-    tools = {"tpfx+fsdp2": _tpfx(_model(layers), mesh), "torch-recipe": _torch_recipe(_model(layers), mesh)}
+    tools = {"tpfx+fsdp2": _tpfx(_model(layers), mesh), "torch-recipe": _torch_recipe(_model(layers), mesh),
+             "torch-recipe-root": _torch_recipe(_model(layers), mesh, per_layer=False)}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in tools.items()}
     g = torch.Generator().manual_seed(1 + dp_rank)
     batches = [torch.randint(0, CONFIG["vocab_size"], BATCH, generator=g) for _ in range(warmup + iters)]
@@ -116,7 +121,8 @@ def bench_rank(rank: int, world: int, layers: int, iters: int, warmup: int) -> d
             if i >= warmup:
                 times[name].append(t.s)
     local = {n: sum(tpfx.local(p).numel() for p in m.parameters()) for n, m in tools.items()}
-    return {"losses": losses, "median_s": {n: C.median(v) for n, v in times.items()}, "params_local": local}
+    return {"losses": losses, "median_s": {n: C.median(v) for n, v in times.items()},
+            "spread": {n: C.spread(v) for n, v in times.items()}, "params_local": local}
 
 
 def main() -> None:
@@ -128,21 +134,29 @@ def main() -> None:
     iters = args.iters or iters
     console = C.console()
     per_rank = C.launch(bench_rank, 4, layers, iters, warmup)
-    loss_err = max(C.rel_err(torch.tensor(r["losses"]["tpfx+fsdp2"]), torch.tensor(r["losses"]["torch-recipe"]))
-                   for r in per_rank)
+    loss_err = max(C.rel_err(torch.tensor(r["losses"]["tpfx+fsdp2"]), torch.tensor(r["losses"][n]))
+                   for r in per_rank for n in ("torch-recipe", "torch-recipe-root"))
     med = {n: max(r["median_s"][n] for r in per_rank) for n in per_rank[0]["median_s"]}
-    ratio = med["tpfx+fsdp2"] / med["torch-recipe"]
+    noise = {n: max(r["spread"][n] for r in per_rank) for n in per_rank[0]["spread"]}
+    peer = min(("torch-recipe", "torch-recipe-root"), key=lambda n: med[n])  # the stronger torch variant
+    ratio = med["tpfx+fsdp2"] / med[peer]
+    both = (noise["tpfx+fsdp2"] ** 2 + noise[peer] ** 2) ** 0.5
+    verdict = C.ratio_verdict(ratio, TARGET, both)
     console.print(f"dp=2 x tp=2 (4 gloo ranks, 1 thread each), Llama hidden {CONFIG['hidden_size']}, {layers} "
                   f"layers, batch {BATCH[0]}x{BATCH[1]} per dp group, median of {iters} steps (max over ranks)")
     for n, s in med.items():
-        console.print(f"  {n:13s} step {C.fmt_ms(s)}   params per rank {per_rank[0]['params_local'][n]:,}")
-    console.print(f"  losses agree: rel {loss_err:.1e};  tpfx / torch recipe step time: {ratio:.3f} "
-                  f"(target <= {TARGET}: {C.verdict(ratio <= TARGET)})")
+        console.print(f"  {n:17s} step {C.fmt_ms(s)} (noise ±{noise[n]:.0%})   params per rank "
+                      f"{per_rank[0]['params_local'][n]:,}")
+    console.print(f"  losses agree: rel {loss_err:.1e};  tpfx / {peer} step time: {ratio:.3f} ±{both:.0%} "
+                  f"(target <= {TARGET}: {verdict})")
     path = C.write_json("train_2d", {"layers": layers, "iters": iters, "batch": list(BATCH), "config": CONFIG,
-                                     "median_s": med, "ratio": ratio, "loss_rel_err": loss_err,
+                                     "median_s": med, "noise": noise, "peer": peer, "ratio": ratio,
+                                     "ratio_noise": both, "loss_rel_err": loss_err,
                                      "params_local": per_rank[0]["params_local"],
-                                     "targets": [{"target": f"tpfx+fsdp2 step time <= {TARGET}x the torch recipe's",
-                                                  "value": round(ratio, 3), "ok": ratio <= TARGET}]}, args.quick)
+                                     "targets": [{"target": f"tpfx+fsdp2 step time <= {TARGET}x the faster torch "
+                                                  f"recipe's ({peer})", "value": round(ratio, 3),
+                                                  "ok": None if verdict == "not resolved" else ratio <= TARGET,
+                                                  "verdict": verdict}]}, args.quick)
     console.print(f"wrote {path.relative_to(C.ROOT)}")
 
 
