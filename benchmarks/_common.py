@@ -344,6 +344,23 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / 2 / statistics.median(xs)
 
 
+def median_ci(xs: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval of the median of ``xs`` (resampled with a fixed seed: the same data give the same
+    interval)."""
+    import random
+
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    lo = int((1 - level) / 2 * resamples)
+    return meds[lo], meds[resamples - 1 - lo]
+
+
+def interval_verdict(lo: float, hi: float, target: float) -> str:
+    """``value <= target`` judged on an interval: PASS when all of it is at or below, FAIL when all above, else
+    "not resolved" (the machine's noise cannot tell)."""
+    return "PASS" if hi <= target else "FAIL" if lo > target else "not resolved"
+
+
 def ratio_verdict(ratio: float, target: float, noise: float) -> str:
     """PASS / FAIL for ``ratio <= target``, or "not resolved" when the ratio lies within ``noise`` (relative)
     of the target: the machine cannot tell the two sides of the bar apart."""

@@ -569,22 +569,29 @@ def _prefix_text(prefix: dict[str, Any] | None) -> str:
         md_table(["prompt", "tpfx ms / token", "unsharded ms / token"], rows), ""])
 
 
+def _ci(r: dict[str, Any]) -> str:
+    return f"{r['ratio_ci'][0]:.3f}-{r['ratio_ci'][1]:.3f}" if "ratio_ci" in r else "not measured"
+
+
 def section_call_check(d: dict[str, Any] | None) -> str:
     if d is None:
         return "## Per-call agreement check\n\nNot run (`python benchmarks/call_check.py`).\n"
     rows = [[r["model"], f"{r['batch'][0]}x{r['batch'][1]}", r["what"], C.fmt_ms(r["on_s"]), C.fmt_ms(r["off_s"]),
-             f"{r['cost_ms']:+.2f}", f"{r['ratio']:.3f}x", f"{r['noise_ms']:.2f}"] for r in d["rows"]]
+             f"{r['cost_ms']:+.2f}", f"{r['ratio']:.3f}x", _ci(r), f"{r['noise_ms']:.2f}"] for r in d["rows"]]
     return "\n".join([
         "## Per-call agreement check (what `check_calls` costs)\n",
         header(d),
         "Llama models on 2 ranks (gloo, 1 thread each, on this machine); the same `auto_shard` module with "
-        "`check_calls` on and off, interleaved, a barrier before each call; ms, median of "
+        "`check_calls` on and off, interleaved in an order that rotates every iteration, a barrier before each "
+        "call; ms, median of "
         f"{d['iters']} calls (a call's time: its slowest rank's). `cost` = median over iterations of the checked "
         "minus the unchecked call of one iteration (back to back), `ratio` = 1 + cost / unchecked; `noise` = the "
-        "same median between two checked calls. "
+        "same median between two checked calls; `95% interval`: the bootstrap interval of the median ratio, which "
+        "the verdict is judged on (\"not resolved\" when the bar lies inside it). "
         "The check all-reduces two integers per call, issued when the call starts and settled before the "
         "forward's first collective (tpfx/agreement.py).\n",
-        md_table(["model", "batch", "call", "with check ms", "without ms", "cost ms", "ratio", "noise ms"], rows),
+        md_table(["model", "batch", "call", "with check ms", "without ms", "cost ms", "ratio", "95% interval",
+                  "noise ms"], rows),
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
 
 
