@@ -12,6 +12,7 @@ bench:
 	$(PYTHON) benchmarks/checkpoint.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/generate.py --prefix
+	$(PYTHON) benchmarks/decode_limits.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/call_check.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/inprocess.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/train_2d.py $(BENCH_ARGS)

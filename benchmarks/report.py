@@ -21,7 +21,7 @@ import _common as C
 OUT_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OUT_PNG = Path(__file__).resolve().parent / "results.png"
 NAMES = ("plan_time", "plan_quality", "runtime", "train_2d", "finetune", "sequence_parallel", "checkpoint", "generate",
-         "generate_prefix", "call_check", "blocks_check", "inprocess")
+         "generate_prefix", "call_check", "blocks_check", "inprocess", "decode_limits")
 
 
 def load(name: str, prefer_quick: bool) -> dict[str, Any] | None:
@@ -86,8 +86,8 @@ def section_plan_time(d: dict[str, Any] | None) -> str:
         "`emit/rank` = one rank's `emit_rank`; total/export = (capture + passes + propagate + emit) / export "
         "alone; total/static = the same over static export (auto_shard's planning before weights are "
         "loaded); `plan` = the wall time of `tpfx.plan`. Every model and t is planned "
-        f"{len(d['rows'][0].get('plan_samples', [1]))} times; the row is the fastest plan's (one run of the same "
-        "plan varies by +-30% on this box). All plan times: "
+        f"{len(d['rows'][0].get('plan_samples', [1]))} times; the row is the median plan's, as export's "
+        "figures are medians (one run of the same plan varies by +-30% on this box). All plan times: "
         + "; ".join(f"{r['model']} t={r['t']} {r['plan_samples']}" for r in d["rows"] if "plan_samples" in r)
         + ".\n",
         md_table(
@@ -472,8 +472,7 @@ def section_sequence_parallel(d: dict[str, Any] | None) -> str:
         "excluded); with sequence parallelism the gathered inputs of the column-split matmuls are kept as this "
         "rank's chunk and re-gathered in backward (as Megatron-SP does); attention's head-split internals and the "
         "MLP's column-split intermediates are the same size in both tools, so this falls less than 1/t. Step = "
-        "forward, backward, AdamW, median ms, one run each on a noisy 2-core box (an earlier run, of the code "
-        "before the re-gather, measured 1.27x on another CPU model).\n",
+        "forward, backward, AdamW, median ms, one run each on a noisy 2-core box.\n",
         md_table(["tool", "between layers", "all live", "saved for backward", "step ms"], rows),
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
 
@@ -506,7 +505,8 @@ def section_checkpoint(d: dict[str, Any] | None) -> str:
         "\n### Targets\n", fmt_targets(d["targets"]), ""])
 
 
-def section_generate(d: dict[str, Any] | None, prefix: dict[str, Any] | None = None) -> str:
+def section_generate(d: dict[str, Any] | None, prefix: dict[str, Any] | None = None,
+                     lim: dict[str, Any] | None = None) -> str:
     if d is None:
         return "## Generation\n\nNot run (`python benchmarks/generate.py`).\n"
     rows = []
@@ -530,28 +530,53 @@ def section_generate(d: dict[str, Any] | None, prefix: dict[str, Any] | None = N
         md_table(["model", "batch", "tool", "TTFT ms", "ms / token", "HF tp_plan / tool (per token)",
                   "tokens = unsharded"], rows),
         "\n### Targets\n", fmt_targets(d["targets"] + (prefix["targets"] if prefix else [])),
-        _prefix_text(prefix), LIMITS_GENERATE, ""])
+        _prefix_text(prefix), _limits_generate(d, lim), ""])
 
 
-LIMITS_GENERATE = """### What limits decode here
+def _batch_size(key: str) -> int:
+    return int(key.split()[-1])  # "batch 8"
 
-Measured on this machine, not assumed:
-- **Collective latency.** A decode step has 10 collectives at any width: 2 all-reduces per layer (4 layers),
-  the vocab-parallel embedding's all-reduce and the logits all-gather. They are Megatron's, and HF tp_plan has
-  as many.
-  - A cProfile of one tpfx `generate` at hidden 1024, batch 8, 16 new tokens (prefill included) waited 0.58 s
-    in its 160 collectives: 3.6 ms each on average. This is gloo over TCP loopback, with its I/O threads sharing
-    the 2 cores with the two compute threads.
-  - At that rate, 10 collectives cost about as much per token as the unsharded model's whole token at batch 1
-    (27 ms).
-- **Memory bandwidth is shared.** Decode reads every weight once per token.
-  - One core streams a 168 MB matrix-vector product at 4.3 GB/s alone, and at 3.5 GB/s each when both cores
-    do it at once.
-  - So halving the weights per rank buys at most about 1.6x before any communication.
-- Prefill is compute-bound, and there TP pays: TTFT at batch 8 is 1.7x faster than unsharded.
-- The 0.8x and 0.5x goals against HF tp_plan are missed because both tools wait on the same collectives.
-  tpfx eager is within 0.93-1.02x of HF per token, and compiled within 0.76-0.94x.
-"""
+
+def _limits_generate(d: dict[str, Any], lim: dict[str, Any] | None) -> str:
+    """"What limits decode here", every figure from generate.json and decode_limits.json."""
+    name = max(d["models"], key=lambda m: d["models"][m]["hidden_size"])
+    big, layers = d["results"][name], d["models"][name]["num_hidden_layers"]
+    per_step = 2 * layers + 2  # 2 all-reduces per layer, the embedding's all-reduce, the logits' all-gather
+    lo, hi = (min(big, key=_batch_size), max(big, key=_batch_size))
+    ttft = big[hi]["unsharded"]["ttft_s"] / big[hi]["tpfx"]["ttft_s"]
+    n_lo, n_hi = _batch_size(lo), _batch_size(hi)
+
+    def vs_hf(tool: str) -> str:
+        rs = [row[tool]["ms_per_token"] / row["hf-tp_plan"]["ms_per_token"] for by in d["results"].values()
+              for row in by.values()]
+        return f"{min(rs):.2f}-{max(rs):.2f}x"
+
+    out = ["### What decode costs here\n",
+           "From the table above and `benchmarks/decode_limits.py` (decode_limits.json); the collective count is "
+           "the plan's, the times are measured:",
+           f"- **Collectives.** A decode step has {per_step} collectives at any width ({name}: 2 all-reduces "
+           f"per layer for {layers} layers, the vocab-parallel embedding's all-reduce and the logits' all-gather); "
+           "HF tp_plan has as many."]
+    if lim:
+        step_ms = (per_step - 1) * lim["all_reduce_ms"] + lim["all_gather_ms"]
+        out += [f"  - On 2 gloo ranks with nothing else running, one all-reduce of a batch-8 activation takes "
+                f"{lim['all_reduce_ms']:.2f} ms and the logits' all-gather {lim['all_gather_ms']:.2f} ms (medians of "
+                f"{lim['iters']}): "
+                f"{step_ms:.1f} ms per token, against the unsharded model's whole token at batch {n_hi}: "
+                f"{big[hi]['unsharded']['ms_per_token']:.1f} ms (at batch {n_lo}: "
+                f"{big[lo]['unsharded']['ms_per_token']:.1f} ms). Inside `generate` the collectives share the 2 "
+                "cores with the compute, so they may take longer than here.",
+                f"- **Memory bandwidth.** Decode reads every weight once per token. One core streams a "
+                f"{lim['matrix_mb']:.0f} MB matrix-vector product at {lim['alone_gbs']:.1f} GB/s alone and at "
+                f"{lim['both_gbs']:.1f} GB/s each when both cores do it at once, so halving the weights per rank "
+                f"buys at most {2 * lim['both_gbs'] / lim['alone_gbs']:.1f}x before any communication."]
+    else:
+        out += ["  - Collective latency and bandwidth: not measured (`python benchmarks/decode_limits.py`)."]
+    out += [f"- Prefill is compute-bound, and there TP pays: TTFT at batch {n_hi} is {ttft:.2f}x faster than "
+            "unsharded.",
+            f"- Per token, tpfx eager is {vs_hf('tpfx')} HF tp_plan's time and compiled {vs_hf('tpfx-compiled')} "
+            "(tool / HF over every model and batch).\n"]
+    return "\n".join(out)
 
 
 def _prefix_text(prefix: dict[str, Any] | None) -> str:
@@ -664,7 +689,7 @@ def main() -> None:
         section_finetune(data["finetune"]),
         section_sequence_parallel(data["sequence_parallel"]),
         section_checkpoint(data["checkpoint"]),
-        section_generate(data["generate"], data["generate_prefix"]),
+        section_generate(data["generate"], data["generate_prefix"], data["decode_limits"]),
         section_call_check(data["call_check"]),
         section_blocks_check(data["blocks_check"]),
         section_inprocess(data["inprocess"]),

@@ -2,7 +2,8 @@
 
 * ``tpfx+fsdp2``   ``tpfx.auto_shard(model, mesh=mesh, tp_axis="tp")``, then ``fully_shard(sharded,
                    mesh=mesh["dp"])`` (one FSDP2 group: tpfx runs the model as one graph per rank);
-* ``torch-recipe`` torchtitan's: ``parallelize_module`` over ``mesh["tp"]`` with a Megatron plan (q/k/v,
+* ``torch-recipe`` torchtitan's for the decoder layers and lm_head (the embedding and norms are left replicated):
+                   ``parallelize_module`` over ``mesh["tp"]`` with a Megatron plan (q/k/v,
                    gate/up ``ColwiseParallel``, o/down ``RowwiseParallel``, lm_head
                    ``ColwiseParallel(output_layouts=Replicate())``), then ``fully_shard`` of every decoder
                    layer and of the root over ``mesh["dp"]``;

@@ -45,7 +45,7 @@ def test_a_stalled_peer_times_out_naming_the_collective(via_group: bool) -> None
     (r0, _) = launch(fault_cases.stalled_peer, 2, via_group, timeout_s=300)
     assert r0["error"].startswith("tpfx: rank 0: all_reduce") and " after " in r0["error"], r0
     assert "rank 1 of the group did not check in within 2 s: dead, or stuck" in r0["error"], r0  # it sleeps
-    assert 4.5 < r0["seconds"] < 6.5, r0  # docs/faults.md: the 3 s timeout plus the 2 s roll call
+    assert 4.5 < r0["seconds"] < 8, r0  # docs/faults.md: the 3 s timeout plus the 2 s roll call (+3 s slack)
     _seconds[f"peer stalled in forward (timeout 3 s, {'group' if via_group else 'auto_shard'})"] = r0["seconds"]
     print("\n" + r0["error"][:300])
 
@@ -56,7 +56,7 @@ def test_a_peer_stalled_in_backward_times_out_naming_the_collective() -> None:
     assert r0["error"].startswith("tpfx: rank 0: all_reduce of reduce_grad (Megatron's f) for input_1 (the model) "
                                   "in the backward failed"), r0
     assert "rank 1 of the group did not check in within 2 s" in r0["error"], r0
-    assert 4.5 < r0["seconds"] < 6.5, r0
+    assert 4.5 < r0["seconds"] < 8, r0
     _seconds["peer stalled in backward (timeout 3 s)"] = r0["seconds"]
 
 
@@ -92,7 +92,7 @@ def test_survivors_name_the_rank_that_died() -> None:
         r = json.loads(line)
         assert r["error"].startswith(f"tpfx: rank {rank}: all_reduce"), r
         assert "rank 2 of the group did not check in within 2 s" in r["error"], r
-        assert r["seconds"] < 3.5, r  # docs/faults.md: the failed collective at once, then the 2 s roll call
+        assert r["seconds"] < 5, r  # docs/faults.md: the failed collective at once, then the 2 s roll call (+3 s slack)
         print(f"\nrank {rank} ({r['seconds']:.1f} s): {r['error'][:400]}")
         _seconds["peer killed mid-forward (no launcher)"] = max(r["seconds"], _seconds.get(
             "peer killed mid-forward (no launcher)", 0.0))

@@ -19,6 +19,7 @@ SAMPLE = ["adamw_fused_clip_3steps_qwen2_t3", "manual_sgd_via_p_data_llama_t2", 
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 @pytest.mark.parametrize("name", SAMPLE)
 def test_attack_case(name: str) -> None:
     line = attack._run_one(name, attack.CASES[name])

@@ -267,6 +267,7 @@ def _one_step_matches(**shard_kwargs: Any) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_compile_on_threads_matches_unsharded() -> None:
     """compile=True: each rank thread compiles its graph (torch.compile's lock and tpfx's keep tracing one at a
     time)."""

@@ -13,6 +13,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "notebook.ipynb"
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_the_example_notebook_runs_on_a_kernel() -> None:
     import nbformat
     from nbclient import NotebookClient
