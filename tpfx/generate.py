@@ -129,6 +129,21 @@ class SplitCache(DynamicCache):
             layer.is_initialized = True
         self.seen += new_tokens
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (assisted decoding's rejected candidates), as
+        ``DynamicCache.crop`` does; a sliding-window layer that already dropped positions cannot roll back."""
+        n = abs(int(tokens_to_remove))
+        if n == 0:
+            return
+        for layer in self.split:
+            if layer.window is not None and layer.get_seq_length() < self.seen:
+                raise NotImplementedError("tpfx.generate: assisted decoding (assistant_model=, "
+                                          "prompt_lookup_num_tokens=) past a sliding window is not supported")
+        for layer in self.split:
+            if layer.keys is not None and layer.values is not None:
+                layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]
+        self.seen -= n
+
     @property
     def nbytes(self) -> int:
         """Bytes this rank's cache holds."""
@@ -149,15 +164,21 @@ class CacheStep(torch.nn.Module):
         self.windows = windows
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.logits = 1  # positions whose logits a step returns (assisted decoding checks several): a constant
+        self.mask_spans_cache = True  # attention_mask covers the cached positions and the new ones
+
+    def growing(self, n: int) -> range:
+        """Which of the ``n`` cache tensors grow by a step's tokens (every one: keys and values per layer)."""
+        return range(n)
 
     def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         seen = attention_mask.shape[-1] - input_ids.shape[1]  # tokens before this step (a symbolic size)
         cache = SplitCache(self.windows, past, seen)
-        extra: dict[str, Any] = {"logits_to_keep": 1} if self.keep else {}
+        extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}
         out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, **{self.cache_arg: cache}, **extra)
-        logits = out.logits if self.keep else out.logits[:, -1:]  # (B, 1, V)
+        logits = out.logits if self.keep else out.logits[:, -self.logits:]  # (B, logits, V)
         if not cache.tensors():
             raise NotImplementedError("tpfx.generate: a layer of this model keeps no keys/values of its own "
                                       "(shared or linear-attention caches are not supported yet)")
@@ -187,35 +208,42 @@ def _full_like(local: torch.Tensor, placement: Placement, full: int | None, devi
 class Decoder:
     """The prefill and decode graphs of one ``ShardedModule``, captured per batch size on first use."""
 
-    def __init__(self, sharded: Any) -> None:
+    def __init__(self, sharded: Any, step: CacheStep | None = None) -> None:
         self.sharded = sharded
-        self.windows = layer_windows(sharded.config)
-        self.step = CacheStep(sharded.tree, self.windows)
+        self.step = step if step is not None else CacheStep(sharded.tree, layer_windows(sharded.config))
+        self.windows = self.step.windows
         self.cache_layout: dict[int, list[Placement]] = {}  # batch size -> placement of each cache tensor
         self.full_sizes: dict[int, list[int | None]] = {}  # batch size -> full size of each along its split dim
         self.guards: dict[Any, tuple[Any, list[str]]] = {}  # graph key -> (export's guards, their inputs)
         self.state = 0  # the tree's state key, taken once per generate call (tpfx.tree)
 
-    def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    def _graph(self, phase: str, args: tuple, kwargs: dict[str, Any],
+               exact_only: bool = False) -> tuple[Any, Any]:
         """The ``(graph, runner)`` serving these inputs and the export guards it must pass (captured on first
-        use)."""
+        use). ``exact_only``: a graph for these exact shapes (where the general one's guards refused them)."""
         sm, (ids, past) = self.sharded, args
         batch = int(ids.shape[0])
-        base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1)
+        absent = tuple(sorted(k for k, v in kwargs.items() if v is None))  # inputs a graph holds as None
+        base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1, self.step.logits, *absent)
         exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
-        for key in (base, exact):
+        for key in (exact,) if exact_only else (base, exact):
             if (entry := sm.graph(key)) is not None:
                 return entry, self.guards.get(key)
+        given, grown = (args, kwargs), False
         if phase == "decode":  # capture on full-shape stand-ins for this rank's slices of the cache
             args = (ids, self._full(past, past[0].device))
+            if not exact_only:  # export treats sizes 0 and 1 as constants: a cache of 2 stands for every length
+                args, kwargs, grown = self._grown(args, kwargs)
         fed = (lambda gm: self._fed(gm, batch)) if phase == "decode" else None
         stages = Stages(blocks=False)  # each layer reads its own cache inputs, which stitching does not map
         with sm.capturing():  # the tree, with full-shape stand-ins for its parameters
             plan, dynamic = derive(self.step, args, kwargs, sm.world_size, sm.pins(), stages=stages, fed=fed,
                                    warn=False)
         assert plan.derivation is not None
+        if grown and not dynamic:  # a static graph of the stand-in's shapes serves nothing: capture the real ones
+            return self._graph(phase, *given, exact_only=True)
         gm, prop = plan.derivation.gm, plan.derivation.prop
-        key = base if dynamic else exact
+        key = base if dynamic and not exact_only else exact
         layout, local, full = _cache_outputs(gm, prop)
         if phase == "prefill":
             self.cache_layout[batch], self.full_sizes[batch] = layout, full
@@ -229,6 +257,21 @@ class Decoder:
             self.guards[key] = (gm.get_submodule("_guards_fn"), [a.name for a in guard.args])
         sm.add_graph(plan, key, local_outputs=local)
         return sm.graph(key), self.guards.get(key)
+
+    def _grown(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any], bool]:
+        """Decode inputs whose cache holds at least 2 positions (a mask that spans the cache grown alike), and
+        whether they were grown."""
+        ids, past = args
+        growing = self.step.growing(len(past))
+        grow = 2 - min(int(past[i].shape[-2]) for i in growing)
+        if grow <= 0:
+            return args, kwargs, False
+        pad = [0, 0, grow, 0]  # positions before the held ones, along dim -2
+        past = tuple(torch.nn.functional.pad(t, pad) if i in growing else t for i, t in enumerate(past))
+        mask = kwargs.get("attention_mask")
+        if self.step.mask_spans_cache and mask is not None:
+            kwargs = {**kwargs, "attention_mask": torch.nn.functional.pad(mask, [grow, 0], value=1)}
+        return (ids, past), kwargs, True
 
     def _full(self, past: tuple[torch.Tensor, ...], device: Any) -> tuple[torch.Tensor, ...]:
         batch = int(past[0].shape[0])
@@ -244,29 +287,56 @@ class Decoder:
                                f"{len(layout)}")
         return dict(zip(cache_in, layout, strict=True))
 
-    def run(self, input_ids: torch.Tensor, cache: SplitCache, attention_mask: torch.Tensor | None,
-            position_ids: torch.Tensor | None) -> torch.Tensor:
+    def _passes(self, guard: Any, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...],
+                kwargs: dict[str, Any]) -> bool:
+        """Whether export's shape checks accept these inputs (on the full shapes this rank's slices stand for)."""
+        if guard is None:
+            return True
+        fn, names = guard
+        env = {"input_ids": input_ids, **kwargs, **{f"past_{i}": t for i, t in enumerate(self._full(past, "meta"))}}
+        try:
+            fn(*[env[n] for n in names])
+        except AssertionError:
+            return False
+        return True
+
+    def run(self, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any], keep: int = 1) -> torch.Tensor:
+        """One step: ``input_ids`` and the step's other inputs (``kwargs``) in, the logits of its last ``keep``
+        positions out, ``cache`` (a ``SplitCache`` or another cache with ``tensors`` and ``fill``) grown."""
         past = cache.tensors()
+        self.step.logits = keep  # read when a graph is captured; part of every graph's key
         phase = "decode" if past else "prefill"
         if phase == "decode" and input_ids.shape[0] not in self.cache_layout:
             raise RuntimeError("tpfx.generate: a decode step for a batch size that had no prefill")
-        if attention_mask is None:  # the graphs read the number of tokens seen from the mask's length
-            attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
-                                        device=input_ids.device)
-        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
         entry, guard = self._graph(phase, (input_ids, past), kwargs)
-        if guard is not None:  # export's shape checks, on the full shapes this rank's slices stand for
-            fn, names = guard
-            env = {"input_ids": input_ids, **kwargs, **{f"past_{i}": t for i, t in
-                                                         enumerate(self._full(past, "meta"))}}
-            fn(*[env[n] for n in names])
-        # (B, 1, V) on every rank; this rank's KV heads
+        if not self._passes(guard, input_ids, past, kwargs):  # sizes the general graph was specialized away from
+            entry, guard = self._graph(phase, (input_ids, past), kwargs, exact_only=True)  # (a 1-token prompt)
+            if not self._passes(guard, input_ids, past, kwargs):
+                raise RuntimeError("tpfx.generate: a graph captured for these exact shapes refuses them")
+        # (B, keep, V) on every rank; this rank's KV heads
         logits, new = self.sharded.call(entry, (input_ids, past), kwargs)
         cache.fill(tuple(new), int(input_ids.shape[1]))
         return logits
 
 
 _UNSUPPORTED = ("inputs_embeds", "token_type_ids", "output_attentions", "output_hidden_states")
+
+
+def refuse_unsupported(kwargs: dict[str, Any], names: tuple[str, ...] = _UNSUPPORTED) -> None:
+    """``NotImplementedError`` naming the first of ``names`` the call sets (to anything but None or False)."""
+    for name in names:
+        value = kwargs.get(name)
+        if value is not None and value is not False:
+            raise NotImplementedError(f"tpfx.generate: {name}= is not supported yet")
+
+
+def logits_kept(kwargs: dict[str, Any], input_ids: torch.Tensor) -> int:
+    """How many positions' logits a step returns: transformers' ``logits_to_keep`` (assisted decoding checks
+    its candidates' logits; 0 means all), 1 by default."""
+    keep = kwargs.pop("logits_to_keep", None)
+    if keep is None:
+        return 1
+    return keep if isinstance(keep, int) and 0 < keep <= input_ids.shape[1] else int(input_ids.shape[1])
 
 
 def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
@@ -281,13 +351,15 @@ def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
-        for name in _UNSUPPORTED:
-            if kwargs.get(name) not in (None, False):
-                raise NotImplementedError(f"tpfx.generate: {name}= is not supported yet")
+        refuse_unsupported(kwargs)
         if not isinstance(cache, SplitCache) or input_ids is None:
             raise RuntimeError("tpfx.generate: the sharded model's forward runs only inside generate, with its "
                                "own SplitCache")
-        logits = decoder.run(input_ids, cache, attention_mask, position_ids)
+        if attention_mask is None:  # the graphs read the number of tokens seen from the mask's length
+            attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        steps = {"attention_mask": attention_mask, "position_ids": position_ids}
+        logits = decoder.run(input_ids, cache, steps, logits_kept(kwargs, input_ids))
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     proxy.forward = forward  # type: ignore[method-assign]
@@ -301,14 +373,18 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
             or kwargs.get("cache_implementation") is not None:
         raise ValueError("tpfx.generate keeps its own head-split KV cache (SplitCache); pass no cache= or "
                          "cache_implementation=")
-    decoder: Decoder = sharded.attachment("decoder", lambda: Decoder(sharded))
+    seq2seq = bool(getattr(sharded.config, "is_encoder_decoder", False))
+    if seq2seq:
+        from tpfx import seq2seq as s2s
+    decoder: Decoder = sharded.attachment("decoder", lambda: Decoder(sharded, s2s.step(sharded) if seq2seq
+                                                                     else None))
     sharded.check_params()  # as forward does: the parameters the graphs will be fed are this rank's slices
     decoder.state = sharded.state_key()
     agree(sharded.group, (describe(args), describe(kwargs)), "the arguments of generate", share_rng=True)
-    proxy = _proxy(sharded, decoder)
+    proxy, cache = s2s.proxy(sharded, decoder) if seq2seq else (_proxy(sharded, decoder), SplitCache(decoder.windows))
     with torch.no_grad():
         kwargs["use_cache"] = True  # the config may say otherwise (training configs); the cache is the point
-        out = proxy.generate(*args, cache=SplitCache(decoder.windows), **kwargs)  # type: ignore[operator]
+        out = proxy.generate(*args, cache=cache, **kwargs)  # type: ignore[operator]
     tokens = out if isinstance(out, torch.Tensor) else out.sequences
     agree(sharded.group, describe(tokens), "the generated tokens")
     return out

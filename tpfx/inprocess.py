@@ -354,6 +354,10 @@ class LocalSharded(torch.nn.Module):
     def generation_config(self) -> Any:
         return self._mods[0].generation_config
 
+    def graph_keys(self, feature: str) -> list[tuple]:
+        """Rank 0's ``ShardedModule.graph_keys`` (every rank captures the same graphs)."""
+        return self._mods[0].graph_keys(feature)
+
     @property
     def device(self) -> torch.device:
         return self._mods[0].device
@@ -424,7 +428,8 @@ class LocalSharded(torch.nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` on every rank together (a head-split cache each); rank 0's result. Rank 0
         gets the caller's streamer and logits processors / stopping criteria; other ranks a copy of the
-        processors and criteria (a stateful one is then called once per rank, each on its own copy)."""
+        processors, criteria and assistant model (a stateful one is then called once per rank, each on its own
+        copy; assisted decoding tunes its assistant's generation config as it goes)."""
         self._sync_replicas()
         ids = args[0] if args else kwargs.get("input_ids")
         if self.training and isinstance(ids, torch.Tensor) and self._draws((), {"input_ids": ids}):
@@ -435,7 +440,7 @@ class LocalSharded(torch.nn.Module):
         theirs = dict(kwargs)
         if kwargs.get("streamer") is not None:  # the caller's streamer hears rank 0 only
             theirs["streamer"] = _quiet(kwargs["streamer"])
-        for k in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn"):
+        for k in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model"):
             if k in theirs:
                 theirs[k] = copy.deepcopy(theirs[k])
         return self._ranks.run(lambda r: self._mods[r].generate(*args, **(kwargs if r == 0 else theirs)),

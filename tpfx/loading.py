@@ -120,6 +120,7 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
     device = _device_for(group)
     with TRACE_LOCK:  # accelerate's empty-weights build patches nn.Module for every thread: ranks take turns
         model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+    _generation_config(model, root)
     if dist.get_backend(group) == "threaded":  # ranks on threads (tpfx.inprocess): none registers a parameter
         dist.barrier(group)  # while another's build has nn.Module patched
     found, converted = match_tensors(model, entries, str(root))
@@ -149,6 +150,16 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
 
     sharded = shard_with(model, world_size, loader=loader, **auto_shard_kwargs)
     return sharded
+
+
+def _generation_config(model: torch.nn.Module, root: Path) -> None:
+    """The checkpoint's ``generation_config.json`` becomes the model's, as transformers' ``from_pretrained``
+    reads it (without one, the model keeps the generation config its constructor made from config.json)."""
+    can = getattr(model, "can_generate", None)
+    if callable(can) and can() and (root / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(root)  # type: ignore[assignment]
 
 
 def _load_buffers(model: torch.nn.Module, entries: dict[str, TensorEntry], device: torch.device) -> None:

@@ -81,11 +81,11 @@ def index_checkpoint(path: str | os.PathLike) -> dict[str, TensorEntry]:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"tpfx.from_pretrained: {str(root)!r} is not a directory")
-    if (root / INDEX).is_file():
+    if (root / SINGLE).is_file():  # transformers' order: the single file first, then the index
+        files = [SINGLE]
+    elif (root / INDEX).is_file():
         weight_map: dict[str, str] = json.loads((root / INDEX).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
-    elif (root / SINGLE).is_file():
-        files = [SINGLE]
     else:
         raise FileNotFoundError(f"tpfx.from_pretrained: no {SINGLE} or {INDEX} in {str(root)!r}")
     out: dict[str, TensorEntry] = {}

@@ -488,6 +488,10 @@ class ShardedModule(torch.nn.Module):
         """The ``(graph, runner)`` serving ``key`` (as ``add_graph`` registered it), if any."""
         return self._graphs.get(key)
 
+    def graph_keys(self, feature: str) -> list[tuple]:
+        """The keys of the graphs a feature captured (``("generate", state, phase, ...)`` -> ``(phase, ...)``)."""
+        return [k[2:] for k in self._graphs if isinstance(k, tuple) and k and k[0] == feature]
+
     def attachment(self, name: str, make: Callable[[], Any]) -> Any:
         """A feature's state kept with this module (generation's decoder): made by ``make`` on first use."""
         store = self.__dict__.setdefault("_attachments", {})
