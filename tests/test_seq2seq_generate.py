@@ -1,11 +1,12 @@
 """Encoder-decoders generate on a sharded model (T5 v1.1-gated with relative attention bias, BART, Marian,
 Whisper from log-mel features): the encoder once, the decoder per token with self- and cross-attention caches
 split by heads. Tokens equal the unsharded model's in greedy, beam search and seeded sampling; scores within
-the suite's tolerance; one decode graph serves every step. Ranks on threads of this process (``devices=``)."""
+the suite's tolerance; one decode graph serves every step, with Megatron's collectives. Ranks on threads of this process (``devices=``)."""
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from example_runs import run_example
 from numerics import TOL, rel_err
+from tpfx.passes.emit import collective_nodes
 from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
@@ -78,8 +80,13 @@ def _generate_like_unsharded(kind: str, world: int, modes: tuple[dict[str, Any],
             _scores_match(got.scores, want.scores)
             if not options:  # each rank holds its heads of both caches
                 assert _cache_bytes(got.cache) * world == _cache_bytes(want.cache)
-        graphs = sharded.graph_keys("generate")  # per batch size (beams make 6 rows): a prefill and one decode
+        graphs = sharded.feature_graphs("generate")  # per batch size (beams make 6 rows): a prefill and a decode
         assert sorted(k[0] for k in graphs) == sorted(["encode"] + ["prefill", "decode"] * len(modes[:2])), graphs
+        layers = model.config.decoder_layers if kind != "t5_gated" else model.config.num_decoder_layers
+        for key, gm in graphs.items():  # Megatron's: self-attention, cross-attention and MLP each end in one
+            kinds = Counter(k for k, _ in collective_nodes(gm))  # all-reduce, + the vocab-parallel embedding's
+            if key[0] == "decode":
+                assert kinds["all_reduce"] == 3 * layers + 1 and kinds["all_gather"] == 1, (key, kinds)
     finally:
         sharded.close()
 

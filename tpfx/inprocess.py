@@ -358,6 +358,10 @@ class LocalSharded(torch.nn.Module):
         """Rank 0's ``ShardedModule.graph_keys`` (every rank captures the same graphs)."""
         return self._mods[0].graph_keys(feature)
 
+    def feature_graphs(self, feature: str) -> dict[tuple, Any]:
+        """Rank 0's ``ShardedModule.feature_graphs``."""
+        return self._mods[0].feature_graphs(feature)
+
     @property
     def device(self) -> torch.device:
         return self._mods[0].device

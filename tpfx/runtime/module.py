@@ -490,7 +490,11 @@ class ShardedModule(torch.nn.Module):
 
     def graph_keys(self, feature: str) -> list[tuple]:
         """The keys of the graphs a feature captured (``("generate", state, phase, ...)`` -> ``(phase, ...)``)."""
-        return [k[2:] for k in self._graphs if isinstance(k, tuple) and k and k[0] == feature]
+        return list(self.feature_graphs(feature))
+
+    def feature_graphs(self, feature: str) -> dict[tuple, fx.GraphModule]:
+        """The emitted graphs a feature captured, by key without the feature and state (``(phase, ...)``)."""
+        return {k[2:]: v[0] for k, v in self._graphs.items() if isinstance(k, tuple) and k and k[0] == feature}
 
     def attachment(self, name: str, make: Callable[[], Any]) -> Any:
         """A feature's state kept with this module (generation's decoder): made by ``make`` on first use."""
