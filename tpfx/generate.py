@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from tpfx.agreement import agree, describe
 from tpfx.derive import derive
+from tpfx.multimodal import attach, step_inputs
 from tpfx.passes import Placement, Replicate, Shard, Stages, is_guards
 
 __all__ = ["SplitCache", "generate"]
@@ -166,16 +167,20 @@ class CacheStep(torch.nn.Module):
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.logits = 1  # positions whose logits a step returns (assisted decoding checks several): a constant
         self.mask_spans_cache = True  # attention_mask covers the cached positions and the new ones
+        self.output_classes: dict[str, Any] = {}  # modality -> transformers' features output (tpfx.multimodal)
 
     def growing(self, n: int) -> range:
         """Which of the ``n`` cache tensors grow by a step's tokens (every one: keys and values per layer)."""
         return range(n)
 
     def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                position_ids: torch.Tensor | None = None, mm: dict[str, dict[str, Any]] | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         seen = attention_mask.shape[-1] - input_ids.shape[1]  # tokens before this step (a symbolic size)
         cache = SplitCache(self.windows, past, seen)
         extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}
+        if mm:  # image features for the prompt step (tpfx.multimodal), as transformers' output objects
+            extra["mm_encoder_outputs"] = {m: self.output_classes[m](**fields) for m, fields in mm.items()}
         out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, **{self.cache_arg: cache}, **extra)
         logits = out.logits if self.keep else out.logits[:, -self.logits:]  # (B, logits, V)
@@ -358,11 +363,13 @@ def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
         if attention_mask is None:  # the graphs read the number of tokens seen from the mask's length
             attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
                                         device=input_ids.device)
-        steps = {"attention_mask": attention_mask, "position_ids": position_ids}
+        steps = {"attention_mask": attention_mask, "position_ids": position_ids,
+                 "mm": step_inputs(kwargs.pop("mm_encoder_outputs", None))}
         logits = decoder.run(input_ids, cache, steps, logits_kept(kwargs, input_ids))
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     proxy.forward = forward  # type: ignore[method-assign]
+    attach(proxy, sharded, decoder)  # vision-language models: the features graph
     return proxy
 
 

@@ -11,6 +11,7 @@ input and ``example_kwargs``. ``prepare`` turns a transformers model's KV cache 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -40,7 +41,11 @@ def _forward_params(model: torch.nn.Module) -> dict[str, inspect.Parameter]:
 def prepare(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers models return a KV cache by default, which export cannot output: ``use_cache=False``."""
     core = hf_model(model)
-    if core is not None and "use_cache" in _forward_params(core):
+    if core is None:
+        return kwargs
+    params = _forward_params(core)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and "cache" in params):  # (a VLM passes use_cache on in **kwargs)
         kwargs = {"use_cache": False, **kwargs}
     return kwargs
 
@@ -80,6 +85,36 @@ def _input(name: str, cfg: Any, gen: torch.Generator) -> torch.Tensor:
     raise AttributeError(name)
 
 
+def _image_token(cfg: Any) -> int | None:
+    for k in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(cfg, k, None), int):
+            return int(getattr(cfg, k))
+    return None
+
+
+def _image_prompt(core: Any, cfg: Any, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
+    """A vision-language model's prompt: pixels, and token ids with as many image tokens per row as its image
+    encoder yields features (counted on fake tensors: shapes only), the text ids below every special id."""
+    token, encode = _image_token(cfg), getattr(core, "get_image_features", None)
+    if token is None or not callable(encode) or "pixel_values" not in _forward_params(core):
+        return None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pixels = _pixels(cfg, gen)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        out = encode(pixel_values=pixels, return_dict=True)
+        feats = getattr(out, "pooler_output", None)
+        feats = feats if feats is not None else out[0]
+        count = sum(t.numel() for t in (feats if isinstance(feats, (list, tuple)) else [feats]))
+    hidden = cfg.get_text_config().hidden_size
+    per_row = int(count) // hidden // BATCH  # image tokens in one row
+    specials = [v for k, v in cfg.to_dict().items() if k.endswith(("_token_id", "_token_index")) and
+                isinstance(v, int) and v > 3]
+    text = torch.randint(0, min([token, *specials]), (BATCH, SEQ), generator=gen)
+    ids = torch.cat([text[:, :1], torch.full((BATCH, per_row), token), text[:, 1:]], 1)  # (B, 1 + n + S - 1)
+    return {"input_ids": ids, "pixel_values": pixels}
+
+
 def synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
     """(args, kwargs) for one example call of ``model``; see the module docstring."""
     core = hf_model(model)
@@ -95,6 +130,16 @@ def synthesize(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
         names.append("decoder_input_ids")
     gen = torch.Generator().manual_seed(0)
     device = next(iter(core.parameters())).device
+    if names == ["input_ids"] and image_tokens:  # a vision-language model: an image in the prompt
+        try:
+            prompt = _image_prompt(core, cfg, gen)
+        except Exception as e:  # noqa: BLE001 - a text-only example still plans the text model
+            warnings.warn(f"tpfx: no example image for {type(core).__name__} ({type(e).__name__}: {e}); planned "
+                          "from text alone, the vision tower is held whole (pass example_kwargs with pixel_values)",
+                          stacklevel=3)
+            prompt = None
+        if prompt is not None:
+            return (), {k: v.to(device) for k, v in prompt.items()}
     kwargs: dict[str, Any] = {}
     for name in names:
         try:
