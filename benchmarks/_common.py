@@ -364,9 +364,7 @@ def interval_verdict(lo: float, hi: float, target: float) -> str:
 def ratio_verdict(ratio: float, target: float, noise: float) -> str:
     """PASS / FAIL for ``ratio <= target``, or "not resolved" when the ratio lies within ``noise`` (relative)
     of the target: the machine cannot tell the two sides of the bar apart."""
-    if abs(ratio - target) <= noise * ratio:
-        return "not resolved"
-    return verdict(ratio <= target)
+    return interval_verdict(ratio * (1 - noise), ratio * (1 + noise), target)
 
 
 # --------------------------------------------------------------------------------------------- graphs

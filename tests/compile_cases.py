@@ -169,17 +169,19 @@ def dropout_check(rank: int, world: int) -> dict[bool, float]:
     import train_cases
 
     ids = models.token_inputs(models.TINY_VOCAB, 2, 8, seed=1)
-    errs = {}
-    for fallback in (True, False):
-        inductor_config.fallback_random = fallback
-        sharded, ref = tpfx.auto_shard(train_cases._dropout_gpt2(), world, compile=True), train_cases._dropout_gpt2()
-        with torch.no_grad():
-            torch.manual_seed(7)
-            got = sharded(input_ids=ids).logits
-            torch.manual_seed(7)
-            want = ref(input_ids=ids).logits
-        errs[fallback] = rel_err(got, want)
-    inductor_config.fallback_random = False
+    errs, before = {}, inductor_config.fallback_random
+    try:
+        for fallback in (True, False):
+            inductor_config.fallback_random = fallback
+            sharded, ref = tpfx.auto_shard(train_cases.dropout_gpt2(), world, compile=True), train_cases.dropout_gpt2()
+            with torch.no_grad():
+                torch.manual_seed(7)
+                got = sharded(input_ids=ids).logits
+                torch.manual_seed(7)
+                want = ref(input_ids=ids).logits
+            errs[fallback] = rel_err(got, want)
+    finally:
+        inductor_config.fallback_random = before
     return errs
 
 

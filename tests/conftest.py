@@ -30,10 +30,16 @@ def pytest_runtest_logreport(report: Any) -> None:
         _SKIPS.append((report.nodeid, reason))
 
 
+def _unlisted_skips() -> list[tuple[str, str]]:
+    """The skips (test, reason) whose reason README's 'Tests that may skip' does not list."""
+    listed = listed_skip_reasons(README.read_text())
+    return [(t, r) for t, r in _SKIPS if not any(a in r for a in listed)]
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in FIGURES:
         terminalreporter.write_line(line)
-    unlisted = [(t, r) for t, r in _SKIPS if not any(a in r for a in listed_skip_reasons(README.read_text()))]
+    unlisted = _unlisted_skips()
     if unlisted and os.environ.get("TPFX_NO_UNLISTED_SKIPS"):
         terminalreporter.write_line("skipped for a reason README's 'Tests that may skip' does not list:", red=True)
         for test, reason in unlisted:
@@ -49,7 +55,5 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     if hasattr(session.config, "workeroutput"):  # an xdist worker: its figures travel to the controller
         session.config.workeroutput["figures"] = list(FIGURES)
-    listed = listed_skip_reasons(README.read_text())
-    unlisted = any(not any(a in r for a in listed) for _, r in _SKIPS)
-    if os.environ.get("TPFX_NO_UNLISTED_SKIPS") and unlisted and session.exitstatus == 0:
+    if os.environ.get("TPFX_NO_UNLISTED_SKIPS") and _unlisted_skips() and session.exitstatus == 0:
         session.exitstatus = 1

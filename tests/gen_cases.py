@@ -85,7 +85,8 @@ def families_check(rank: int, world: int, names: list[str]) -> dict[str, Any]:
         res["cache_len"] = mine.cache.get_seq_length()
         res["scores"] = len(mine.scores)
         res["layers"] = ref.config.get_text_config().num_hidden_layers
-        res["decode"] = _counts(sharded.feature_graphs("generate")[("decode", 2, True, 1)])
+        res["decode"] = _counts(next(gm for k, gm in sharded.feature_graphs("generate").items()
+                                     if k[:2] == ("decode", 2)))
         res["graphs"] = sorted(str(k) for k in sharded.graph_keys("generate"))
         out[name] = res
     return out

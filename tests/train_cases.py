@@ -173,10 +173,10 @@ def trainer_resume_check(rank: int, world: int, out: str) -> dict[str, Any]:
     from transformers import GPT2LMHeadModel
 
     options = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 2}
-    run = _trainer_run(sharded := tpfx.auto_shard(_dropout_gpt2()), f"{out}/run", MAX_NORM / 2,
+    run = _trainer_run(sharded := tpfx.auto_shard(dropout_gpt2()), f"{out}/run", MAX_NORM / 2,
                        [tpfx.TrainerCheckpoints()], **options)
     kept = sorted(os.listdir(f"{out}/run"))
-    fresh = tpfx.auto_shard(_dropout_gpt2(seed=3))
+    fresh = tpfx.auto_shard(dropout_gpt2(seed=3))
     resumed = _trainer_run(fresh, f"{out}/run", MAX_NORM / 2, [tpfx.TrainerCheckpoints()],
                            resume=f"{out}/run/checkpoint-4", **options)
     same = all(torch.equal(tpfx.local(a), tpfx.local(b))
@@ -188,7 +188,7 @@ def trainer_resume_check(rank: int, world: int, out: str) -> dict[str, Any]:
             "reload_err": reload_err}
 
 
-def _dropout_gpt2(seed: int = 0) -> Any:
+def dropout_gpt2(seed: int = 0) -> Any:
     """GPT-2 with its default dropouts (0.1 on embeddings, attention probabilities and the residual stream)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -203,7 +203,7 @@ def dropout_check(rank: int, world: int, sp: bool) -> dict[str, Any]:
     then, seeded alike with the unsharded model, 3 AdamW steps' losses and the first step's gradients; then an
     eval-mode call (no dropout) and a train-mode one again (each mode has its graph)."""
     torch.manual_seed(100 + rank)
-    sharded, ref = tpfx.auto_shard(_dropout_gpt2(), sequence_parallel=sp), _dropout_gpt2()
+    sharded, ref = tpfx.auto_shard(dropout_gpt2(), sequence_parallel=sp), dropout_gpt2()
     ids = models.token_inputs(models.TINY_VOCAB, 2, 8, seed=1)
     sharded(input_ids=ids)  # the first call: every rank now draws what rank 0 draws
     first = torch.get_rng_state()
