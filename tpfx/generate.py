@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from tpfx.agreement import agree, describe
+from tpfx.agreement import agree, describe, draws_random
 from tpfx.derive import derive
 from tpfx.multimodal import attach, step_inputs
 from tpfx.passes import Placement, Replicate, Shard, Stages, is_guards
@@ -178,12 +178,12 @@ class CacheStep(torch.nn.Module):
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         seen = attention_mask.shape[-1] - input_ids.shape[1]  # tokens before this step (a symbolic size)
         cache = SplitCache(self.windows, past, seen)
-        extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}
+        extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}  # 0: every position
         if mm:  # image features for the prompt step (tpfx.multimodal), as transformers' output objects
             extra["mm_encoder_outputs"] = {m: self.output_classes[m](**fields) for m, fields in mm.items()}
         out = self._hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, **{self.cache_arg: cache}, **extra)
-        logits = out.logits if self.keep else out.logits[:, -self.logits:]  # (B, logits, V)
+        logits = out.logits if self.keep or not self.logits else out.logits[:, -self.logits:]  # (B, logits, V)
         if not cache.tensors():
             raise NotImplementedError("tpfx.generate: a layer of this model keeps no keys/values of its own "
                                       "(shared or linear-attention caches are not supported yet)")
@@ -228,8 +228,7 @@ class Decoder:
         use). ``exact_only``: a graph for these exact shapes (where the general one's guards refused them)."""
         sm, (ids, past) = self.sharded, args
         batch = int(ids.shape[0])
-        absent = tuple(sorted(k for k, v in kwargs.items() if v is None))  # inputs a graph holds as None
-        base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1, self.step.logits, *absent)
+        base = ("generate", self.state, phase, batch, int(ids.shape[1]) == 1, self.step.logits, *signature(kwargs))
         exact = (*base, int(ids.shape[1]), int(past[0].shape[-2]) if past else 0)  # for a static capture
         for key in (exact,) if exact_only else (base, exact):
             if (entry := sm.graph(key)) is not None:
@@ -245,6 +244,7 @@ class Decoder:
             plan, dynamic = derive(self.step, args, kwargs, sm.world_size, sm.pins(), stages=stages, fed=fed,
                                    warn=False)
         assert plan.derivation is not None
+        refuse_random(sm, plan.derivation.gm)
         if grown and not dynamic:  # a static graph of the stand-in's shapes serves nothing: capture the real ones
             return self._graph(phase, *given, exact_only=True)
         gm, prop = plan.derivation.gm, plan.derivation.prop
@@ -335,13 +335,36 @@ def refuse_unsupported(kwargs: dict[str, Any], names: tuple[str, ...] = _UNSUPPO
             raise NotImplementedError(f"tpfx.generate: {name}= is not supported yet")
 
 
-def logits_kept(kwargs: dict[str, Any], input_ids: torch.Tensor) -> int:
-    """How many positions' logits a step returns: transformers' ``logits_to_keep`` (assisted decoding checks
-    its candidates' logits; 0 means all), 1 by default."""
+def logits_kept(kwargs: dict[str, Any], input_ids: torch.Tensor, step: CacheStep) -> int:
+    """How many positions' logits a step returns (0: all of them): transformers' ``logits_to_keep`` where the
+    model's forward takes it (assisted decoding checks its candidates' logits), else all, as the unsharded
+    forward returns them (generate reads the last, assisted decoding its candidates')."""
     keep = kwargs.pop("logits_to_keep", None)
+    if not step.keep:
+        return 0
     if keep is None:
         return 1
-    return keep if isinstance(keep, int) and 0 < keep <= input_ids.shape[1] else int(input_ids.shape[1])
+    return keep if isinstance(keep, int) and 0 < keep <= input_ids.shape[1] else 0
+
+
+def signature(kwargs: dict[str, Any]) -> tuple:
+    """What a captured graph fixes about a step's other inputs: which are None, and each tensor's dtype and
+    size-1 dims (export treats sizes 1 as constants)."""
+    out: list[Any] = []
+    for k, v in sorted(kwargs.items()):
+        if v is None:
+            out.append(k)
+        elif isinstance(v, torch.Tensor):
+            out.append((k, str(v.dtype), tuple(i for i, d in enumerate(v.shape) if d == 1)))
+    return tuple(out)
+
+
+def refuse_random(sharded: Any, gm: fx.GraphModule) -> None:
+    """Generation in training mode whose graphs draw random numbers (dropout) is refused: the sharded steps
+    would not draw the unsharded model's masks."""
+    if sharded.training and draws_random(gm):
+        raise NotImplementedError("tpfx.generate: generate in training mode with dropout would not draw the "
+                                  "unsharded model's masks; call .eval() before generate")
 
 
 def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
@@ -365,7 +388,7 @@ def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:
                                         device=input_ids.device)
         steps = {"attention_mask": attention_mask, "position_ids": position_ids,
                  "mm": step_inputs(kwargs.pop("mm_encoder_outputs", None))}
-        logits = decoder.run(input_ids, cache, steps, logits_kept(kwargs, input_ids))
+        logits = decoder.run(input_ids, cache, steps, logits_kept(kwargs, input_ids, decoder.step))
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     proxy.forward = forward  # type: ignore[method-assign]
@@ -380,6 +403,11 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
             or kwargs.get("cache_implementation") is not None:
         raise ValueError("tpfx.generate keeps its own head-split KV cache (SplitCache); pass no cache= or "
                          "cache_implementation=")
+    config = kwargs.get("generation_config") or next((a for a in args if hasattr(a, "max_time")), None) \
+        or sharded.generation_config
+    if kwargs.get("max_time") is not None or getattr(config, "max_time", None) is not None:
+        raise NotImplementedError("tpfx.generate: max_time= is not supported: each rank's clock would stop it at "
+                                  "another step (use max_new_tokens)")
     seq2seq = bool(getattr(sharded.config, "is_encoder_decoder", False))
     if seq2seq:
         from tpfx import seq2seq as s2s

@@ -439,16 +439,21 @@ class LocalSharded(torch.nn.Module):
         if self.training and isinstance(ids, torch.Tensor) and self._draws((), {"input_ids": ids}):
             raise NotImplementedError("tpfx: generate in training mode with dropout: the sharded decode would not "
                                       "draw the unsharded model's masks; call .eval() before generate")
-        config = kwargs.get("generation_config") or self.generation_config
-        sampling = kwargs.get("do_sample", getattr(config, "do_sample", False))  # greedy and beams draw nothing
         theirs = dict(kwargs)
         if kwargs.get("streamer") is not None:  # the caller's streamer hears rank 0 only
             theirs["streamer"] = _quiet(kwargs["streamer"])
+        from tpfx.runtime import ShardedModule
+
+        if isinstance(kwargs.get("assistant_model"), (LocalSharded, ShardedModule)):
+            raise NotImplementedError("tpfx.generate: assistant_model= must be an unsharded model (each rank runs "
+                                      "its own copy of the draft)")
         for k in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model"):
             if k in theirs:
                 theirs[k] = copy.deepcopy(theirs[k])
+        # every rank draws from its own copy of the caller's generator (sampling may be on without do_sample=:
+        # a positional generation config, Whisper's temperature=); greedy draws nothing, so it costs nothing
         return self._ranks.run(lambda r: self._mods[r].generate(*args, **(kwargs if r == 0 else theirs)),
-                               random=bool(sampling))[0]
+                               random=True)[0]
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The unsharded model in transformers' layout, as ``ShardedModule.save_pretrained`` writes it."""

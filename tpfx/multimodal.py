@@ -52,15 +52,19 @@ class FeaturesStep(torch.nn.Module):
 
 def _features(sharded: Any, decoder: Any, modality: str, inputs: dict[str, torch.Tensor]) -> Any:
     """transformers' features output for ``inputs``, from the features graph (captured on first use)."""
+    from tpfx.generate import refuse_random  # (tpfx.generate imports this module)
+
     steps: dict[str, FeaturesStep] = decoder.__dict__.setdefault("features_steps", {})
     step = steps.setdefault(modality, FeaturesStep(sharded.tree, modality))
-    shapes = tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items()))
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(inputs.items()))
     key = ("generate", decoder.state, "features", modality, shapes)  # per shape: images are few per call
     entry = sharded.graph(key)
     if entry is None:
         with sharded.capturing():
             plan, _ = derive(step, (inputs,), {}, sharded.world_size, sharded.pins(), stages=Stages(blocks=False),
                              warn=False)
+        assert plan.derivation is not None
+        refuse_random(sharded, plan.derivation.gm)
         sharded.add_graph(plan, key)
         entry = sharded.graph(key)
         step.output_class = _CLASSES.pop(id(step))

@@ -27,7 +27,15 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from tpfx.derive import derive
-from tpfx.generate import CacheStep, Decoder, SplitCache, logits_kept, refuse_unsupported
+from tpfx.generate import (
+    CacheStep,
+    Decoder,
+    SplitCache,
+    logits_kept,
+    refuse_random,
+    refuse_unsupported,
+    signature,
+)
 from tpfx.passes import Stages
 
 __all__ = ["DecodeStep", "EncodeStep", "SplitEncoderDecoderCache", "proxy", "step"]
@@ -105,10 +113,10 @@ class DecodeStep(CacheStep):
         caches = (SplitCache(self.windows, mine, mine[0].shape[-2] if mine else 0),
                   SplitCache(self.windows, cross, cross[0].shape[-2] if cross else 0))
         cache = EncoderDecoderCache(*caches)
-        extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}
+        extra: dict[str, Any] = {"logits_to_keep": self.logits} if self.keep else {}  # 0: every position
         out = self._hf(decoder_input_ids=input_ids, encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
                        attention_mask=attention_mask, use_cache=True, **{self.cache_arg: cache}, **extra)
-        logits = out.logits if self.keep else out.logits[:, -self.logits:]  # (B, logits, V)
+        logits = out.logits if self.keep or not self.logits else out.logits[:, -self.logits:]  # (B, logits, V)
         tensors = caches[0].tensors(), caches[1].tensors()
         if not all(tensors):
             raise NotImplementedError("tpfx.generate: a decoder layer of this model keeps no keys/values of its own")
@@ -124,7 +132,8 @@ def step(sharded: Any) -> DecodeStep:
 def _encode(sharded: Any, decoder: Decoder, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The encoder's last hidden state ``(B, S, H)`` on every rank, from its graph (captured on first use)."""
     main = sharded.tree.main_input_name
-    key = ("generate", decoder.state, "encode", main, tuple(inputs.shape[:1]), mask is None)
+    key = ("generate", decoder.state, "encode", main, tuple(inputs.shape[:1]),
+           *signature({"inputs": inputs, "attention_mask": mask}))
     exact = (*key, tuple(inputs.shape))
     entry = sharded.graph(key) or sharded.graph(exact)
     args: tuple = (inputs,) if mask is None else (inputs, mask)
@@ -132,6 +141,8 @@ def _encode(sharded: Any, decoder: Decoder, inputs: torch.Tensor, mask: torch.Te
         with sharded.capturing():
             plan, dynamic = derive(EncodeStep(sharded.tree, main), args, {}, sharded.world_size, sharded.pins(),
                                    stages=Stages(blocks=False), warn=False)
+        assert plan.derivation is not None
+        refuse_random(sharded, plan.derivation.gm)
         sharded.add_graph(plan, key if dynamic else exact)
         entry = sharded.graph(key if dynamic else exact)
     return sharded.call(entry, args, {})
@@ -174,7 +185,7 @@ def proxy(sharded: Any, decoder: Decoder) -> tuple[torch.nn.Module, SplitEncoder
                                "own SplitEncoderDecoderCache")
         hidden = encoder_outputs[0]  # (B, S_enc, H)
         steps = {"encoder_hidden": hidden, "attention_mask": attention_mask}
-        logits = decoder.run(decoder_input_ids, cache, steps, logits_kept(kwargs, decoder_input_ids))
+        logits = decoder.run(decoder_input_ids, cache, steps, logits_kept(kwargs, decoder_input_ids, decoder.step))
         return Seq2SeqLMOutput(logits=logits, cache=cache)
 
     copied.forward = forward  # type: ignore[method-assign]
