@@ -70,6 +70,8 @@ def draws_random(gm: Any) -> bool:
                 p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
                 if p != 0.0:
                     return True
+            elif t is torch.ops.aten.dropout.default and n.args[1] == 0.0:
+                continue  # aten's dropout returns its input at p = 0 and draws nothing
             elif torch.Tag.nondeterministic_seeded in getattr(t, "tags", ()) or "dropout" in getattr(t, "__name__", ""):
                 return True
             elif t in (HOOK_OP, FUNCTION_OP):  # user code run eagerly may draw from the default generator

@@ -405,7 +405,10 @@ def generate(sharded: Any, *args: Any, **kwargs: Any) -> Any:
                          "cache_implementation=")
     config = kwargs.get("generation_config") or next((a for a in args if hasattr(a, "max_time")), None) \
         or sharded.generation_config
-    if kwargs.get("max_time") is not None or getattr(config, "max_time", None) is not None:
+    from transformers import MaxTimeCriteria
+
+    timed = any(isinstance(c, MaxTimeCriteria) for c in kwargs.get("stopping_criteria") or ())
+    if timed or kwargs.get("max_time") is not None or getattr(config, "max_time", None) is not None:
         raise NotImplementedError("tpfx.generate: max_time= is not supported: each rank's clock would stop it at "
                                   "another step (use max_new_tokens)")
     seq2seq = bool(getattr(sharded.config, "is_encoder_decoder", False))

@@ -434,11 +434,14 @@ class LocalSharded(torch.nn.Module):
         gets the caller's streamer and logits processors / stopping criteria; other ranks a copy of the
         processors, criteria and assistant model (a stateful one is then called once per rank, each on its own
         copy; assisted decoding tunes its assistant's generation config as it goes)."""
-        self._sync_replicas()
-        ids = args[0] if args else kwargs.get("input_ids")
-        if self.training and isinstance(ids, torch.Tensor) and self._draws((), {"input_ids": ids}):
-            raise NotImplementedError("tpfx: generate in training mode with dropout: the sharded decode would not "
-                                      "draw the unsharded model's masks; call .eval() before generate")
+        self._sync_replicas()  # (generate refuses graphs that draw dropout in training mode: tpfx.generate)
+        config = kwargs.get("generation_config") or next((a for a in args if hasattr(a, "do_sample")), None) \
+            or self.generation_config
+        drafted = kwargs.get("assistant_model") is not None  # (prompt lookup's candidates come without logits)
+        if drafted and kwargs.get("do_sample", getattr(config, "do_sample", False)):
+            raise NotImplementedError("tpfx.generate: assisted decoding with sampling on ranks in one process: "
+                                      "its draws (torch.rand_like) take no generator, so the ranks' threads would "
+                                      "share one; launch one process per rank, or decode greedily")
         theirs = dict(kwargs)
         if kwargs.get("streamer") is not None:  # the caller's streamer hears rank 0 only
             theirs["streamer"] = _quiet(kwargs["streamer"])
