@@ -12,7 +12,7 @@ import tpfx
 
 
 def models() -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)  # random weights (a real run: tpfx.from_pretrained(path, model_cls=AutoModelForSeq2SeqLM))
+    torch.manual_seed(0)  # random weights (a real run: tpfx.from_pretrained(path, devices=[...]))
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                              num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, initializer_factor=8.0,
                                              pad_token_id=0, eos_token_id=1))

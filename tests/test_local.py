@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from models import gpt2, llama, token_inputs
+from models import llama, token_inputs
 from numerics import GRAD_FLOOR_FRACTION, TOL, rel_err
+from train_cases import dropout_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tpfx
@@ -166,7 +167,7 @@ def test_a_failing_rank_raises_and_the_ranks_stay_usable(llama_t2: tuple[Any, to
 def test_dropout_and_sampling_draw_the_unsharded_numbers() -> None:
     """Ranks on threads share torch's generator: each draws from its own copy of the caller's state, as
     processes seeded alike do, and the caller's generator ends where the unsharded model's would."""
-    model = gpt2()  # resid/attn/embd dropout 0.1
+    model = dropout_gpt2()  # resid/attn/embd dropout 0.1
     model.train()
     ref = copy.deepcopy(model)
     sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2)
@@ -310,7 +311,7 @@ def test_moving_or_casting_is_refused_not_ignored(llama_t2: tuple[Any, torch.nn.
 
 def test_what_would_reach_one_rank_only_is_refused() -> None:
     """Module loops (one rank's modules), generate in training with dropout, checkpointed dropout: loud."""
-    model = gpt2()
+    model = dropout_gpt2()  # dropout 0.1 (tests/models' gpt2 has none)
     model.train()
     sharded = tpfx.auto_shard(copy.deepcopy(model), devices=["cpu"] * 2)
     with pytest.raises(NotImplementedError, match="sharded.apply"):
@@ -328,7 +329,7 @@ def test_what_would_reach_one_rank_only_is_refused() -> None:
     ids = token_inputs(model.config.vocab_size)
     assert rel_err(sharded(input_ids=ids).logits, model(input_ids=ids).logits) <= TOL
     sharded.close()
-    checkpointed = tpfx.auto_shard(gpt2(), devices=["cpu"] * 2, activation_checkpointing=True)
+    checkpointed = tpfx.auto_shard(dropout_gpt2(), devices=["cpu"] * 2, activation_checkpointing=True)
     checkpointed.train()
     with pytest.raises(NotImplementedError, match="checkpointed"):
         checkpointed(input_ids=ids, labels=ids)

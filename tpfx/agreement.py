@@ -57,6 +57,17 @@ def signature(value: Any) -> Any:
     return _walk(value, lambda t: (tuple(t.shape), t.dtype))
 
 
+def _draws_nothing(n: Any) -> bool:
+    """A dropout that returns its input (aten's at p = 0 or out of training; emission's ``dropout_chunk`` calls
+    it then): it draws no random numbers (``native_dropout`` at p = 0 does draw)."""
+    name = getattr(n.target, "__name__", "")
+    if n.target is not torch.ops.aten.dropout.default and name != "dropout_chunk":
+        return False
+    p, train = n.args[1], n.args[2] if len(n.args) > 2 else True
+    native = name == "dropout_chunk" and n.kwargs.get("native", n.args[10] if len(n.args) > 10 else False)
+    return train is False or (p == 0.0 and not native)
+
+
 def draws_random(gm: Any) -> bool:
     """Whether a graph (or a region it calls) draws random numbers: an ATen op tagged
     ``nondeterministic_seeded`` (dropout, bernoulli, rand, ...; attention only with ``dropout_p > 0``), a
@@ -70,8 +81,8 @@ def draws_random(gm: Any) -> bool:
                 p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
                 if p != 0.0:
                     return True
-            elif t is torch.ops.aten.dropout.default and n.args[1] == 0.0:
-                continue  # aten's dropout returns its input at p = 0 and draws nothing
+            elif _draws_nothing(n):
+                continue
             elif torch.Tag.nondeterministic_seeded in getattr(t, "tags", ()) or "dropout" in getattr(t, "__name__", ""):
                 return True
             elif t in (HOOK_OP, FUNCTION_OP):  # user code run eagerly may draw from the default generator

@@ -244,7 +244,6 @@ class Decoder:
             plan, dynamic = derive(self.step, args, kwargs, sm.world_size, sm.pins(), stages=stages, fed=fed,
                                    warn=False)
         assert plan.derivation is not None
-        refuse_random(sm, plan.derivation.gm)
         if grown and not dynamic:  # a static graph of the stand-in's shapes serves nothing: capture the real ones
             return self._graph(phase, *given, exact_only=True)
         gm, prop = plan.derivation.gm, plan.derivation.prop
@@ -318,6 +317,7 @@ class Decoder:
             entry, guard = self._graph(phase, (input_ids, past), kwargs, exact_only=True)  # (a 1-token prompt)
             if not self._passes(guard, input_ids, past, kwargs):
                 raise RuntimeError("tpfx.generate: a graph captured for these exact shapes refuses them")
+        refuse_random(self.sharded, entry[0])
         # (B, keep, V) on every rank; this rank's KV heads
         logits, new = self.sharded.call(entry, (input_ids, past), kwargs)
         cache.fill(tuple(new), int(input_ids.shape[1]))
@@ -360,9 +360,11 @@ def signature(kwargs: dict[str, Any]) -> tuple:
 
 
 def refuse_random(sharded: Any, gm: fx.GraphModule) -> None:
-    """Generation in training mode whose graphs draw random numbers (dropout) is refused: the sharded steps
-    would not draw the unsharded model's masks."""
-    if sharded.training and draws_random(gm):
+    """Generation in training mode whose emitted graph ``gm`` draws random numbers (dropout) is refused: the
+    sharded steps would not draw the unsharded model's masks. Checked before every run (memoized per graph)."""
+    if "tpfx_draws" not in gm.meta:
+        gm.meta["tpfx_draws"] = draws_random(gm)
+    if sharded.training and gm.meta["tpfx_draws"]:
         raise NotImplementedError("tpfx.generate: generate in training mode with dropout would not draw the "
                                   "unsharded model's masks; call .eval() before generate")
 

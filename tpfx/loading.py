@@ -85,7 +85,8 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
 
     The model is built from ``config.json`` on the meta device, planned, and each rank reads only its own
     slices of each ``*.safetensors`` file (one file or ``model.safetensors.index.json`` with several).
-    ``model_cls`` defaults to ``AutoModelForCausalLM``; ``torch_dtype`` defaults to transformers' "auto" (the
+    ``model_cls`` defaults to the class ``config.json``'s ``architectures`` names (else ``AutoModelForCausalLM``),
+    as transformers' pipelines pick it; ``torch_dtype`` defaults to transformers' "auto" (the
     config's dtype, else the checkpoint's). ``adapter``: a peft config (a new adapter, initialized as peft
     does) or a saved adapter's directory (``adapter_kwargs`` go to ``PeftModel.from_pretrained``, e.g.
     ``is_trainable=True``), put on the base before planning (``tpfx.adapters``). Other keyword arguments go to
@@ -119,7 +120,8 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
                      auto_shard_kwargs.get("group"))
     device = _device_for(group)
     with TRACE_LOCK:  # accelerate's empty-weights build patches nn.Module for every thread: ranks take turns
-        model = _build_empty(model_cls or AutoModelForCausalLM, config, dtype, device).eval()  # as transformers
+        model = _build_empty(model_cls or _named_class(config) or AutoModelForCausalLM, config, dtype,
+                             device).eval()  # as transformers
     _generation_config(model, root)
     if dist.get_backend(group) == "threaded":  # ranks on threads (tpfx.inprocess): none registers a parameter
         dist.barrier(group)  # while another's build has nn.Module patched
@@ -150,6 +152,14 @@ def from_pretrained(path: str | os.PathLike, world_size: int | None = None, *, m
 
     sharded = shard_with(model, world_size, loader=loader, **auto_shard_kwargs)
     return sharded
+
+
+def _named_class(config: Any) -> Any:
+    """The transformers class ``config.architectures`` names (T5ForConditionalGeneration, ...), if it exists."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return getattr(transformers, names[0], None) if len(names) == 1 else None
 
 
 def _generation_config(model: torch.nn.Module, root: Path) -> None:

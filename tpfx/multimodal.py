@@ -63,11 +63,10 @@ def _features(sharded: Any, decoder: Any, modality: str, inputs: dict[str, torch
         with sharded.capturing():
             plan, _ = derive(step, (inputs,), {}, sharded.world_size, sharded.pins(), stages=Stages(blocks=False),
                              warn=False)
-        assert plan.derivation is not None
-        refuse_random(sharded, plan.derivation.gm)
         sharded.add_graph(plan, key)
         entry = sharded.graph(key)
         step.output_class = _CLASSES.pop(id(step))
+    refuse_random(sharded, entry[0])
     decoder.step.output_classes[modality] = step.output_class
     return step.output_class(**sharded.call(entry, (inputs,), {}))
 

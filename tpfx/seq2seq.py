@@ -141,10 +141,9 @@ def _encode(sharded: Any, decoder: Decoder, inputs: torch.Tensor, mask: torch.Te
         with sharded.capturing():
             plan, dynamic = derive(EncodeStep(sharded.tree, main), args, {}, sharded.world_size, sharded.pins(),
                                    stages=Stages(blocks=False), warn=False)
-        assert plan.derivation is not None
-        refuse_random(sharded, plan.derivation.gm)
         sharded.add_graph(plan, key if dynamic else exact)
         entry = sharded.graph(key if dynamic else exact)
+    refuse_random(sharded, entry[0])
     return sharded.call(entry, args, {})
 
 
