@@ -90,6 +90,16 @@ def draws_random(gm: Any) -> bool:
     return False
 
 
+def refuse_random(sharded: Any, gm: Any) -> None:
+    """Generation in training mode whose emitted graph ``gm`` draws random numbers (dropout) is refused: the
+    sharded steps would not draw the unsharded model's masks. Checked before every run (memoized per graph)."""
+    if "tpfx_draws" not in gm.meta:
+        gm.meta["tpfx_draws"] = draws_random(gm)
+    if sharded.training and gm.meta["tpfx_draws"]:
+        raise NotImplementedError("tpfx.generate: generate in training mode with dropout would not draw the "
+                                  "unsharded model's masks; call .eval() before generate")
+
+
 def rng_digest(device: Any) -> str:
     """A digest of the random state a graph on ``device`` draws from (the CPU generator, and the device's)."""
     state = torch.get_rng_state()

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from tpfx.agreement import agree, describe, draws_random
+from tpfx.agreement import agree, describe, refuse_random
 from tpfx.derive import derive
 from tpfx.multimodal import attach, step_inputs
 from tpfx.passes import Placement, Replicate, Shard, Stages, is_guards
@@ -357,16 +357,6 @@ def signature(kwargs: dict[str, Any]) -> tuple:
         elif isinstance(v, torch.Tensor):
             out.append((k, str(v.dtype), tuple(i for i, d in enumerate(v.shape) if d == 1)))
     return tuple(out)
-
-
-def refuse_random(sharded: Any, gm: fx.GraphModule) -> None:
-    """Generation in training mode whose emitted graph ``gm`` draws random numbers (dropout) is refused: the
-    sharded steps would not draw the unsharded model's masks. Checked before every run (memoized per graph)."""
-    if "tpfx_draws" not in gm.meta:
-        gm.meta["tpfx_draws"] = draws_random(gm)
-    if sharded.training and gm.meta["tpfx_draws"]:
-        raise NotImplementedError("tpfx.generate: generate in training mode with dropout would not draw the "
-                                  "unsharded model's masks; call .eval() before generate")
 
 
 def _proxy(sharded: Any, decoder: Decoder) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tpfx.agreement import refuse_random
 from tpfx.derive import derive
 from tpfx.passes import Stages
 
@@ -52,8 +53,6 @@ class FeaturesStep(torch.nn.Module):
 
 def _features(sharded: Any, decoder: Any, modality: str, inputs: dict[str, torch.Tensor]) -> Any:
     """transformers' features output for ``inputs``, from the features graph (captured on first use)."""
-    from tpfx.generate import refuse_random  # (tpfx.generate imports this module)
-
     steps: dict[str, FeaturesStep] = decoder.__dict__.setdefault("features_steps", {})
     step = steps.setdefault(modality, FeaturesStep(sharded.tree, modality))
     shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(inputs.items()))

@@ -26,13 +26,13 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
+from tpfx.agreement import refuse_random
 from tpfx.derive import derive
 from tpfx.generate import (
     CacheStep,
     Decoder,
     SplitCache,
     logits_kept,
-    refuse_random,
     refuse_unsupported,
     signature,
 )
