@@ -68,7 +68,7 @@ def _draws_nothing(n: Any) -> bool:
     return train is False or (p == 0.0 and not native)
 
 
-def draws_random(gm: Any) -> bool:
+def draws_random(gm: Any, user_code: bool = True) -> bool:
     """Whether a graph (or a region it calls) draws random numbers: an ATen op tagged
     ``nondeterministic_seeded`` (dropout, bernoulli, rand, ...; attention only with ``dropout_p > 0``), a
     dropout kernel of emission's, or user code run eagerly (a hook, a custom autograd Function)."""
@@ -85,7 +85,7 @@ def draws_random(gm: Any) -> bool:
                 continue
             elif torch.Tag.nondeterministic_seeded in getattr(t, "tags", ()) or "dropout" in getattr(t, "__name__", ""):
                 return True
-            elif t in (HOOK_OP, FUNCTION_OP):  # user code run eagerly may draw from the default generator
+            elif user_code and t in (HOOK_OP, FUNCTION_OP):  # user code run eagerly may draw from the generator
                 return True
     return False
 
@@ -94,7 +94,7 @@ def refuse_random(sharded: Any, gm: Any) -> None:
     """Generation in training mode whose emitted graph ``gm`` draws random numbers (dropout) is refused: the
     sharded steps would not draw the unsharded model's masks. Checked before every run (memoized per graph)."""
     if "tpfx_draws" not in gm.meta:
-        gm.meta["tpfx_draws"] = draws_random(gm)
+        gm.meta["tpfx_draws"] = draws_random(gm, user_code=False)  # the model's dropout, not a user's hook
     if sharded.training and gm.meta["tpfx_draws"]:
         raise NotImplementedError("tpfx.generate: generate in training mode with dropout would not draw the "
                                   "unsharded model's masks; call .eval() before generate")
